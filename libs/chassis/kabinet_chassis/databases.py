@@ -1,0 +1,29 @@
+"""One database per service, created on demand."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from kabinet_chassis.settings import database_name_for
+
+_CONNECT_TIMEOUT_S = 10
+
+
+async def ensure_database(server_url: str, service_name: str) -> str:
+    """Create the service's database if it does not exist; return its name."""
+    name = database_name_for(service_name)
+    connection = await asyncpg.connect(server_url, timeout=_CONNECT_TIMEOUT_S)
+    try:
+        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await connection.execute(f'CREATE DATABASE "{name}"')
+            except asyncpg.DuplicateDatabaseError:
+                pass  # created concurrently by another process: fine
+    finally:
+        await connection.close()
+    return name
+
+
+async def create_pool(database_url: str, max_size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(database_url, min_size=1, max_size=max_size, timeout=_CONNECT_TIMEOUT_S)

@@ -1,0 +1,1 @@
+"""The embedded development stack: PostgreSQL and a Kafka-protocol broker from wheels."""

@@ -1,0 +1,84 @@
+"""Event store wiring: eventsourcing on PostgreSQL, one database per service.
+
+eventsourcing is synchronous; async code calls it through `run_sync`, which uses
+a capacity limiter sized to the connection pool so threads never wait for a
+connection while holding the event loop's attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import anyio
+from eventsourcing.persistence import Mapper, StoredEvent
+from opentelemetry import propagate
+
+from kabinet_chassis.settings import ServiceSettings
+
+T = TypeVar("T")
+
+_TRACE_KEY = "__trace__"
+
+
+class TracingMapper(Mapper):
+    """Stores the W3C trace context of the command beside each event's state.
+
+    The relay publishes long after the HTTP request returned; carrying the trace
+    context in the stored event is what lets one trace run from the request,
+    through Kafka, into the consumer. The domain never sees it.
+    """
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        if not carrier:
+            return super().to_stored_event(domain_event)
+        # Add the carrier to a copy of the state: the domain event object stays untouched.
+        original = domain_event.__dict__
+        domain_event_copy = object.__new__(type(domain_event))
+        object.__setattr__(domain_event_copy, "__dict__", {**original, _TRACE_KEY: carrier})
+        return super().to_stored_event(domain_event_copy)
+
+    def to_domain_event_with_trace(self, stored_event: StoredEvent) -> tuple[Any, dict[str, str]]:
+        domain_event = super().to_domain_event(stored_event)
+        carrier = domain_event.__dict__.pop(_TRACE_KEY, None) or {}
+        return domain_event, carrier
+
+    def to_domain_event(self, stored_event: StoredEvent) -> Any:
+        return self.to_domain_event_with_trace(stored_event)[0]
+
+
+def event_store_env(settings: ServiceSettings, *, encrypted: bool = False) -> dict[str, str]:
+    """The environment an eventsourcing Application needs for this service's database."""
+    url = urlsplit(settings.service_database_url)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": url.path.lstrip("/"),
+        "POSTGRES_HOST": url.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": unquote(url.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(url.password or ""),
+        "POSTGRES_POOL_SIZE": str(settings.worker_threads),
+        "POSTGRES_MAX_OVERFLOW": "0",
+        "POSTGRES_CONNECT_TIMEOUT": "10",
+        "CREATE_TABLE": "y",
+        "MAPPER_TOPIC": "kabinet_chassis.eventstore:TracingMapper",
+    }
+    if encrypted:
+        if not settings.cipher_key:
+            raise ValueError(f"{settings.service_name} holds PII: set KABINET_CIPHER_KEY (base64 AES key)")
+        env["CIPHER_TOPIC"] = "eventsourcing.cipher:AESCipher"
+        env["CIPHER_KEY"] = settings.cipher_key
+    return env
+
+
+class WorkerThreads:
+    """Runs blocking eventsourcing calls off the event loop, bounded by the pool size."""
+
+    def __init__(self, capacity: int) -> None:
+        self.limiter = anyio.CapacityLimiter(capacity)
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)

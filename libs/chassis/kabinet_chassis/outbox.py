@@ -1,0 +1,210 @@
+"""The outbox relay (ARCHITECTURE.md §4).
+
+eventsourcing's notification log is the outbox: events and notification rows commit
+in one transaction. The relay, one per service and leader by advisory lock, reads the
+log after its tracked position, maps each domain event to a public integration event,
+publishes it keyed by aggregate id, then records its position. A crash between the
+two republishes; consumers are idempotent, so that is safe.
+
+It also remembers the end offset it reached on every partition. When the broker
+shows less than that (it restarted and lost its data, as the embedded one does),
+the relay republishes from the start of the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from eventsourcing.persistence import ApplicationRecorder, Notification
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
+
+from kabinet_chassis.eventstore import TracingMapper, WorkerThreads
+from kabinet_chassis.kafka import DEFAULT_PARTITIONS, end_offsets, ensure_topics, new_producer
+from kabinet_contracts.envelope import IntegrationEvent
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("kabinet.outbox")
+
+# Maps one stored domain event to its public form; None keeps an event private.
+ToIntegration = Callable[[Any, int], IntegrationEvent | None]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox_relay_position (
+    source text PRIMARY KEY,
+    position bigint NOT NULL,
+    partition_end_offsets jsonb NOT NULL DEFAULT '{}'::jsonb
+)
+"""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    source: str
+    topic: str
+    bootstrap_servers: str
+    enable_idempotence: bool = False
+    partitions: int = DEFAULT_PARTITIONS
+    page_size: int = 2000
+    idle_poll_s: float = 0.02
+    broker_check_interval_s: float = 2.0
+    backoff_max_s: float = 5.0
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        recorder: ApplicationRecorder,
+        mapper: TracingMapper,
+        to_integration: ToIntegration,
+        database_url: str,
+        threads: WorkerThreads,
+        on_page_published: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.recorder = recorder
+        self.mapper = mapper
+        self.to_integration = to_integration
+        self.database_url = database_url
+        self.threads = threads
+        # Called after a page is on the broker and before its position is recorded:
+        # the exact window a crash must survive (fault-injection tests use it).
+        self.on_page_published = on_page_published
+        self.position = 0
+        self.partition_end_offsets: dict[int, int] = {}
+        self.is_leader = False
+        self.published_total = 0
+
+    async def run(self) -> None:
+        """Run until cancelled: wait for leadership, then relay; back off on errors."""
+        backoff_s = 0.1
+        while True:
+            try:
+                await self._run_as_leader()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox relay for %s failed; retrying in %.1fs", self.config.source, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self.config.backoff_max_s)
+
+    async def _run_as_leader(self) -> None:
+        lock_connection = await asyncpg.connect(self.database_url, timeout=10)
+        try:
+            await lock_connection.execute(_SCHEMA)
+            while not await lock_connection.fetchval(
+                "SELECT pg_try_advisory_lock(hashtext('outbox_relay:' || $1))", self.config.source
+            ):
+                await asyncio.sleep(1.0)
+            self.is_leader = True
+            await self._load_position(lock_connection)
+            producer = new_producer(self.config.bootstrap_servers, self.config.enable_idempotence)
+            await producer.start()
+            try:
+                await self._relay_loop(lock_connection, producer)
+            finally:
+                await producer.stop()
+        finally:
+            self.is_leader = False
+            await lock_connection.close()
+
+    async def _load_position(self, connection: asyncpg.Connection) -> None:
+        await connection.execute(
+            "INSERT INTO outbox_relay_position (source, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+            self.config.source,
+        )
+        row = await connection.fetchrow(
+            "SELECT position, partition_end_offsets FROM outbox_relay_position WHERE source = $1", self.config.source
+        )
+        self.position = row["position"]
+        self.partition_end_offsets = {int(k): v for k, v in json.loads(row["partition_end_offsets"]).items()}
+
+    async def _relay_loop(self, connection: asyncpg.Connection, producer) -> None:
+        await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
+        await self._republish_if_broker_lost_data(connection)
+        last_check = asyncio.get_running_loop().time()
+        while True:
+            notifications = await self.threads.run(self._read_page)
+            if notifications:
+                await self._publish(producer, notifications)
+                last_position = notifications[-1].id
+                if self.on_page_published is not None:
+                    await self.on_page_published(last_position)
+                await self._record_position(connection, last_position)
+            else:
+                await asyncio.sleep(self.config.idle_poll_s)
+            now = asyncio.get_running_loop().time()
+            if now - last_check >= self.config.broker_check_interval_s:
+                await self._republish_if_broker_lost_data(connection)
+                last_check = now
+
+    def _read_page(self) -> Sequence[Notification]:
+        return self.recorder.select_notifications(
+            start=self.position, limit=self.config.page_size, inclusive_of_start=False
+        )
+
+    async def _publish(self, producer, notifications: Sequence[Notification]) -> None:
+        deliveries = []
+        for notification in notifications:
+            domain_event, carrier = self.mapper.to_domain_event_with_trace(notification)
+            integration_event = self.to_integration(domain_event, notification.id)
+            if integration_event is None:
+                continue
+            deliveries.append(await self._send(producer, integration_event, carrier))
+        for metadata in await asyncio.gather(*deliveries):
+            end = metadata.offset + 1
+            if end > self.partition_end_offsets.get(metadata.partition, 0):
+                self.partition_end_offsets[metadata.partition] = end
+        self.published_total += len(deliveries)
+
+    async def _send(self, producer, event: IntegrationEvent, carrier: dict[str, str]):
+        value = event.model_dump_json().encode()
+        key = event.aggregate_id.encode()
+        headers = [("type", event.type.encode()), ("schema_version", str(event.schema_version).encode())]
+        if not carrier:
+            return await producer.send(self.config.topic, value=value, key=key, headers=headers)
+        # Continue the trace of the command that stored the event.
+        token = otel_context.attach(propagate.extract(carrier))
+        try:
+            with tracer.start_as_current_span(f"{self.config.topic} publish", kind=SpanKind.PRODUCER) as span:
+                span.set_attribute("messaging.system", "kafka")
+                span.set_attribute("messaging.destination.name", self.config.topic)
+                span.set_attribute("messaging.message.id", str(event.event_id))
+                outgoing: dict[str, str] = {}
+                propagate.inject(outgoing)
+                headers += [(name, value.encode()) for name, value in outgoing.items()]
+                return await producer.send(self.config.topic, value=value, key=key, headers=headers)
+        finally:
+            otel_context.detach(token)
+
+    async def _record_position(self, connection: asyncpg.Connection, position: int) -> None:
+        await connection.execute(
+            "UPDATE outbox_relay_position SET position = $2, partition_end_offsets = $3::jsonb WHERE source = $1",
+            self.config.source, position, json.dumps(self.partition_end_offsets),
+        )
+        self.position = position
+
+    async def _republish_if_broker_lost_data(self, connection: asyncpg.Connection) -> None:
+        if self.position == 0 and not self.partition_end_offsets:
+            return
+        offsets = await end_offsets(self.config.bootstrap_servers, self.config.topic)
+        if offsets is None:
+            await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
+            offsets = {}
+        lost = [p for p, expected in self.partition_end_offsets.items() if offsets.get(p, 0) < expected]
+        if lost:
+            log.warning(
+                "broker lost data of %s (partitions %s below what was published): republishing from the start",
+                self.config.topic, lost,
+            )
+            self.partition_end_offsets = {}
+            await self._record_position(connection, 0)

@@ -1,0 +1,56 @@
+"""OpenTelemetry tracing and JSON logs carrying trace ids.
+
+OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set; tests install an in-memory
+exporter through `install_tracing(exporter=...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from pythonjsonlogger.json import JsonFormatter
+
+_installed: TracerProvider | None = None
+
+
+def install_tracing(service_name: str, otlp_endpoint: str | None = None, exporter: SpanExporter | None = None) -> TracerProvider:
+    """Install the process-wide tracer provider once; later calls only add exporters."""
+    global _installed
+    if _installed is None:
+        _installed = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        trace.set_tracer_provider(_installed)
+    if exporter is not None:
+        _installed.add_span_processor(SimpleSpanProcessor(exporter))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        _installed.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{otlp_endpoint.rstrip('/')}/v1/traces")))
+    return _installed
+
+
+class TraceIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        record.trace_id = format(context.trace_id, "032x") if context.is_valid else None
+        record.span_id = format(context.span_id, "016x") if context.is_valid else None
+        return True
+
+
+def install_json_logging(service_name: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s %(trace_id)s %(span_id)s",
+            rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
+            static_fields={"service": service_name},
+        )
+    )
+    handler.addFilter(TraceIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

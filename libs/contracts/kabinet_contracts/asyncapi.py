@@ -1,0 +1,61 @@
+"""An AsyncAPI 3.0 document generated from the event registry (`kabinet docs asyncapi`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kabinet_contracts.envelope import IntegrationEvent
+from kabinet_contracts.registry import EventRegistry
+
+
+def asyncapi_document(registry: EventRegistry, version: str = "0.1.0") -> dict[str, Any]:
+    channels: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
+    schemas: dict[str, Any] = {"IntegrationEvent": IntegrationEvent.model_json_schema()}
+    operations: dict[str, Any] = {}
+    for event_type in registry.all():
+        message_name = f"{event_type.name.replace('.', '_')}_v{event_type.schema_version}"
+        payload_name = f"{message_name}_payload"
+        schemas[payload_name] = event_type.payload.model_json_schema(ref_template="#/components/schemas/{model}")
+        messages[message_name] = {
+            "name": event_type.name,
+            "title": f"{event_type.name} v{event_type.schema_version}",
+            "summary": event_type.summary,
+            "contentType": "application/json",
+            "headers": {
+                "type": "object",
+                "properties": {"traceparent": {"type": "string", "description": "W3C trace context"}},
+            },
+            "payload": {
+                "allOf": [
+                    {"$ref": "#/components/schemas/IntegrationEvent"},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "type": {"const": event_type.name},
+                            "schema_version": {"const": event_type.schema_version},
+                            "payload": {"$ref": f"#/components/schemas/{payload_name}"},
+                        },
+                    },
+                ]
+            },
+        }
+        channel = channels.setdefault(
+            event_type.topic.replace(".", "_"),
+            {"address": event_type.topic, "description": "keyed by aggregate id", "messages": {}},
+        )
+        channel["messages"][message_name] = {"$ref": f"#/components/messages/{message_name}"}
+    for channel_id, channel in channels.items():
+        operations[f"publish_{channel_id}"] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{channel_id}"},
+            "messages": [{"$ref": f"#/channels/{channel_id}/messages/{name}"} for name in channel["messages"]],
+        }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {"title": "Kabinet integration events", "version": version},
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {"messages": messages, "schemas": schemas},
+    }
