@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+import asyncio
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import OffsetOutOfRangeError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 # Partition counts never change after creation (ARCHITECTURE.md §3): keys keep
-# their partition, so one aggregate's events stay in order forever.
-DEFAULT_PARTITIONS = 3
+# their partition, so one aggregate's events stay in order forever. Four is also
+# what the embedded broker gives a topic it auto-creates on a metadata request
+# (a consumer may ask before the relay creates the topic after a broker restart),
+# so both paths agree.
+DEFAULT_PARTITIONS = 4
 _REQUEST_TIMEOUT_MS = 10_000
 
 
@@ -38,16 +43,32 @@ async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: i
         await admin.close()
 
 
-async def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int] | None:
-    """High watermark per partition, or None when the topic does not exist."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+async def records_at(
+    bootstrap_servers: str, topic: str, offsets: dict[int, int], timeout_s: float = 3.0
+) -> dict[int, ConsumerRecord]:
+    """The record at the given offset of each partition, for those the broker still has."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=_REQUEST_TIMEOUT_MS,
+        enable_auto_commit=False, auto_offset_reset="none",
+    )
     await consumer.start()
+    found: dict[int, ConsumerRecord] = {}
     try:
-        partitions = await consumer._client.fetch_all_metadata()
-        ids = partitions.partitions_for_topic(topic)
-        if not ids:
-            return None
-        offsets = await consumer.end_offsets([TopicPartition(topic, i) for i in ids])
-        return {tp.partition: offset for tp, offset in offsets.items()}
+        partitions = [TopicPartition(topic, p) for p in offsets]
+        consumer.assign(partitions)
+        for tp in partitions:
+            consumer.seek(tp, offsets[tp.partition])
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(found) < len(offsets) and asyncio.get_running_loop().time() < deadline:
+            try:
+                batch = await consumer.getmany(timeout_ms=200)
+            except (OffsetOutOfRangeError, UnknownTopicOrPartitionError):
+                break
+            for tp, records in batch.items():
+                for record in records:
+                    if record.offset == offsets[tp.partition]:
+                        found[tp.partition] = record
+                consumer.pause(tp)
     finally:
         await consumer.stop()
+    return found

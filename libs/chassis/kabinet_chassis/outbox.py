@@ -6,9 +6,11 @@ log after its tracked position, maps each domain event to a public integration e
 publishes it keyed by aggregate id, then records its position. A crash between the
 two republishes; consumers are idempotent, so that is safe.
 
-It also remembers the end offset it reached on every partition. When the broker
-shows less than that (it restarted and lost its data, as the embedded one does),
-the relay republishes from the start of the log.
+It also remembers, for every partition, the offset and log position of the last event
+it published there. Every few seconds it reads those records back; when one is gone or
+holds another event, the broker restarted and lost its data (as the embedded one does)
+and the relay republishes from the start of the log. (We read records back rather than
+compare high watermarks: the embedded broker reports those unreliably.)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from kabinet_chassis.eventstore import TracingMapper, WorkerThreads
-from kabinet_chassis.kafka import DEFAULT_PARTITIONS, end_offsets, ensure_topics, new_producer
+from kabinet_chassis.kafka import DEFAULT_PARTITIONS, ensure_topics, new_producer, records_at
 from kabinet_contracts.envelope import IntegrationEvent
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox_relay_position (
     source text PRIMARY KEY,
     position bigint NOT NULL,
-    partition_end_offsets jsonb NOT NULL DEFAULT '{}'::jsonb
+    last_published jsonb NOT NULL DEFAULT '{}'::jsonb
 )
 """
 
@@ -80,7 +82,8 @@ class OutboxRelay:
         # the exact window a crash must survive (fault-injection tests use it).
         self.on_page_published = on_page_published
         self.position = 0
-        self.partition_end_offsets: dict[int, int] = {}
+        # partition -> (offset, position) of the last event published there
+        self.last_published: dict[int, tuple[int, int]] = {}
         self.is_leader = False
         self.published_total = 0
 
@@ -123,10 +126,10 @@ class OutboxRelay:
             self.config.source,
         )
         row = await connection.fetchrow(
-            "SELECT position, partition_end_offsets FROM outbox_relay_position WHERE source = $1", self.config.source
+            "SELECT position, last_published FROM outbox_relay_position WHERE source = $1", self.config.source
         )
         self.position = row["position"]
-        self.partition_end_offsets = {int(k): v for k, v in json.loads(row["partition_end_offsets"]).items()}
+        self.last_published = {int(k): tuple(v) for k, v in json.loads(row["last_published"]).items()}
 
     async def _relay_loop(self, connection: asyncpg.Connection, producer) -> None:
         await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
@@ -154,16 +157,16 @@ class OutboxRelay:
 
     async def _publish(self, producer, notifications: Sequence[Notification]) -> None:
         deliveries = []
+        positions = []
         for notification in notifications:
             domain_event, carrier = self.mapper.to_domain_event_with_trace(notification)
             integration_event = self.to_integration(domain_event, notification.id)
             if integration_event is None:
                 continue
             deliveries.append(await self._send(producer, integration_event, carrier))
-        for metadata in await asyncio.gather(*deliveries):
-            end = metadata.offset + 1
-            if end > self.partition_end_offsets.get(metadata.partition, 0):
-                self.partition_end_offsets[metadata.partition] = end
+            positions.append(notification.id)
+        for position, metadata in zip(positions, await asyncio.gather(*deliveries), strict=True):
+            self.last_published[metadata.partition] = (metadata.offset, position)
         self.published_total += len(deliveries)
 
     async def _send(self, producer, event: IntegrationEvent, carrier: dict[str, str]):
@@ -188,23 +191,32 @@ class OutboxRelay:
 
     async def _record_position(self, connection: asyncpg.Connection, position: int) -> None:
         await connection.execute(
-            "UPDATE outbox_relay_position SET position = $2, partition_end_offsets = $3::jsonb WHERE source = $1",
-            self.config.source, position, json.dumps(self.partition_end_offsets),
+            "UPDATE outbox_relay_position SET position = $2, last_published = $3::jsonb WHERE source = $1",
+            self.config.source, position, json.dumps(self.last_published),
         )
         self.position = position
 
     async def _republish_if_broker_lost_data(self, connection: asyncpg.Connection) -> None:
-        if self.position == 0 and not self.partition_end_offsets:
+        if not self.last_published:
             return
-        offsets = await end_offsets(self.config.bootstrap_servers, self.config.topic)
-        if offsets is None:
-            await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
-            offsets = {}
-        lost = [p for p, expected in self.partition_end_offsets.items() if offsets.get(p, 0) < expected]
+        offsets = {partition: offset for partition, (offset, _) in self.last_published.items()}
+        found = await records_at(self.config.bootstrap_servers, self.config.topic, offsets)
+        lost = [
+            partition for partition, (_, position) in self.last_published.items()
+            if partition not in found or _position_of(found[partition]) != position
+        ]
         if lost:
             log.warning(
-                "broker lost data of %s (partitions %s below what was published): republishing from the start",
+                "broker lost data of %s (partitions %s no longer hold what was published): republishing from the start",
                 self.config.topic, lost,
             )
-            self.partition_end_offsets = {}
+            await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
+            self.last_published = {}
             await self._record_position(connection, 0)
+
+
+def _position_of(record) -> int | None:
+    try:
+        return json.loads(record.value)["position"]
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from kabinet_chassis.devstack.errors import StackError
 from kabinet_chassis.devstack.ports import LOOPBACK, require_free_port, wait_until_listening
+
+# The wheel's package import probes XDG_RUNTIME_DIR for a helper class we do not use.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 SUPERUSER = "kabinet"
 # Development only: the embedded server trusts loopback connections; this

@@ -1,0 +1,191 @@
+"""`kabinet`: the developer's command line (typer + rich).
+
+Contexts add sub-commands through the `kabinet.cli` entry-point group
+(e.g. `kabinet ledger verify`), so the chassis never imports a service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import httpx
+import typer
+from rich.console import Console
+
+from kabinet_chassis.devstack.errors import StackError
+from kabinet_chassis.devstack.ports import LOOPBACK, port_is_free
+from kabinet_chassis.devstack.stack import DevStack
+from kabinet_chassis.topology import GATEWAY_PORT, SERVICE_PORTS
+
+console = Console()
+err_console = Console(stderr=True)
+app = typer.Typer(help="Kabinet: an open-source retail-bank backend.", no_args_is_help=True)
+stack_app = typer.Typer(help="The database server and broker the bank runs on.", no_args_is_help=True)
+docs_app = typer.Typer(help="Generated documentation.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(docs_app, name="docs")
+
+READY_TIMEOUT_S = 90
+STOP_TIMEOUT_S = 10
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start embedded PostgreSQL and the embedded broker (they keep running)."""
+    try:
+        endpoints, _ = DevStack().up(detach_broker=True)
+    except StackError as error:
+        _fail(str(error))
+    console.print(f"database: {endpoints.database_url}\nbroker:   {endpoints.bootstrap_servers}")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the embedded PostgreSQL and broker."""
+    DevStack().down()
+    console.print("stack stopped")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    for name, state in DevStack().status().items():
+        console.print(f"{name:9} {state}")
+
+
+def _service_env(name: str, port: int, database_url: str, bootstrap: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KABINET_SERVICE_NAME": name,
+        "KABINET_HTTP_PORT": str(port),
+        "KABINET_DATABASE_URL": database_url,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _spawn(name: str, port: int, env: dict[str, str], log_dir: Path) -> subprocess.Popen:
+    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", f"{name}.service:create_app",
+         "--host", LOOPBACK, "--port", str(port), "--no-access-log"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+
+
+def _stop_children(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+@app.command("up")
+def up() -> None:
+    """Run the whole bank: the stack, every service and the gateway. Ctrl-C stops it all."""
+    ports = {**SERVICE_PORTS, "gateway": GATEWAY_PORT}
+    for name, port in ports.items():
+        if not port_is_free(port):
+            _fail(f"port {port} for {name} is taken: stop what listens there (`ss -ltnp 'sport = :{port}'`)")
+    stack = DevStack()
+    try:
+        endpoints, started_broker = stack.up(detach_broker=False)
+    except StackError as error:
+        _fail(str(error))
+    log_dir = stack.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children: list[subprocess.Popen] = []
+    stopping = {"now": False}
+
+    def request_stop(signum, frame) -> None:
+        stopping["now"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        for name, port in ports.items():
+            children.append(_spawn(name, port, _service_env(name, port, endpoints.database_url, endpoints.bootstrap_servers), log_dir))
+        gateway_url = f"http://{LOOPBACK}:{GATEWAY_PORT}"
+        with console.status("starting services…"):
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while time.monotonic() < deadline and not stopping["now"]:
+                crashed = [c for c in children if c.poll() is not None]
+                if crashed:
+                    _stop_children(children)
+                    _fail(f"a service exited during start; see the logs in {log_dir}")
+                try:
+                    if httpx.get(f"{gateway_url}/health/ready", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            else:
+                if not stopping["now"]:
+                    console.print(f"[yellow]not ready after {READY_TIMEOUT_S}s; see {log_dir}[/yellow]")
+        console.print(f"Kabinet is up. Gateway: {gateway_url}  (OpenAPI: {gateway_url}/docs; logs: {log_dir})")
+        console.print("Press Ctrl-C to stop.")
+        while not stopping["now"]:
+            if any(c.poll() is not None for c in children):
+                console.print(f"[red]a service exited; stopping. See {log_dir}[/red]")
+                break
+            time.sleep(0.5)
+    finally:
+        console.print("stopping…")
+        _stop_children(children)
+        if started_broker is not None:
+            started_broker.stop()
+        if endpoints.database_is_embedded:
+            stack.postgres.stop()
+        console.print("stopped")
+
+
+@docs_app.command("asyncapi")
+def docs_asyncapi(output: Path = typer.Option(None, help="write to this file instead of stdout")) -> None:
+    """The AsyncAPI document of every integration event."""
+    _load_contracts()
+    from kabinet_contracts.asyncapi import asyncapi_document
+    from kabinet_contracts.registry import REGISTRY
+
+    text = json.dumps(asyncapi_document(REGISTRY), indent=2)
+    if output:
+        output.write_text(text + "\n")
+        console.print(f"wrote {output}")
+    else:
+        print(text)
+
+
+def _load_contracts() -> None:
+    import importlib
+    import pkgutil
+
+    import kabinet_contracts
+
+    for module in pkgutil.iter_modules(kabinet_contracts.__path__):
+        importlib.import_module(f"kabinet_contracts.{module.name}")
+
+
+def _add_plugins() -> None:
+    for entry in entry_points(group="kabinet.cli"):
+        app.add_typer(entry.load(), name=entry.name)
+
+
+def main() -> None:
+    _add_plugins()
+    app()

@@ -1,0 +1,288 @@
+"""Idempotent consumers (ARCHITECTURE.md §4).
+
+Tracking is keyed by (consumer, source, topic, partition) -> upstream position and is
+written in the same transaction as the consumer's effects. Kafka offsets are only an
+optimisation, never the dedupe key: a redelivered or republished event whose position
+is not above the tracked one changes nothing.
+
+Batches take the fast path: one transaction for the whole batch. If that fails with an
+error that is not transient, the batch is replayed one event at a time so that only the
+poison event goes to the dead-letter topic and the others are applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiokafka import ConsumerRecord
+from eventsourcing.persistence import Tracking
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
+
+from kabinet_chassis.eventstore import WorkerThreads
+from kabinet_contracts.envelope import IntegrationEvent
+from kabinet_contracts.registry import dead_letter_topic
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("kabinet.consumers")
+
+MAX_BATCH_RECORDS = 500
+_BACKOFF_START_S = 0.1
+_BACKOFF_MAX_S = 5.0
+
+TRACKING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS consumer_tracking (
+    consumer text NOT NULL,
+    source text NOT NULL,
+    topic text NOT NULL,
+    partition integer NOT NULL,
+    position bigint NOT NULL,
+    PRIMARY KEY (consumer, source, topic, partition)
+)
+"""
+
+
+class PoisonMessage(Exception):
+    """The event can never be applied (malformed, unknown type, broken invariant)."""
+
+
+# Errors worth waiting out: the database or the network will come back.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One Kafka record, parsed; `event` is None when the record is poison."""
+
+    record: ConsumerRecord
+    event: IntegrationEvent | None
+    error: str | None = None
+
+    @property
+    def tracking_key(self) -> tuple[str, str, int]:
+        assert self.event is not None
+        return (self.event.source, self.record.topic, self.record.partition)
+
+
+def parse(record: ConsumerRecord) -> Delivery:
+    try:
+        return Delivery(record, IntegrationEvent.model_validate_json(record.value))
+    except (ValidationError, ValueError, TypeError) as error:
+        return Delivery(record, None, f"malformed integration event: {error}")
+
+
+def trace_parent(record: ConsumerRecord) -> dict[str, str]:
+    return {name: value.decode() for name, value in (record.headers or ()) if name in ("traceparent", "tracestate")}
+
+
+@dataclass
+class DeadLetters:
+    """Publishes poison records to `<topic>.dlq` with the reason in a header."""
+
+    broker: KafkaBroker
+    sent_total: int = 0
+
+    async def send(self, record: ConsumerRecord, consumer: str, error: str) -> None:
+        headers = {
+            "dlq-error": error[:2000],
+            "dlq-consumer": consumer,
+            "dlq-source-partition": str(record.partition),
+            "dlq-source-offset": str(record.offset),
+        }
+        await self.broker.publish(
+            record.value, topic=dead_letter_topic(record.topic), key=record.key, headers=headers
+        )
+        self.sent_total += 1
+        log.error("dead-lettered %s[%s]@%s for %s: %s", record.topic, record.partition, record.offset, consumer, error)
+
+
+ApplyToReadModel = Callable[[asyncpg.Connection, IntegrationEvent], Awaitable[None]]
+
+
+@dataclass
+class ReadModelConsumer:
+    """Applies events to an asyncpg read model exactly once."""
+
+    name: str
+    pool: asyncpg.Pool
+    apply: ApplyToReadModel
+    dead_letters: DeadLetters
+    applied_total: int = 0
+    skipped_total: int = 0
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        deliveries = [parse(record) for record in records]
+        for delivery in deliveries:
+            if delivery.event is None:
+                await self.dead_letters.send(delivery.record, self.name, delivery.error or "malformed")
+        good = [d for d in deliveries if d.event is not None]
+        if not good:
+            return
+        try:
+            await self._apply_in_one_transaction(good)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as error:  # one of them is poison: find it, apply the rest
+            log.warning("batch of %d for %s failed (%s); applying one by one", len(good), self.name, error)
+            for delivery in good:
+                try:
+                    await self._apply_in_one_transaction([delivery])
+                except TRANSIENT_ERRORS:
+                    raise
+                except Exception as single_error:
+                    await self.dead_letters.send(delivery.record, self.name, f"{type(single_error).__name__}: {single_error}")
+
+    async def _apply_in_one_transaction(self, deliveries: Sequence[Delivery]) -> None:
+        async with self.pool.acquire() as connection, connection.transaction():
+            tracked: dict[tuple[str, str, int], int] = {}
+            for key in {d.tracking_key for d in deliveries}:
+                tracked[key] = await connection.fetchval(
+                    "SELECT position FROM consumer_tracking WHERE consumer = $1 AND source = $2 AND topic = $3"
+                    " AND partition = $4 FOR UPDATE",
+                    self.name, *key,
+                ) or 0
+            advanced: dict[tuple[str, str, int], int] = {}
+            applied = skipped = 0
+            for delivery in deliveries:
+                key = delivery.tracking_key
+                event = delivery.event
+                if event.position <= advanced.get(key, tracked[key]):
+                    skipped += 1
+                    continue
+                await self._apply_traced(connection, delivery)
+                advanced[key] = event.position
+                applied += 1
+            if advanced:
+                await connection.executemany(
+                    "INSERT INTO consumer_tracking (consumer, source, topic, partition, position)"
+                    " VALUES ($1, $2, $3, $4, $5)"
+                    " ON CONFLICT (consumer, source, topic, partition) DO UPDATE SET position = EXCLUDED.position"
+                    " WHERE consumer_tracking.position < EXCLUDED.position",
+                    [(self.name, *key, position) for key, position in advanced.items()],
+                )
+        self.applied_total += applied
+        self.skipped_total += skipped
+
+    async def _apply_traced(self, connection: asyncpg.Connection, delivery: Delivery) -> None:
+        carrier = trace_parent(delivery.record)
+        if not carrier:
+            await self.apply(connection, delivery.event)
+            return
+        token = otel_context.attach(propagate.extract(carrier))
+        try:
+            with tracer.start_as_current_span(f"{delivery.record.topic} process", kind=SpanKind.CONSUMER) as span:
+                span.set_attribute("messaging.system", "kafka")
+                span.set_attribute("messaging.consumer.group.name", self.name)
+                span.set_attribute("messaging.message.id", str(delivery.event.event_id))
+                await self.apply(connection, delivery.event)
+        finally:
+            otel_context.detach(token)
+
+
+async def ensure_tracking_table(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as connection:
+        await connection.execute(TRACKING_SCHEMA)
+
+
+# An event-sourced reaction: given an upstream event, the aggregates it changed.
+React = Callable[[IntegrationEvent], Sequence[Any]]
+
+
+@dataclass
+class ReactionConsumer:
+    """Applies events to an eventsourcing application exactly once.
+
+    The application's recorder must be a process recorder (events + tracking in one
+    transaction). eventsourcing's `Tracking` is keyed by one name; we use
+    `consumer|source|topic|partition` so the key is the same as the read models'.
+    """
+
+    name: str
+    app: Any  # eventsourcing Application with a ProcessRecorder
+    react: React
+    dead_letters: DeadLetters
+    threads: WorkerThreads
+    applied_total: int = 0
+    skipped_total: int = 0
+    _tracked: dict[tuple[str, str, int], int] = field(default_factory=dict)
+
+    def tracking_name(self, key: tuple[str, str, int]) -> str:
+        source, topic, partition = key
+        return f"{self.name}|{source}|{topic}|{partition}"
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        for delivery in map(parse, records):
+            if delivery.event is None:
+                await self.dead_letters.send(delivery.record, self.name, delivery.error or "malformed")
+                continue
+            try:
+                await self.threads.run(self._apply_one, delivery)
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as error:
+                await self.dead_letters.send(delivery.record, self.name, f"{type(error).__name__}: {error}")
+
+    def _apply_one(self, delivery: Delivery) -> None:
+        name = self.tracking_name(delivery.tracking_key)
+        if self.app.recorder.has_tracking_id(name, delivery.event.position):
+            self.skipped_total += 1
+            return
+        aggregates = self.react(delivery.event)
+        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+        self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=delivery.event.position))
+        self.applied_total += 1
+
+
+def subscribe(
+    broker: KafkaBroker,
+    topic: str,
+    consumer: ReadModelConsumer | ReactionConsumer,
+    *,
+    max_records: int = MAX_BATCH_RECORDS,
+) -> None:
+    """Registers a FastStream batch subscriber with manual acknowledgement.
+
+    Transient errors seek back to the batch's first record (nack) after a growing
+    pause, so nothing is skipped; everything else has been dead-lettered by then.
+    """
+    backoff = {"s": _BACKOFF_START_S}
+
+    @broker.subscriber(
+        topic,
+        group_id=consumer.name,
+        batch=True,
+        max_records=max_records,
+        ack_policy=AckPolicy.MANUAL,
+        auto_offset_reset="earliest",
+    )
+    async def handle_batch(message: KafkaMessage) -> None:
+        records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
+        try:
+            await consumer.handle(records)
+        except TRANSIENT_ERRORS as error:
+            log.warning("%s: transient error %r; redelivering in %.1fs", consumer.name, error, backoff["s"])
+            await asyncio.sleep(backoff["s"])
+            backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
+            await message.nack()
+            return
+        backoff["s"] = _BACKOFF_START_S
+        await message.ack()

@@ -1,0 +1,103 @@
+"""The dev stack as a whole: which database server and broker the bank runs on.
+
+Embedded by default; the servers named by KABINET_DATABASE_URL and
+KAFKA_BOOTSTRAP_SERVERS when set; testcontainers when KABINET_USE_TESTCONTAINERS=1
+and a Docker engine answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from kabinet_chassis.devstack.broker import EmbeddedBroker
+from kabinet_chassis.devstack.errors import StackError
+from kabinet_chassis.devstack.postgres import EmbeddedPostgres
+from kabinet_chassis.settings import StackSettings
+
+
+@dataclass
+class StackEndpoints:
+    database_url: str
+    bootstrap_servers: str
+    database_is_embedded: bool
+    broker_is_embedded: bool
+
+
+class DevStack:
+    def __init__(self, settings: StackSettings | None = None) -> None:
+        self.settings = settings or StackSettings()
+        self.data_dir = self.settings.data_dir.resolve()
+        self.postgres = EmbeddedPostgres(self.data_dir / "pg", self.settings.pg_port)
+        self.state_path = self.data_dir / "stack.json"
+
+    def _load_broker(self) -> EmbeddedBroker:
+        broker = EmbeddedBroker(self.settings.broker_port, self.data_dir / "broker.log")
+        if self.state_path.exists():
+            broker.pid = json.loads(self.state_path.read_text()).get("broker_pid")
+            if not broker.is_running():
+                broker.pid = None
+        return broker
+
+    def _save_broker(self, broker: EmbeddedBroker) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(json.dumps({"broker_pid": broker.pid, "broker_port": broker.port}))
+
+    def up(self, *, detach_broker: bool = True) -> tuple[StackEndpoints, EmbeddedBroker | None]:
+        """Start what is embedded and not running; returns endpoints and a broker we started."""
+        if os.environ.get("KABINET_USE_TESTCONTAINERS") == "1":
+            return self._testcontainers(), None
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        database_url = self.settings.database_url
+        if database_url is None:
+            self.postgres.start()
+            database_url = self.postgres.url
+        bootstrap = self.settings.kafka_bootstrap_servers
+        started: EmbeddedBroker | None = None
+        if bootstrap is None:
+            broker = self._load_broker()
+            if not broker.is_running():
+                broker.start(detach=detach_broker)
+                self._save_broker(broker)
+                started = broker
+            bootstrap = broker.bootstrap_servers
+        endpoints = StackEndpoints(
+            database_url, bootstrap, self.settings.database_url is None, self.settings.kafka_bootstrap_servers is None
+        )
+        return endpoints, started
+
+    def down(self) -> None:
+        broker = self._load_broker()
+        broker.stop()
+        self.state_path.unlink(missing_ok=True)
+        self.postgres.stop()
+
+    def status(self) -> dict[str, str]:
+        broker = self._load_broker()
+        database = (
+            f"external {self.settings.database_url}" if self.settings.database_url
+            else ("running " if self.postgres.is_initialised() and self.postgres.is_running() else "stopped ")
+            + f"embedded PostgreSQL on 127.0.0.1:{self.settings.pg_port} (data {self.postgres.data_dir})"
+        )
+        kafka = (
+            f"external {self.settings.kafka_bootstrap_servers}" if self.settings.kafka_bootstrap_servers
+            else ("running " if broker.is_running() else "stopped ")
+            + f"embedded broker on 127.0.0.1:{self.settings.broker_port}"
+        )
+        return {"database": database, "broker": kafka}
+
+    def _testcontainers(self) -> StackEndpoints:
+        try:
+            from testcontainers.community.kafka import KafkaContainer  # type: ignore[import-not-found]
+            from testcontainers.postgres import PostgresContainer
+        except ImportError:
+            from testcontainers.kafka import KafkaContainer
+            from testcontainers.postgres import PostgresContainer
+        try:
+            postgres = PostgresContainer("postgres:18").start()
+            kafka = KafkaContainer().with_kraft().start()
+        except Exception as error:
+            raise StackError(f"KABINET_USE_TESTCONTAINERS=1 but no Docker engine answers: {error}") from error
+        url = postgres.get_connection_url().replace("postgresql+psycopg2://", "postgresql://")
+        return StackEndpoints(url, kafka.get_bootstrap_server(), False, False)

@@ -1,0 +1,113 @@
+"""RFC 9457 problem+json for every error, with a stable `code` (ARCHITECTURE.md §7)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+DEPENDENCY_RETRY_AFTER_S = 5
+
+
+class Problem(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.title = title or code.replace("_", " ").capitalize()
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        body = {
+            "type": f"https://kabinet.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.detail,
+            **self.extra,
+        }
+        if instance:
+            body["instance"] = instance
+        return body
+
+
+class DependencyUnavailable(Problem):
+    """A database, broker or service we need is down: 503 with Retry-After, never a hang."""
+
+    def __init__(self, dependency: str, detail: str) -> None:
+        super().__init__(
+            503, "dependency_unavailable", f"{dependency} is unavailable: {detail}",
+            headers={"Retry-After": str(DEPENDENCY_RETRY_AFTER_S)}, dependency=dependency,
+        )
+
+
+def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
+    return JSONResponse(
+        problem.body(request.url.path if request else None),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=problem.headers,
+    )
+
+
+def _field_name(location: tuple[Any, ...]) -> str:
+    # ("body", "legs", 0, "amount_minor") -> "legs[0].amount_minor"
+    parts = [p for p in location if p not in ("body", "query", "path", "header")]
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or ".".join(map(str, location))
+
+
+def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Domain errors must carry `code` and `status` class attributes."""
+
+    async def on_problem(request: Request, error: Problem) -> JSONResponse:
+        return problem_response(error, request)
+
+    async def on_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": _field_name(tuple(e["loc"])), "message": e["msg"], "type": e["type"]} for e in error.errors()
+        ]
+        names = ", ".join(e["field"] for e in errors[:5])
+        problem = Problem(422, "validation_error", f"invalid request: {names}", errors=errors)
+        return problem_response(problem, request)
+
+    async def on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(
+            error.status_code, f"http_{error.status_code}"
+        )
+        return problem_response(Problem(error.status_code, code, str(error.detail)), request)
+
+    async def on_domain(request: Request, error: Exception) -> JSONResponse:
+        problem = Problem(getattr(error, "status", 409), getattr(error, "code", "refused"), str(error))
+        return problem_response(problem, request)
+
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(Problem(500, "internal_error", "an unexpected error occurred; it has been logged"), request)
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for error_type in domain_errors:
+        app.add_exception_handler(error_type, on_domain)
+    app.add_exception_handler(Exception, on_unexpected)

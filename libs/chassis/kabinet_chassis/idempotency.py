@@ -1,0 +1,109 @@
+"""`Idempotency-Key` for mutating HTTP endpoints (ARCHITECTURE.md §5).
+
+The first request with a key runs and its answer is stored; a repeat with the same
+body gets the stored answer; a repeat with another body is refused (422); a repeat
+while the first is still running gets 409. Server failures (5xx) are not stored, so
+the client may retry them with the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from fastapi import Header
+from fastapi.responses import JSONResponse
+
+from kabinet_chassis.errors import PROBLEM_JSON, Problem
+
+MAX_KEY_LENGTH = 255
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope text NOT NULL,
+    key text NOT NULL,
+    request_fingerprint text NOT NULL,
+    status_code integer,
+    response jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (scope, key)
+)
+"""
+
+
+def fingerprint(body: Any) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def idempotency_key(idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> str:
+    """FastAPI dependency: the header is required on every mutating call."""
+    if not idempotency_key:
+        raise Problem(400, "idempotency_key_required", "the Idempotency-Key header is required on this request")
+    if len(idempotency_key) > MAX_KEY_LENGTH:
+        raise Problem(400, "idempotency_key_invalid", f"Idempotency-Key is longer than {MAX_KEY_LENGTH} characters")
+    return idempotency_key
+
+
+async def ensure_schema(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as connection:
+        await connection.execute(SCHEMA)
+
+
+async def run_once(
+    pool: asyncpg.Pool,
+    *,
+    scope: str,
+    key: str,
+    body: Any,
+    operation: Callable[[], Awaitable[tuple[int, Any]]],
+) -> JSONResponse:
+    """Run `operation` (returning status and JSON body) at most once per (scope, key)."""
+    request_fingerprint = fingerprint(body)
+    async with pool.acquire() as connection:
+        claimed = await connection.fetchval(
+            "INSERT INTO idempotency_keys (scope, key, request_fingerprint) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            scope, key, request_fingerprint,
+        )
+        if not claimed:
+            row = await connection.fetchrow(
+                "SELECT request_fingerprint, status_code, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
+                scope, key,
+            )
+            if row["request_fingerprint"] != request_fingerprint:
+                raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
+            if row["status_code"] is None:
+                raise Problem(409, "request_in_progress", "a request with this Idempotency-Key is still being processed",
+                              headers={"Retry-After": "1"})
+            return _response(row["status_code"], json.loads(row["response"]), replayed=True)
+    try:
+        status_code, response = await operation()
+    except Problem as problem:
+        if problem.status >= 500:
+            await _release(pool, scope, key)
+            raise
+        status_code, response = problem.status, problem.body()
+    except BaseException:
+        await _release(pool, scope, key)
+        raise
+    async with pool.acquire() as connection:
+        await connection.execute(
+            "UPDATE idempotency_keys SET status_code = $3, response = $4::jsonb WHERE scope = $1 AND key = $2",
+            scope, key, status_code, json.dumps(response, default=str),
+        )
+    return _response(status_code, response, replayed=False)
+
+
+async def _release(pool: asyncpg.Pool, scope: str, key: str) -> None:
+    async with pool.acquire() as connection:
+        await connection.execute("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND status_code IS NULL", scope, key)
+
+
+def _response(status_code: int, body: Any, *, replayed: bool) -> JSONResponse:
+    media_type = PROBLEM_JSON if status_code >= 400 else "application/json"
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    return JSONResponse(body, status_code=status_code, media_type=media_type, headers=headers)

@@ -1,0 +1,115 @@
+"""The service factory: one place that wires a service's process.
+
+A service's `service.py` builds a `Service`, registers what it owns in `on_start`
+(event-sourced application, read-model consumers, the outbox relay) and its routers,
+and exposes `service.http_app()` to uvicorn. The lifespan starts the database pool,
+the FastStream broker and the relays, and stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+from fastapi import APIRouter, FastAPI
+from faststream.kafka import KafkaBroker
+from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+
+from kabinet_chassis import consumers, idempotency
+from kabinet_chassis.databases import create_pool, ensure_database
+from kabinet_chassis.errors import install_problem_handlers
+from kabinet_chassis.eventstore import WorkerThreads
+from kabinet_chassis.health import Check, broker_check, database_check, health_router
+from kabinet_chassis.settings import ServiceSettings
+from kabinet_chassis.telemetry import install_json_logging, install_tracing
+
+log = logging.getLogger(__name__)
+
+StartHook = Callable[["Service"], Awaitable[None]]
+StopHook = Callable[["Service"], Awaitable[None]]
+
+
+class Service:
+    def __init__(self, settings: ServiceSettings, *, title: str, uses_database: bool = True) -> None:
+        self.settings = settings
+        self.title = title
+        self.uses_database = uses_database
+        self.threads = WorkerThreads(settings.worker_threads)
+        self.broker = KafkaBroker(
+            settings.kafka_bootstrap_servers,
+            enable_idempotence=settings.kafka_enable_idempotence,
+            middlewares=[KafkaTelemetryMiddleware()],
+            logger=logging.getLogger(f"kabinet.{settings.service_name}.broker"),
+        )
+        self.dead_letters = consumers.DeadLetters(self.broker)
+        self.pool: asyncpg.Pool | None = None
+        self.routers: list[APIRouter] = []
+        self.domain_errors: tuple[type[Exception], ...] = ()
+        self.checks: dict[str, Check] = {}
+        self._on_start: list[StartHook] = []
+        self._on_stop: list[StopHook] = []
+        self._background: list[Callable[[], Awaitable[None]]] = []
+        self._tasks: list[asyncio.Task] = []
+
+    def on_start(self, hook: StartHook) -> StartHook:
+        self._on_start.append(hook)
+        return hook
+
+    def on_stop(self, hook: StopHook) -> StopHook:
+        self._on_stop.append(hook)
+        return hook
+
+    def run_in_background(self, runner: Callable[[], Awaitable[None]]) -> None:
+        """Long-running loops (the relay, the ledger writer) that live as long as the service."""
+        self._background.append(runner)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Service]:
+        """Start everything; usable without HTTP (tests, CLI)."""
+        install_tracing(self.settings.service_name, self.settings.otel_exporter_otlp_endpoint)
+        if self.uses_database:
+            await ensure_database(self.settings.database_url, self.settings.service_name)
+            self.pool = await create_pool(self.settings.service_database_url, max_size=self.settings.worker_threads)
+            await consumers.ensure_tracking_table(self.pool)
+            await idempotency.ensure_schema(self.pool)
+        try:
+            for hook in self._on_start:
+                await hook(self)
+            await self.broker.start()
+            self._tasks = [asyncio.create_task(runner(), name=getattr(runner, "__name__", "background")) for runner in self._background]
+            yield self
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks = []
+            await self.broker.stop()
+            for hook in reversed(self._on_stop):
+                await hook(self)
+            if self.pool is not None:
+                await self.pool.close()
+                self.pool = None
+
+    def http_app(self) -> FastAPI:
+        checks: dict[str, Check] = {"broker": broker_check(self.settings.kafka_bootstrap_servers)}
+        if self.uses_database:
+            checks["database"] = database_check(self.settings.service_database_url)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            install_json_logging(self.settings.service_name)
+            async with self.running():
+                yield
+
+        app = FastAPI(title=self.title, lifespan=lifespan)
+        install_problem_handlers(app, self.domain_errors)
+        app.include_router(health_router({**checks, **self.checks}))
+        for router in self.routers:
+            app.include_router(router)
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*")
+        return app

@@ -1,0 +1,70 @@
+"""`kabinet up` (what `make run` calls) runs the whole bank and stops it cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from kabinet_chassis.devstack.ports import free_port
+from kabinet_chassis.topology import GATEWAY_PORT
+
+pytestmark = pytest.mark.e2e
+
+START_TIMEOUT_S = 120
+
+
+def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: Path):
+    env = {
+        **os.environ,
+        "KABINET_DATA_DIR": str(tmp_path / "data"),
+        "KABINET_PG_PORT": str(free_port()),
+        "KABINET_BROKER_PORT": str(free_port()),
+    }
+    env.pop("KABINET_DATABASE_URL", None)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    kabinet = Path(sys.executable).with_name("kabinet")
+    process = subprocess.Popen([str(kabinet), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    descendants: list[psutil.Process] = []
+    try:
+        gateway_url = None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        output = []
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "Gateway:" in line:
+                gateway_url = line.split("Gateway:")[1].split()[0]
+                break
+        assert gateway_url == f"http://127.0.0.1:{GATEWAY_PORT}", "".join(output)
+
+        ready = httpx.get(f"{gateway_url}/health/ready", timeout=5)
+        assert ready.status_code == 200, ready.text
+        checks = ready.json()["checks"]
+        assert checks["database"]["status"] == "up" and "PostgreSQL" in checks["database"]["detail"]
+        assert checks["broker"]["status"] == "up"
+        assert httpx.get(f"{gateway_url}/docs", timeout=5).status_code == 200
+
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        assert len(descendants) >= 3, "the broker, the gateway and the ledger run as their own processes"
+        postgres_pid = int((tmp_path / "data" / "pg" / "postmaster.pid").read_text().split()[0])
+        descendants.append(psutil.Process(postgres_pid))
+
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    gone, alive = psutil.wait_procs(descendants, timeout=15)
+    assert alive == [], f"left behind: {[p.pid for p in alive]}"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{GATEWAY_PORT}/health/live", timeout=2)

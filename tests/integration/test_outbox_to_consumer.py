@@ -1,0 +1,187 @@
+"""Rules of the foundation: an event saved in one service reaches another exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from kabinet_chassis.telemetry import install_tracing
+from kabinet_contracts.registry import dead_letter_topic
+from tests.support.notes import build_board_service, build_notes_service
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 30
+
+
+async def eventually(predicate, timeout_s: float = WAIT_S, what: str = "condition"):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        result = await predicate()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+async def board(service) -> dict[str, tuple[str, int]]:
+    rows = await service.pool.fetch("SELECT note_id, text, applied_count FROM note_board")
+    return {r["note_id"]: (r["text"], r["applied_count"]) for r in rows}
+
+
+def topic_for(name: str) -> str:
+    return f"{name}.events.v1"
+
+
+async def test_note_reaches_other_service_once_even_if_relay_dies_between_publish_and_tracking(stack, unique_name):
+    topic = topic_for(unique_name)
+    crashes = {"left": 1}
+
+    async def die_once(position: int) -> None:
+        if crashes["left"]:
+            crashes["left"] -= 1
+            raise RuntimeError("relay killed after publishing, before recording its position")
+
+    notes, notes_parts = build_notes_service(stack.service_settings(unique_name), topic, on_page_published=die_once)
+    board_service, board_parts = build_board_service(stack.service_settings(f"{unique_name}_b"), topic)
+    async with notes.running(), board_service.running():
+        app = notes_parts["app"]
+        ids = [app.write(f"note {i}") for i in range(5)]
+        app.edit(ids[0], "edited")
+        await eventually(lambda: _all_applied(board_service, ids), what="all notes on the board")
+        await eventually(lambda: _relay_at(notes_parts["relay"], 6), what="relay position recorded")
+        assert crashes["left"] == 0, "the crash point was never reached"
+        # The page was published twice (before and after the crash); each event applied once.
+        assert board_parts["consumer"].skipped_total >= 1
+        state = await board(board_service)
+        assert state[str(ids[0])] == ("edited", 2)
+        assert all(state[str(i)][1] == 1 for i in ids[1:])
+
+
+async def _all_applied(service, ids) -> bool:
+    state = await board(service)
+    return len(state) == len(ids) and all(str(i) in state for i in ids) and state[str(ids[0])][0] == "edited"
+
+
+async def _relay_at(relay, position: int) -> bool:
+    return relay.position >= position
+
+
+async def test_message_delivered_twice_is_applied_once(stack, unique_name):
+    topic = topic_for(unique_name)
+    notes, notes_parts = build_notes_service(stack.service_settings(unique_name), topic)
+    board_service, board_parts = build_board_service(stack.service_settings(f"{unique_name}_b"), topic)
+    async with notes.running(), board_service.running():
+        note_id = notes_parts["app"].write("once")
+        await eventually(lambda: _has(board_service, note_id), what="the note on the board")
+        # Deliver the very same record again, as a broker or producer retry would.
+        original = await _read_all(stack.bootstrap_servers, topic, expected=1)
+        producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap_servers)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, original[0].value, key=original[0].key)
+        finally:
+            await producer.stop()
+        await eventually(lambda: _skipped(board_parts["consumer"], 1), what="the duplicate to be seen")
+        assert (await board(board_service))[str(note_id)] == ("once", 1)
+
+
+async def _has(service, note_id) -> bool:
+    return str(note_id) in await board(service)
+
+
+async def _skipped(consumer, count: int) -> bool:
+    return consumer.skipped_total >= count
+
+
+async def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = WAIT_S, until=None):
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            if len(records) >= expected and (until is None or until(records)):
+                break
+            batch = await consumer.getmany(timeout_ms=500)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    assert len(records) >= expected, f"expected {expected} records on {topic}, found {len(records)}"
+    return records
+
+
+@pytest.mark.faults
+async def test_broker_restart_losing_all_data_is_healed_by_republishing(stack, unique_name):
+    topic = topic_for(unique_name)
+    notes, notes_parts = build_notes_service(stack.service_settings(unique_name), topic)
+    board_service, board_parts = build_board_service(stack.service_settings(f"{unique_name}_b"), topic)
+    async with notes.running(), board_service.running():
+        app = notes_parts["app"]
+        before = [app.write(f"before {i}") for i in range(3)]
+        await eventually(lambda: _count(board_service, 3), what="notes before the restart")
+        stack.restart_broker_losing_data()
+        after = [app.write(f"after {i}") for i in range(2)]
+        await eventually(lambda: _count(board_service, 5), timeout_s=90, what="notes after the restart")
+        # The relay republished the old events onto the empty broker...
+        records = await _read_all(stack.bootstrap_servers, topic, expected=5,
+                                  until=lambda rs: {json.loads(r.value)["position"] for r in rs} >= {1, 2, 3, 4, 5})
+        assert {json.loads(r.value)["position"] for r in records} >= {1, 2, 3, 4, 5}
+        # ...and the consumer applied none of them twice.
+        state = await board(board_service)
+        assert sorted(state) == sorted(str(i) for i in before + after)
+        assert all(count == 1 for _, count in state.values())
+
+
+async def _count(service, n: int) -> bool:
+    return len(await board(service)) >= n
+
+
+@pytest.mark.faults
+async def test_poison_message_goes_to_dead_letter_topic_and_consumer_goes_on(stack, unique_name):
+    topic = topic_for(unique_name)
+    notes, notes_parts = build_notes_service(stack.service_settings(unique_name), topic)
+    board_service, board_parts = build_board_service(stack.service_settings(f"{unique_name}_b"), topic)
+    async with notes.running(), board_service.running():
+        producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap_servers)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"{not json", key=b"poison")
+        finally:
+            await producer.stop()
+        note_id = notes_parts["app"].write("after the poison")
+        await eventually(lambda: _has(board_service, note_id), what="the good note after the poison")
+        dead = await _read_all(stack.bootstrap_servers, dead_letter_topic(topic), expected=1)
+        assert dead[0].value == b"{not json"
+        headers = dict(dead[0].headers)
+        assert b"malformed integration event" in headers["dlq-error"]
+        assert board_parts["consumer"].applied_total == 1
+
+
+async def test_one_trace_spans_the_command_the_relay_and_the_consumer(stack, unique_name):
+    exporter = InMemorySpanExporter()
+    install_tracing("tests", exporter=exporter)
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("tests")
+    topic = topic_for(unique_name)
+    notes, notes_parts = build_notes_service(stack.service_settings(unique_name), topic)
+    board_service, _ = build_board_service(stack.service_settings(f"{unique_name}_b"), topic)
+    async with notes.running(), board_service.running():
+        with tracer.start_as_current_span("POST /notes") as request_span:
+            note_id = notes_parts["app"].write("traced")
+        trace_id = request_span.get_span_context().trace_id
+        await eventually(lambda: _has(board_service, note_id), what="the traced note")
+
+        async def consumer_span_in_trace():
+            return [s for s in exporter.get_finished_spans()
+                    if s.context.trace_id == trace_id and s.name == f"{topic} process"]
+
+        await eventually(consumer_span_in_trace, what="a consumer span in the request's trace")
+        names = {s.name for s in exporter.get_finished_spans() if s.context.trace_id == trace_id}
+        assert f"{topic} publish" in names
