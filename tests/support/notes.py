@@ -15,7 +15,7 @@ import asyncpg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
-from kabinet_chassis.consumers import ReadModelConsumer, subscribe
+from kabinet_chassis.consumers import ReadModelConsumer
 from kabinet_chassis.eventstore import TracingMapper, event_store_env
 from kabinet_chassis.outbox import OutboxRelay, RelayConfig
 from kabinet_chassis.service import Service
@@ -115,7 +115,7 @@ def build_board_service(settings: ServiceSettings, topic: str) -> tuple[Service,
         async with svc.pool.acquire() as connection:
             await connection.execute(BOARD_SCHEMA)
         consumer = ReadModelConsumer(f"{settings.service_name}_board", svc.pool, apply_to_board, svc.dead_letters)
-        subscribe(svc.broker, topic, consumer)
+        svc.subscribe(topic, consumer)
         parts["consumer"] = consumer
 
     return service, parts

@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
 from eventsourcing.persistence import Tracking
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -252,21 +253,75 @@ class ReactionConsumer:
         self.applied_total += 1
 
 
+class LostDataWatchdog:
+    """Notices that the broker lost the records this subscriber had read, and rewinds.
+
+    A broker that restarts empty (the embedded one keeps nothing) leaves consumers
+    positioned past the end of the new, shorter partitions, waiting for offsets that
+    will not come for a long time; the relay meanwhile republishes from the start.
+    Every few seconds we read back the last record we processed on each partition;
+    when it is gone or holds another event, we seek that partition to the beginning.
+    Tracking makes the replay harmless.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, check_interval_s: float = 2.0) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.check_interval_s = check_interval_s
+        self.subscriber: Any = None
+        self.last_seen: dict[int, tuple[int, bytes | None]] = {}  # partition -> (offset, value)
+        self.rewinds_total = 0
+
+    def saw(self, records: Sequence[ConsumerRecord]) -> None:
+        for record in records:
+            self.last_seen[record.partition] = (record.offset, record.value)
+
+    async def run(self) -> None:
+        from aiokafka import TopicPartition
+
+        from kabinet_chassis.kafka import records_at
+
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            aiokafka_consumer = getattr(self.subscriber, "consumer", None)
+            if aiokafka_consumer is None or not self.last_seen:
+                continue
+            marks = dict(self.last_seen)
+            try:
+                found = await records_at(self.bootstrap_servers, self.topic, {p: o for p, (o, _) in marks.items()})
+            except Exception as error:  # the broker may be restarting: look again later
+                log.info("watchdog for %s could not read back: %r", self.topic, error)
+                continue
+            for partition, (offset, value) in marks.items():
+                record = found.get(partition)
+                if record is None or record.value != value:
+                    tp = TopicPartition(self.topic, partition)
+                    if tp in aiokafka_consumer.assignment():
+                        log.warning("broker lost %s[%d] up to offset %d: rewinding to the beginning", self.topic, partition, offset)
+                        await aiokafka_consumer.seek_to_beginning(tp)
+                        self.rewinds_total += 1
+                    if self.last_seen.get(partition) == (offset, value):
+                        del self.last_seen[partition]
+
+
 def subscribe(
     broker: KafkaBroker,
     topic: str,
     consumer: ReadModelConsumer | ReactionConsumer,
     *,
+    bootstrap_servers: str,
     max_records: int = MAX_BATCH_RECORDS,
-) -> None:
+) -> LostDataWatchdog:
     """Registers a FastStream batch subscriber with manual acknowledgement.
 
     Transient errors seek back to the batch's first record (nack) after a growing
     pause, so nothing is skipped; everything else has been dead-lettered by then.
+    Returns the watchdog, whose `run` the service keeps in the background.
     """
     backoff = {"s": _BACKOFF_START_S}
+    watchdog = LostDataWatchdog(bootstrap_servers, topic)
 
-    @broker.subscriber(
+    subscriber = broker.subscriber(
         topic,
         group_id=consumer.name,
         batch=True,
@@ -274,6 +329,8 @@ def subscribe(
         ack_policy=AckPolicy.MANUAL,
         auto_offset_reset="earliest",
     )
+
+    @subscriber
     async def handle_batch(message: KafkaMessage) -> None:
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
         try:
@@ -285,4 +342,11 @@ def subscribe(
             await message.nack()
             return
         backoff["s"] = _BACKOFF_START_S
-        await message.ack()
+        watchdog.saw(records)
+        try:
+            await message.ack()
+        except KafkaError as error:  # a rebalance or a broker restart; tracking already holds the truth
+            log.info("%s: offset commit failed (%r); harmless, tracking dedupes", consumer.name, error)
+
+    watchdog.subscriber = subscriber
+    return watchdog

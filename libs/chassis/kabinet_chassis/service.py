@@ -23,6 +23,7 @@ from kabinet_chassis.databases import create_pool, ensure_database
 from kabinet_chassis.errors import install_problem_handlers
 from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_chassis.health import Check, broker_check, database_check, health_router
+from kabinet_chassis.kafka import ensure_topics
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_chassis.telemetry import install_json_logging, install_tracing
 
@@ -53,6 +54,7 @@ class Service:
         self._on_stop: list[StopHook] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task] = []
+        self.topics_consumed: list[str] = []
 
     def on_start(self, hook: StartHook) -> StartHook:
         self._on_start.append(hook)
@@ -61,6 +63,14 @@ class Service:
     def on_stop(self, hook: StopHook) -> StopHook:
         self._on_stop.append(hook)
         return hook
+
+    def subscribe(self, topic: str, consumer: consumers.ReadModelConsumer | consumers.ReactionConsumer) -> None:
+        """An idempotent batch subscriber, and its watchdog for a broker that lost its data."""
+        watchdog = consumers.subscribe(
+            self.broker, topic, consumer, bootstrap_servers=self.settings.kafka_bootstrap_servers
+        )
+        self.topics_consumed.append(topic)
+        self.run_in_background(watchdog.run)
 
     def run_in_background(self, runner: Callable[[], Awaitable[None]]) -> None:
         """Long-running loops (the relay, the ledger writer) that live as long as the service."""
@@ -78,6 +88,10 @@ class Service:
         try:
             for hook in self._on_start:
                 await hook(self)
+            if self.topics_consumed:
+                # Create them with our partition count before a subscriber's metadata
+                # request lets the broker auto-create them with its own.
+                await ensure_topics(self.settings.kafka_bootstrap_servers, self.topics_consumed)
             await self.broker.start()
             self._tasks = [asyncio.create_task(runner(), name=getattr(runner, "__name__", "background")) for runner in self._background]
             yield self

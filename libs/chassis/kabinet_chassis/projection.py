@@ -1,0 +1,114 @@
+"""A service's own read models, fed straight from its notification log.
+
+The ledger's balances and statements need every account's entries in the order they
+were posted; reading the local log in notification order gives exactly that, with no
+broker hop. Each page is applied in one transaction together with the tracked
+position, so a crash replays the page and changes nothing twice. (Other services'
+events arrive through the idempotent Kafka consumers in consumers.py instead.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import asyncpg
+from eventsourcing.persistence import ApplicationRecorder, Mapper
+
+from kabinet_chassis.eventstore import WorkerThreads
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS projection_position (
+    projection text PRIMARY KEY,
+    position bigint NOT NULL
+)
+"""
+
+# Applies one page of (notification id, domain event) pairs inside the given transaction.
+ApplyPage = Callable[[asyncpg.Connection, Sequence[tuple[int, Any]]], Awaitable[None]]
+
+
+class LocalProjection:
+    def __init__(
+        self,
+        name: str,
+        *,
+        pool: asyncpg.Pool,
+        recorder: ApplicationRecorder,
+        mapper: Mapper,
+        apply_page: ApplyPage,
+        threads: WorkerThreads,
+        page_size: int = 2000,
+        idle_poll_s: float = 0.005,
+    ) -> None:
+        self.name = name
+        self.pool = pool
+        self.recorder = recorder
+        self.mapper = mapper
+        self.apply_page = apply_page
+        self.threads = threads
+        self.page_size = page_size
+        self.idle_poll_s = idle_poll_s
+        self.position = 0
+        self._advanced = asyncio.Event()
+
+    async def start(self) -> None:
+        async with self.pool.acquire() as connection:
+            await connection.execute(SCHEMA)
+            await connection.execute(
+                "INSERT INTO projection_position (projection, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", self.name
+            )
+            self.position = await connection.fetchval("SELECT position FROM projection_position WHERE projection = $1", self.name)
+
+    async def run(self) -> None:
+        backoff_s = 0.05
+        while True:
+            try:
+                if not await self.catch_up_once():
+                    await asyncio.sleep(self.idle_poll_s)
+                backoff_s = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("projection %s failed; retrying in %.2fs", self.name, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+
+    async def catch_up_once(self) -> bool:
+        """Apply the next page; False when there was nothing new."""
+        notifications = await self.threads.run(
+            lambda: self.recorder.select_notifications(start=self.position, limit=self.page_size, inclusive_of_start=False)
+        )
+        if not notifications:
+            return False
+        page = [(n.id, self.mapper.to_domain_event(n)) for n in notifications]
+        async with self.pool.acquire() as connection, connection.transaction():
+            stored = await connection.fetchval(
+                "SELECT position FROM projection_position WHERE projection = $1 FOR UPDATE", self.name
+            )
+            page = [(position, event) for position, event in page if position > stored]
+            if page:
+                await self.apply_page(connection, page)
+                await connection.execute(
+                    "UPDATE projection_position SET position = $2 WHERE projection = $1", self.name, page[-1][0]
+                )
+        self.position = notifications[-1].id
+        self._advanced.set()
+        return True
+
+    async def wait_for(self, position: int, timeout_s: float = 30.0) -> None:
+        """Wait until the projection has applied `position` (read-your-writes for the API)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.position < position:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"projection {self.name} is behind: at {self.position}, need {position}")
+            self._advanced.clear()
+            try:
+                await asyncio.wait_for(self._advanced.wait(), min(remaining, 0.05))
+            except TimeoutError:
+                pass
