@@ -1,0 +1,91 @@
+"""Public events of the ledger, on `ledger.events.v1`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+from kabinet_contracts.registry import register, topic_for
+
+LEDGER_TOPIC = topic_for("ledger")
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MoneyDTO(_Payload):
+    amount_minor: int
+    currency: str
+
+
+@register("ledger.account_opened", 1, LEDGER_TOPIC, "A customer or bank-internal account was opened.")
+class AccountOpened(_Payload):
+    account_id: str
+    owner_id: str
+    kind: str
+    currency: str
+    credit_limit_minor: int
+
+
+@register("ledger.account_frozen", 1, LEDGER_TOPIC, "An account was frozen: no debits until unfrozen.")
+class AccountFrozen(_Payload):
+    account_id: str
+
+
+@register("ledger.account_unfrozen", 1, LEDGER_TOPIC, "A frozen account was unfrozen.")
+class AccountUnfrozen(_Payload):
+    account_id: str
+
+
+@register("ledger.account_closed", 1, LEDGER_TOPIC, "An account with zero balance and no holds was closed.")
+class AccountClosed(_Payload):
+    account_id: str
+
+
+class Leg(_Payload):
+    account_id: str
+    amount_minor: int  # positive credits the account, negative debits it
+    currency: str
+
+
+@register("ledger.transfer_posted", 1, LEDGER_TOPIC, "A transfer of two or more legs summing to zero was posted.")
+class TransferPosted(_Payload):
+    transfer_id: str
+    code: str
+    legs: list[Leg]
+    external_ref: str | None
+    customer_ids: list[str]
+    metadata: dict[str, str]
+    hold_id: str | None = None
+
+
+@register("ledger.hold_placed", 1, LEDGER_TOPIC, "Funds were reserved on an account until captured, voided or expired.")
+class HoldPlaced(_Payload):
+    hold_id: str
+    debit_account_id: str
+    credit_account_id: str
+    amount: MoneyDTO
+    expires_at: datetime
+    code: str
+
+
+@register("ledger.hold_captured", 1, LEDGER_TOPIC, "Part or all of a hold was captured into a transfer.")
+class HoldCaptured(_Payload):
+    hold_id: str
+    capture_id: str
+    amount_minor: int
+    transfer_id: str
+
+
+@register("ledger.hold_voided", 1, LEDGER_TOPIC, "The remainder of a hold was released.")
+class HoldVoided(_Payload):
+    hold_id: str
+    released_minor: int
+
+
+@register("ledger.hold_expired", 1, LEDGER_TOPIC, "A hold reached its deadline; its remainder was released.")
+class HoldExpired(_Payload):
+    hold_id: str
+    released_minor: int

@@ -1,0 +1,207 @@
+"""The ledger's internal HTTP API, for other services (thin: parse, submit, answer)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID, uuid4
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from kabinet_chassis.errors import DependencyUnavailable, Problem
+from kabinet_chassis.idempotency import idempotency_key, run_once
+from ledger import projections
+from ledger.domain import commands
+from ledger.writer import LedgerBusy
+
+CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+CURRENCY_PATTERN = r"^[A-Z]{3}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenAccountBody(_Body):
+    account_id: UUID | None = None
+    owner_id: str = Field(min_length=1, max_length=128)
+    kind: str
+    currency: str = Field(pattern=CURRENCY_PATTERN)
+    credit_limit_minor: int = Field(default=0, ge=0)
+
+
+class LegBody(_Body):
+    account_id: UUID
+    amount_minor: int = Field(description="positive credits the account, negative debits it")
+    currency: str = Field(pattern=CURRENCY_PATTERN)
+
+
+class TransferBody(_Body):
+    transfer_id: str = Field(pattern=ID_PATTERN, description="client-given; the idempotency key")
+    legs: list[LegBody] = Field(min_length=2, max_length=64)
+    code: str = Field(pattern=CODE_PATTERN)
+    external_ref: str | None = Field(default=None, max_length=128)
+    customer_ids: list[str] = Field(default_factory=list, max_length=16)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+
+class PlaceHoldBody(_Body):
+    hold_id: str = Field(pattern=ID_PATTERN)
+    debit_account_id: UUID
+    credit_account_id: UUID
+    amount_minor: int = Field(gt=0)
+    currency: str = Field(pattern=CURRENCY_PATTERN)
+    expires_at: AwareDatetime
+    code: str = Field(pattern=CODE_PATTERN)
+
+
+class CaptureBody(_Body):
+    capture_id: str = Field(pattern=ID_PATTERN)
+    amount_minor: int = Field(gt=0)
+
+
+class Ledger:
+    """What the routes need; filled in when the service starts."""
+
+    writer: Any = None
+    pool: Any = None
+    projection: Any = None
+
+    async def submit(self, command: Any) -> Any:
+        try:
+            return await self.writer.submit(command)
+        except LedgerBusy as busy:
+            raise Problem(503, "ledger_busy", str(busy), headers={"Retry-After": "1"}) from None
+        except OSError as error:
+            raise DependencyUnavailable("event store", str(error)) from None
+
+    async def read_your_writes(self) -> None:
+        await self.projection.wait_for(self.writer.last_position)
+
+
+def _result(result: Any) -> dict:
+    return result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
+
+
+def build_router(ledger: Ledger) -> APIRouter:
+    router = APIRouter(prefix="/ledger/v1", tags=["ledger"])
+
+    @router.post("/accounts", status_code=201)
+    async def open_account(body: OpenAccountBody, key: Annotated[str, Depends(idempotency_key)]):
+        async def operation():
+            command = commands.OpenAccount(
+                account_id=body.account_id or uuid4(), owner_id=body.owner_id, kind=body.kind,
+                currency=body.currency, credit_limit_minor=body.credit_limit_minor,
+            )
+            result = await ledger.submit(command)
+            await ledger.read_your_writes()
+            return 201, await projections.account(ledger.pool, command.account_id)
+
+        return await run_once(ledger.pool, scope="ledger.open_account", key=key, body=body.model_dump(mode="json"),
+                              operation=operation)
+
+    for action, command_type in (("freeze", commands.FreezeAccount), ("unfreeze", commands.UnfreezeAccount),
+                                 ("close", commands.CloseAccount)):
+        router.add_api_route(f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type), methods=["POST"],
+                             name=f"{action}_account")
+
+    @router.post("/transfers", status_code=201)
+    async def post_transfer(body: TransferBody) -> dict:
+        command = commands.PostTransfer(
+            transfer_id=body.transfer_id,
+            legs=tuple(commands.Leg(leg.account_id, leg.amount_minor, leg.currency) for leg in body.legs),
+            code=body.code, external_ref=body.external_ref, customer_ids=tuple(body.customer_ids),
+            metadata=dict(body.metadata),
+        )
+        return _result(await ledger.submit(command))
+
+    @router.post("/holds", status_code=201)
+    async def place_hold(body: PlaceHoldBody) -> dict:
+        command = commands.PlaceHold(
+            hold_id=body.hold_id, debit_account_id=body.debit_account_id, credit_account_id=body.credit_account_id,
+            amount_minor=body.amount_minor, currency=body.currency, expires_at=body.expires_at, code=body.code,
+        )
+        return _result(await ledger.submit(command))
+
+    @router.post("/holds/{hold_id}/captures", status_code=201)
+    async def capture_hold(hold_id: str, body: CaptureBody) -> dict:
+        return _result(await ledger.submit(commands.CaptureHold(hold_id=hold_id, capture_id=body.capture_id,
+                                                                amount_minor=body.amount_minor)))
+
+    @router.post("/holds/{hold_id}/void")
+    async def void_hold(hold_id: str) -> dict:
+        return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id)))
+
+    @router.get("/accounts/{account_id}")
+    async def get_account(account_id: UUID) -> dict:
+        found = await projections.account(ledger.pool, account_id)
+        if found is None:
+            raise Problem(404, "account_not_found", f"no account {account_id}")
+        return found
+
+    @router.get("/owners/{owner_id}/accounts")
+    async def owner_accounts(owner_id: str) -> dict:
+        return {"accounts": await projections.accounts_of(ledger.pool, owner_id)}
+
+    @router.get("/accounts/{account_id}/balance")
+    async def balance(account_id: UUID, at: AwareDatetime | None = None) -> dict:
+        found = await get_account(account_id)
+        if at is None:
+            return found["balances"]
+        amount = await projections.balance_at(ledger.pool, account_id, at)
+        return {"at": at.isoformat(), "posted": {"amount_minor": amount, "currency": found["currency"]}}
+
+    @router.get("/accounts/{account_id}/history")
+    async def history(
+        account_id: UUID,
+        since: AwareDatetime | None = None,
+        until: AwareDatetime | None = None,
+        amount_min_minor: Annotated[int | None, Query(ge=0)] = None,
+        amount_max_minor: Annotated[int | None, Query(ge=0)] = None,
+        counterparty_account_id: UUID | None = None,
+        code: Annotated[str | None, Query(pattern=CODE_PATTERN)] = None,
+        cursor: Annotated[str | None, Query(pattern=r"^\d+\.\d+$")] = None,
+        limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
+    ) -> dict:
+        await get_account(account_id)
+        after = tuple(int(part) for part in cursor.split(".")) if cursor else None
+        lines, next_after = await projections.history(
+            ledger.pool, account_id, since=since, until=until, amount_min_minor=amount_min_minor,
+            amount_max_minor=amount_max_minor, code=code, after=after, limit=limit,
+            counterparty_account_id=str(counterparty_account_id) if counterparty_account_id else None,
+        )
+        return {"lines": lines, "next_cursor": f"{next_after[0]}.{next_after[1]}" if next_after else None}
+
+    @router.get("/accounts/{account_id}/statement")
+    async def statement(account_id: UUID, since: AwareDatetime, until: AwareDatetime) -> dict:
+        found = await get_account(account_id)
+        if until <= since:
+            raise Problem(422, "invalid_period", "`until` must be after `since`")
+        try:
+            body = await projections.statement(ledger.pool, account_id, since, until)
+        except ValueError as too_long:
+            raise Problem(422, "period_too_long", str(too_long)) from None
+        return {"account_id": str(account_id), "currency": found["currency"], **body}
+
+    return router
+
+
+def _account_action(ledger: Ledger, command_type: type):
+    async def action(account_id: UUID, key: Annotated[str, Depends(idempotency_key)]):
+        async def operation():
+            await ledger.submit(command_type(account_id=account_id))
+            await ledger.read_your_writes()
+            return 200, await projections.account(ledger.pool, account_id)
+
+        return await run_once(ledger.pool, scope=f"ledger.{command_type.__name__}", key=key,
+                              body={"account_id": str(account_id)}, operation=operation)
+
+    return action
+
+
+def utc_now() -> datetime:
+    from datetime import UTC
+
+    return datetime.now(UTC)

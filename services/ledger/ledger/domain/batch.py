@@ -1,0 +1,359 @@
+"""One writer batch: commands validated and applied in memory, saved together.
+
+`execute` applies one command against the state left by the earlier commands of the
+same batch, or raises a LedgerError having changed nothing: everything is checked
+before anything is mutated, so a refused command never affects its neighbours.
+Balance changes are accumulated per account; `finish` gives each touched account one
+`Posted` event (and one `HoldsChanged`) and returns every aggregate to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from ledger.domain import commands as c
+from ledger.domain.account import BANK_OWNER, INTERNAL_KINDS, Account, AccountKind, AccountState
+from ledger.domain.errors import (
+    AccountClosed,
+    AccountFrozen,
+    AccountNotEmpty,
+    AccountNotFound,
+    CaptureExceedsHold,
+    HoldNotActive,
+    HoldNotFound,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAccount,
+    LegCurrencyMismatch,
+)
+from ledger.domain.hold import Hold, HoldState
+from ledger.domain.results import AccountResult, HoldResult, TransferResult
+from ledger.domain.transfer import Transfer
+
+Loader = Callable[[UUID], Any]
+
+
+def capture_transfer_id(hold_id: str, capture_id: str) -> str:
+    return f"{hold_id}:capture:{capture_id}"
+
+
+class Batch:
+    def __init__(self, load: Loader, now: datetime) -> None:
+        self._load = load
+        self.now = now
+        self._touched: dict[UUID, Any] = {}  # every aggregate changed in this batch, in first-touch order
+        self._entries: dict[UUID, list[dict]] = {}
+        self._hold_changes: dict[UUID, list[dict]] = {}
+        self._posted_delta: dict[UUID, int] = {}
+        self._held_delta: dict[UUID, int] = {}
+
+    # ---- lookups -------------------------------------------------------------------------
+
+    def _get(self, aggregate_id: UUID) -> Any | None:
+        aggregate = self._touched.get(aggregate_id)
+        return aggregate if aggregate is not None else self._load(aggregate_id)
+
+    def _touch(self, aggregate: Any) -> None:
+        self._touched.setdefault(aggregate.id, aggregate)
+
+    def account(self, account_id: UUID) -> Account:
+        account = self._get(account_id)
+        if not isinstance(account, Account):
+            raise AccountNotFound(f"no account {account_id}")
+        return account
+
+    def posted_minor(self, account: Account) -> int:
+        return account.posted_minor + self._posted_delta.get(account.id, 0)
+
+    def held_minor(self, account: Account) -> int:
+        return account.held_minor + self._held_delta.get(account.id, 0)
+
+    def available_minor(self, account: Account) -> int:
+        return self.posted_minor(account) - self.held_minor(account) + account.credit_limit_minor
+
+    # ---- dispatch ------------------------------------------------------------------------
+
+    def execute(self, command: Any) -> Any:
+        handler = {
+            c.OpenAccount: self._open_account,
+            c.FreezeAccount: self._freeze,
+            c.UnfreezeAccount: self._unfreeze,
+            c.CloseAccount: self._close,
+            c.SetCreditLimit: self._set_credit_limit,
+            c.PostTransfer: self._post_transfer,
+            c.PlaceHold: self._place_hold,
+            c.CaptureHold: self._capture_hold,
+            c.VoidHold: self._void_hold,
+            c.ExpireHold: self._expire_hold,
+        }[type(command)]
+        return handler(command)
+
+    def finish(self) -> list[Any]:
+        """Give each account one Posted / HoldsChanged event; return all aggregates to save."""
+        for account_id in list(self._entries.keys() | self._hold_changes.keys()):
+            self._flush(self._touched[account_id])
+        return [aggregate for aggregate in self._touched.values() if aggregate.pending_events]
+
+    def _flush(self, account: Account) -> None:
+        entries = self._entries.pop(account.id, None)
+        if entries:
+            account.post(entries=entries, posted_at=self.now)
+            del self._posted_delta[account.id]
+        changes = self._hold_changes.pop(account.id, None)
+        if changes:
+            account.change_holds(changes=changes)
+            del self._held_delta[account.id]
+
+    def _add_entry(self, account: Account, transfer_id: str, amount_minor: int, code: str) -> None:
+        self._touch(account)
+        self._entries.setdefault(account.id, []).append(
+            {"transfer_id": transfer_id, "amount_minor": amount_minor, "code": code}
+        )
+        self._posted_delta[account.id] = self._posted_delta.get(account.id, 0) + amount_minor
+
+    def _add_hold_change(self, account: Account, hold_id: str, held_delta_minor: int) -> None:
+        self._touch(account)
+        self._hold_changes.setdefault(account.id, []).append({"hold_id": hold_id, "held_delta_minor": held_delta_minor})
+        self._held_delta[account.id] = self._held_delta.get(account.id, 0) + held_delta_minor
+
+    # ---- accounts ------------------------------------------------------------------------
+
+    def _open_account(self, command: c.OpenAccount) -> AccountResult:
+        existing = self._get(command.account_id)
+        if existing is not None:
+            same = (
+                isinstance(existing, Account) and existing.owner_id == command.owner_id and existing.kind == command.kind
+                and existing.currency == command.currency
+            )
+            if not same:
+                raise IdempotencyConflict(f"account {command.account_id} already exists with other attributes")
+            return AccountResult(str(existing.id), existing.state, replayed=True)
+        try:
+            kind = AccountKind(command.kind)
+        except ValueError:
+            raise InvalidAccount(f"unknown account kind {command.kind!r}; one of {[k.value for k in AccountKind]}") from None
+        if len(command.currency) != 3 or not command.currency.isalpha() or not command.currency.isupper():
+            raise InvalidAccount(f"currency must be an ISO 4217 code, got {command.currency!r}")
+        if command.credit_limit_minor < 0:
+            raise InvalidAccount("credit_limit_minor must not be negative")
+        if kind in INTERNAL_KINDS:
+            if command.owner_id != BANK_OWNER:
+                raise InvalidAccount(f"bank-internal accounts belong to {BANK_OWNER!r}")
+            if command.credit_limit_minor:
+                raise InvalidAccount("bank-internal accounts carry no credit limit")
+        elif command.owner_id == BANK_OWNER:
+            raise InvalidAccount("customer accounts belong to a customer, not to the bank")
+        account = Account(
+            account_id=command.account_id, owner_id=command.owner_id, kind=kind.value, currency=command.currency,
+            credit_limit_minor=command.credit_limit_minor,
+        )
+        self._touch(account)
+        return AccountResult(str(account.id), account.state)
+
+    def _freeze(self, command: c.FreezeAccount) -> AccountResult:
+        account = self.account(command.account_id)
+        if account.state == AccountState.CLOSED:
+            raise AccountClosed(f"account {account.id} is closed")
+        if account.state != AccountState.FROZEN:
+            self._touch(account)
+            self._flush(account)  # entries of this batch came before the freeze: keep that order in the stream
+            account.freeze()
+        return AccountResult(str(account.id), account.state)
+
+    def _unfreeze(self, command: c.UnfreezeAccount) -> AccountResult:
+        account = self.account(command.account_id)
+        if account.state == AccountState.CLOSED:
+            raise AccountClosed(f"account {account.id} is closed")
+        if account.state == AccountState.FROZEN:
+            self._touch(account)
+            self._flush(account)
+            account.unfreeze()
+        return AccountResult(str(account.id), account.state)
+
+    def _close(self, command: c.CloseAccount) -> AccountResult:
+        account = self.account(command.account_id)
+        if account.state == AccountState.CLOSED:
+            return AccountResult(str(account.id), account.state, replayed=True)
+        posted, held = self.posted_minor(account), self.held_minor(account)
+        if posted != 0 or held != 0:
+            raise AccountNotEmpty(
+                f"account {account.id} has balance {posted} and holds {held} {account.currency} (minor units); both must be zero"
+            )
+        self._touch(account)
+        self._flush(account)
+        account.close()
+        return AccountResult(str(account.id), account.state)
+
+    def _set_credit_limit(self, command: c.SetCreditLimit) -> AccountResult:
+        account = self.account(command.account_id)
+        if account.is_internal:
+            raise InvalidAccount("bank-internal accounts carry no credit limit")
+        if command.credit_limit_minor < 0:
+            raise InvalidAccount("credit_limit_minor must not be negative")
+        if self.posted_minor(account) - self.held_minor(account) < -command.credit_limit_minor:
+            raise InsufficientFunds(f"account {account.id} already uses more than a limit of {command.credit_limit_minor}")
+        self._touch(account)
+        self._flush(account)
+        account.set_credit_limit(credit_limit_minor=command.credit_limit_minor)
+        return AccountResult(str(account.id), account.state)
+
+    # ---- transfers -----------------------------------------------------------------------
+
+    def _check_debit(self, account: Account, amount_minor: int, what: str) -> None:
+        """amount_minor > 0 is taken from the account (by a debit leg or a new hold)."""
+        if account.state == AccountState.FROZEN:
+            raise AccountFrozen(f"account {account.id} is frozen: {what} refused")
+        if not account.is_internal and self.available_minor(account) < amount_minor:
+            raise InsufficientFunds(
+                f"account {account.id} has {self.available_minor(account)} {account.currency} (minor units) available,"
+                f" {what} needs {amount_minor}"
+            )
+
+    def _post_transfer(self, command: c.PostTransfer) -> TransferResult:
+        c.check_transfer_shape(command)
+        request_fingerprint = c.fingerprint(command)
+        existing = self._get(Transfer.id_for(command.transfer_id))
+        if existing is not None:
+            if existing.request_fingerprint != request_fingerprint:
+                raise IdempotencyConflict(f"transfer {command.transfer_id} was posted before with another body")
+            return _transfer_result(existing, replayed=True)
+        accounts = [self.account(leg.account_id) for leg in command.legs]
+        for leg, account in zip(command.legs, accounts, strict=True):
+            if account.currency != leg.currency:
+                raise LegCurrencyMismatch(f"account {account.id} holds {account.currency}, the leg is in {leg.currency}")
+            if account.state == AccountState.CLOSED:
+                raise AccountClosed(f"account {account.id} is closed")
+            if leg.amount_minor < 0:
+                self._check_debit(account, -leg.amount_minor, "the transfer")
+        legs = [{"account_id": str(leg.account_id), "amount_minor": leg.amount_minor, "currency": leg.currency}
+                for leg in command.legs]
+        transfer = Transfer(
+            client_transfer_id=command.transfer_id, legs=legs, code=command.code, external_ref=command.external_ref,
+            customer_ids=list(command.customer_ids), metadata=dict(command.metadata),
+            request_fingerprint=request_fingerprint, posted_at=self.now,
+        )
+        self._touch(transfer)
+        for leg, account in zip(command.legs, accounts, strict=True):
+            self._add_entry(account, command.transfer_id, leg.amount_minor, command.code)
+        return _transfer_result(transfer)
+
+    # ---- holds ---------------------------------------------------------------------------
+
+    def hold(self, hold_id: str) -> Hold:
+        hold = self._get(Hold.id_for(hold_id))
+        if not isinstance(hold, Hold):
+            raise HoldNotFound(f"no hold {hold_id}")
+        return hold
+
+    def _place_hold(self, command: c.PlaceHold) -> HoldResult:
+        c.check_hold_shape(command)
+        request_fingerprint = c.fingerprint(command)
+        existing = self._get(Hold.id_for(command.hold_id))
+        if existing is not None:
+            if existing.request_fingerprint != request_fingerprint:
+                raise IdempotencyConflict(f"hold {command.hold_id} was placed before with another body")
+            return _hold_result(existing, replayed=True)
+        debit, credit = self.account(command.debit_account_id), self.account(command.credit_account_id)
+        for account in (debit, credit):
+            if account.currency != command.currency:
+                raise LegCurrencyMismatch(f"account {account.id} holds {account.currency}, the hold is in {command.currency}")
+            if account.state == AccountState.CLOSED:
+                raise AccountClosed(f"account {account.id} is closed")
+        if command.expires_at <= self.now:
+            raise HoldNotActive(f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
+        self._check_debit(debit, command.amount_minor, "the hold")
+        hold = Hold(
+            client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
+            amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
+            code=command.code, request_fingerprint=request_fingerprint,
+        )
+        self._touch(hold)
+        self._add_hold_change(debit, command.hold_id, command.amount_minor)
+        return _hold_result(hold)
+
+    def _capture_hold(self, command: c.CaptureHold) -> HoldResult:
+        c.check_client_id(command.capture_id, "capture_id")
+        hold = self.hold(command.hold_id)
+        transfer_id = capture_transfer_id(command.hold_id, command.capture_id)
+        if command.capture_id in hold.captures:
+            if hold.captures[command.capture_id] != command.amount_minor:
+                raise IdempotencyConflict(f"capture {command.capture_id} of hold {command.hold_id} had another amount")
+            return _hold_result(hold, transfer_id=transfer_id, replayed=True)
+        if hold.state != HoldState.ACTIVE:
+            raise HoldNotActive(f"hold {command.hold_id} is {hold.state}")
+        if self.now >= hold.expires_at:
+            raise HoldNotActive(f"hold {command.hold_id} expired at {hold.expires_at.isoformat()}")
+        if type(command.amount_minor) is not int or command.amount_minor <= 0:
+            raise CaptureExceedsHold("a capture's amount_minor must be a positive integer")
+        if command.amount_minor > hold.remaining_minor:
+            raise CaptureExceedsHold(
+                f"capture of {command.amount_minor} exceeds the {hold.remaining_minor} left on hold {command.hold_id}"
+            )
+        debit = self.account(UUID(hold.debit_account_id))
+        credit = self.account(UUID(hold.credit_account_id))
+        for account in (debit, credit):
+            if account.state == AccountState.CLOSED:
+                raise AccountClosed(f"account {account.id} is closed")
+        # No funds check and no freeze check on the debit: the money was reserved when
+        # the hold was placed, and a capture only settles what was promised then.
+        legs = [
+            {"account_id": str(debit.id), "amount_minor": -command.amount_minor, "currency": hold.currency},
+            {"account_id": str(credit.id), "amount_minor": command.amount_minor, "currency": hold.currency},
+        ]
+        transfer = Transfer(
+            client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None, customer_ids=[], metadata={},
+            request_fingerprint=c.fingerprint(command), posted_at=self.now, hold_id=command.hold_id,
+        )
+        self._touch(transfer)
+        self._touch(hold)
+        hold.capture(client_hold_id=command.hold_id, capture_id=command.capture_id, amount_minor=command.amount_minor,
+                     transfer_id=transfer_id)
+        self._add_hold_change(debit, command.hold_id, -command.amount_minor)
+        self._add_entry(debit, transfer_id, -command.amount_minor, hold.code)
+        self._add_entry(credit, transfer_id, command.amount_minor, hold.code)
+        return _hold_result(hold, transfer_id=transfer_id)
+
+    def _void_hold(self, command: c.VoidHold) -> HoldResult:
+        hold = self.hold(command.hold_id)
+        if hold.state == HoldState.VOIDED:
+            return _hold_result(hold, replayed=True)
+        if hold.state != HoldState.ACTIVE:
+            raise HoldNotActive(f"hold {command.hold_id} is {hold.state}")
+        self._release(hold, expire=False)
+        return _hold_result(hold)
+
+    def _expire_hold(self, command: c.ExpireHold) -> HoldResult:
+        hold = self.hold(command.hold_id)
+        if hold.state != HoldState.ACTIVE or self.now < hold.expires_at:
+            return _hold_result(hold, replayed=True)  # already settled, or not due: nothing to do
+        self._release(hold, expire=True)
+        return _hold_result(hold)
+
+    def _release(self, hold: Hold, *, expire: bool) -> None:
+        debit = self.account(UUID(hold.debit_account_id))
+        released = hold.remaining_minor
+        self._touch(hold)
+        if expire:
+            hold.expire(client_hold_id=hold.client_hold_id, released_minor=released)
+        else:
+            hold.void(client_hold_id=hold.client_hold_id, released_minor=released)
+        if released:
+            self._add_hold_change(debit, hold.client_hold_id, -released)
+
+
+def _transfer_result(transfer: Transfer, replayed: bool = False) -> TransferResult:
+    return TransferResult(
+        transfer_id=transfer.client_transfer_id, code=transfer.code, legs=list(transfer.legs),
+        posted_at=transfer.posted_at, hold_id=transfer.hold_id, replayed=replayed,
+    )
+
+
+def _hold_result(hold: Hold, transfer_id: str | None = None, replayed: bool = False) -> HoldResult:
+    return HoldResult(
+        hold_id=hold.client_hold_id, state=hold.state, amount_minor=hold.amount_minor,
+        captured_minor=hold.captured_minor, remaining_minor=hold.remaining_minor, expires_at=hold.expires_at,
+        transfer_id=transfer_id, replayed=replayed,
+    )

@@ -1,0 +1,43 @@
+"""A posted transfer: two or more legs summing to zero per currency; keyed by the client's id."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import UUID, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+_TRANSFER_IDS = UUID("0b8f7e4c-7d0e-4d8a-9a4f-2f6f1c3b5a01")
+
+
+class Transfer(Aggregate):
+    @staticmethod
+    def create_id(client_transfer_id: str) -> UUID:
+        return uuid5(_TRANSFER_IDS, client_transfer_id)
+
+    @classmethod
+    def id_for(cls, client_transfer_id: str) -> UUID:
+        return cls.create_id(client_transfer_id)
+
+    @event("Posted")
+    def __init__(
+        self,
+        client_transfer_id: str,
+        legs: list[dict],
+        code: str,
+        external_ref: str | None,
+        customer_ids: list[str],
+        metadata: dict[str, str],
+        request_fingerprint: str,
+        posted_at: datetime,
+        hold_id: str | None = None,
+    ) -> None:
+        self.client_transfer_id = client_transfer_id
+        self.legs = legs  # {"account_id": str, "amount_minor": int, "currency": str}
+        self.code = code
+        self.external_ref = external_ref
+        self.customer_ids = customer_ids
+        self.metadata = metadata
+        self.request_fingerprint = request_fingerprint
+        self.posted_at = posted_at
+        self.hold_id = hold_id

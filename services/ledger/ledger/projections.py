@@ -1,0 +1,306 @@
+"""Read side of the ledger (asyncpg), fed from the ledger's own log in order.
+
+Tables: accounts with posted and held balances; one row per account entry with the
+running balance after it (so a balance at any past instant is one indexed lookup and
+a statement is a range scan); transfers; holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_accounts (
+    account_id uuid PRIMARY KEY,
+    owner_id text NOT NULL,
+    kind text NOT NULL,
+    currency char(3) NOT NULL,
+    state text NOT NULL,
+    credit_limit_minor bigint NOT NULL,
+    posted_minor bigint NOT NULL DEFAULT 0,
+    held_minor bigint NOT NULL DEFAULT 0,
+    opened_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_accounts_owner ON ledger_accounts (owner_id);
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    account_id uuid NOT NULL,
+    position bigint NOT NULL,
+    seq integer NOT NULL,
+    transfer_id text NOT NULL,
+    code text NOT NULL,
+    amount_minor bigint NOT NULL,
+    balance_after_minor bigint NOT NULL,
+    occurred_at timestamptz NOT NULL,
+    PRIMARY KEY (account_id, position, seq)
+);
+CREATE INDEX IF NOT EXISTS ledger_entries_time ON ledger_entries (account_id, occurred_at, position, seq);
+CREATE TABLE IF NOT EXISTS ledger_transfers (
+    transfer_id text PRIMARY KEY,
+    code text NOT NULL,
+    legs jsonb NOT NULL,
+    external_ref text,
+    customer_ids text[] NOT NULL,
+    metadata jsonb NOT NULL,
+    posted_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_holds (
+    hold_id text PRIMARY KEY,
+    debit_account_id uuid NOT NULL,
+    credit_account_id uuid NOT NULL,
+    amount_minor bigint NOT NULL,
+    captured_minor bigint NOT NULL,
+    currency char(3) NOT NULL,
+    state text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    code text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_holds_expiry ON ledger_holds (expires_at) WHERE state = 'active';
+"""
+
+PAGE_SIZE_MAX = 200
+
+
+async def ensure_schema(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as connection:
+        await connection.execute(SCHEMA)
+
+
+def _kind(event: Any) -> str:
+    return f"{type(event).__qualname__}"
+
+
+async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, Any]]) -> None:
+    """Apply domain events in log order. Bulk statements keep a page to a few round trips."""
+    entries: list[tuple] = []
+    balance_changes: dict[Any, int] = {}
+    held_changes: dict[Any, int] = {}
+    running: dict[Any, int] = {}
+    for position, event in page:
+        kind = _kind(event)
+        if kind == "Account.Opened":
+            await connection.execute(
+                "INSERT INTO ledger_accounts (account_id, owner_id, kind, currency, state, credit_limit_minor, opened_at, updated_at)"
+                " VALUES ($1, $2, $3, $4, 'open', $5, $6, $6) ON CONFLICT DO NOTHING",
+                event.originator_id, event.owner_id, str(event.kind), event.currency, event.credit_limit_minor, event.timestamp,
+            )
+        elif kind in ("Account.Frozen", "Account.Unfrozen", "Account.Closed"):
+            state = {"Account.Frozen": "frozen", "Account.Unfrozen": "open", "Account.Closed": "closed"}[kind]
+            await connection.execute(
+                "UPDATE ledger_accounts SET state = $2, updated_at = $3 WHERE account_id = $1",
+                event.originator_id, state, event.timestamp,
+            )
+        elif kind == "Account.CreditLimitSet":
+            await connection.execute(
+                "UPDATE ledger_accounts SET credit_limit_minor = $2, updated_at = $3 WHERE account_id = $1",
+                event.originator_id, event.credit_limit_minor, event.timestamp,
+            )
+        elif kind == "Account.Posted":
+            account_id = event.originator_id
+            if account_id not in running:
+                running[account_id] = await connection.fetchval(
+                    "SELECT posted_minor FROM ledger_accounts WHERE account_id = $1", account_id
+                ) + balance_changes.get(account_id, 0)
+            for seq, entry in enumerate(event.entries):
+                running[account_id] += entry["amount_minor"]
+                entries.append((
+                    account_id, position, seq, entry["transfer_id"], entry["code"], entry["amount_minor"],
+                    running[account_id], event.timestamp,
+                ))
+                balance_changes[account_id] = balance_changes.get(account_id, 0) + entry["amount_minor"]
+        elif kind == "Account.HoldsChanged":
+            held_changes[event.originator_id] = held_changes.get(event.originator_id, 0) + sum(
+                change["held_delta_minor"] for change in event.changes
+            )
+        elif kind == "Transfer.Posted":
+            await connection.execute(
+                "INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)"
+                " VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, $7) ON CONFLICT DO NOTHING",
+                event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
+                list(event.customer_ids), json.dumps(event.metadata), event.timestamp,
+            )
+        elif kind == "Hold.Placed":
+            await connection.execute(
+                "INSERT INTO ledger_holds (hold_id, debit_account_id, credit_account_id, amount_minor, captured_minor,"
+                " currency, state, expires_at, code) VALUES ($1, $2, $3, $4, 0, $5, 'active', $6, $7) ON CONFLICT DO NOTHING",
+                event.client_hold_id, _uuid(event.debit_account_id), _uuid(event.credit_account_id), event.amount_minor,
+                event.currency, event.expires_at, event.code,
+            )
+        elif kind == "Hold.Captured":
+            await connection.execute(
+                "UPDATE ledger_holds SET captured_minor = captured_minor + $2,"
+                " state = CASE WHEN captured_minor + $2 >= amount_minor THEN 'captured' ELSE state END"
+                " WHERE hold_id = (SELECT hold_id FROM ledger_holds WHERE hold_id = $1)",
+                await _hold_id(connection, event), event.amount_minor,
+            )
+        elif kind in ("Hold.Voided", "Hold.Expired"):
+            await connection.execute(
+                "UPDATE ledger_holds SET state = $2 WHERE hold_id = $1",
+                await _hold_id(connection, event), "voided" if kind == "Hold.Voided" else "expired",
+            )
+    if entries:
+        await connection.copy_records_to_table(
+            "ledger_entries", records=entries,
+            columns=["account_id", "position", "seq", "transfer_id", "code", "amount_minor", "balance_after_minor", "occurred_at"],
+        )
+    if balance_changes or held_changes:
+        ids = sorted(set(balance_changes) | set(held_changes), key=str)
+        await connection.executemany(
+            "UPDATE ledger_accounts SET posted_minor = posted_minor + $2, held_minor = held_minor + $3 WHERE account_id = $1",
+            [(i, balance_changes.get(i, 0), held_changes.get(i, 0)) for i in ids],
+        )
+
+
+def _uuid(value: Any):
+    from uuid import UUID
+
+    return value if isinstance(value, UUID) else UUID(str(value))
+
+
+_HOLD_IDS: dict[Any, str] = {}
+
+
+async def _hold_id(connection: asyncpg.Connection, event: Any) -> str:
+    # Hold events after Placed carry only the aggregate id; the client id is on the aggregate.
+    hold_id = getattr(event, "client_hold_id", None)
+    if hold_id:
+        return hold_id
+    raise ValueError(f"hold event {type(event).__qualname__} carries no client_hold_id")
+
+
+# ---- queries -------------------------------------------------------------------------------
+
+
+async def accounts_of(pool: asyncpg.Pool, owner_id: str) -> list[dict]:
+    rows = await pool.fetch("SELECT * FROM ledger_accounts WHERE owner_id = $1 ORDER BY opened_at, account_id", owner_id)
+    return [_account(row) for row in rows]
+
+
+async def account(pool: asyncpg.Pool, account_id) -> dict | None:
+    row = await pool.fetchrow("SELECT * FROM ledger_accounts WHERE account_id = $1", account_id)
+    return _account(row) if row else None
+
+
+def _account(row: asyncpg.Record) -> dict:
+    posted, held, limit = row["posted_minor"], row["held_minor"], row["credit_limit_minor"]
+    return {
+        "account_id": str(row["account_id"]),
+        "owner_id": row["owner_id"],
+        "kind": row["kind"],
+        "currency": row["currency"],
+        "state": row["state"],
+        "credit_limit_minor": limit,
+        "balances": {
+            "posted": {"amount_minor": posted, "currency": row["currency"]},
+            "pending": {"amount_minor": held, "currency": row["currency"]},
+            "available": {"amount_minor": posted - held + limit, "currency": row["currency"]},
+        },
+        "opened_at": row["opened_at"].isoformat(),
+    }
+
+
+async def balance_at(pool: asyncpg.Pool, account_id, instant: datetime) -> int:
+    value = await pool.fetchval(
+        "SELECT balance_after_minor FROM ledger_entries WHERE account_id = $1 AND occurred_at <= $2"
+        " ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1",
+        account_id, instant,
+    )
+    return value or 0
+
+
+async def history(
+    pool: asyncpg.Pool,
+    account_id,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    amount_min_minor: int | None = None,
+    amount_max_minor: int | None = None,
+    counterparty_account_id: str | None = None,
+    code: str | None = None,
+    after: tuple[int, int] | None = None,
+    limit: int = 50,
+) -> tuple[list[dict], tuple[int, int] | None]:
+    """Newest first; `after` is the (position, seq) cursor of the last line of the previous page."""
+    limit = max(1, min(limit, PAGE_SIZE_MAX))
+    conditions = ["e.account_id = $1"]
+    args: list[Any] = [account_id]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if since is not None:
+        conditions.append(f"e.occurred_at >= {arg(since)}")
+    if until is not None:
+        conditions.append(f"e.occurred_at < {arg(until)}")
+    if amount_min_minor is not None:
+        conditions.append(f"abs(e.amount_minor) >= {arg(amount_min_minor)}")
+    if amount_max_minor is not None:
+        conditions.append(f"abs(e.amount_minor) <= {arg(amount_max_minor)}")
+    if code is not None:
+        conditions.append(f"e.code = {arg(code)}")
+    if counterparty_account_id is not None:
+        conditions.append(
+            f"EXISTS (SELECT 1 FROM jsonb_array_elements(t.legs) leg WHERE leg->>'account_id' = {arg(counterparty_account_id)})"
+        )
+    if after is not None:
+        conditions.append(f"(e.position, e.seq) < ({arg(after[0])}, {arg(after[1])})")
+    rows = await pool.fetch(
+        f"SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
+        f" WHERE {' AND '.join(conditions)} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}",
+        *args,
+    )
+    lines = [_line(row) for row in rows[:limit]]
+    cursor = (rows[limit - 1]["position"], rows[limit - 1]["seq"]) if len(rows) > limit else None
+    return lines, cursor
+
+
+def _line(row: asyncpg.Record) -> dict:
+    account_id = str(row["account_id"])
+    legs = json.loads(row["legs"]) if row["legs"] else []
+    return {
+        "transfer_id": row["transfer_id"],
+        "code": row["code"],
+        "amount_minor": row["amount_minor"],
+        "balance_after_minor": row["balance_after_minor"],
+        "occurred_at": row["occurred_at"].isoformat(),
+        "counterparty_account_ids": sorted({leg["account_id"] for leg in legs} - {account_id}),
+        "external_ref": row["external_ref"],
+    }
+
+
+STATEMENT_LINES_MAX = 10_000
+
+
+async def statement(pool: asyncpg.Pool, account_id, since: datetime, until: datetime) -> dict:
+    async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
+        opening = await connection.fetchval(
+            "SELECT balance_after_minor FROM ledger_entries WHERE account_id = $1 AND occurred_at < $2"
+            " ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1",
+            account_id, since,
+        ) or 0
+        rows = await connection.fetch(
+            "SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
+            " WHERE e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3"
+            f" ORDER BY e.position, e.seq LIMIT {STATEMENT_LINES_MAX + 1}",
+            account_id, since, until,
+        )
+    if len(rows) > STATEMENT_LINES_MAX:
+        raise ValueError(f"the period holds more than {STATEMENT_LINES_MAX} lines; ask for a shorter period")
+    lines = [_line(row) for row in rows]
+    closing = lines[-1]["balance_after_minor"] if lines else opening
+    return {
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "opening_balance_minor": opening,
+        "closing_balance_minor": closing,
+        "credits_minor": sum(line["amount_minor"] for line in lines if line["amount_minor"] > 0),
+        "debits_minor": -sum(line["amount_minor"] for line in lines if line["amount_minor"] < 0),
+        "lines": lines,
+    }

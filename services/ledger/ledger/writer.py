@@ -1,0 +1,153 @@
+"""The batched single writer (ARCHITECTURE.md §4).
+
+Commands wait in a bounded queue. One writer takes a batch (bounded by size and by
+wait time), validates it in memory with the domain's `Batch`, saves every touched
+aggregate in one transaction, and answers each caller with its own result. A refused
+command does not fail the rest of its batch. A hot account is appended to once per
+batch, not once per transfer.
+
+The writer keeps the aggregates it loaded in memory (it is their only writer in this
+process). If a save fails, it forgets the touched ones and reloads them from the
+store; a second ledger process writing the same accounts is stopped by the event
+store's optimistic concurrency, never by luck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import anyio
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from ledger.application import LedgerApplication
+from ledger.domain.batch import Batch
+from ledger.domain.errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+QUEUE_MAX = 20_000
+BATCH_MAX_COMMANDS = 1000
+BATCH_WAIT_MAX_S = 0.002
+CACHE_MAX_AGGREGATES = 200_000
+SAVE_ATTEMPTS_MAX = 3
+
+
+class LedgerBusy(Exception):
+    """The command queue is full: the caller should retry later (503)."""
+
+
+@dataclass
+class _Request:
+    command: Any
+    future: asyncio.Future = field(repr=False)
+
+
+class BatchedWriter:
+    def __init__(self, app: LedgerApplication, clock: Callable[[], datetime]) -> None:
+        self.app = app
+        self.clock = clock
+        self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=QUEUE_MAX)
+        self._cache: OrderedDict[UUID, Any] = OrderedDict()
+        self.batches_total = 0
+        self.commands_total = 0
+        self.last_position = 0  # notification id of the last saved event
+
+    async def submit(self, command: Any) -> Any:
+        """Execute one command; returns its result or raises its LedgerError."""
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Request(command, future))
+        except asyncio.QueueFull:
+            raise LedgerBusy(f"the ledger has {QUEUE_MAX} commands waiting; retry shortly") from None
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            deadline = asyncio.get_running_loop().time() + BATCH_WAIT_MAX_S
+            while len(batch) < BATCH_MAX_COMMANDS:
+                if self.queue.empty():
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                else:
+                    batch.append(self.queue.get_nowait())
+            try:
+                outcomes = await anyio.to_thread.run_sync(self._write, [r.command for r in batch])
+            except Exception as error:  # the store is down: every caller gets the error, nothing was saved
+                log.exception("ledger batch of %d failed to save", len(batch))
+                outcomes = [error] * len(batch)
+            for request, outcome in zip(batch, outcomes, strict=True):
+                if request.future.done():
+                    continue  # the caller went away
+                if isinstance(outcome, BaseException):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome)
+
+    def _write(self, commands: list[Any]) -> list[Any]:
+        for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
+            batch = Batch(self._load, self.clock())
+            outcomes: list[Any] = []
+            for command in commands:
+                try:
+                    outcomes.append(batch.execute(command))
+                except LedgerError as refusal:
+                    outcomes.append(refusal)
+            aggregates = batch.finish()
+            if not aggregates:
+                return outcomes
+            try:
+                recordings = self.app.save(*aggregates)
+            except IntegrityError:
+                # Someone else wrote one of these aggregates: reload and validate again.
+                self._forget(aggregates)
+                if attempt == SAVE_ATTEMPTS_MAX:
+                    raise
+                continue
+            except Exception:
+                self._forget(aggregates)
+                raise
+            for aggregate in aggregates:
+                self._remember(aggregate)
+            if recordings:
+                self.last_position = max(r.notification.id for r in recordings)
+            self.batches_total += 1
+            self.commands_total += len(commands)
+            return outcomes
+        raise AssertionError("unreachable")
+
+    def _load(self, aggregate_id: UUID) -> Any | None:
+        aggregate = self._cache.get(aggregate_id)
+        if aggregate is not None:
+            self._cache.move_to_end(aggregate_id)
+            return aggregate
+        try:
+            aggregate = self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+        self._remember(aggregate)
+        return aggregate
+
+    def _remember(self, aggregate: Any) -> None:
+        self._cache[aggregate.id] = aggregate
+        self._cache.move_to_end(aggregate.id)
+        while len(self._cache) > CACHE_MAX_AGGREGATES:
+            self._cache.popitem(last=False)
+
+    def _forget(self, aggregates: list[Any]) -> None:
+        for aggregate in aggregates:
+            self._cache.pop(aggregate.id, None)
