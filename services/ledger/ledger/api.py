@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
@@ -95,7 +94,7 @@ def build_router(ledger: Ledger) -> APIRouter:
                 account_id=body.account_id or uuid4(), owner_id=body.owner_id, kind=body.kind,
                 currency=body.currency, credit_limit_minor=body.credit_limit_minor,
             )
-            result = await ledger.submit(command)
+            await ledger.submit(command)
             await ledger.read_your_writes()
             return 201, await projections.account(ledger.pool, command.account_id)
 
@@ -201,7 +200,3 @@ def _account_action(ledger: Ledger, command_type: type):
     return action
 
 
-def utc_now() -> datetime:
-    from datetime import UTC
-
-    return datetime.now(UTC)

@@ -1,0 +1,68 @@
+"""Domain events of the ledger -> its public integration events (kabinet_contracts.ledger).
+
+Account `Posted` and `HoldsChanged` stay private: they are the writer's batching
+detail; the public facts are transfers and holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kabinet_contracts import ledger as public
+from kabinet_contracts.envelope import IntegrationEvent, event_id_for
+
+SOURCE = "ledger"
+
+
+def _customer(owner_id: str | None) -> str | None:
+    return None if owner_id in (None, "bank") else owner_id
+
+
+def to_integration(event: Any, position: int) -> IntegrationEvent | None:
+    kind = type(event).__qualname__
+    customer_id: str | None = None
+    payload: Any
+    if kind == "Account.Opened":
+        payload = public.AccountOpened(account_id=str(event.originator_id), owner_id=event.owner_id, kind=event.kind,
+                                       currency=event.currency, credit_limit_minor=event.credit_limit_minor)
+        customer_id = _customer(event.owner_id)
+    elif kind == "Account.Frozen":
+        payload = public.AccountFrozen(account_id=str(event.originator_id))
+    elif kind == "Account.Unfrozen":
+        payload = public.AccountUnfrozen(account_id=str(event.originator_id))
+    elif kind == "Account.Closed":
+        payload = public.AccountClosed(account_id=str(event.originator_id))
+    elif kind == "Transfer.Posted":
+        payload = public.TransferPosted(
+            transfer_id=event.client_transfer_id, code=event.code, legs=[public.Leg(**leg) for leg in event.legs],
+            external_ref=event.external_ref, customer_ids=list(event.customer_ids), metadata=dict(event.metadata),
+            hold_id=event.hold_id,
+        )
+        customer_id = event.customer_ids[0] if event.customer_ids else None
+    elif kind == "Hold.Placed":
+        payload = public.HoldPlaced(
+            hold_id=event.client_hold_id, debit_account_id=event.debit_account_id,
+            credit_account_id=event.credit_account_id,
+            amount=public.MoneyDTO(amount_minor=event.amount_minor, currency=event.currency),
+            expires_at=event.expires_at, code=event.code,
+        )
+    elif kind == "Hold.Captured":
+        payload = public.HoldCaptured(hold_id=event.client_hold_id, capture_id=event.capture_id,
+                                      amount_minor=event.amount_minor, transfer_id=event.transfer_id)
+    elif kind == "Hold.Voided":
+        payload = public.HoldVoided(hold_id=event.client_hold_id, released_minor=event.released_minor)
+    elif kind == "Hold.Expired":
+        payload = public.HoldExpired(hold_id=event.client_hold_id, released_minor=event.released_minor)
+    else:
+        return None
+    name = {
+        "Account.Opened": "ledger.account_opened", "Account.Frozen": "ledger.account_frozen",
+        "Account.Unfrozen": "ledger.account_unfrozen", "Account.Closed": "ledger.account_closed",
+        "Transfer.Posted": "ledger.transfer_posted", "Hold.Placed": "ledger.hold_placed",
+        "Hold.Captured": "ledger.hold_captured", "Hold.Voided": "ledger.hold_voided", "Hold.Expired": "ledger.hold_expired",
+    }[kind]
+    return IntegrationEvent(
+        event_id=event_id_for(SOURCE, position), type=name, schema_version=1, source=SOURCE, position=position,
+        aggregate_id=str(event.originator_id), aggregate_version=event.originator_version, occurred_at=event.timestamp,
+        customer_id=customer_id, payload=payload.model_dump(mode="json"),
+    )

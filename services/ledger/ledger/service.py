@@ -1,0 +1,89 @@
+"""Wiring of the ledger service: event store, batched writer, read model, relay, API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from kabinet_chassis.eventstore import event_store_env
+from kabinet_chassis.outbox import OutboxRelay, RelayConfig
+from kabinet_chassis.projection import LocalProjection
+from kabinet_chassis.service import Service
+from kabinet_chassis.settings import ServiceSettings
+from kabinet_contracts.ledger import LEDGER_TOPIC
+from ledger import projections
+from ledger.api import Ledger, build_router
+from ledger.application import LedgerApplication
+from ledger.clock import Clock, system_clock
+from ledger.domain import commands
+from ledger.domain.errors import LedgerError
+from ledger.integration import SOURCE, to_integration
+from ledger.writer import BatchedWriter
+
+log = logging.getLogger(__name__)
+
+EXPIRY_SWEEP_INTERVAL_S = 1.0
+EXPIRY_SWEEP_BATCH_MAX = 500
+
+
+@dataclass
+class LedgerParts(Ledger):
+    app: LedgerApplication | None = None
+    relay: OutboxRelay | None = None
+
+
+def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Service, LedgerParts]:
+    service = Service(settings, title="Kabinet ledger")
+    service.domain_errors = (LedgerError,)
+    parts = LedgerParts()
+
+    @service.on_start
+    async def start(svc: Service) -> None:
+        app = LedgerApplication(env=event_store_env(settings))
+        parts.app = app
+        parts.pool = svc.pool
+        parts.writer = BatchedWriter(app, clock)
+        await projections.ensure_schema(svc.pool)
+        parts.projection = LocalProjection(
+            "ledger_read_model", pool=svc.pool, recorder=app.recorder, mapper=app.mapper,
+            apply_page=projections.apply_page, threads=svc.threads,
+        )
+        await parts.projection.start()
+        parts.relay = OutboxRelay(
+            RelayConfig(source=SOURCE, topic=LEDGER_TOPIC, bootstrap_servers=settings.kafka_bootstrap_servers,
+                        enable_idempotence=settings.kafka_enable_idempotence),
+            recorder=app.recorder, mapper=app.mapper, to_integration=to_integration,
+            database_url=settings.service_database_url, threads=svc.threads,
+        )
+        svc.run_in_background(parts.writer.run)
+        svc.run_in_background(parts.projection.run)
+        svc.run_in_background(parts.relay.run)
+        svc.run_in_background(lambda: expire_holds_forever(parts, clock))
+
+    @service.on_stop
+    async def stop(svc: Service) -> None:
+        if parts.app is not None:
+            parts.app.close()
+
+    service.routers.append(build_router(parts))
+    return service, parts
+
+
+async def expire_holds_forever(parts: LedgerParts, clock: Clock) -> None:
+    while True:
+        await asyncio.sleep(EXPIRY_SWEEP_INTERVAL_S)
+        try:
+            due = await parts.pool.fetch(
+                "SELECT hold_id FROM ledger_holds WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+                clock(), EXPIRY_SWEEP_BATCH_MAX,
+            )
+            await asyncio.gather(*(parts.writer.submit(commands.ExpireHold(row["hold_id"])) for row in due))
+        except Exception:
+            log.exception("hold expiry sweep failed; will try again")
+
+
+def create_app():
+    settings = ServiceSettings(service_name="ledger")
+    service, _ = build(settings)
+    return service.http_app()

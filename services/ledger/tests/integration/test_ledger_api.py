@@ -1,0 +1,178 @@
+"""Rules of the ledger through its HTTP API, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ledger.verify import verify
+
+pytestmark = pytest.mark.integration
+
+
+async def open_account(client, kind="card", owner="alice", currency="RUB", limit=0) -> str:
+    response = await client.post("/accounts", json={"owner_id": "bank" if kind in ("settlement", "fee_income") else owner,
+                                                    "kind": kind, "currency": currency, "credit_limit_minor": limit},
+                                 headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert response.status_code == 201, response.text
+    return response.json()["account_id"]
+
+
+def transfer_body(transfer_id, *legs, code="p2p"):
+    return {"transfer_id": transfer_id, "code": code,
+            "legs": [{"account_id": a, "amount_minor": amount, "currency": "RUB"} for a, amount in legs]}
+
+
+async def test_transfer_moves_money_and_shows_in_balances_history_and_statement(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    start = datetime.now(UTC)
+    assert (await ledger.post("/transfers", json=transfer_body("top-up-1", (settlement, -10_000), (card, 10_000),
+                                                                code="top_up"))).status_code == 201
+    paid = await ledger.post("/transfers", json=transfer_body("coffee-1", (card, -350), (settlement, 350), code="card_purchase"))
+    assert paid.status_code == 201 and paid.json()["replayed"] is False
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+
+    balances = (await ledger.get(f"/accounts/{card}/balance")).json()
+    assert balances["posted"] == {"amount_minor": 9_650, "currency": "RUB"}
+    assert balances["available"]["amount_minor"] == 9_650
+
+    history = (await ledger.get(f"/accounts/{card}/history", params={"limit": 1})).json()
+    assert [line["transfer_id"] for line in history["lines"]] == ["coffee-1"]
+    assert history["lines"][0]["counterparty_account_ids"] == [settlement]
+    older = (await ledger.get(f"/accounts/{card}/history", params={"limit": 1, "cursor": history["next_cursor"]})).json()
+    assert [line["transfer_id"] for line in older["lines"]] == ["top-up-1"] and older["next_cursor"] is None
+    by_code = (await ledger.get(f"/accounts/{card}/history", params={"code": "top_up"})).json()
+    assert [line["amount_minor"] for line in by_code["lines"]] == [10_000]
+    big = (await ledger.get(f"/accounts/{card}/history", params={"amount_min_minor": 1000})).json()
+    assert [line["transfer_id"] for line in big["lines"]] == ["top-up-1"]
+
+    statement = (await ledger.get(f"/accounts/{card}/statement", params={
+        "since": (start - timedelta(minutes=1)).isoformat(), "until": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()})).json()
+    assert statement["opening_balance_minor"] == 0 and statement["closing_balance_minor"] == 9_650
+    assert [line["balance_after_minor"] for line in statement["lines"]] == [10_000, 9_650]
+
+    before = (await ledger.get(f"/accounts/{card}/balance", params={"at": (start - timedelta(minutes=1)).isoformat()})).json()
+    assert before["posted"]["amount_minor"] == 0
+
+
+async def test_overdraft_is_refused_with_problem_json_and_leaves_nothing(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    response = await ledger.post("/transfers", json=transfer_body("too-much", (card, -1), (settlement, 1)))
+    assert response.status_code == 409
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "insufficient_funds"
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    assert (await ledger.get(f"/accounts/{card}/history")).json()["lines"] == []
+
+
+async def test_bad_input_names_the_field(ledger):
+    response = await ledger.post("/transfers", json={"transfer_id": "x", "code": "p2p", "legs": [
+        {"account_id": str(uuid.uuid4()), "amount_minor": 1.5, "currency": "RUB"},
+        {"account_id": str(uuid.uuid4()), "amount_minor": -1, "currency": "rub"}]})
+    assert response.status_code == 422
+    fields = {error["field"] for error in response.json()["errors"]}
+    assert fields == {"legs[0].amount_minor", "legs[1].currency"}
+
+
+async def test_same_transfer_id_replays_and_other_body_conflicts(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    body = transfer_body("t-1", (settlement, -500), (card, 500))
+    first = (await ledger.post("/transfers", json=body)).json()
+    again = await ledger.post("/transfers", json=body)
+    assert again.json()["replayed"] is True and again.json()["posted_at"] == first["posted_at"]
+    other = await ledger.post("/transfers", json=transfer_body("t-1", (settlement, -600), (card, 600)))
+    assert other.status_code == 409 and other.json()["code"] == "idempotency_conflict"
+
+
+async def test_mutating_account_calls_need_an_idempotency_key_and_replay(ledger):
+    response = await ledger.post("/accounts", json={"owner_id": "alice", "kind": "card", "currency": "RUB"})
+    assert response.status_code == 400 and response.json()["code"] == "idempotency_key_required"
+    body = {"owner_id": "alice", "kind": "card", "currency": "RUB"}
+    first = await ledger.post("/accounts", json=body, headers={"Idempotency-Key": "k1"})
+    again = await ledger.post("/accounts", json=body, headers={"Idempotency-Key": "k1"})
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    other = await ledger.post("/accounts", json={**body, "currency": "USD"}, headers={"Idempotency-Key": "k1"})
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+
+
+async def test_hold_capture_void_and_expiry_through_the_api(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    shop = await open_account(ledger, "settlement")
+    await ledger.post("/transfers", json=transfer_body("fund", (settlement, -1_000), (card, 1_000)))
+    expires = (datetime.now(UTC) + timedelta(days=7)).isoformat()
+    hold = {"hold_id": "auth-1", "debit_account_id": card, "credit_account_id": shop, "amount_minor": 700,
+            "currency": "RUB", "expires_at": expires, "code": "card_purchase"}
+    assert (await ledger.post("/holds", json=hold)).status_code == 201
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    balances = (await ledger.get(f"/accounts/{card}/balance")).json()
+    assert (balances["posted"]["amount_minor"], balances["pending"]["amount_minor"], balances["available"]["amount_minor"]) == (
+        1_000, 700, 300)
+    captured = await ledger.post("/holds/auth-1/captures", json={"capture_id": "c1", "amount_minor": 500})
+    assert captured.json()["remaining_minor"] == 200
+    assert (await ledger.post("/holds/auth-1/captures", json={"capture_id": "c2", "amount_minor": 201})).json()["code"] == (
+        "capture_exceeds_hold")
+    assert (await ledger.post("/holds/auth-1/void")).json()["state"] == "voided"
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    balances = (await ledger.get(f"/accounts/{card}/balance")).json()
+    assert (balances["posted"]["amount_minor"], balances["pending"]["amount_minor"]) == (500, 0)
+
+    soon = {**hold, "hold_id": "auth-2", "amount_minor": 100, "expires_at": (datetime.now(UTC) + timedelta(seconds=1)).isoformat()}
+    assert (await ledger.post("/holds", json=soon)).status_code == 201
+
+    async def expired():
+        row = await ledger.parts.pool.fetchrow("SELECT state FROM ledger_holds WHERE hold_id = 'auth-2'")
+        return row is not None and row["state"] == "expired"
+
+    for _ in range(100):
+        if await expired():
+            break
+        await asyncio.sleep(0.1)
+    assert await expired(), "the expiry sweep released the hold after its deadline"
+
+
+async def test_eight_clients_hammering_ten_accounts_and_a_hot_fee_account_lose_nothing(ledger):
+    settlement = await open_account(ledger, "settlement")
+    fees = await open_account(ledger, "fee_income")
+    accounts = [await open_account(ledger, owner=f"c{i}") for i in range(10)]
+    await ledger.post("/transfers", json=transfer_body("seed", (settlement, -10 * 2_000),
+                                                       *[(a, 2_000) for a in accounts], code="top_up"))
+    posted: list[tuple[str, int]] = []
+    refused = {"count": 0}
+
+    async def client(number: int) -> None:
+        rng = random.Random(number)
+        for i in range(60):
+            source, target = rng.sample(accounts, 2)
+            amount = rng.randint(1, 400)
+            body = transfer_body(f"c{number}-{i}", (source, -amount - 5), (target, amount), (fees, 5))
+            response = await ledger.post("/transfers", json=body)
+            if response.status_code == 201:
+                posted.append((source, amount))
+            else:
+                assert response.json()["code"] == "insufficient_funds", response.text
+                refused["count"] += 1
+
+    await asyncio.gather(*(client(n) for n in range(8)))
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    fee_balance = (await ledger.get(f"/accounts/{fees}/balance")).json()["posted"]["amount_minor"]
+    assert fee_balance == 5 * len(posted), "no lost update on the hot account"
+    customer_total = sum([(await ledger.get(f"/accounts/{a}/balance")).json()["posted"]["amount_minor"] for a in accounts])
+    assert customer_total == 20_000 - 5 * len(posted)
+    for account in accounts:
+        assert (await ledger.get(f"/accounts/{account}/balance")).json()["posted"]["amount_minor"] >= 0
+    assert refused["count"] + len(posted) == 480
+    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    assert report.ok, [c for c in report.checks if not c.ok]
+
+
+async def test_unknown_account_is_not_found(ledger):
+    response = await ledger.get(f"/accounts/{uuid.uuid4()}")
+    assert response.status_code == 404 and response.json()["code"] == "account_not_found"
