@@ -83,7 +83,10 @@ async def expire_holds_forever(parts: LedgerParts, clock: Clock) -> None:
             log.exception("hold expiry sweep failed; will try again")
 
 
+class LedgerSettings(ServiceSettings):
+    service_name: str = "ledger"
+
+
 def create_app():
-    settings = ServiceSettings(service_name="ledger")
-    service, _ = build(settings)
+    service, _ = build(LedgerSettings())
     return service.http_app()
