@@ -30,8 +30,8 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 bench: $(STAMP)
-	$(BIN)/python bench/relay.py
-	$(BIN)/python bench/ledger.py
+	$(BIN)/python -m bench.relay
+	$(BIN)/python -m bench.ledger
 
 clean:
 	rm -rf $(VENV) .data

@@ -43,7 +43,7 @@ class LocalProjection:
         apply_page: ApplyPage,
         threads: WorkerThreads,
         page_size: int = 2000,
-        idle_poll_s: float = 0.005,
+        idle_poll_s: float = 0.05,
     ) -> None:
         self.name = name
         self.pool = pool
@@ -55,6 +55,11 @@ class LocalProjection:
         self.idle_poll_s = idle_poll_s
         self.position = 0
         self._advanced = asyncio.Event()
+        self._new_events = asyncio.Event()
+
+    def notify(self) -> None:
+        """The writer committed new events: catch up now instead of at the next poll."""
+        self._new_events.set()
 
     async def start(self) -> None:
         async with self.pool.acquire() as connection:
@@ -69,7 +74,11 @@ class LocalProjection:
         while True:
             try:
                 if not await self.catch_up_once():
-                    await asyncio.sleep(self.idle_poll_s)
+                    self._new_events.clear()
+                    try:
+                        await asyncio.wait_for(self._new_events.wait(), self.idle_poll_s)
+                    except TimeoutError:
+                        pass
                 backoff_s = 0.05
             except asyncio.CancelledError:
                 raise
@@ -87,6 +96,10 @@ class LocalProjection:
             return False
         page = [(n.id, self.mapper.to_domain_event(n)) for n in notifications]
         async with self.pool.acquire() as connection, connection.transaction():
+            # A read model is derived data: if the server crashes before this commit
+            # reaches disk, the tracked position rolls back with it and the page is
+            # applied again. Not waiting for the flush halves the fsyncs per write.
+            await connection.execute("SET LOCAL synchronous_commit = off")
             stored = await connection.fetchval(
                 "SELECT position FROM projection_position WHERE projection = $1 FOR UPDATE", self.name
             )

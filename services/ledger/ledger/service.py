@@ -43,12 +43,12 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         app = LedgerApplication(env=event_store_env(settings))
         parts.app = app
         parts.pool = svc.pool
-        parts.writer = BatchedWriter(app, clock)
         await projections.ensure_schema(svc.pool)
         parts.projection = LocalProjection(
             "ledger_read_model", pool=svc.pool, recorder=app.recorder, mapper=app.mapper,
             apply_page=projections.apply_page, threads=svc.threads,
         )
+        parts.writer = BatchedWriter(app, clock, on_saved=parts.projection.notify)
         await parts.projection.start()
         parts.relay = OutboxRelay(
             RelayConfig(source=SOURCE, topic=LEDGER_TOPIC, bootstrap_servers=settings.kafka_bootstrap_servers,

@@ -1,0 +1,182 @@
+"""Ledger throughput against pgbench TPC-B, measured side by side on the same PostgreSQL.
+
+A durable transfer is counted from the moment the command is accepted by the ledger
+until its events are committed (synchronous_commit on) AND the balance projection has
+applied them: each client submits a transfer, then waits for the read model to reach
+it, then submits the next. Clients run in this process against the service's command
+boundary (the batched writer), with the relay publishing to the broker as in
+production; pgbench's clients are C processes over TCP. Both use one PostgreSQL server.
+
+Workloads: uniform over 10,000 customer accounts, and the same with a fee leg to one
+hot fee account. Client counts 1, 8 and 32. Last line: one JSON object.
+
+    .venv/bin/python -m bench.ledger [--seconds 5] [--accounts 10000]
+
+(Run as a module: as a script, this file would shadow the `ledger` package.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import subprocess
+import time
+import uuid
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from kabinet_chassis.devstack.ephemeral import EphemeralStack
+from kabinet_chassis.devstack.postgres import pg_binary
+from ledger.domain import commands as c
+from ledger.service import build
+
+CLIENT_COUNTS = (1, 8, 32)
+PGBENCH_SCALE = 32  # TPC-B scale >= the largest client count
+FUNDING_MINOR = 10_000_000
+console = Console(stderr=True)
+
+
+async def wal_flushes(url: str) -> int:
+    connection = await asyncpg.connect(url)
+    try:
+        has_io = await connection.fetchval("SELECT count(*) FROM pg_attribute WHERE attrelid = 'pg_stat_io'::regclass"
+                                           " AND attname = 'fsyncs'")
+        if has_io:
+            return int(await connection.fetchval("SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal'"))
+        return int(await connection.fetchval("SELECT wal_sync FROM pg_stat_wal"))
+    finally:
+        await connection.close()
+
+
+async def setup_accounts(parts, count: int) -> tuple[list, object, object]:
+    settlement = uuid.uuid4()
+    fees = uuid.uuid4()
+    await parts.writer.submit(c.OpenAccount(settlement, "bank", "settlement", "RUB"))
+    await parts.writer.submit(c.OpenAccount(fees, "bank", "fee_income", "RUB"))
+    accounts = [uuid.uuid4() for _ in range(count)]
+    await asyncio.gather(*(parts.writer.submit(c.OpenAccount(a, f"customer-{i}", "card", "RUB")) for i, a in enumerate(accounts)))
+    await asyncio.gather(*(
+        parts.writer.submit(c.PostTransfer(f"fund-{a}", (c.Leg(settlement, -FUNDING_MINOR, "RUB"), c.Leg(a, FUNDING_MINOR, "RUB")),
+                                           "top_up"))
+        for a in accounts
+    ))
+    await parts.projection.wait_for(parts.writer.last_position, timeout_s=120)
+    return accounts, settlement, fees
+
+
+async def run_ledger_load(parts, accounts, fees, clients: int, seconds: float, hot: bool) -> dict:
+    latencies_ms: list[float] = []
+    deadline = time.perf_counter() + seconds
+    run_id = uuid.uuid4().hex[:8]
+
+    async def client(number: int) -> None:
+        rng = random.Random(number)
+        i = 0
+        while time.perf_counter() < deadline:
+            source, target = rng.sample(accounts, 2)
+            amount = rng.randint(1, 100)
+            legs = [c.Leg(source, -amount - (3 if hot else 0), "RUB"), c.Leg(target, amount, "RUB")]
+            if hot:
+                legs.append(c.Leg(fees, 3, "RUB"))
+            started = time.perf_counter()
+            await parts.writer.submit(c.PostTransfer(f"{run_id}-{number}-{i}", tuple(legs), "p2p"))
+            await parts.projection.wait_for(parts.writer.last_position)
+            latencies_ms.append((time.perf_counter() - started) * 1000)
+            i += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    elapsed = time.perf_counter() - started
+    latencies_ms.sort()
+    return {
+        "transfers": len(latencies_ms),
+        "per_s": len(latencies_ms) / elapsed,
+        "p50_ms": statistics.median(latencies_ms),
+        "p99_ms": latencies_ms[min(len(latencies_ms) - 1, int(len(latencies_ms) * 0.99))],
+    }
+
+
+def pgbench(url: str, clients: int, seconds: float) -> float:
+    output = subprocess.run(
+        [str(pg_binary("pgbench")), "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(int(seconds)),
+         "-M", "prepared", "-n", url],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    match = re.search(r"tps = ([0-9.]+)", output)
+    assert match, output
+    return float(match.group(1))
+
+
+async def main(seconds: float, account_count: int) -> dict:
+    with EphemeralStack(prefix="kabinet-bench-") as stack:
+        admin = await asyncpg.connect(stack.database_url)
+        await admin.execute("DROP DATABASE IF EXISTS pgbench")
+        await admin.execute("CREATE DATABASE pgbench")
+        await admin.close()
+        pgbench_url = stack.database_url.rsplit("/", 1)[0] + "/pgbench"
+        with console.status(f"pgbench -i -s {PGBENCH_SCALE}…"):
+            subprocess.run([str(pg_binary("pgbench")), "-i", "-q", "-s", str(PGBENCH_SCALE), pgbench_url],
+                           check=True, capture_output=True)
+
+        settings = stack.service_settings("ledger_bench")
+        service, parts = build(settings)
+        results: dict = {}
+        async with service.running():
+            with console.status(f"opening and funding {account_count} accounts…"):
+                accounts, _, fees = await setup_accounts(parts, account_count)
+            await run_ledger_load(parts, accounts, fees, 8, 1.0, hot=False)  # warm-up
+            for clients in CLIENT_COUNTS:
+                with console.status(f"pgbench, {clients} clients…"):
+                    tps = pgbench(pgbench_url, clients, seconds)
+                row = {"pgbench_tps": tps}
+                for hot in (False, True):
+                    flushes_before = await wal_flushes(stack.database_url)
+                    with console.status(f"ledger, {clients} clients, {'hot fee account' if hot else 'uniform'}…"):
+                        load = await run_ledger_load(parts, accounts, fees, clients, seconds, hot)
+                    load["wal_flushes_per_transfer"] = (await wal_flushes(stack.database_url) - flushes_before) / max(
+                        1, load["transfers"])
+                    row["hot" if hot else "uniform"] = load
+                results[clients] = row
+            batches, commands_total = parts.writer.batches_total, parts.writer.commands_total
+    table = Table(title="ledger vs pgbench TPC-B (same PostgreSQL, synchronous_commit on)")
+    for column in ("clients", "pgbench tps", "uniform /s", "ratio", "hot /s", "hot÷uniform", "p50 ms", "p99 ms", "WAL flush/transfer"):
+        table.add_column(column, justify="right")
+    for clients, row in results.items():
+        uniform, hot = row["uniform"], row["hot"]
+        table.add_row(str(clients), f"{row['pgbench_tps']:.0f}", f"{uniform['per_s']:.0f}",
+                      f"{uniform['per_s'] / row['pgbench_tps']:.2f}", f"{hot['per_s']:.0f}",
+                      f"{hot['per_s'] / uniform['per_s']:.2f}", f"{uniform['p50_ms']:.1f}/{hot['p50_ms']:.1f}",
+                      f"{uniform['p99_ms']:.1f}/{hot['p99_ms']:.1f}",
+                      f"{uniform['wal_flushes_per_transfer']:.3f}/{hot['wal_flushes_per_transfer']:.3f}")
+    Console().print(table)
+    Console().print(f"writer: {commands_total} commands in {batches} batches ({commands_total / max(1, batches):.1f} per batch)")
+    top = results[32]
+    return {
+        "ratio_32": round(top["uniform"]["per_s"] / top["pgbench_tps"], 3),
+        "hot_ratio_32": round(top["hot"]["per_s"] / top["uniform"]["per_s"], 3),
+        "transfers_per_s_32": round(top["uniform"]["per_s"], 1),
+        "hot_transfers_per_s_32": round(top["hot"]["per_s"], 1),
+        "pgbench_tps_32": round(top["pgbench_tps"], 1),
+        "p50_ms_32": round(top["uniform"]["p50_ms"], 2),
+        "p99_ms_32": round(top["uniform"]["p99_ms"], 2),
+        "wal_flushes_per_transfer_32": round(top["uniform"]["wal_flushes_per_transfer"], 4),
+        "by_clients": {
+            str(k): {"pgbench_tps": round(v["pgbench_tps"], 1), "uniform_per_s": round(v["uniform"]["per_s"], 1),
+                     "hot_per_s": round(v["hot"]["per_s"], 1), "ratio": round(v["uniform"]["per_s"] / v["pgbench_tps"], 3)}
+            for k, v in results.items()
+        },
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--accounts", type=int, default=10_000)
+    arguments = parser.parse_args()
+    print(json.dumps(asyncio.run(main(arguments.seconds, arguments.accounts))))

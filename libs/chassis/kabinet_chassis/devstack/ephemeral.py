@@ -1,0 +1,65 @@
+"""A throwaway stack for tests and benchmarks: its own PostgreSQL and broker on free ports.
+
+Or the servers named by KABINET_DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS when set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from kabinet_chassis.devstack.broker import EmbeddedBroker
+from kabinet_chassis.devstack.ports import free_port
+from kabinet_chassis.devstack.postgres import EmbeddedPostgres
+from kabinet_chassis.settings import ServiceSettings
+
+
+class EphemeralStack:
+    def __init__(self, prefix: str = "kabinet-") -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
+        self.external_database_url = os.environ.get("KABINET_DATABASE_URL")
+        self.external_bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        self.postgres = EmbeddedPostgres(self.root / "pg", free_port())
+        self.broker = EmbeddedBroker(free_port(), self.root / "broker.log")
+
+    @property
+    def database_url(self) -> str:
+        return self.external_database_url or self.postgres.url
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.external_bootstrap or self.broker.bootstrap_servers
+
+    def start(self) -> EphemeralStack:
+        if not self.external_database_url:
+            self.postgres.start()
+        if not self.external_bootstrap:
+            self.broker.start()
+        return self
+
+    def restart_broker_losing_data(self) -> None:
+        if self.external_bootstrap:
+            raise RuntimeError("restarting the broker needs the embedded broker (unset KAFKA_BOOTSTRAP_SERVERS)")
+        self.broker.stop(kill=True)
+        self.broker.start()
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.postgres.stop(mode="immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def service_settings(self, service_name: str, **overrides) -> ServiceSettings:
+        return ServiceSettings(
+            service_name=service_name,
+            database_url=self.database_url,
+            kafka_bootstrap_servers=self.bootstrap_servers,
+            **overrides,
+        )
+
+    def __enter__(self) -> EphemeralStack:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
