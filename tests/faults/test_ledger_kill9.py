@@ -32,7 +32,7 @@ def start_ledger(stack, service_name: str, port: int, log_path) -> subprocess.Po
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "ledger.service:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--no-access-log"],
-        env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+        env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115 - lives as long as the child
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

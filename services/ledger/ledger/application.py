@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from uuid import UUID
+
 from eventsourcing.application import Application
+from psycopg.sql import SQL, Identifier
 
 from ledger.domain.account import Account
 
@@ -11,3 +15,20 @@ class LedgerApplication(Application):
     name = "ledger"
     # A hot account gets one event per writer batch; snapshots keep reloads short.
     snapshotting_intervals = {Account: 500}
+
+    def existing_ids(self, aggregate_ids: Iterable[UUID]) -> set[UUID]:
+        """Which of these aggregates have events: one query for a whole writer batch.
+
+        Most commands name a new transfer id; asking the store about each one separately
+        would cost a round trip per transfer just to learn that it is new.
+        """
+        ids = list(set(aggregate_ids))
+        if not ids:
+            return set()
+        recorder = self.recorder
+        statement = SQL("SELECT DISTINCT originator_id FROM {schema}.{table} WHERE originator_id = ANY(%s)").format(
+            schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name)
+        )
+        with recorder.datastore.transaction(commit=False) as cursor:
+            cursor.execute(statement, (ids,))
+            return {row["originator_id"] for row in cursor.fetchall()}

@@ -28,7 +28,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from ledger.application import LedgerApplication
-from ledger.domain.batch import Batch
+from ledger.domain.batch import Batch, aggregate_ids_of
 from ledger.domain.errors import LedgerError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class BatchedWriter:
         self.on_saved = on_saved  # e.g. wake the projection
         self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=QUEUE_MAX)
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
+        self._absent: set[UUID] = set()  # ids the current batch knows to be new
         self.batches_total = 0
         self.commands_total = 0
         self.last_position = 0  # notification id of the last saved event
@@ -107,6 +108,7 @@ class BatchedWriter:
 
     def _write(self, commands: list[Any]) -> list[Any]:
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
+            self._prefetch(commands)
             batch = Batch(self._load, self.clock())
             outcomes: list[Any] = []
             for command in commands:
@@ -137,11 +139,19 @@ class BatchedWriter:
             return outcomes
         raise AssertionError("unreachable")
 
+    def _prefetch(self, commands: list[Any]) -> None:
+        """Learn in one query which of the batch's uncached aggregates exist at all."""
+        wanted = {aggregate_id for command in commands for aggregate_id in aggregate_ids_of(command)}
+        unknown = wanted - self._cache.keys()
+        self._absent = unknown - self.app.existing_ids(unknown)
+
     def _load(self, aggregate_id: UUID) -> Any | None:
         aggregate = self._cache.get(aggregate_id)
         if aggregate is not None:
             self._cache.move_to_end(aggregate_id)
             return aggregate
+        if aggregate_id in self._absent:
+            return None
         try:
             aggregate = self.app.repository.get(aggregate_id)
         except AggregateNotFoundError:

@@ -40,6 +40,17 @@ def capture_transfer_id(hold_id: str, capture_id: str) -> str:
     return f"{hold_id}:capture:{capture_id}"
 
 
+def aggregate_ids_of(command: Any) -> list[UUID]:
+    """The aggregates a command will look up (so a writer can fetch them together)."""
+    if isinstance(command, c.PostTransfer):
+        return [Transfer.id_for(command.transfer_id), *(leg.account_id for leg in command.legs)]
+    if isinstance(command, c.PlaceHold):
+        return [Hold.id_for(command.hold_id), command.debit_account_id, command.credit_account_id]
+    if isinstance(command, (c.CaptureHold, c.VoidHold, c.ExpireHold)):
+        return [Hold.id_for(command.hold_id)]
+    return [command.account_id]
+
+
 class Batch:
     def __init__(self, load: Loader, now: datetime) -> None:
         self._load = load
