@@ -54,7 +54,7 @@ class RelayConfig:
     bootstrap_servers: str
     enable_idempotence: bool = False
     partitions: int = DEFAULT_PARTITIONS
-    page_size: int = 2000
+    page_size: int = 5000
     idle_poll_s: float = 0.02
     broker_check_interval_s: float = 2.0
     backoff_max_s: float = 5.0
@@ -132,42 +132,68 @@ class OutboxRelay:
         self.last_published = {int(k): tuple(v) for k, v in json.loads(row["last_published"]).items()}
 
     async def _relay_loop(self, connection: asyncpg.Connection, producer) -> None:
+        """Pipelined: page n+1 is read and sent while the broker acknowledges page n.
+
+        A page's position is recorded only once all of its events are acknowledged.
+        """
         await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
         await self._republish_if_broker_lost_data(connection)
         last_check = asyncio.get_running_loop().time()
+        read_position = self.position
+        in_flight: tuple[int, list] | None = None  # (last position of the page, its deliveries)
         while True:
-            notifications = await self.threads.run(self._read_page)
+            notifications = await self.threads.run(self._read_page, read_position)
+            sent: tuple[int, list] | None = None
             if notifications:
-                await self._publish(producer, notifications)
-                last_position = notifications[-1].id
-                if self.on_page_published is not None:
-                    await self.on_page_published(last_position)
-                await self._record_position(connection, last_position)
-            else:
+                read_position = notifications[-1].id
+                sent = (read_position, await self._send_page(producer, notifications))
+            if in_flight is not None and not await self._complete(connection, *in_flight):
+                # The broker lost data: drop what is in flight, republish from the start.
+                sent, read_position = None, 0
+            in_flight = sent
+            if in_flight is None:
+                now = asyncio.get_running_loop().time()
+                if now - last_check >= self.config.broker_check_interval_s:
+                    await self._republish_if_broker_lost_data(connection)
+                    read_position = self.position
+                    last_check = now
                 await asyncio.sleep(self.config.idle_poll_s)
-            now = asyncio.get_running_loop().time()
-            if now - last_check >= self.config.broker_check_interval_s:
-                await self._republish_if_broker_lost_data(connection)
-                last_check = now
 
-    def _read_page(self) -> Sequence[Notification]:
+    def _read_page(self, after_position: int) -> Sequence[Notification]:
         return self.recorder.select_notifications(
-            start=self.position, limit=self.config.page_size, inclusive_of_start=False
+            start=after_position, limit=self.config.page_size, inclusive_of_start=False
         )
 
-    async def _publish(self, producer, notifications: Sequence[Notification]) -> None:
+    async def _send_page(self, producer, notifications: Sequence[Notification]) -> list:
         deliveries = []
-        positions = []
         for notification in notifications:
             domain_event, carrier = self.mapper.to_domain_event_with_trace(notification)
             integration_event = self.to_integration(domain_event, notification.id)
             if integration_event is None:
                 continue
-            deliveries.append(await self._send(producer, integration_event, carrier))
-            positions.append(notification.id)
-        for position, metadata in zip(positions, await asyncio.gather(*deliveries), strict=True):
+            deliveries.append((notification.id, await self._send(producer, integration_event, carrier)))
+        return deliveries
+
+    async def _complete(self, connection: asyncpg.Connection, last_position: int, deliveries: list) -> bool:
+        """Record the page once acknowledged; False when the acks show the broker lost data."""
+        acknowledged = await asyncio.gather(*(delivery for _, delivery in deliveries))
+        reset_partitions = set()
+        for (position, _), metadata in zip(deliveries, acknowledged, strict=True):
+            previous = self.last_published.get(metadata.partition)
+            if previous is not None and metadata.offset <= previous[0]:
+                reset_partitions.add(metadata.partition)  # offsets only grow, unless the log was lost
             self.last_published[metadata.partition] = (metadata.offset, position)
+        if reset_partitions:
+            log.warning("broker lost data of %s (partitions %s started again from lower offsets): republishing from the start",
+                        self.config.topic, sorted(reset_partitions))
+            self.last_published = {}
+            await self._record_position(connection, 0)
+            return False
         self.published_total += len(deliveries)
+        if self.on_page_published is not None:
+            await self.on_page_published(last_position)
+        await self._record_position(connection, last_position)
+        return True
 
     async def _send(self, producer, event: IntegrationEvent, carrier: dict[str, str]):
         value = event.model_dump_json().encode()
