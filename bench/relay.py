@@ -70,9 +70,9 @@ UPSERT = ("INSERT INTO parcel_weights (parcel_id, weight_g, seen) VALUES ($1, $2
 FIRST_APPLIED_AT: dict[str, float] = {}
 
 
-async def apply_parcel(connection: asyncpg.Connection, integration_event: IntegrationEvent) -> None:
+async def apply_parcels(connection: asyncpg.Connection, events: list[IntegrationEvent]) -> None:
     FIRST_APPLIED_AT.setdefault("chassis", time.perf_counter())
-    await connection.execute(UPSERT, integration_event.aggregate_id, integration_event.payload["weight_g"])
+    await connection.executemany(UPSERT, [(e.aggregate_id, e.payload["weight_g"]) for e in events])
 
 
 async def until(predicate, what: str) -> None:
@@ -150,7 +150,7 @@ async def measure_chassis_consumer(stack, topic: str, events: int) -> float:
     async def start(svc: Service) -> None:
         async with svc.pool.acquire() as connection:
             await connection.execute(READ_MODEL)
-        holder["consumer"] = ReadModelConsumer(f"board_{uuid.uuid4().hex[:6]}", svc.pool, apply_parcel, svc.dead_letters)
+        holder["consumer"] = ReadModelConsumer(f"board_{uuid.uuid4().hex[:6]}", svc.pool, apply_parcels, svc.dead_letters)
         svc.subscribe(topic, holder["consumer"])
 
     FIRST_APPLIED_AT.clear()

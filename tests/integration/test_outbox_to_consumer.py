@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from kabinet_chassis.telemetry import install_tracing
+from kabinet_contracts.envelope import IntegrationEvent
 from kabinet_contracts.registry import dead_letter_topic
 from tests.support.notes import build_board_service, build_notes_service
 
@@ -152,15 +155,22 @@ async def test_poison_message_goes_to_dead_letter_topic_and_consumer_goes_on(sta
         await producer.start()
         try:
             await producer.send_and_wait(topic, b"{not json", key=b"poison")
+            # Well-formed envelope, but the read model cannot apply it (no text).
+            unappliable = IntegrationEvent(
+                event_id=uuid.uuid4(), type="notes.note_written", schema_version=1, source="elsewhere", position=1,
+                aggregate_id="broken", aggregate_version=1, occurred_at=datetime.now(UTC), payload={},
+            )
+            await producer.send_and_wait(topic, unappliable.model_dump_json().encode(), key=b"broken")
         finally:
             await producer.stop()
         note_id = notes_parts["app"].write("after the poison")
         await eventually(lambda: _has(board_service, note_id), what="the good note after the poison")
-        dead = await _read_all(stack.bootstrap_servers, dead_letter_topic(topic), expected=1)
-        assert dead[0].value == b"{not json"
-        headers = dict(dead[0].headers)
-        assert b"malformed integration event" in headers["dlq-error"]
+        dead = await _read_all(stack.bootstrap_servers, dead_letter_topic(topic), expected=2)
+        by_key = {record.key: dict(record.headers) for record in dead}
+        assert b"malformed integration event" in by_key[b"poison"]["dlq-error"]
+        assert b"note event without text" in by_key[b"broken"]["dlq-error"]
         assert board_parts["consumer"].applied_total == 1
+        assert "broken" not in await board(board_service)
 
 
 async def test_one_trace_spans_the_command_the_relay_and_the_consumer(stack, unique_name):

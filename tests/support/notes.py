@@ -96,14 +96,15 @@ CREATE TABLE IF NOT EXISTS note_board (
 """
 
 
-async def apply_to_board(connection: asyncpg.Connection, event: IntegrationEvent) -> None:
-    if "text" not in event.payload:
-        raise ValueError("note event without text")
-    await connection.execute(
-        "INSERT INTO note_board (note_id, text, applied_count) VALUES ($1, $2, 1)"
-        " ON CONFLICT (note_id) DO UPDATE SET text = EXCLUDED.text, applied_count = note_board.applied_count + 1",
-        event.aggregate_id, event.payload["text"],
-    )
+async def apply_to_board(connection: asyncpg.Connection, events) -> None:
+    for note_event in events:
+        if "text" not in note_event.payload:
+            raise ValueError("note event without text")
+        await connection.execute(
+            "INSERT INTO note_board (note_id, text, applied_count) VALUES ($1, $2, 1)"
+            " ON CONFLICT (note_id) DO UPDATE SET text = EXCLUDED.text, applied_count = note_board.applied_count + 1",
+            note_event.aggregate_id, note_event.payload["text"],
+        )
 
 
 def build_board_service(settings: ServiceSettings, topic: str) -> tuple[Service, dict]:

@@ -25,7 +25,6 @@ from eventsourcing.persistence import Tracking
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
-from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
@@ -116,7 +115,9 @@ class DeadLetters:
         log.error("dead-lettered %s[%s]@%s for %s: %s", record.topic, record.partition, record.offset, consumer, error)
 
 
-ApplyToReadModel = Callable[[asyncpg.Connection, IntegrationEvent], Awaitable[None]]
+# Applies new events (in order, none seen before) inside the consumer's transaction.
+# It takes a batch so that a read model can write it with a few bulk statements.
+ApplyToReadModel = Callable[[asyncpg.Connection, Sequence[IntegrationEvent]], Awaitable[None]]
 
 
 @dataclass
@@ -162,17 +163,21 @@ class ReadModelConsumer:
                     self.name, *key,
                 ) or 0
             advanced: dict[tuple[str, str, int], int] = {}
-            applied = skipped = 0
+            fresh: list[Delivery] = []
             for delivery in deliveries:
                 key = delivery.tracking_key
-                event = delivery.event
-                if event.position <= advanced.get(key, tracked[key]):
-                    skipped += 1
+                if delivery.event.position <= advanced.get(key, tracked[key]):
                     continue
-                await self._apply_traced(connection, delivery)
-                advanced[key] = event.position
-                applied += 1
-            if advanced:
+                fresh.append(delivery)
+                advanced[key] = delivery.event.position
+            if fresh:
+                spans = [self._start_span(d) for d in fresh]
+                try:
+                    await self.apply(connection, [d.event for d in fresh])
+                finally:
+                    for span in spans:
+                        if span is not None:
+                            span.end()
                 await connection.executemany(
                     "INSERT INTO consumer_tracking (consumer, source, topic, partition, position)"
                     " VALUES ($1, $2, $3, $4, $5)"
@@ -180,23 +185,19 @@ class ReadModelConsumer:
                     " WHERE consumer_tracking.position < EXCLUDED.position",
                     [(self.name, *key, position) for key, position in advanced.items()],
                 )
-        self.applied_total += applied
-        self.skipped_total += skipped
+        self.applied_total += len(fresh)
+        self.skipped_total += len(deliveries) - len(fresh)
 
-    async def _apply_traced(self, connection: asyncpg.Connection, delivery: Delivery) -> None:
+    def _start_span(self, delivery: Delivery):
+        """A CONSUMER span in the producer's trace, covering the transaction that applies the event."""
         carrier = trace_parent(delivery.record)
         if not carrier:
-            await self.apply(connection, delivery.event)
-            return
-        token = otel_context.attach(propagate.extract(carrier))
-        try:
-            with tracer.start_as_current_span(f"{delivery.record.topic} process", kind=SpanKind.CONSUMER) as span:
-                span.set_attribute("messaging.system", "kafka")
-                span.set_attribute("messaging.consumer.group.name", self.name)
-                span.set_attribute("messaging.message.id", str(delivery.event.event_id))
-                await self.apply(connection, delivery.event)
-        finally:
-            otel_context.detach(token)
+            return None
+        span = tracer.start_span(f"{delivery.record.topic} process", context=propagate.extract(carrier), kind=SpanKind.CONSUMER)
+        span.set_attribute("messaging.system", "kafka")
+        span.set_attribute("messaging.consumer.group.name", self.name)
+        span.set_attribute("messaging.message.id", str(delivery.event.event_id))
+        return span
 
 
 async def ensure_tracking_table(pool: asyncpg.Pool) -> None:
