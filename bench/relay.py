@@ -29,7 +29,7 @@ from eventsourcing.domain import Aggregate, event
 from rich.console import Console
 from rich.table import Table
 
-from kabinet_chassis.consumers import ReadModelConsumer
+from kabinet_chassis.consumers import FETCH_MAX_WAIT_MS, ReadModelConsumer
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 from kabinet_chassis.eventstore import event_store_env
 from kabinet_chassis.kafka import ensure_topics, new_producer
@@ -174,7 +174,8 @@ async def measure_bare_consumer(stack, topic: str, events: int, with_database: b
                            " PRIMARY KEY (topic, partition))")
     started = None
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=stack.bootstrap_servers, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=f"bare-{uuid.uuid4().hex[:6]}")
+                                enable_auto_commit=False, group_id=f"bare-{uuid.uuid4().hex[:6]}",
+                                fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
     await consumer.start()
     seen = 0
     try:

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("kabinet.consumers")
 
 MAX_BATCH_RECORDS = 500
+# How long the broker may hold a fetch open when a partition has nothing new: short,
+# so that a read model lags its source by milliseconds, not half a second.
+FETCH_MAX_WAIT_MS = 50
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 5.0
 
@@ -305,6 +308,10 @@ class LostDataWatchdog:
                         del self.last_seen[partition]
 
 
+async def _no_decoding(message: KafkaMessage) -> None:
+    return None
+
+
 def subscribe(
     broker: KafkaBroker,
     topic: str,
@@ -329,6 +336,10 @@ def subscribe(
         max_records=max_records,
         ack_policy=AckPolicy.MANUAL,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        # We parse and validate envelopes ourselves (poison goes to the DLQ); FastStream's
+        # own JSON decoding of every body would only be thrown away.
+        decoder=_no_decoding,
     )
 
     @subscriber

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from aiokafka.partitioner import DefaultPartitioner
 from eventsourcing.persistence import ApplicationRecorder, Notification
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -86,6 +87,8 @@ class OutboxRelay:
         self.last_published: dict[int, tuple[int, int]] = {}
         self.is_leader = False
         self.published_total = 0
+        # The Java client's murmur2 partitioner, as aiokafka's send() uses: a key keeps its partition.
+        self._partitioner = DefaultPartitioner()
 
     async def run(self) -> None:
         """Run until cancelled: wait for leadership, then relay; back off on errors."""
@@ -164,43 +167,64 @@ class OutboxRelay:
             start=after_position, limit=self.config.page_size, inclusive_of_start=False
         )
 
-    async def _send_page(self, producer, notifications: Sequence[Notification]) -> list:
-        deliveries = []
+    async def _send_page(self, producer, notifications: Sequence[Notification]) -> list[tuple[Any, list[int]]]:
+        """Build one record batch per partition and hand them to the producer.
+
+        Batches rather than `send()` per event: the per-message future and coroutine of
+        `send()` cost more than everything else the relay does for an event.
+        Returns (delivery future, positions in the batch) pairs.
+        """
+        partitions = sorted(await producer.partitions_for(self.config.topic))
+        open_batches: dict[int, tuple[Any, list[int]]] = {}
+        deliveries: list[tuple[Any, list[int]]] = []
         for notification in notifications:
             domain_event, carrier = self.mapper.to_domain_event_with_trace(notification)
             integration_event = self.to_integration(domain_event, notification.id)
             if integration_event is None:
                 continue
-            deliveries.append((notification.id, await self._send(producer, integration_event, carrier)))
+            key = integration_event.aggregate_id.encode()
+            value = integration_event.model_dump_json().encode()
+            headers = self._headers(integration_event, carrier)
+            partition = self._partitioner(key, partitions, partitions)
+            batch, positions = open_batches.get(partition) or (producer.create_batch(), [])
+            if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:  # full: send it
+                deliveries.append((await producer.send_batch(batch, self.config.topic, partition=partition), positions))
+                batch, positions = producer.create_batch(), []
+                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                    raise ValueError(f"event at position {notification.id} is larger than a whole record batch")
+            positions.append(notification.id)
+            open_batches[partition] = (batch, positions)
+        for partition, (batch, positions) in open_batches.items():
+            deliveries.append((await producer.send_batch(batch, self.config.topic, partition=partition), positions))
         return deliveries
 
     async def _complete(self, connection: asyncpg.Connection, last_position: int, deliveries: list) -> bool:
         """Record the page once acknowledged; False when the acks show the broker lost data."""
-        acknowledged = await asyncio.gather(*(delivery for _, delivery in deliveries))
+        acknowledged = await asyncio.gather(*(delivery for delivery, _ in deliveries))
         reset_partitions = set()
-        for (position, _), metadata in zip(deliveries, acknowledged, strict=True):
+        for (_, positions), metadata in zip(deliveries, acknowledged, strict=True):
             previous = self.last_published.get(metadata.partition)
             if previous is not None and metadata.offset <= previous[0]:
                 reset_partitions.add(metadata.partition)  # offsets only grow, unless the log was lost
-            self.last_published[metadata.partition] = (metadata.offset, position)
+            last_offset = metadata.offset + len(positions) - 1
+            if previous is None or last_offset > previous[0] or metadata.partition in reset_partitions:
+                self.last_published[metadata.partition] = (last_offset, positions[-1])
+            self.published_total += len(positions)
         if reset_partitions:
             log.warning("broker lost data of %s (partitions %s started again from lower offsets): republishing from the start",
                         self.config.topic, sorted(reset_partitions))
             self.last_published = {}
             await self._record_position(connection, 0)
             return False
-        self.published_total += len(deliveries)
         if self.on_page_published is not None:
             await self.on_page_published(last_position)
         await self._record_position(connection, last_position)
         return True
 
-    async def _send(self, producer, event: IntegrationEvent, carrier: dict[str, str]):
-        value = event.model_dump_json().encode()
-        key = event.aggregate_id.encode()
+    def _headers(self, event: IntegrationEvent, carrier: dict[str, str]) -> list[tuple[str, bytes]]:
         headers = [("type", event.type.encode()), ("schema_version", str(event.schema_version).encode())]
         if not carrier:
-            return await producer.send(self.config.topic, value=value, key=key, headers=headers)
+            return headers
         # Continue the trace of the command that stored the event.
         token = otel_context.attach(propagate.extract(carrier))
         try:
@@ -210,10 +234,9 @@ class OutboxRelay:
                 span.set_attribute("messaging.message.id", str(event.event_id))
                 outgoing: dict[str, str] = {}
                 propagate.inject(outgoing)
-                headers += [(name, value.encode()) for name, value in outgoing.items()]
-                return await producer.send(self.config.topic, value=value, key=key, headers=headers)
         finally:
             otel_context.detach(token)
+        return headers + [(name, value.encode()) for name, value in outgoing.items()]
 
     async def _record_position(self, connection: asyncpg.Connection, position: int) -> None:
         await connection.execute(
