@@ -78,9 +78,15 @@ def _kind(event: Any) -> str:
 async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, Any]]) -> None:
     """Apply domain events in log order. Bulk statements keep a page to a few round trips."""
     entries: list[tuple] = []
+    transfers: list[tuple] = []
     balance_changes: dict[Any, int] = {}
     held_changes: dict[Any, int] = {}
-    running: dict[Any, int] = {}
+    # Running balances start from the stored balances of every account the page posts to
+    # (one query); accounts opened in this page start at zero.
+    posting_accounts = list({event.originator_id for _, event in page if _kind(event) == "Account.Posted"})
+    running: dict[Any, int] = dict(await connection.fetch(
+        "SELECT account_id, posted_minor FROM ledger_accounts WHERE account_id = ANY($1)", posting_accounts
+    )) if posting_accounts else {}
     for position, event in page:
         kind = _kind(event)
         if kind == "Account.Opened":
@@ -102,15 +108,12 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
             )
         elif kind == "Account.Posted":
             account_id = event.originator_id
-            if account_id not in running:
-                running[account_id] = await connection.fetchval(
-                    "SELECT posted_minor FROM ledger_accounts WHERE account_id = $1", account_id
-                ) + balance_changes.get(account_id, 0)
+            running.setdefault(account_id, 0)
             for seq, entry in enumerate(event.entries):
                 running[account_id] += entry["amount_minor"]
                 entries.append((
                     account_id, position, seq, entry["transfer_id"], entry["code"], entry["amount_minor"],
-                    running[account_id], event.timestamp,
+                    running[account_id], event.posted_at,
                 ))
                 balance_changes[account_id] = balance_changes.get(account_id, 0) + entry["amount_minor"]
         elif kind == "Account.HoldsChanged":
@@ -118,12 +121,8 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                 change["held_delta_minor"] for change in event.changes
             )
         elif kind == "Transfer.Posted":
-            await connection.execute(
-                "INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)"
-                " VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, $7) ON CONFLICT DO NOTHING",
-                event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
-                list(event.customer_ids), json.dumps(event.metadata), event.timestamp,
-            )
+            transfers.append((event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
+                              list(event.customer_ids), json.dumps(event.metadata), event.posted_at))
         elif kind == "Hold.Placed":
             await connection.execute(
                 "INSERT INTO ledger_holds (hold_id, debit_account_id, credit_account_id, amount_minor, captured_minor,"
@@ -135,14 +134,20 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
             await connection.execute(
                 "UPDATE ledger_holds SET captured_minor = captured_minor + $2,"
                 " state = CASE WHEN captured_minor + $2 >= amount_minor THEN 'captured' ELSE state END"
-                " WHERE hold_id = (SELECT hold_id FROM ledger_holds WHERE hold_id = $1)",
-                await _hold_id(connection, event), event.amount_minor,
+                " WHERE hold_id = $1",
+                event.client_hold_id, event.amount_minor,
             )
         elif kind in ("Hold.Voided", "Hold.Expired"):
             await connection.execute(
                 "UPDATE ledger_holds SET state = $2 WHERE hold_id = $1",
-                await _hold_id(connection, event), "voided" if kind == "Hold.Voided" else "expired",
+                event.client_hold_id, "voided" if kind == "Hold.Voided" else "expired",
             )
+    if transfers:
+        await connection.executemany(
+            "INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)"
+            " VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, $7) ON CONFLICT DO NOTHING",
+            transfers,
+        )
     if entries:
         await connection.copy_records_to_table(
             "ledger_entries", records=entries,
@@ -160,17 +165,6 @@ def _uuid(value: Any):
     from uuid import UUID
 
     return value if isinstance(value, UUID) else UUID(str(value))
-
-
-_HOLD_IDS: dict[Any, str] = {}
-
-
-async def _hold_id(connection: asyncpg.Connection, event: Any) -> str:
-    # Hold events after Placed carry only the aggregate id; the client id is on the aggregate.
-    hold_id = getattr(event, "client_hold_id", None)
-    if hold_id:
-        return hold_id
-    raise ValueError(f"hold event {type(event).__qualname__} carries no client_hold_id")
 
 
 # ---- queries -------------------------------------------------------------------------------
