@@ -1,10 +1,83 @@
-"""Customer-facing routes of the gateway. Contexts add theirs as they arrive."""
+"""The cabinet's customer routes: a customer reaches only their own accounts.
 
-from fastapi import APIRouter
+The gateway checks the token and ownership, then asks the ledger. Someone else's
+account answers 404, exactly like an account that does not exist.
+"""
 
-router = APIRouter()
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import httpx
+from fastapi import APIRouter, Depends, Request
+
+from kabinet_chassis.auth import Principal
+from kabinet_chassis.errors import DependencyUnavailable, Problem
+
+LEDGER_TIMEOUT_S = 5.0
 
 
-@router.get("/", include_in_schema=False)
-async def root() -> dict[str, str]:
-    return {"service": "kabinet-gateway", "docs": "/docs", "health": "/health/ready"}
+class LedgerClient:
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        try:
+            response = await self.client.get(f"/ledger/v1{path}", params=params, timeout=LEDGER_TIMEOUT_S)
+        except httpx.HTTPError as error:
+            raise DependencyUnavailable("ledger", str(error) or type(error).__name__) from None
+        if response.status_code >= 500:
+            raise DependencyUnavailable("ledger", f"answered {response.status_code}")
+        body = response.json()
+        if response.status_code >= 400:
+            raise Problem(response.status_code, body.get("code", "ledger_refused"), body.get("detail", ""),
+                          **{k: v for k, v in body.items() if k == "errors"})
+        return body
+
+
+def build_router(ledger: LedgerClient, principal) -> APIRouter:
+    router = APIRouter(prefix="/v1/me", tags=["cabinet"])
+    # A default rather than an Annotated alias: a local alias does not resolve under
+    # postponed annotations.
+    me_dependency = Depends(principal)
+
+    async def own_account(me: Principal, account_id: UUID) -> dict:
+        try:
+            account = await ledger.get(f"/accounts/{account_id}")
+        except Problem as problem:
+            if problem.status == 404:
+                raise Problem(404, "account_not_found", f"no account {account_id}") from None
+            raise
+        if account["owner_id"] != me.customer_id:
+            raise Problem(404, "account_not_found", f"no account {account_id}")
+        return account
+
+    @router.get("/accounts")
+    async def my_accounts(me: Principal = me_dependency) -> dict:
+        return await ledger.get(f"/owners/{me.customer_id}/accounts")
+
+    @router.get("/accounts/{account_id}")
+    async def my_account(account_id: UUID, me: Principal = me_dependency) -> dict:
+        return await own_account(me, account_id)
+
+    @router.get("/accounts/{account_id}/balance")
+    async def my_balance(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
+        await own_account(me, account_id)
+        return await ledger.get(f"/accounts/{account_id}/balance", dict(request.query_params))
+
+    @router.get("/accounts/{account_id}/history")
+    async def my_history(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
+        await own_account(me, account_id)
+        return await ledger.get(f"/accounts/{account_id}/history", dict(request.query_params))
+
+    @router.get("/accounts/{account_id}/statement")
+    async def my_statement(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
+        await own_account(me, account_id)
+        return await ledger.get(f"/accounts/{account_id}/statement", dict(request.query_params))
+
+    @router.get("/", include_in_schema=False)
+    async def me_root(me: Principal = me_dependency) -> dict:
+        return {"customer_id": me.customer_id}
+
+    return router

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
+from fastapi import APIRouter
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from gateway.routes import LedgerClient, build_router
+from kabinet_chassis.auth import TokenVerifier, dev_signing_key, public_pem
 from kabinet_chassis.health import Check, database_check
 from kabinet_chassis.service import Service
 from kabinet_chassis.settings import ServiceSettings
@@ -18,6 +23,9 @@ class GatewaySettings(ServiceSettings):
     service_name: str = "gateway"
     http_port: int = GATEWAY_PORT
     ledger_url: str = Field(default_factory=lambda: service_url("ledger"))
+    # PEM of identity's Ed25519 public key; without it, the development key under data_dir.
+    jwt_public_key: str | None = None
+    data_dir: Path = Path(".data")
 
 
 def backend_check(name: str, base_url: str) -> Check:
@@ -30,15 +38,26 @@ def backend_check(name: str, base_url: str) -> Check:
     return check
 
 
-def build(settings: GatewaySettings) -> Service:
+def build(settings: GatewaySettings, ledger_transport: httpx.AsyncBaseTransport | None = None) -> Service:
     service = Service(settings, title="Kabinet API gateway", uses_database=False)
     # The gateway owns no database; readiness still reports the PostgreSQL server the bank runs on.
     service.checks["database"] = database_check(settings.database_url)
     for name in SERVICE_PORTS:
         service.checks[name] = backend_check(name, getattr(settings, f"{name}_url"))
-    from gateway.routes import router
+    verifier = TokenVerifier(settings.jwt_public_key or public_pem(dev_signing_key(settings.data_dir)))
+    ledger_http = httpx.AsyncClient(base_url=settings.ledger_url, transport=ledger_transport)
 
-    service.routers.append(router)
+    @service.on_stop
+    async def close_clients(_: Service) -> None:
+        await ledger_http.aclose()
+
+    root = APIRouter()
+
+    @root.get("/", include_in_schema=False)
+    async def index() -> dict[str, str]:
+        return {"service": "kabinet-gateway", "docs": "/docs", "health": "/health/ready"}
+
+    service.routers += [root, build_router(LedgerClient(ledger_http), verifier.dependency())]
     return service
 
 

@@ -1,0 +1,85 @@
+"""Access tokens: short-lived JWTs signed with EdDSA (Ed25519), verified here.
+
+Identity signs them (its own issue); until it runs, `kabinet` generates a clearly
+marked development key pair at first run under `.data/keys/` so the gateway and tests
+can work. Never ship that key: production passes KABINET_JWT_PUBLIC_KEY (PEM).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from fastapi import Header
+
+from kabinet_chassis.errors import Problem
+
+ISSUER = "kabinet-identity"
+AUDIENCE = "kabinet"
+ACCESS_TOKEN_TTL_S = 300
+_DEV_KEY_FILE = "dev-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
+
+
+@dataclass(frozen=True)
+class Principal:
+    customer_id: str
+    roles: tuple[str, ...] = ()
+
+
+def dev_signing_key(data_dir: Path) -> Ed25519PrivateKey:
+    """The development signing key, generated at first run (never committed)."""
+    path = data_dir / "keys" / _DEV_KEY_FILE
+    if path.exists():
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    return key
+
+
+def public_pem(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def issue_access_token(key: Ed25519PrivateKey, customer_id: str, roles: tuple[str, ...] = (),
+                       ttl_s: int = ACCESS_TOKEN_TTL_S) -> str:
+    now = int(time.time())
+    claims = {"sub": customer_id, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl_s, "roles": list(roles)}
+    return jwt.encode(claims, key, algorithm="EdDSA")
+
+
+class TokenVerifier:
+    def __init__(self, public_key_pem: str) -> None:
+        key = serialization.load_pem_public_key(public_key_pem.encode())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("the token verification key must be an Ed25519 public key")
+        self.public_key = key
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(token, self.public_key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER,
+                                options={"require": ["exp", "iat", "sub"]})
+        except jwt.ExpiredSignatureError:
+            raise Problem(401, "token_expired", "the access token has expired; refresh it",
+                          headers={"WWW-Authenticate": "Bearer"}) from None
+        except jwt.InvalidTokenError as error:
+            raise Problem(401, "invalid_token", f"the access token is not valid: {error}",
+                          headers={"WWW-Authenticate": "Bearer"}) from None
+        return Principal(customer_id=claims["sub"], roles=tuple(claims.get("roles", ())))
+
+    def dependency(self):
+        """FastAPI dependency giving the caller's Principal from `Authorization: Bearer …`."""
+
+        def principal(authorization: str | None = Header(default=None)) -> Principal:
+            if not authorization or not authorization.startswith("Bearer "):
+                raise Problem(401, "unauthorized", "send an access token: Authorization: Bearer <token>",
+                              headers={"WWW-Authenticate": "Bearer"})
+            return self.verify(authorization.removeprefix("Bearer ").strip())
+
+        return principal

@@ -1,0 +1,91 @@
+"""Rules of the cabinet: a customer sees only their own accounts, and only with a valid token."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.service import GatewaySettings, build
+from kabinet_chassis.auth import dev_signing_key, issue_access_token
+from ledger.service import build as build_ledger
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def bank(stack, unique_name, tmp_path):
+    ledger_service, ledger_parts = build_ledger(stack.service_settings(f"ledger_{unique_name}"))
+    async with ledger_service.running():
+        ledger_transport = httpx.ASGITransport(app=ledger_service.http_app())
+        settings = GatewaySettings(database_url=stack.database_url, kafka_bootstrap_servers=stack.bootstrap_servers,
+                                   data_dir=tmp_path, ledger_url="http://ledger")
+        gateway = build(settings, ledger_transport=ledger_transport)
+        async with (
+            gateway.running(),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.http_app()), base_url="http://gw") as client,
+            httpx.AsyncClient(transport=ledger_transport, base_url="http://ledger/ledger/v1") as ledger,
+        ):
+            client.ledger = ledger
+            client.key = dev_signing_key(tmp_path)
+            client.ledger_parts = ledger_parts
+            yield client
+
+
+async def open_funded_card(bank, owner: str, amount_minor: int) -> str:
+    async def open_account(body):
+        response = await bank.ledger.post("/accounts", json=body, headers={"Idempotency-Key": str(uuid.uuid4())})
+        assert response.status_code == 201, response.text
+        return response.json()["account_id"]
+
+    settlement = await open_account({"owner_id": "bank", "kind": "settlement", "currency": "RUB"})
+    card = await open_account({"owner_id": owner, "kind": "card", "currency": "RUB"})
+    posted = await bank.ledger.post("/transfers", json={"transfer_id": f"fund-{card}", "code": "top_up", "legs": [
+        {"account_id": settlement, "amount_minor": -amount_minor, "currency": "RUB"},
+        {"account_id": card, "amount_minor": amount_minor, "currency": "RUB"}]})
+    assert posted.status_code == 201
+    await bank.ledger_parts.projection.wait_for(bank.ledger_parts.writer.last_position)
+    return card
+
+
+def bearer(bank, customer_id: str, **kwargs) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_access_token(bank.key, customer_id, **kwargs)}"}
+
+
+async def test_customer_sees_own_accounts_balances_history_and_statement(bank):
+    card = await open_funded_card(bank, "alice", 5_000)
+    me = bearer(bank, "alice")
+    listed = await bank.get("/v1/me/accounts", headers=me)
+    assert listed.status_code == 200, listed.text
+    accounts = listed.json()["accounts"]
+    assert [a["account_id"] for a in accounts] == [card]
+    assert accounts[0]["balances"]["available"] == {"amount_minor": 5_000, "currency": "RUB"}
+    assert (await bank.get(f"/v1/me/accounts/{card}/balance", headers=me)).json()["posted"]["amount_minor"] == 5_000
+    history = (await bank.get(f"/v1/me/accounts/{card}/history", headers=me)).json()
+    assert [line["amount_minor"] for line in history["lines"]] == [5_000]
+    now = datetime.now(UTC)
+    statement = await bank.get(f"/v1/me/accounts/{card}/statement", headers=me, params={
+        "since": (now - timedelta(hours=1)).isoformat(), "until": (now + timedelta(hours=1)).isoformat()})
+    assert statement.status_code == 200 and statement.json()["closing_balance_minor"] == 5_000
+
+
+async def test_another_customers_account_is_not_found(bank):
+    bobs_card = await open_funded_card(bank, "bob", 100)
+    alice = bearer(bank, "alice")
+    for path in ("", "/balance", "/history", f"/statement?since={datetime.now(UTC).isoformat()}"):
+        response = await bank.get(f"/v1/me/accounts/{bobs_card}{path}", headers=alice)
+        assert response.status_code == 404, path
+        assert response.json()["code"] == "account_not_found"
+    assert (await bank.get("/v1/me/accounts", headers=alice)).json()["accounts"] == []
+
+
+async def test_no_token_bad_token_and_expired_token_are_refused(bank):
+    assert (await bank.get("/v1/me/accounts")).json()["code"] == "unauthorized"
+    forged = issue_access_token(Ed25519PrivateKey.generate(), "alice")  # signed by a key the bank does not trust
+    response = await bank.get("/v1/me/accounts", headers={"Authorization": f"Bearer {forged}"})
+    assert response.status_code == 401 and response.json()["code"] == "invalid_token"
+    expired = await bank.get("/v1/me/accounts", headers=bearer(bank, "alice", ttl_s=-10))
+    assert expired.status_code == 401 and expired.json()["code"] == "token_expired"
