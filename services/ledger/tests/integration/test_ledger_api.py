@@ -176,3 +176,35 @@ async def test_eight_clients_hammering_ten_accounts_and_a_hot_fee_account_lose_n
 async def test_unknown_account_is_not_found(ledger):
     response = await ledger.get(f"/accounts/{uuid.uuid4()}")
     assert response.status_code == 404 and response.json()["code"] == "account_not_found"
+
+
+async def test_posted_transfer_is_published_on_the_ledger_topic(ledger, stack):
+    import json
+
+    from aiokafka import AIOKafkaConsumer
+
+    from kabinet_contracts.ledger import LEDGER_TOPIC
+
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    transfer_id = f"published-{uuid.uuid4().hex}"
+    assert (await ledger.post("/transfers", json=transfer_body(transfer_id, (settlement, -42), (card, 42)))).status_code == 201
+    consumer = AIOKafkaConsumer(LEDGER_TOPIC, bootstrap_servers=stack.bootstrap_servers, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=f"check-{uuid.uuid4().hex[:6]}")
+    await consumer.start()
+    found = None
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while found is None and asyncio.get_running_loop().time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    envelope = json.loads(record.value)
+                    if envelope["type"] == "ledger.transfer_posted" and envelope["payload"]["transfer_id"] == transfer_id:
+                        found = (record, envelope)
+    finally:
+        await consumer.stop()
+    assert found is not None, "the transfer never reached ledger.events.v1"
+    record, envelope = found
+    assert envelope["source"] == "ledger" and envelope["schema_version"] == 1
+    assert {(leg["account_id"], leg["amount_minor"]) for leg in envelope["payload"]["legs"]} == {(settlement, -42), (card, 42)}
+    assert record.key.decode() == envelope["aggregate_id"]
