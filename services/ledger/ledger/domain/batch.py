@@ -223,6 +223,13 @@ class Batch:
                 f" {what} needs {amount_minor}"
             )
 
+    @staticmethod
+    def _check_open_in(account: Account, currency: str, what: str) -> None:
+        if account.currency != currency:
+            raise LegCurrencyMismatch(f"account {account.id} holds {account.currency}, {what} is in {currency}")
+        if account.state == AccountState.CLOSED:
+            raise AccountClosed(f"account {account.id} is closed")
+
     def _post_transfer(self, command: c.PostTransfer) -> TransferResult:
         c.check_transfer_shape(command)
         request_fingerprint = c.fingerprint(command)
@@ -233,10 +240,7 @@ class Batch:
             return _transfer_result(existing, replayed=True)
         accounts = [self.account(leg.account_id) for leg in command.legs]
         for leg, account in zip(command.legs, accounts, strict=True):
-            if account.currency != leg.currency:
-                raise LegCurrencyMismatch(f"account {account.id} holds {account.currency}, the leg is in {leg.currency}")
-            if account.state == AccountState.CLOSED:
-                raise AccountClosed(f"account {account.id} is closed")
+            self._check_open_in(account, leg.currency, "the leg")
             if leg.amount_minor < 0:
                 self._check_debit(account, -leg.amount_minor, "the transfer")
         legs = [{"account_id": str(leg.account_id), "amount_minor": leg.amount_minor, "currency": leg.currency}
@@ -269,10 +273,7 @@ class Batch:
             return _hold_result(existing, replayed=True)
         debit, credit = self.account(command.debit_account_id), self.account(command.credit_account_id)
         for account in (debit, credit):
-            if account.currency != command.currency:
-                raise LegCurrencyMismatch(f"account {account.id} holds {account.currency}, the hold is in {command.currency}")
-            if account.state == AccountState.CLOSED:
-                raise AccountClosed(f"account {account.id} is closed")
+            self._check_open_in(account, command.currency, "the hold")
         if command.expires_at <= self.now:
             raise HoldNotActive(f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
         self._check_debit(debit, command.amount_minor, "the hold")
