@@ -8,6 +8,8 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
 
+from ledger.domain.errors import AccountClosed, AccountNotEmpty, InsufficientFunds, InvalidAccount
+
 
 class AccountKind(StrEnum):
     # customer products
@@ -31,6 +33,8 @@ INTERNAL_KINDS = frozenset({
     AccountKind.CASHBACK_EXPENSE, AccountKind.MARKETPLACE_CLEARING, AccountKind.SUSPENSE,
 })
 BANK_OWNER = "bank"
+# Far below PostgreSQL's bigint (9.2e18), so that sums of many amounts still fit.
+CREDIT_LIMIT_MINOR_MAX = 10**13
 
 
 class AccountState(StrEnum):
@@ -70,21 +74,64 @@ class Account(Aggregate):
     def available_minor(self) -> int:
         return self.posted_minor - self.held_minor + self.credit_limit_minor
 
-    @event("Frozen")
+    # Public commands check their rule, then trigger the event (a private method), so a
+    # replay of stored events never re-runs a rule that may have changed since.
+
     def freeze(self) -> None:
+        if self.state == AccountState.CLOSED:
+            raise AccountClosed(f"account {self.id} is closed")
+        if self.state != AccountState.FROZEN:
+            self._freeze()
+
+    def unfreeze(self) -> None:
+        if self.state == AccountState.CLOSED:
+            raise AccountClosed(f"account {self.id} is closed")
+        if self.state == AccountState.FROZEN:
+            self._unfreeze()
+
+    def close(self) -> None:
+        """Only an empty account closes; the Batch flushes this batch's entries first."""
+        if self.state == AccountState.CLOSED:
+            raise AccountClosed(f"account {self.id} is closed")
+        if self.posted_minor != 0 or self.held_minor != 0:
+            raise AccountNotEmpty(
+                f"account {self.id} has balance {self.posted_minor} and holds {self.held_minor}"
+                f" {self.currency} (minor units); both must be zero"
+            )
+        self._close()
+
+    def set_credit_limit(self, credit_limit_minor: int) -> None:
+        if self.state == AccountState.CLOSED:
+            raise AccountClosed(f"account {self.id} is closed")
+        if self.is_internal:
+            raise InvalidAccount(f"account {self.id} is bank-internal: internal accounts carry no credit limit")
+        if type(credit_limit_minor) is not int or not 0 <= credit_limit_minor <= CREDIT_LIMIT_MINOR_MAX:
+            raise InvalidAccount(f"credit_limit_minor must be an integer from 0 to {CREDIT_LIMIT_MINOR_MAX}")
+        if self.posted_minor - self.held_minor < -credit_limit_minor:
+            raise InsufficientFunds(
+                f"account {self.id} already uses {self.held_minor - self.posted_minor} {self.currency} (minor units),"
+                f" more than a credit limit of {credit_limit_minor}"
+            )
+        self._set_credit_limit(credit_limit_minor=credit_limit_minor)
+
+    @event("Frozen")
+    def _freeze(self) -> None:
         self.state = AccountState.FROZEN.value
 
     @event("Unfrozen")
-    def unfreeze(self) -> None:
+    def _unfreeze(self) -> None:
         self.state = AccountState.OPEN.value
 
     @event("Closed")
-    def close(self) -> None:
+    def _close(self) -> None:
         self.state = AccountState.CLOSED.value
 
     @event("CreditLimitSet")
-    def set_credit_limit(self, credit_limit_minor: int) -> None:
+    def _set_credit_limit(self, credit_limit_minor: int) -> None:
         self.credit_limit_minor = credit_limit_minor
+
+    # Posted and HoldsChanged only record: the balance rules need the whole batch's view
+    # (posted + pending), so the Batch checks them before it flushes here.
 
     @event("Posted")
     def post(self, entries: list[dict], posted_at: datetime) -> None:

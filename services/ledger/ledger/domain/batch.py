@@ -5,6 +5,20 @@ same batch, or raises a LedgerError having changed nothing: everything is checke
 before anything is mutated, so a refused command never affects its neighbours.
 Balance changes are accumulated per account; `finish` gives each touched account one
 `Posted` event (and one `HoldsChanged`) and returns every aggregate to save.
+
+Decisions the writer and callers rely on:
+- ids: Account id = the caller's UUID; Transfer id = uuid5(namespace, transfer_id);
+  Hold id = uuid5(other namespace, hold_id); a capture posts a transfer with client id
+  `capture_transfer_id(hold_id, capture_id)` = "<hold_id>:capture:<capture_id>" (the
+  infix is refused in client transfer and hold ids).
+- a capture needs no funds check and ignores a freeze of the debit account: the money
+  was reserved when the hold was placed. A closed account refuses it (cannot happen to
+  the debit account, which cannot close while holding).
+- `ExpireHold` uses the batch's `now`; before `expires_at` it changes nothing and
+  answers `replayed=True`. A capture at or after `expires_at` is refused even before
+  the expiry sweep ran.
+- replays answer `replayed=True`: a transfer with its first result; a hold or capture
+  with the hold as it is now.
 """
 
 from __future__ import annotations
@@ -15,7 +29,7 @@ from typing import Any
 from uuid import UUID
 
 from ledger.domain import commands as c
-from ledger.domain.account import BANK_OWNER, INTERNAL_KINDS, Account, AccountKind, AccountState
+from ledger.domain.account import CREDIT_LIMIT_MINOR_MAX, Account, AccountKind, AccountState
 from ledger.domain.errors import (
     AccountClosed,
     AccountFrozen,
@@ -27,6 +41,7 @@ from ledger.domain.errors import (
     IdempotencyConflict,
     InsufficientFunds,
     InvalidAccount,
+    InvalidHold,
     LegCurrencyMismatch,
 )
 from ledger.domain.hold import Hold, HoldState
@@ -37,7 +52,8 @@ Loader = Callable[[UUID], Any]
 
 
 def capture_transfer_id(hold_id: str, capture_id: str) -> str:
-    return f"{hold_id}:capture:{capture_id}"
+    """The client transfer id of a capture (client ids may not contain the infix)."""
+    return f"{hold_id}{c.CAPTURE_INFIX}{capture_id}"
 
 
 def aggregate_ids_of(command: Any) -> list[UUID]:
@@ -46,12 +62,21 @@ def aggregate_ids_of(command: Any) -> list[UUID]:
         return [Transfer.id_for(command.transfer_id), *(leg.account_id for leg in command.legs)]
     if isinstance(command, c.PlaceHold):
         return [Hold.id_for(command.hold_id), command.debit_account_id, command.credit_account_id]
-    if isinstance(command, (c.CaptureHold, c.VoidHold, c.ExpireHold)):
+    if isinstance(command, c.CaptureHold):
+        return [Hold.id_for(command.hold_id), Transfer.id_for(capture_transfer_id(command.hold_id, command.capture_id))]
+    if isinstance(command, (c.VoidHold, c.ExpireHold)):
         return [Hold.id_for(command.hold_id)]
     return [command.account_id]
 
 
 class Batch:
+    """Apply commands in memory; `finish()` hands the writer every aggregate to save.
+
+    `load(aggregate_id)` returns the current aggregate or None. The Batch mutates the
+    aggregates it is given: if saving them fails, the writer must drop them (and reload).
+    Use a Batch once: execute commands, call `finish()`, save what it returns.
+    """
+
     def __init__(self, load: Loader, now: datetime) -> None:
         self._load = load
         self.now = now
@@ -142,23 +167,10 @@ class Batch:
             if not same:
                 raise IdempotencyConflict(f"account {command.account_id} already exists with other attributes")
             return AccountResult(str(existing.id), existing.state, replayed=True)
-        try:
-            kind = AccountKind(command.kind)
-        except ValueError:
-            raise InvalidAccount(f"unknown account kind {command.kind!r}; one of {[k.value for k in AccountKind]}") from None
-        if len(command.currency) != 3 or not command.currency.isalpha() or not command.currency.isupper():
-            raise InvalidAccount(f"currency must be an ISO 4217 code, got {command.currency!r}")
-        if command.credit_limit_minor < 0:
-            raise InvalidAccount("credit_limit_minor must not be negative")
-        if kind in INTERNAL_KINDS:
-            if command.owner_id != BANK_OWNER:
-                raise InvalidAccount(f"bank-internal accounts belong to {BANK_OWNER!r}")
-            if command.credit_limit_minor:
-                raise InvalidAccount("bank-internal accounts carry no credit limit")
-        elif command.owner_id == BANK_OWNER:
-            raise InvalidAccount("customer accounts belong to a customer, not to the bank")
+        c.check_account_shape(command)
         account = Account(
-            account_id=command.account_id, owner_id=command.owner_id, kind=kind.value, currency=command.currency,
+            account_id=command.account_id, owner_id=command.owner_id, kind=AccountKind(command.kind).value,
+            currency=command.currency,
             credit_limit_minor=command.credit_limit_minor,
         )
         self._touch(account)
@@ -194,18 +206,24 @@ class Batch:
                 f"account {account.id} has balance {posted} and holds {held} {account.currency} (minor units); both must be zero"
             )
         self._touch(account)
-        self._flush(account)
+        self._flush(account)  # the account now carries this batch's entries: its own rule agrees
         account.close()
         return AccountResult(str(account.id), account.state)
 
     def _set_credit_limit(self, command: c.SetCreditLimit) -> AccountResult:
         account = self.account(command.account_id)
+        if account.state == AccountState.CLOSED:
+            raise AccountClosed(f"account {account.id} is closed")
         if account.is_internal:
-            raise InvalidAccount("bank-internal accounts carry no credit limit")
-        if command.credit_limit_minor < 0:
-            raise InvalidAccount("credit_limit_minor must not be negative")
-        if self.posted_minor(account) - self.held_minor(account) < -command.credit_limit_minor:
-            raise InsufficientFunds(f"account {account.id} already uses more than a limit of {command.credit_limit_minor}")
+            raise InvalidAccount(f"account {account.id} is bank-internal: internal accounts carry no credit limit")
+        limit = command.credit_limit_minor
+        if type(limit) is not int or not 0 <= limit <= CREDIT_LIMIT_MINOR_MAX:
+            raise InvalidAccount(f"credit_limit_minor must be an integer from 0 to {CREDIT_LIMIT_MINOR_MAX}")
+        used = self.held_minor(account) - self.posted_minor(account)
+        if used > limit:
+            raise InsufficientFunds(
+                f"account {account.id} already uses {used} {account.currency} (minor units), more than a limit of {limit}"
+            )
         self._touch(account)
         self._flush(account)
         account.set_credit_limit(credit_limit_minor=command.credit_limit_minor)
@@ -235,7 +253,7 @@ class Batch:
         request_fingerprint = c.fingerprint(command)
         existing = self._get(Transfer.id_for(command.transfer_id))
         if existing is not None:
-            if existing.request_fingerprint != request_fingerprint:
+            if not isinstance(existing, Transfer) or existing.request_fingerprint != request_fingerprint:
                 raise IdempotencyConflict(f"transfer {command.transfer_id} was posted before with another body")
             return _transfer_result(existing, replayed=True)
         accounts = [self.account(leg.account_id) for leg in command.legs]
@@ -268,14 +286,14 @@ class Batch:
         request_fingerprint = c.fingerprint(command)
         existing = self._get(Hold.id_for(command.hold_id))
         if existing is not None:
-            if existing.request_fingerprint != request_fingerprint:
+            if not isinstance(existing, Hold) or existing.request_fingerprint != request_fingerprint:
                 raise IdempotencyConflict(f"hold {command.hold_id} was placed before with another body")
             return _hold_result(existing, replayed=True)
         debit, credit = self.account(command.debit_account_id), self.account(command.credit_account_id)
         for account in (debit, credit):
             self._check_open_in(account, command.currency, "the hold")
         if command.expires_at <= self.now:
-            raise HoldNotActive(f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
+            raise InvalidHold(f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
         self._check_debit(debit, command.amount_minor, "the hold")
         hold = Hold(
             client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
@@ -287,7 +305,7 @@ class Batch:
         return _hold_result(hold)
 
     def _capture_hold(self, command: c.CaptureHold) -> HoldResult:
-        c.check_client_id(command.capture_id, "capture_id")
+        c.check_capture_shape(command)
         hold = self.hold(command.hold_id)
         transfer_id = capture_transfer_id(command.hold_id, command.capture_id)
         if command.capture_id in hold.captures:
@@ -298,12 +316,14 @@ class Batch:
             raise HoldNotActive(f"hold {command.hold_id} is {hold.state}")
         if self.now >= hold.expires_at:
             raise HoldNotActive(f"hold {command.hold_id} expired at {hold.expires_at.isoformat()}")
-        if type(command.amount_minor) is not int or command.amount_minor <= 0:
-            raise CaptureExceedsHold("a capture's amount_minor must be a positive integer")
         if command.amount_minor > hold.remaining_minor:
             raise CaptureExceedsHold(
-                f"capture of {command.amount_minor} exceeds the {hold.remaining_minor} left on hold {command.hold_id}"
+                f"capture of {command.amount_minor} exceeds the {hold.remaining_minor} {hold.currency} (minor units)"
+                f" left on hold {command.hold_id}"
             )
+        if self._get(Transfer.id_for(transfer_id)) is not None:
+            # Cannot happen for ids checked by the shape rules; kept so that an old id never breaks a whole batch.
+            raise IdempotencyConflict(f"transfer {transfer_id} exists already; use another capture_id")
         debit = self.account(UUID(hold.debit_account_id))
         credit = self.account(UUID(hold.credit_account_id))
         for account in (debit, credit):
@@ -318,6 +338,7 @@ class Batch:
         transfer = Transfer(
             client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None, customer_ids=[], metadata={},
             request_fingerprint=c.fingerprint(command), posted_at=self.now, hold_id=command.hold_id,
+            capture_id=command.capture_id,
         )
         self._touch(transfer)
         self._touch(hold)

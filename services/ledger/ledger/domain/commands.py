@@ -6,19 +6,29 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from ledger.domain.errors import InvalidTransfer, UnbalancedTransfer
+from ledger.domain.account import BANK_OWNER, CREDIT_LIMIT_MINOR_MAX, INTERNAL_KINDS, AccountKind
+from ledger.domain.errors import InvalidAccount, InvalidHold, InvalidTransfer, UnbalancedTransfer
 
 LEGS_MIN = 2
 LEGS_MAX = 64
 METADATA_KEYS_MAX = 32
 METADATA_VALUE_CHARS_MAX = 256
 CUSTOMER_IDS_MAX = 16
+ID_CHARS_MAX = 128  # owner ids, customer ids, external refs
+# One leg, hold or capture moves at most 10^15 minor units (10^13 roubles): far below
+# PostgreSQL's bigint (9.2e18) in the read model, so balances summing many still fit.
+AMOUNT_MINOR_MAX = 10**15
+# A capture posts a transfer whose client id is f"{hold_id}{CAPTURE_INFIX}{capture_id}".
+# Client transfer and hold ids may not contain the infix, so no client id can ever equal
+# a capture's, and two different (hold, capture) pairs never give the same id.
+CAPTURE_INFIX = ":capture:"
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
 @dataclass(frozen=True)
@@ -96,52 +106,115 @@ class ExpireHold:
     hold_id: str
 
 
+def _canonical(value: Any) -> Any:
+    if isinstance(value, datetime):
+        # One instant, one fingerprint, whatever offset the caller wrote it in.
+        # (str() of a UTC datetime, as fingerprints were computed before this rule.)
+        return str(value.astimezone(UTC))
+    return str(value)
+
+
 def fingerprint(command: Any) -> str:
-    """sha256 of the command's canonical JSON: the same body gives the same fingerprint."""
-    canonical = json.dumps(asdict(command), sort_keys=True, separators=(",", ":"), default=str)
+    """sha256 of the command's canonical JSON: the same body gives the same fingerprint.
+
+    Keys sorted, no whitespace, UUIDs as strings, datetimes in UTC; tuples and lists
+    are the same JSON array.
+    """
+    canonical = json.dumps(asdict(command), sort_keys=True, separators=(",", ":"), default=_canonical)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def check_client_id(value: str, what: str) -> None:
-    if not _CLIENT_ID.match(value):
-        raise InvalidTransfer(f"{what} {value!r} must be 1-128 letters, digits, '.', '_', ':' or '-'")
+def check_client_id(value: str, what: str, error: type[InvalidTransfer] = InvalidTransfer) -> None:
+    if not isinstance(value, str) or not _CLIENT_ID.match(value):
+        raise error(f"{what} {value!r} must be 1-128 letters, digits, '.', '_', ':' or '-'")
 
 
-def check_code(code: str) -> None:
-    if not _CODE.match(code):
-        raise InvalidTransfer(f"code {code!r} must be lower_snake_case, at most 64 characters")
+def check_code(code: str, error: type[InvalidTransfer] = InvalidTransfer) -> None:
+    if not isinstance(code, str) or not _CODE.match(code):
+        raise error(f"code {code!r} must be lower_snake_case, at most 64 characters")
+
+
+def _check_amount(amount_minor: Any, what: str, error: type[InvalidTransfer]) -> None:
+    if type(amount_minor) is not int or not 0 < abs(amount_minor) <= AMOUNT_MINOR_MAX:
+        raise error(f"{what} must be a non-zero integer of at most {AMOUNT_MINOR_MAX} in absolute value, got {amount_minor!r}")
+
+
+def check_account_shape(command: OpenAccount) -> None:
+    """Kind, currency, owner and credit limit of a new account (InvalidAccount)."""
+    try:
+        kind = AccountKind(command.kind)
+    except ValueError:
+        raise InvalidAccount(f"unknown account kind {command.kind!r}; one of {[k.value for k in AccountKind]}") from None
+    if not isinstance(command.currency, str) or not _CURRENCY.match(command.currency):
+        raise InvalidAccount(f"currency must be an ISO 4217 code like 'RUB', got {command.currency!r}")
+    if not isinstance(command.owner_id, str) or not 1 <= len(command.owner_id) <= ID_CHARS_MAX:
+        raise InvalidAccount(f"owner_id must be 1-{ID_CHARS_MAX} characters")
+    if type(command.credit_limit_minor) is not int or not 0 <= command.credit_limit_minor <= CREDIT_LIMIT_MINOR_MAX:
+        raise InvalidAccount(f"credit_limit_minor must be an integer from 0 to {CREDIT_LIMIT_MINOR_MAX}")
+    if kind in INTERNAL_KINDS:
+        if command.owner_id != BANK_OWNER:
+            raise InvalidAccount(f"bank-internal accounts ({kind.value}) belong to {BANK_OWNER!r}, not {command.owner_id!r}")
+        if command.credit_limit_minor:
+            raise InvalidAccount("bank-internal accounts carry no credit limit")
+    elif command.owner_id == BANK_OWNER:
+        raise InvalidAccount(f"customer accounts ({kind.value}) belong to a customer, not to the bank")
 
 
 def check_transfer_shape(command: PostTransfer) -> None:
     check_client_id(command.transfer_id, "transfer_id")
+    if CAPTURE_INFIX in command.transfer_id:
+        raise InvalidTransfer(f"transfer_id {command.transfer_id!r} must not contain {CAPTURE_INFIX!r} (reserved for captures)")
     check_code(command.code)
     if not LEGS_MIN <= len(command.legs) <= LEGS_MAX:
         raise InvalidTransfer(f"a transfer has {LEGS_MIN} to {LEGS_MAX} legs, got {len(command.legs)}")
     accounts = [leg.account_id for leg in command.legs]
     if len(set(accounts)) != len(accounts):
-        raise InvalidTransfer("each account may appear in only one leg of a transfer")
+        repeated = sorted({str(a) for a in accounts if accounts.count(a) > 1})
+        raise InvalidTransfer(f"each account may appear in only one leg of a transfer; repeated: {repeated}")
     sums: dict[str, int] = {}
     for index, leg in enumerate(command.legs):
-        if type(leg.amount_minor) is not int or leg.amount_minor == 0:
-            raise InvalidTransfer(f"legs[{index}].amount_minor must be a non-zero integer")
+        _check_amount(leg.amount_minor, f"legs[{index}].amount_minor", InvalidTransfer)
+        if not isinstance(leg.currency, str) or not _CURRENCY.match(leg.currency):
+            raise InvalidTransfer(f"legs[{index}].currency must be an ISO 4217 code like 'RUB', got {leg.currency!r}")
         sums[leg.currency] = sums.get(leg.currency, 0) + leg.amount_minor
-    unbalanced = {currency: total for currency, total in sums.items() if total != 0}
+    unbalanced = {currency: total for currency, total in sorted(sums.items()) if total != 0}
     if unbalanced:
-        raise UnbalancedTransfer(f"legs must sum to zero per currency; off by {unbalanced}")
+        raise UnbalancedTransfer(f"legs must sum to zero per currency; off by {unbalanced} (minor units)")
     if len(command.metadata) > METADATA_KEYS_MAX or any(
-        len(k) > METADATA_VALUE_CHARS_MAX or len(v) > METADATA_VALUE_CHARS_MAX for k, v in command.metadata.items()
+        not isinstance(k, str) or not isinstance(v, str) or len(k) > METADATA_VALUE_CHARS_MAX or len(v) > METADATA_VALUE_CHARS_MAX
+        for k, v in command.metadata.items()
     ):
-        raise InvalidTransfer(f"metadata holds at most {METADATA_KEYS_MAX} keys of at most {METADATA_VALUE_CHARS_MAX} chars")
-    if len(command.customer_ids) > CUSTOMER_IDS_MAX:
-        raise InvalidTransfer(f"at most {CUSTOMER_IDS_MAX} customer ids")
+        raise InvalidTransfer(
+            f"metadata holds at most {METADATA_KEYS_MAX} string keys and values of at most {METADATA_VALUE_CHARS_MAX} chars"
+        )
+    if len(command.customer_ids) > CUSTOMER_IDS_MAX or any(
+        not isinstance(i, str) or not 1 <= len(i) <= ID_CHARS_MAX for i in command.customer_ids
+    ):
+        raise InvalidTransfer(f"at most {CUSTOMER_IDS_MAX} customer ids of 1-{ID_CHARS_MAX} characters")
+    if command.external_ref is not None and (
+        not isinstance(command.external_ref, str) or not 1 <= len(command.external_ref) <= ID_CHARS_MAX
+    ):
+        raise InvalidTransfer(f"external_ref must be 1-{ID_CHARS_MAX} characters")
 
 
 def check_hold_shape(command: PlaceHold) -> None:
-    check_client_id(command.hold_id, "hold_id")
-    check_code(command.code)
-    if type(command.amount_minor) is not int or command.amount_minor <= 0:
-        raise InvalidTransfer("a hold's amount_minor must be a positive integer")
+    check_client_id(command.hold_id, "hold_id", InvalidHold)
+    if CAPTURE_INFIX in command.hold_id:
+        raise InvalidHold(f"hold_id {command.hold_id!r} must not contain {CAPTURE_INFIX!r}")
+    check_code(command.code, InvalidHold)
+    _check_amount(command.amount_minor, "a hold's amount_minor", InvalidHold)
+    if command.amount_minor < 0:
+        raise InvalidHold(f"a hold's amount_minor must be positive, got {command.amount_minor}")
+    if not isinstance(command.currency, str) or not _CURRENCY.match(command.currency):
+        raise InvalidHold(f"currency must be an ISO 4217 code like 'RUB', got {command.currency!r}")
     if command.debit_account_id == command.credit_account_id:
-        raise InvalidTransfer("a hold's debit and credit accounts must differ")
-    if command.expires_at.tzinfo is None:
-        raise InvalidTransfer("expires_at must carry a timezone")
+        raise InvalidHold(f"a hold's debit and credit accounts must differ; both are {command.debit_account_id}")
+    if not isinstance(command.expires_at, datetime) or command.expires_at.tzinfo is None:
+        raise InvalidHold("expires_at must be a datetime with a timezone")
+
+
+def check_capture_shape(command: CaptureHold) -> None:
+    check_client_id(command.capture_id, "capture_id", InvalidHold)
+    _check_amount(command.amount_minor, "a capture's amount_minor", InvalidHold)
+    if command.amount_minor < 0:
+        raise InvalidHold(f"a capture's amount_minor must be positive, got {command.amount_minor}")

@@ -8,6 +8,8 @@ from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
+from ledger.domain.errors import CaptureExceedsHold, HoldNotActive, IdempotencyConflict, InvalidHold
+
 _HOLD_IDS = UUID("5d2c1e7a-3b4f-4c6d-8e9f-0a1b2c3d4e02")
 
 
@@ -19,6 +21,14 @@ class HoldState(StrEnum):
 
 
 class Hold(Aggregate):
+    """Funds reserved on `debit_account_id` until captured (in parts) into `credit_account_id`,
+    voided, or expired at `expires_at`. Keyed by the client's hold id (uuid5).
+
+    The reservation itself lives on the debit account (`Account.held_minor`, changed by
+    `HoldsChanged`); the hold remembers each capture id and its amount, so a retried
+    capture is answered, not applied twice.
+    """
+
     @staticmethod
     def create_id(client_hold_id: str) -> UUID:
         return uuid5(_HOLD_IDS, client_hold_id)
@@ -56,19 +66,53 @@ class Hold(Aggregate):
     def remaining_minor(self) -> int:
         return self.amount_minor - self.captured_minor - self.released_minor
 
-    @event("Captured")
+    # Public commands check their rule, then trigger the event (a private method). The
+    # Batch checks the same rules (and the deadline, which needs `now`) before calling.
+
     def capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str) -> None:
+        self._check_active()
+        if type(amount_minor) is not int or amount_minor <= 0:
+            raise InvalidHold(f"a capture of hold {self.client_hold_id} must be a positive integer amount_minor")
+        if amount_minor > self.remaining_minor:
+            raise CaptureExceedsHold(
+                f"capture of {amount_minor} exceeds the {self.remaining_minor} {self.currency} (minor units)"
+                f" left on hold {self.client_hold_id}"
+            )
+        if capture_id in self.captures:
+            raise IdempotencyConflict(f"capture {capture_id} of hold {self.client_hold_id} was recorded before")
+        self._capture(client_hold_id=client_hold_id, capture_id=capture_id, amount_minor=amount_minor,
+                      transfer_id=transfer_id)
+
+    def void(self, client_hold_id: str, released_minor: int) -> None:
+        self._check_release(released_minor)
+        self._void(client_hold_id=client_hold_id, released_minor=released_minor)
+
+    def expire(self, client_hold_id: str, released_minor: int) -> None:
+        self._check_release(released_minor)
+        self._expire(client_hold_id=client_hold_id, released_minor=released_minor)
+
+    def _check_active(self) -> None:
+        if self.state != HoldState.ACTIVE:
+            raise HoldNotActive(f"hold {self.client_hold_id} is {self.state}")
+
+    def _check_release(self, released_minor: int) -> None:
+        self._check_active()
+        # Programmer error, not a refusal: a release frees exactly what is left.
+        assert released_minor == self.remaining_minor, (released_minor, self.remaining_minor)
+
+    @event("Captured")
+    def _capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str) -> None:
         self.captured_minor += amount_minor
         self.captures[capture_id] = amount_minor
         if self.remaining_minor == 0:
             self.state = HoldState.CAPTURED.value
 
     @event("Voided")
-    def void(self, client_hold_id: str, released_minor: int) -> None:
+    def _void(self, client_hold_id: str, released_minor: int) -> None:
         self.released_minor += released_minor
         self.state = HoldState.VOIDED.value
 
     @event("Expired")
-    def expire(self, client_hold_id: str, released_minor: int) -> None:
+    def _expire(self, client_hold_id: str, released_minor: int) -> None:
         self.released_minor += released_minor
         self.state = HoldState.EXPIRED.value

@@ -11,6 +11,14 @@ _TRANSFER_IDS = UUID("0b8f7e4c-7d0e-4d8a-9a4f-2f6f1c3b5a01")
 
 
 class Transfer(Aggregate):
+    """Immutable once posted: the record of who paid whom, why, and when.
+
+    Its id is uuid5 of the client's transfer id, so a retried request finds it; the
+    stored `request_fingerprint` tells a retry (same body) from a conflict (other body).
+    A capture of a hold posts a transfer too, with the client id
+    `capture_transfer_id(hold_id, capture_id)` (see batch.py) and `hold_id`/`capture_id` set.
+    """
+
     @staticmethod
     def create_id(client_transfer_id: str) -> UUID:
         return uuid5(_TRANSFER_IDS, client_transfer_id)
@@ -31,6 +39,7 @@ class Transfer(Aggregate):
         request_fingerprint: str,
         posted_at: datetime,
         hold_id: str | None = None,
+        capture_id: str | None = None,
     ) -> None:
         self.client_transfer_id = client_transfer_id
         self.legs = legs  # {"account_id": str, "amount_minor": int, "currency": str}
@@ -40,4 +49,5 @@ class Transfer(Aggregate):
         self.metadata = metadata
         self.request_fingerprint = request_fingerprint
         self.posted_at = posted_at
-        self.hold_id = hold_id
+        self.hold_id = hold_id  # set when this transfer is a hold's capture
+        self.capture_id = capture_id

@@ -1,4 +1,6 @@
-"""An in-memory ledger for domain tests: a dict of aggregates and the batch around it."""
+"""An in-memory ledger for domain tests: the batch, a dict of live aggregates (the
+writer's cache), and an eventsourcing Application on POPO storage that every batch is
+saved into, so events really go through the transcoder and snapshots get taken."""
 
 from __future__ import annotations
 
@@ -6,21 +8,32 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
+from eventsourcing.application import Application
+
 from ledger.domain import commands as c
+from ledger.domain.account import INTERNAL_KINDS, Account
 from ledger.domain.batch import Batch
 from ledger.domain.errors import LedgerError
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 
 
+class StoreApp(Application):
+    """Default (POPO, in-memory) persistence; small interval so snapshots are used too."""
+
+    snapshotting_intervals = {Account: 3}
+
+
 class World:
-    def __init__(self) -> None:
-        self.store: dict[UUID, Any] = {}
+    def __init__(self, store: dict[UUID, Any] | None = None, now: datetime = T0) -> None:
+        """With a `store` given (a copy of another world's), batches are not saved to an event store."""
+        self.store: dict[UUID, Any] = {} if store is None else store  # live aggregates, as the writer caches them
+        self.app = StoreApp() if store is None else None
         self.saved_events: list[Any] = []
-        self.now = T0
+        self.now = now
 
     def run(self, *commands: Any) -> list[Any]:
-        """One writer batch: results or the LedgerError of each command, then 'save'."""
+        """One writer batch: results or the LedgerError of each command, then save all in one go."""
         batch = Batch(self.store.get, self.now)
         outcomes = []
         for command in commands:
@@ -28,8 +41,12 @@ class World:
                 outcomes.append(batch.execute(command))
             except LedgerError as error:
                 outcomes.append(error)
-        for aggregate in batch.finish():
-            self.saved_events.extend(aggregate.collect_events())
+        self.last_saved = batch.finish()
+        if self.last_saved and self.app is not None:
+            recordings = self.app.save(*self.last_saved)
+            self.saved_events.extend(r.domain_event for r in recordings)
+        for aggregate in self.last_saved:
+            aggregate.collect_events()  # saved above, or dropped by a world without a store
             self.store[aggregate.id] = aggregate
         return outcomes
 
@@ -41,18 +58,17 @@ class World:
 
     def open(self, kind: str = "card", owner: str = "alice", currency: str = "RUB", limit: int = 0) -> UUID:
         account_id = uuid4()
-        self.one(c.OpenAccount(account_id, owner if kind not in INTERNAL else "bank", kind, currency, limit))
+        self.one(c.OpenAccount(account_id, "bank" if kind in INTERNAL_KINDS else owner, kind, currency, limit))
         return account_id
 
-    def account(self, account_id: UUID):
+    def account(self, account_id: UUID) -> Account:
         return self.store[account_id]
 
-    def later(self, **delta) -> None:
+    def events_of(self, aggregate_id: UUID, since: int = 0) -> list[str]:
+        return [type(e).__qualname__ for e in self.saved_events[since:] if e.originator_id == aggregate_id]
+
+    def later(self, **delta: float) -> None:
         self.now += timedelta(**delta)
-
-
-INTERNAL = {"settlement", "fee_income", "interest_expense", "interest_income", "cashback_expense",
-            "marketplace_clearing", "suspense"}
 
 
 def transfer(transfer_id: str, *legs: tuple[UUID, int], code: str = "p2p", currency: str = "RUB") -> c.PostTransfer:

@@ -1,0 +1,258 @@
+"""More rules of the ledger: holds and freezes, idempotency of holds and captures, limits,
+ids, the aggregates' own guards, and the domain layer's purity."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from datetime import timedelta, timezone
+from uuid import uuid4
+
+import pytest
+
+from ledger.domain import commands as c
+from ledger.domain import errors
+from ledger.domain.batch import aggregate_ids_of, capture_transfer_id
+from ledger.domain.errors import (
+    AccountClosed,
+    AccountFrozen,
+    AccountNotEmpty,
+    CaptureExceedsHold,
+    HoldNotActive,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAccount,
+    InvalidHold,
+    InvalidTransfer,
+    UnbalancedTransfer,
+)
+from ledger.domain.transfer import Transfer
+from services.ledger.tests.unit.ledger_world import T0, World, transfer
+
+DAY = timedelta(days=1)
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def funded(world: World, amount: int = 1_000, **kwargs):
+    settlement = world.open("settlement")
+    card = world.open(**kwargs)
+    world.one(transfer(f"fund-{card}", (settlement, -amount), (card, amount), code="top_up"))
+    return settlement, card
+
+
+def hold(hold_id: str, debit, credit, amount: int, expires_at=T0 + DAY, code: str = "card_purchase") -> c.PlaceHold:
+    return c.PlaceHold(hold_id, debit, credit, amount, "RUB", expires_at, code)
+
+
+def test_every_refusal_has_a_stable_code_and_status():
+    expected = {
+        "AccountNotFound": ("account_not_found", 404), "InsufficientFunds": ("insufficient_funds", 409),
+        "AccountFrozen": ("account_frozen", 409), "AccountClosed": ("account_closed", 409),
+        "LegCurrencyMismatch": ("currency_mismatch", 422), "UnbalancedTransfer": ("unbalanced_transfer", 422),
+        "InvalidTransfer": ("invalid_transfer", 422), "IdempotencyConflict": ("idempotency_conflict", 409),
+        "HoldNotFound": ("hold_not_found", 404), "HoldNotActive": ("hold_not_active", 409),
+        "CaptureExceedsHold": ("capture_exceeds_hold", 409), "AccountNotEmpty": ("account_not_empty", 409),
+        "InvalidHold": ("invalid_hold", 422), "InvalidAccount": ("invalid_account", 422),
+    }
+    for name, (code, status) in expected.items():
+        error = getattr(errors, name)
+        assert issubclass(error, errors.LedgerError) and (error.code, error.status) == (code, status)
+
+
+def test_a_hold_reserves_funds_for_later_commands_of_the_same_batch(world):
+    settlement, card = funded(world, 1_000)
+    placed, refused = world.run(hold("h1", card, settlement, 700), transfer("spend", (card, -301), (settlement, 301)))
+    assert placed.remaining_minor == 700 and isinstance(refused, InsufficientFunds)
+    assert "300" in str(refused) and "301" in str(refused)
+
+
+def test_capture_of_a_hold_placed_before_a_freeze_still_goes_through(world):
+    # The money was reserved when the hold was placed; the freeze stops new spending only.
+    settlement, card = funded(world, 1_000)
+    merchant = world.open("marketplace_clearing")
+    world.one(hold("h1", card, merchant, 400))
+    world.one(c.FreezeAccount(card))
+    result = world.one(c.CaptureHold("h1", "clearing-1", 400))
+    assert result.state == "captured" and result.transfer_id == capture_transfer_id("h1", "clearing-1")
+    assert (world.account(card).posted_minor, world.account(card).held_minor) == (600, 0)
+    with pytest.raises(AccountFrozen):
+        world.one(hold("h2", card, merchant, 1))
+
+
+def test_a_capture_posts_a_transfer_that_links_back_to_its_hold(world):
+    settlement, card = funded(world, 1_000)
+    merchant = world.open("marketplace_clearing")
+    world.one(hold("h1", card, merchant, 400))
+    world.one(c.CaptureHold("h1", "c1", 150))
+    posted = world.store[Transfer.id_for("h1:capture:c1")]
+    assert (posted.hold_id, posted.capture_id, posted.code) == ("h1", "c1", "card_purchase")
+    assert posted.legs == [{"account_id": str(card), "amount_minor": -150, "currency": "RUB"},
+                           {"account_id": str(merchant), "amount_minor": 150, "currency": "RUB"}]
+
+
+def test_same_hold_id_same_body_returns_the_hold_and_other_body_is_conflict(world):
+    settlement, card = funded(world, 1_000)
+    first = world.one(hold("h1", card, settlement, 100))
+    again = world.one(hold("h1", card, settlement, 100))
+    assert again.replayed and again.hold_id == first.hold_id and world.account(card).held_minor == 100
+    with pytest.raises(IdempotencyConflict):
+        world.one(hold("h1", card, settlement, 200))
+
+
+def test_same_capture_id_other_amount_is_conflict(world):
+    settlement, card = funded(world, 1_000)
+    world.one(hold("h1", card, settlement, 500))
+    world.one(c.CaptureHold("h1", "c1", 100))
+    with pytest.raises(IdempotencyConflict):
+        world.one(c.CaptureHold("h1", "c1", 101))
+    assert world.account(card).posted_minor == 900
+
+
+def test_same_body_with_the_same_instant_in_another_offset_is_a_replay(world):
+    settlement, card = funded(world, 1_000)
+    moscow = timezone(timedelta(hours=3))
+    world.one(hold("h1", card, settlement, 100, expires_at=T0 + DAY))
+    assert world.one(hold("h1", card, settlement, 100, expires_at=(T0 + DAY).astimezone(moscow))).replayed
+
+
+def test_void_and_capture_of_a_finished_hold_are_refused(world):
+    settlement, card = funded(world, 1_000)
+    world.one(hold("h1", card, settlement, 100))
+    world.one(c.CaptureHold("h1", "all", 100))
+    with pytest.raises(HoldNotActive):
+        world.one(c.VoidHold("h1"))
+    world.one(hold("h2", card, settlement, 100))
+    world.one(c.VoidHold("h2"))
+    with pytest.raises(HoldNotActive):
+        world.one(c.CaptureHold("h2", "late", 1))
+
+
+def test_a_hold_must_expire_in_the_future_and_move_a_positive_amount(world):
+    settlement, card = funded(world, 1_000)
+    with pytest.raises(InvalidHold):
+        world.one(hold("past", card, settlement, 1, expires_at=T0))
+    with pytest.raises(InvalidHold):
+        world.one(hold("zero", card, settlement, 0))
+    with pytest.raises(InvalidHold):
+        world.one(hold("self", card, card, 1))
+    with pytest.raises(InvalidHold):
+        world.one(hold("naive", card, settlement, 1, expires_at=(T0 + DAY).replace(tzinfo=None)))
+
+
+def test_closing_with_a_live_hold_is_refused_until_it_is_voided(world):
+    settlement = world.open("settlement")
+    card = world.open(limit=100)  # posted 0, yet it can reserve against its limit
+    world.one(hold("h1", card, settlement, 80))
+    world.one(c.CaptureHold("h1", "part", 30))
+    world.one(transfer("repay", (settlement, -30), (card, 30)))
+    with pytest.raises(AccountNotEmpty, match="balance 0 and holds 50"):
+        world.one(c.CloseAccount(card))
+    world.one(c.VoidHold("h1"))
+    assert world.one(c.CloseAccount(card)).state == "closed"
+    assert world.one(c.CloseAccount(card)).replayed
+    with pytest.raises(AccountClosed):
+        world.one(c.FreezeAccount(card))
+
+
+def test_emptying_and_closing_in_one_batch_keeps_entries_before_closed(world):
+    settlement, card = funded(world, 100)
+    before = len(world.saved_events)
+    emptied, closed = world.run(transfer("empty", (card, -100), (settlement, 100)), c.CloseAccount(card))
+    assert closed.state == "closed"
+    assert world.events_of(card, before) == ["Account.Posted", "Account.Closed"]
+
+
+def test_credit_limit_cannot_drop_below_what_is_used(world):
+    settlement, card = funded(world, 1, limit=500)
+    world.one(transfer("spend", (card, -301), (settlement, 301)))
+    with pytest.raises(InsufficientFunds):
+        world.one(c.SetCreditLimit(card, 299))
+    world.one(c.SetCreditLimit(card, 300))
+    assert world.account(card).available_minor == 0
+    with pytest.raises(InvalidAccount):
+        world.one(c.SetCreditLimit(settlement, 100))
+
+
+def test_amounts_are_integers_within_limits(world):
+    settlement, card = funded(world)
+    with pytest.raises(InvalidTransfer):
+        world.one(transfer("float", (card, -1.5), (settlement, 1.5)))
+    huge = c.AMOUNT_MINOR_MAX + 1
+    with pytest.raises(InvalidTransfer):
+        world.one(transfer("huge", (settlement, -huge), (card, huge)))
+    with pytest.raises(InvalidAccount):
+        world.one(c.OpenAccount(uuid4(), "alice", "card", "RUB", credit_limit_minor=10.0))
+
+
+def test_transfer_shape_limits(world):
+    settlement, card = funded(world)
+    with pytest.raises(InvalidTransfer):
+        world.one(transfer("one-leg", (card, -1)))
+    many = [world.open("suspense") for _ in range(c.LEGS_MAX)]
+    legs = [(a, 1) for a in many] + [(settlement, -c.LEGS_MAX)]
+    with pytest.raises(InvalidTransfer, match="65"):
+        world.one(transfer("too-many", *legs))
+    world.one(transfer("max", *[(a, 1) for a in many[1:]], (settlement, -(c.LEGS_MAX - 1))))  # 64 legs is fine
+    with pytest.raises(InvalidTransfer):
+        world.one(transfer("Bad Code", (card, -1), (settlement, 1), code="Card Purchase"))
+    with pytest.raises(InvalidTransfer):
+        world.one(c.PostTransfer("meta", (c.Leg(card, -1, "RUB"), c.Leg(settlement, 1, "RUB")), "p2p",
+                                 metadata={f"k{i}": "v" for i in range(c.METADATA_KEYS_MAX + 1)}))
+
+
+def test_legs_must_balance_in_each_currency_not_in_total(world):
+    with pytest.raises(UnbalancedTransfer, match="RUB"):
+        world.one(c.PostTransfer("fx", (c.Leg(uuid4(), -100, "RUB"), c.Leg(uuid4(), 100, "USD")), "fx"))
+
+
+def test_no_client_id_can_take_a_captures_transfer_id(world):
+    settlement, card = funded(world)
+    with pytest.raises(InvalidTransfer, match="reserved"):
+        world.one(transfer("h1:capture:c1", (card, -1), (settlement, 1)))
+    with pytest.raises(InvalidHold):
+        world.one(hold("a:capture:b", card, settlement, 1))
+
+
+def test_the_writer_is_told_every_aggregate_a_capture_will_touch():
+    capture = c.CaptureHold("h1", "c1", 10)
+    assert Transfer.id_for(capture_transfer_id("h1", "c1")) in aggregate_ids_of(capture)
+
+
+def test_aggregates_guard_their_own_rules(world):
+    settlement, card = funded(world, 100)
+    with pytest.raises(AccountNotEmpty):
+        world.account(card).close()
+    world.one(hold("h1", card, settlement, 60))
+    held = world.store[next(k for k, v in world.store.items() if getattr(v, "client_hold_id", None) == "h1")]
+    with pytest.raises(CaptureExceedsHold):
+        held.capture(client_hold_id="h1", capture_id="x", amount_minor=61, transfer_id="t")
+    assert held.pending_events == [] and held.remaining_minor == 60
+
+
+def test_every_event_survives_the_store_and_snapshots(world):
+    settlement, card = funded(world, 1_000, limit=200)
+    merchant = world.open("marketplace_clearing")
+    world.run(hold("h1", card, merchant, 300), c.SetCreditLimit(card, 100), c.FreezeAccount(card))
+    world.run(c.CaptureHold("h1", "c1", 100), c.UnfreezeAccount(card), transfer("p", (card, -5), (merchant, 5)))
+    world.later(days=2)
+    world.run(c.ExpireHold("h1"))
+    for aggregate_id, live in world.store.items():
+        assert world.app.repository.get(aggregate_id) == live
+
+
+DOMAIN = pathlib.Path(__file__).resolve().parents[2] / "ledger" / "domain"
+IO_LIBRARIES = {"asyncpg", "psycopg", "psycopg2", "fastapi", "faststream", "opentelemetry", "aiokafka", "httpx", "anyio"}
+
+
+def test_the_domain_layer_imports_no_io_library():
+    for module in DOMAIN.glob("*.py"):
+        tree = ast.parse(module.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in IO_LIBRARIES, f"{module.name} imports {name}"
