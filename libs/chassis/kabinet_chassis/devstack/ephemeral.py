@@ -59,7 +59,11 @@ class EphemeralStack:
         )
 
     def __enter__(self) -> EphemeralStack:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # a server that did start must not outlive a failed start of the other
+            raise
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
