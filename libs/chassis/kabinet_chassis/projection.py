@@ -5,12 +5,19 @@ were posted; reading the local log in notification order gives exactly that, wit
 broker hop. Each page is applied in one transaction together with the tracked
 position, so a crash replays the page and changes nothing twice. (Other services'
 events arrive through the idempotent Kafka consumers in consumers.py instead.)
+
+The writer in the same process may hand over what it just committed (`notify(page)`):
+when that page starts right after the projection's position and its ids run without
+a gap, no other event can sit in between, so it is applied as is, sparing a read and
+a decode of the log. Anything else (a gap, a restart, another writer) falls back to
+reading the log, which stays the one source of truth.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -30,6 +37,7 @@ CREATE TABLE IF NOT EXISTS projection_position (
 
 # Applies one page of (notification id, domain event) pairs inside the given transaction.
 ApplyPage = Callable[[asyncpg.Connection, Sequence[tuple[int, Any]]], Awaitable[None]]
+HANDED_OVER_PAGES_MAX = 64  # beyond this the projection is far behind: it reads the log instead
 
 
 class LocalProjection:
@@ -56,9 +64,15 @@ class LocalProjection:
         self.position = 0
         self._advanced = asyncio.Event()
         self._new_events = asyncio.Event()
+        self._handed_over: deque[Sequence[tuple[int, Any]]] = deque(maxlen=HANDED_OVER_PAGES_MAX)
 
-    def notify(self) -> None:
-        """The writer committed new events: catch up now instead of at the next poll."""
+    def notify(self, committed: Sequence[tuple[int, Any]] = ()) -> None:
+        """The writer committed new events: catch up now instead of at the next poll.
+
+        `committed`: the (notification id, domain event) pairs it just committed, in order.
+        """
+        if committed:
+            self._handed_over.append(committed)
         self._new_events.set()
 
     async def start(self) -> None:
@@ -89,12 +103,14 @@ class LocalProjection:
 
     async def catch_up_once(self) -> bool:
         """Apply the next page; False when there was nothing new."""
-        notifications = await self.threads.run(
-            lambda: self.recorder.select_notifications(start=self.position, limit=self.page_size, inclusive_of_start=False)
-        )
-        if not notifications:
-            return False
-        page = [(n.id, self.mapper.to_domain_event(n)) for n in notifications]
+        page = self._next_handed_over_page()
+        if page is None:
+            notifications = await self.threads.run(
+                lambda: self.recorder.select_notifications(start=self.position, limit=self.page_size, inclusive_of_start=False)
+            )
+            if not notifications:
+                return False
+            page = [(n.id, self.mapper.to_domain_event(n)) for n in notifications]
         async with self.pool.acquire() as connection, connection.transaction():
             # A read model is derived data: if the server crashes before this commit
             # reaches disk, the tracked position rolls back with it and the page is
@@ -103,15 +119,32 @@ class LocalProjection:
             stored = await connection.fetchval(
                 "SELECT position FROM projection_position WHERE projection = $1 FOR UPDATE", self.name
             )
-            page = [(position, event) for position, event in page if position > stored]
-            if page:
-                await self.apply_page(connection, page)
+            unapplied = [(position, event) for position, event in page if position > stored]
+            if unapplied:
+                await self.apply_page(connection, unapplied)
                 await connection.execute(
-                    "UPDATE projection_position SET position = $2 WHERE projection = $1", self.name, page[-1][0]
+                    "UPDATE projection_position SET position = $2 WHERE projection = $1", self.name, unapplied[-1][0]
                 )
-        self.position = notifications[-1].id
+        self.position = page[-1][0]
         self._advanced.set()
         return True
+
+    def _next_handed_over_page(self) -> list[tuple[int, Any]] | None:
+        """The writer's pages joined up to page_size, if they follow on without a gap."""
+        while self._handed_over and self._handed_over[0][-1][0] <= self.position:
+            self._handed_over.popleft()  # already applied from the log
+        page: list[tuple[int, Any]] = []
+        expected_id = self.position + 1
+        while self._handed_over and len(page) < self.page_size:
+            committed = self._handed_over[0]
+            if committed[0][0] != expected_id or committed[-1][0] != expected_id + len(committed) - 1:
+                break
+            page.extend(self._handed_over.popleft())
+            expected_id = page[-1][0] + 1
+        if not page:
+            self._handed_over.clear()  # a gap: the log decides
+            return None
+        return page
 
     async def wait_for(self, position: int, timeout_s: float = 30.0) -> None:
         """Wait until the projection has applied `position` (read-your-writes for the API)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -54,11 +54,16 @@ class _Request:
 
 class BatchedWriter:
     def __init__(
-        self, app: LedgerApplication, clock: Callable[[], datetime], on_saved: Callable[[], None] = lambda: None
+        self,
+        app: LedgerApplication,
+        clock: Callable[[], datetime],
+        on_saved: Callable[[Sequence[tuple[int, Any]]], None] = lambda committed: None,
     ) -> None:
         self.app = app
         self.clock = clock
-        self.on_saved = on_saved  # e.g. wake the projection
+        # Called with the (notification id, domain event) pairs of each committed batch,
+        # e.g. to hand them to the projection.
+        self.on_saved = on_saved
         self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=QUEUE_MAX)
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
         self._absent: set[UUID] = set()  # ids the current batch knows to be new
@@ -92,12 +97,13 @@ class BatchedWriter:
                 else:
                     batch.append(self.queue.get_nowait())
             try:
-                outcomes = await anyio.to_thread.run_sync(self._write, [r.command for r in batch])
+                outcomes, committed = await anyio.to_thread.run_sync(self._write, [r.command for r in batch])
             except Exception as error:  # the store is down: every caller gets the error, nothing was saved
                 log.exception("ledger batch of %d failed to save", len(batch))
                 outcomes = [error] * len(batch)
             else:
-                self.on_saved()
+                if committed:
+                    self.on_saved(committed)
             for request, outcome in zip(batch, outcomes, strict=True):
                 if request.future.done():
                     continue  # the caller went away
@@ -106,7 +112,8 @@ class BatchedWriter:
                 else:
                     request.future.set_result(outcome)
 
-    def _write(self, commands: list[Any]) -> list[Any]:
+    def _write(self, commands: list[Any]) -> tuple[list[Any], list[tuple[int, Any]]]:
+        """Each command's result or refusal, and the (notification id, event) pairs committed."""
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
             self._prefetch(commands)
             batch = Batch(self._load, self.clock())
@@ -118,7 +125,7 @@ class BatchedWriter:
                     outcomes.append(refusal)
             aggregates = batch.finish()
             if not aggregates:
-                return outcomes
+                return outcomes, []
             try:
                 recordings = self.app.save(*aggregates)
             except IntegrityError:
@@ -132,17 +139,18 @@ class BatchedWriter:
                 raise
             for aggregate in aggregates:
                 self._remember(aggregate)
-            if recordings:
-                self.last_position = max(r.notification.id for r in recordings)
+            committed = sorted(((r.notification.id, r.domain_event) for r in recordings), key=lambda pair: pair[0])
+            if committed:
+                self.last_position = committed[-1][0]
             self.batches_total += 1
             self.commands_total += len(commands)
-            return outcomes
+            return outcomes, committed
         raise AssertionError("unreachable")
 
     def _prefetch(self, commands: list[Any]) -> None:
         """Learn in one query which of the batch's uncached aggregates exist at all."""
         wanted = {aggregate_id for command in commands for aggregate_id in aggregate_ids_of(command)}
-        unknown = wanted - self._cache.keys()
+        unknown = {aggregate_id for aggregate_id in wanted if aggregate_id not in self._cache}  # O(batch), not O(cache)
         self._absent = unknown - self.app.existing_ids(unknown)
 
     def _load(self, aggregate_id: UUID) -> Any | None:
