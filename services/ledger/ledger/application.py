@@ -22,11 +22,11 @@ class LedgerApplication(Application):
         Most commands name a new transfer id; asking the store about each one separately
         would cost a round trip per transfer just to learn that it is new.
         """
-        ids = list(set(aggregate_ids))
+        ids = [str(aggregate_id) for aggregate_id in set(aggregate_ids)]  # text, cast in SQL: psycopg dumps str lists fastest
         if not ids:
             return set()
         recorder = self.recorder
-        statement = SQL("SELECT DISTINCT originator_id FROM {schema}.{table} WHERE originator_id = ANY(%s)").format(
+        statement = SQL("SELECT DISTINCT originator_id FROM {schema}.{table} WHERE originator_id = ANY(%s::uuid[])").format(
             schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name)
         )
         with recorder.datastore.transaction(commit=False) as cursor:

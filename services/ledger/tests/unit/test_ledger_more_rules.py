@@ -256,3 +256,19 @@ def test_the_domain_layer_imports_no_io_library():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in IO_LIBRARIES, f"{module.name} imports {name}"
+
+
+def test_a_request_fingerprint_is_the_sha256_of_its_canonical_json_so_retries_stored_long_ago_still_match():
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    account, other = uuid4(), uuid4()
+    commands = [
+        c.PostTransfer("t-1", (c.Leg(account, -5, "RUB"), c.Leg(other, 5, "RUB")), "p2p", "ext-1", ("cust-1",),
+                       {"b": "2", "a": "1"}),
+        c.PlaceHold("h-1", account, other, 7, "RUB", T0 + timedelta(days=1), "card_auth"),
+    ]
+    for command in commands:
+        canonical = json.dumps(asdict(command), sort_keys=True, separators=(",", ":"), default=str)
+        assert c.fingerprint(command) == hashlib.sha256(canonical.encode()).hexdigest()
