@@ -88,12 +88,9 @@ class DevStack:
         return {"database": database, "broker": kafka}
 
     def _testcontainers(self) -> StackEndpoints:
-        try:
-            from testcontainers.community.kafka import KafkaContainer  # type: ignore[import-not-found]
-            from testcontainers.postgres import PostgresContainer
-        except ImportError:
-            from testcontainers.kafka import KafkaContainer
-            from testcontainers.postgres import PostgresContainer
+        from testcontainers.community.kafka import KafkaContainer
+        from testcontainers.postgres import PostgresContainer
+
         try:
             postgres = PostgresContainer("postgres:18").start()
             kafka = KafkaContainer().with_kraft().start()
