@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -16,6 +17,13 @@ from aiokafka.errors import OffsetOutOfRangeError, TopicAlreadyExistsError, Unkn
 DEFAULT_PARTITIONS = 4
 _REQUEST_TIMEOUT_MS = 10_000
 
+# murmur2 of the Java client (org.apache.kafka.common.utils.Utils.murmur2), which
+# aiokafka's DefaultPartitioner uses: a key must land on the partition any producer
+# would choose for it.
+_MURMUR2_SEED = 0x9747B28C
+_MURMUR2_MULTIPLIER = 0x5BD1E995
+_UINT32_MASK = 0xFFFFFFFF
+
 
 def new_producer(bootstrap_servers: str, enable_idempotence: bool) -> AIOKafkaProducer:
     return AIOKafkaProducer(
@@ -26,6 +34,39 @@ def new_producer(bootstrap_servers: str, enable_idempotence: bool) -> AIOKafkaPr
         max_batch_size=256 * 1024,
         request_timeout_ms=_REQUEST_TIMEOUT_MS,
     )
+
+
+def murmur2(data: bytes) -> int:
+    """The same hash as `aiokafka.partitioner.murmur2`, at half its cost.
+
+    aiokafka's reads the key byte by byte and masks after every operation; for the
+    relay that was a quarter of its CPU per event. Here one `struct` call reads all
+    the little-endian 32-bit words and each step masks once.
+    """
+    length = len(data)
+    h = _MURMUR2_SEED ^ length
+    for k in struct.unpack_from(f"<{length >> 2}I", data):
+        k = (k * _MURMUR2_MULTIPLIER) & _UINT32_MASK
+        # The low 32 bits of a product or xor depend only on the low 32 bits of its operands.
+        h = ((h * _MURMUR2_MULTIPLIER) ^ ((k ^ (k >> 24)) * _MURMUR2_MULTIPLIER)) & _UINT32_MASK
+    tail_length = length & 3
+    if tail_length:
+        tail_start = length - tail_length
+        if tail_length == 3:
+            h ^= data[tail_start + 2] << 16
+        if tail_length >= 2:
+            h ^= data[tail_start + 1] << 8
+        h ^= data[tail_start]
+        h = (h * _MURMUR2_MULTIPLIER) & _UINT32_MASK
+    h ^= h >> 13
+    h = (h * _MURMUR2_MULTIPLIER) & _UINT32_MASK
+    h ^= h >> 15
+    return h
+
+
+def partition_for_key(key: bytes, partitions: list[int]) -> int:
+    """What aiokafka's DefaultPartitioner picks for a key, given the topic's sorted partitions."""
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
 async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: int = DEFAULT_PARTITIONS) -> None:

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aiokafka.partitioner import DefaultPartitioner
 from eventsourcing.persistence import ApplicationRecorder, Notification
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from kabinet_chassis.eventstore import TracingMapper, WorkerThreads
-from kabinet_chassis.kafka import DEFAULT_PARTITIONS, ensure_topics, new_producer, records_at
+from kabinet_chassis.kafka import DEFAULT_PARTITIONS, ensure_topics, new_producer, partition_for_key, records_at
 from kabinet_contracts.envelope import IntegrationEvent
 
 log = logging.getLogger(__name__)
@@ -87,8 +86,6 @@ class OutboxRelay:
         self.last_published: dict[int, tuple[int, int]] = {}
         self.is_leader = False
         self.published_total = 0
-        # The Java client's murmur2 partitioner, as aiokafka's send() uses: a key keeps its partition.
-        self._partitioner = DefaultPartitioner()
 
     async def run(self) -> None:
         """Run until cancelled: wait for leadership, then relay; back off on errors."""
@@ -185,7 +182,8 @@ class OutboxRelay:
             key = integration_event.aggregate_id.encode()
             value = integration_event.model_dump_json().encode()
             headers = self._headers(integration_event, carrier)
-            partition = self._partitioner(key, partitions, partitions)
+            # The partition aiokafka's send() would choose: a key keeps its partition.
+            partition = partition_for_key(key, partitions)
             batch, positions = open_batches.get(partition) or (producer.create_batch(), [])
             if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:  # full: send it
                 deliveries.append((await producer.send_batch(batch, self.config.topic, partition=partition), positions))
