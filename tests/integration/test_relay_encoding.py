@@ -10,6 +10,10 @@ from hypothesis import strategies as st
 
 from kabinet_chassis.kafka import murmur2 as fast_murmur2
 from kabinet_chassis.kafka import partition_for_key
+from kabinet_contracts.envelope import event_id_for
+
+# The namespace of published event ids: changing it would change every id ever published.
+EVENT_ID_NAMESPACE = uuid.UUID("6f1c7c52-3f4e-4f7e-9a55-5b0c1a2d9e10")
 
 
 @given(st.binary(max_size=300))
@@ -23,3 +27,7 @@ def test_a_key_lands_on_the_partition_aiokafka_would_choose(aggregate_id: uuid.U
     partitions = list(range(partition_count))
     assert partition_for_key(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
 
+
+@given(st.from_regex(r"[a-z][a-z0-9_]{0,63}", fullmatch=True), st.integers(min_value=1, max_value=2**63 - 1))
+def test_event_ids_are_the_uuid5_of_source_and_position(source: str, position: int) -> None:
+    assert event_id_for(source, position) == uuid.uuid5(EVENT_ID_NAMESPACE, f"{source}:{position}")
