@@ -180,7 +180,7 @@ class OutboxRelay:
             if integration_event is None:
                 continue
             key = integration_event.aggregate_id.encode()
-            value = integration_event.model_dump_json().encode()
+            value = integration_event.json_bytes()
             headers = self._headers(integration_event, carrier)
             # The partition aiokafka's send() would choose: a key keeps its partition.
             partition = partition_for_key(key, partitions)

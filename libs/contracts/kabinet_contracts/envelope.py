@@ -46,3 +46,9 @@ class IntegrationEvent(BaseModel):
     occurred_at: datetime
     customer_id: str | None = Field(default=None, max_length=128)
     payload: dict[str, Any]
+
+    def json_bytes(self) -> bytes:
+        """What `model_dump_json().encode()` gives, straight from pydantic-core: the relay
+        encodes every event, and the Python-level argument handling of `model_dump_json`
+        was a third of that cost."""
+        return self.__pydantic_serializer__.to_json(self)
