@@ -158,18 +158,21 @@ class ReadModelConsumer:
 
     async def _apply_in_one_transaction(self, deliveries: Sequence[Delivery]) -> None:
         async with self.pool.acquire() as connection, connection.transaction():
-            tracked: dict[tuple[str, str, int], int] = {}
-            for key in {d.tracking_key for d in deliveries}:
-                tracked[key] = await connection.fetchval(
-                    "SELECT position FROM consumer_tracking WHERE consumer = $1 AND source = $2 AND topic = $3"
-                    " AND partition = $4 FOR UPDATE",
-                    self.name, *key,
-                ) or 0
+            keys = {d.tracking_key for d in deliveries}
+            # One round trip for every (source, topic, partition) of the batch; keys never seen have no row.
+            rows = await connection.fetch(
+                "SELECT t.source, t.topic, t.partition, t.position"
+                " FROM unnest($2::text[], $3::text[], $4::integer[]) AS k(source, topic, partition)"
+                " JOIN consumer_tracking t ON t.consumer = $1 AND t.source = k.source AND t.topic = k.topic"
+                " AND t.partition = k.partition FOR UPDATE OF t",
+                self.name, *(list(column) for column in zip(*keys, strict=True)),
+            )
+            tracked = {(row["source"], row["topic"], row["partition"]): row["position"] for row in rows}
             advanced: dict[tuple[str, str, int], int] = {}
             fresh: list[Delivery] = []
             for delivery in deliveries:
                 key = delivery.tracking_key
-                if delivery.event.position <= advanced.get(key, tracked[key]):
+                if delivery.event.position <= advanced.get(key, tracked.get(key, 0)):
                     continue
                 fresh.append(delivery)
                 advanced[key] = delivery.event.position
