@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -31,19 +30,6 @@ log = logging.getLogger(__name__)
 
 StartHook = Callable[["Service"], Awaitable[None]]
 StopHook = Callable[["Service"], Awaitable[None]]
-
-
-def _freeze_long_lived_objects() -> None:
-    """Takes what exists once a service has started out of the cyclic garbage collector.
-
-    Modules, framework objects and schemas live as long as the process. A full collection
-    scans every tracked object, and the relay and the consumers promote thousands of
-    short-lived ones per batch, so full collections come every few batches; scanning
-    the whole process each time cost 40-100 ms (bench/relay.py). Frozen objects are
-    still freed by reference counting; collecting first keeps startup garbage out.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 class Service:
@@ -110,7 +96,6 @@ class Service:
                 await ensure_topics(self.settings.kafka_bootstrap_servers, self.topics_consumed)
             await self.broker.start()
             self._tasks = [asyncio.create_task(runner(), name=getattr(runner, "__name__", "background")) for runner in self._background]
-            _freeze_long_lived_objects()
             yield self
         finally:
             for task in self._tasks:
