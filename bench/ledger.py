@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import re
 import statistics
@@ -28,9 +27,8 @@ import time
 import uuid
 
 import asyncpg
-from rich.console import Console
-from rich.table import Table
 
+from bench.common import console, emit_json, print_table
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 from kabinet_chassis.devstack.postgres import pg_binary
 from ledger.domain import commands as c
@@ -39,7 +37,6 @@ from ledger.service import build
 CLIENT_COUNTS = (1, 8, 32)
 PGBENCH_SCALE = 32  # TPC-B scale >= the largest client count
 FUNDING_MINOR = 10_000_000
-console = Console(stderr=True)
 
 
 async def wal_flushes(url: str) -> int:
@@ -144,18 +141,18 @@ async def main(seconds: float, account_count: int) -> dict:
                     row["hot" if hot else "uniform"] = load
                 results[clients] = row
             batches, commands_total = parts.writer.batches_total, parts.writer.commands_total
-    table = Table(title="ledger vs pgbench TPC-B (same PostgreSQL, synchronous_commit on)")
-    for column in ("clients", "pgbench tps", "uniform /s", "ratio", "hot /s", "hot÷uniform", "p50 ms", "p99 ms", "WAL flush/transfer"):
-        table.add_column(column, justify="right")
+    rows = []
     for clients, row in results.items():
         uniform, hot = row["uniform"], row["hot"]
-        table.add_row(str(clients), f"{row['pgbench_tps']:.0f}", f"{uniform['per_s']:.0f}",
-                      f"{uniform['per_s'] / row['pgbench_tps']:.2f}", f"{hot['per_s']:.0f}",
-                      f"{hot['per_s'] / uniform['per_s']:.2f}", f"{uniform['p50_ms']:.1f}/{hot['p50_ms']:.1f}",
-                      f"{uniform['p99_ms']:.1f}/{hot['p99_ms']:.1f}",
-                      f"{uniform['wal_flushes_per_transfer']:.3f}/{hot['wal_flushes_per_transfer']:.3f}")
-    Console().print(table)
-    Console().print(f"writer: {commands_total} commands in {batches} batches ({commands_total / max(1, batches):.1f} per batch)")
+        rows.append((str(clients), f"{row['pgbench_tps']:.0f}", f"{uniform['per_s']:.0f}",
+                     f"{uniform['per_s'] / row['pgbench_tps']:.2f}", f"{hot['per_s']:.0f}",
+                     f"{hot['per_s'] / uniform['per_s']:.2f}", f"{uniform['p50_ms']:.1f}/{hot['p50_ms']:.1f}",
+                     f"{uniform['p99_ms']:.1f}/{hot['p99_ms']:.1f}",
+                     f"{uniform['wal_flushes_per_transfer']:.3f}/{hot['wal_flushes_per_transfer']:.3f}"))
+    print_table("ledger vs pgbench TPC-B (same PostgreSQL, synchronous_commit on; uniform/hot)",
+                ("clients", "pgbench tps", "uniform /s", "ratio", "hot /s", "hot÷uniform", "p50 ms", "p99 ms",
+                 "WAL flush/transfer"), rows)
+    print(f"writer: {commands_total} commands in {batches} batches ({commands_total / max(1, batches):.1f} per batch)")
     top = results[32]
     return {
         "ratio_32": round(top["uniform"]["per_s"] / top["pgbench_tps"], 3),
@@ -179,4 +176,4 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--accounts", type=int, default=10_000)
     arguments = parser.parse_args()
-    print(json.dumps(asyncio.run(main(arguments.seconds, arguments.accounts))))
+    emit_json(asyncio.run(main(arguments.seconds, arguments.accounts)))
