@@ -34,7 +34,10 @@ consumer_ratio = chassis consume rate ÷ bare consume rate, both reading the rel
                  the tracking read for dedupe, tracing hooks, acknowledgement.
 A getmany loop that does nothing is printed for information (the broker's fetch ceiling).
 
-Every measurement runs once, after a warm-up of the same code path on a small topic.
+After a warm-up of the same code paths on a small topic, the whole set runs ROUNDS
+times and each rate is the median of its rounds: on two shared cores one run swings
+by ±20%. Every timed phase starts from a collected heap (gc.collect()), so neither
+side pays for garbage the other left behind; each still pays for its own.
 The last line of output is one JSON object with the figures.
 
     .venv/bin/python -m bench.relay [--events 20000] [--traced]
@@ -48,7 +51,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -72,6 +77,7 @@ from kabinet_contracts.envelope import IntegrationEvent, event_id_for
 
 SAVE_CHUNK = 500
 WARM_UP_EVENTS = 1000
+ROUNDS = 3
 POLL_S = 0.01
 GETMANY_TIMEOUT_MS = 200
 
@@ -306,16 +312,30 @@ async def measure_fetch_only(stack, topic: str, count: int) -> tuple[float, floa
 async def run_all(stack, count: int, traced: bool) -> dict[str, float]:
     """Relay, bare send, chassis consume, bare consume, fetch only, for `count` events (rates and join times)."""
     relay_topic = f"{unique('parcels')}.events.v1"
+    gc.collect()
     rates = {"relay": await measure_relay(stack, count, relay_topic, traced)}
     records = await read_back(stack.bootstrap_servers, relay_topic, count)
+    gc.collect()
     rates["bare_send"] = await measure_bare_send(stack.bootstrap_servers, records, f"{unique('bare')}.events.v1")
+    del records
+    gc.collect()
     with console.status("chassis consumer…"):
         rates["chassis_consume"], rates["chassis_join_s"] = await measure_chassis_consumer(stack, relay_topic, count)
+    gc.collect()
     with console.status("bare consumer…"):
         rates["bare_consume"], rates["bare_join_s"] = await measure_bare_consumer(stack, relay_topic, count)
+    gc.collect()
     with console.status("fetch only…"):
         rates["fetch_only"], rates["fetch_join_s"] = await measure_fetch_only(stack, relay_topic, count)
     return rates
+
+
+async def run_rounds(stack, count: int, traced: bool) -> dict[str, float]:
+    rounds = []
+    for number in range(1, ROUNDS + 1):
+        console.log(f"round {number} of {ROUNDS}: {count} events")
+        rounds.append(await run_all(stack, count, traced))
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
 
 async def main(count: int, traced: bool) -> dict:
@@ -324,12 +344,13 @@ async def main(count: int, traced: bool) -> dict:
     with EphemeralStack(prefix="kabinet-bench-") as stack:
         console.log(f"warming up with {WARM_UP_EVENTS} events")
         await run_all(stack, WARM_UP_EVENTS, traced)
-        console.log(f"measuring {count} events")
-        rates = await run_all(stack, count, traced)
+        rates = await run_rounds(stack, count, traced)
+    # Ratios of the median rates.
     relay_ratio = rates["relay"] / rates["bare_send"]
     consumer_ratio = rates["chassis_consume"] / rates["bare_consume"]
     print_table(
-        f"relay and consumer vs bare aiokafka ({count} events{', traced' if traced else ''}, same broker;"
+        f"relay and consumer vs bare aiokafka (median of {ROUNDS} rounds of {count} events{', traced' if traced else ''},"
+        " same broker;"
         " join s = untimed group join, chassis / bare)",
         ("path", "chassis events/s", "bare events/s", "ratio", "goal", "join s"),
         [
@@ -348,6 +369,7 @@ async def main(count: int, traced: bool) -> dict:
         "bare_consume_per_s": round(rates["bare_consume"], 1),
         "bare_fetch_only_per_s": round(rates["fetch_only"], 1),
         "events": count,
+        "rounds": ROUNDS,
     }
 
 
