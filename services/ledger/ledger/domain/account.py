@@ -78,41 +78,50 @@ class Account(Aggregate):
     # replay of stored events never re-runs a rule that may have changed since.
 
     def freeze(self) -> None:
-        if self.state == AccountState.CLOSED:
-            raise AccountClosed(f"account {self.id} is closed")
+        self.check_not_closed()
         if self.state != AccountState.FROZEN:
             self._freeze()
 
     def unfreeze(self) -> None:
-        if self.state == AccountState.CLOSED:
-            raise AccountClosed(f"account {self.id} is closed")
+        self.check_not_closed()
         if self.state == AccountState.FROZEN:
             self._unfreeze()
 
     def close(self) -> None:
         """Only an empty account closes; the Batch flushes this batch's entries first."""
-        if self.state == AccountState.CLOSED:
-            raise AccountClosed(f"account {self.id} is closed")
-        if self.posted_minor != 0 or self.held_minor != 0:
-            raise AccountNotEmpty(
-                f"account {self.id} has balance {self.posted_minor} and holds {self.held_minor}"
-                f" {self.currency} (minor units); both must be zero"
-            )
+        self.check_close(self.posted_minor, self.held_minor)
         self._close()
 
     def set_credit_limit(self, credit_limit_minor: int) -> None:
+        self.check_credit_limit(credit_limit_minor, self.posted_minor, self.held_minor)
+        self._set_credit_limit(credit_limit_minor=credit_limit_minor)
+
+    # The rules, given balances: the Batch asks them with its own view (this batch's
+    # entries not yet posted) before it changes anything.
+
+    def check_not_closed(self) -> None:
         if self.state == AccountState.CLOSED:
             raise AccountClosed(f"account {self.id} is closed")
+
+    def check_close(self, posted_minor: int, held_minor: int) -> None:
+        self.check_not_closed()
+        if posted_minor != 0 or held_minor != 0:
+            raise AccountNotEmpty(
+                f"account {self.id} has balance {posted_minor} and holds {held_minor}"
+                f" {self.currency} (minor units); both must be zero"
+            )
+
+    def check_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int) -> None:
+        self.check_not_closed()
         if self.is_internal:
             raise InvalidAccount(f"account {self.id} is bank-internal: internal accounts carry no credit limit")
         if type(credit_limit_minor) is not int or not 0 <= credit_limit_minor <= CREDIT_LIMIT_MINOR_MAX:
             raise InvalidAccount(f"credit_limit_minor must be an integer from 0 to {CREDIT_LIMIT_MINOR_MAX}")
-        if self.posted_minor - self.held_minor < -credit_limit_minor:
+        if posted_minor - held_minor < -credit_limit_minor:
             raise InsufficientFunds(
-                f"account {self.id} already uses {self.held_minor - self.posted_minor} {self.currency} (minor units),"
+                f"account {self.id} already uses {held_minor - posted_minor} {self.currency} (minor units),"
                 f" more than a credit limit of {credit_limit_minor}"
             )
-        self._set_credit_limit(credit_limit_minor=credit_limit_minor)
 
     @event("Frozen")
     def _freeze(self) -> None:

@@ -29,18 +29,16 @@ from typing import Any
 from uuid import UUID
 
 from ledger.domain import commands as c
-from ledger.domain.account import CREDIT_LIMIT_MINOR_MAX, Account, AccountKind, AccountState
+from ledger.domain.account import Account, AccountKind, AccountState
 from ledger.domain.errors import (
     AccountClosed,
     AccountFrozen,
-    AccountNotEmpty,
     AccountNotFound,
     CaptureExceedsHold,
     HoldNotActive,
     HoldNotFound,
     IdempotencyConflict,
     InsufficientFunds,
-    InvalidAccount,
     InvalidHold,
     LegCurrencyMismatch,
 )
@@ -178,8 +176,7 @@ class Batch:
 
     def _freeze(self, command: c.FreezeAccount) -> AccountResult:
         account = self.account(command.account_id)
-        if account.state == AccountState.CLOSED:
-            raise AccountClosed(f"account {account.id} is closed")
+        account.check_not_closed()
         if account.state != AccountState.FROZEN:
             self._touch(account)
             self._flush(account)  # entries of this batch came before the freeze: keep that order in the stream
@@ -188,8 +185,7 @@ class Batch:
 
     def _unfreeze(self, command: c.UnfreezeAccount) -> AccountResult:
         account = self.account(command.account_id)
-        if account.state == AccountState.CLOSED:
-            raise AccountClosed(f"account {account.id} is closed")
+        account.check_not_closed()
         if account.state == AccountState.FROZEN:
             self._touch(account)
             self._flush(account)
@@ -200,11 +196,7 @@ class Batch:
         account = self.account(command.account_id)
         if account.state == AccountState.CLOSED:
             return AccountResult(str(account.id), account.state, replayed=True)
-        posted, held = self.posted_minor(account), self.held_minor(account)
-        if posted != 0 or held != 0:
-            raise AccountNotEmpty(
-                f"account {account.id} has balance {posted} and holds {held} {account.currency} (minor units); both must be zero"
-            )
+        account.check_close(self.posted_minor(account), self.held_minor(account))
         self._touch(account)
         self._flush(account)  # the account now carries this batch's entries: its own rule agrees
         account.close()
@@ -212,18 +204,7 @@ class Batch:
 
     def _set_credit_limit(self, command: c.SetCreditLimit) -> AccountResult:
         account = self.account(command.account_id)
-        if account.state == AccountState.CLOSED:
-            raise AccountClosed(f"account {account.id} is closed")
-        if account.is_internal:
-            raise InvalidAccount(f"account {account.id} is bank-internal: internal accounts carry no credit limit")
-        limit = command.credit_limit_minor
-        if type(limit) is not int or not 0 <= limit <= CREDIT_LIMIT_MINOR_MAX:
-            raise InvalidAccount(f"credit_limit_minor must be an integer from 0 to {CREDIT_LIMIT_MINOR_MAX}")
-        used = self.held_minor(account) - self.posted_minor(account)
-        if used > limit:
-            raise InsufficientFunds(
-                f"account {account.id} already uses {used} {account.currency} (minor units), more than a limit of {limit}"
-            )
+        account.check_credit_limit(command.credit_limit_minor, self.posted_minor(account), self.held_minor(account))
         self._touch(account)
         self._flush(account)
         account.set_credit_limit(credit_limit_minor=command.credit_limit_minor)
