@@ -4,13 +4,14 @@ Starts its own embedded PostgreSQL and broker on free loopback ports (or uses th
 servers named by KABINET_DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS), stores N events
 in an eventsourcing application, and measures:
 
-relay_ratio    = relay rate ÷ bare send rate.
-                 Relay: from starting `OutboxRelay.run()` (it connects, takes its
-                 advisory lock, starts its producer, creates the topic) until its
-                 recorded position is the last notification id, polled every 10 ms,
-                 nothing subtracted. It reads the notification log, maps each stored
-                 event to an integration event, publishes it keyed by aggregate id and
-                 records its position.
+relay_ratio    = relay rate ÷ bare send rate, both timed with their producer started and
+                 their topic in place.
+                 Relay: from the moment `OutboxRelay.run()` is relaying (it has connected,
+                 taken its advisory lock, started its producer and created its topic:
+                 that start-up is printed separately) until its recorded position is the
+                 last notification id, polled every 10 ms. It reads the notification log,
+                 maps each stored event to an integration event, publishes it keyed by
+                 aggregate id and records its position once the broker acknowledged.
                  Bare: the exact records the relay produced (read back from its topic:
                  key, value, headers) sent by an AIOKafkaProducer with the settings of
                  `kabinet_chassis.kafka.new_producer` — `await producer.send()` each, then
@@ -33,6 +34,10 @@ consumer_ratio = chassis consume rate ÷ bare consume rate, both reading the rel
                  chassis' own overhead: FastStream, envelope validation (pydantic),
                  the tracking read for dedupe, tracing hooks, acknowledgement.
 A getmany loop that does nothing is printed for information (the broker's fetch ceiling).
+
+The whole run, bare sides included, uses the garbage-collector settings of a service
+process (`kabinet_chassis.runtime`, applied by `Service.running`): one runtime for both
+sides, so the ratios compare code, not interpreter settings.
 
 After a warm-up of the same code paths on a small topic, the whole set runs ROUNDS
 times and each rate is the median of its rounds: on two shared cores one run swings
@@ -67,9 +72,10 @@ from bench.common import console, emit_json, print_table, unique, until
 from kabinet_chassis.consumers import FETCH_MAX_WAIT_MS, MAX_BATCH_RECORDS, TRACKING_SCHEMA, ReadModelConsumer
 from kabinet_chassis.databases import create_pool, ensure_database
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
-from kabinet_chassis.eventstore import WorkerThreads, event_store_env
+from kabinet_chassis.eventstore import event_store_env
 from kabinet_chassis.kafka import ensure_topics, new_producer
 from kabinet_chassis.outbox import OutboxRelay, RelayConfig
+from kabinet_chassis.runtime import tune_garbage_collector
 from kabinet_chassis.service import Service
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_chassis.telemetry import install_tracing
@@ -156,7 +162,8 @@ def store_events(settings: ServiceSettings, count: int, traced: bool) -> Parcels
     return app
 
 
-async def measure_relay(stack, count: int, topic: str, traced: bool) -> float:
+async def measure_relay(stack, count: int, topic: str, traced: bool) -> tuple[float, float]:
+    """(events/s once relaying, seconds from `run()` to relaying)."""
     settings = stack.service_settings(unique("bench_parcels"))
     await ensure_database(settings.database_url, settings.service_name)
     with console.status(f"storing {count} events…"):
@@ -167,11 +174,13 @@ async def measure_relay(stack, count: int, topic: str, traced: bool) -> float:
             RelayConfig(source=settings.service_name, topic=topic, bootstrap_servers=settings.kafka_bootstrap_servers,
                         enable_idempotence=settings.kafka_enable_idempotence),
             recorder=app.recorder, mapper=app.mapper, to_integration=parcel_to_integration(settings.service_name),
-            database_url=settings.service_database_url, threads=WorkerThreads(settings.worker_threads),
+            database_url=settings.service_database_url,
         )
-        started = time.perf_counter()
+        launched = time.perf_counter()
         task = asyncio.create_task(relay.run())
         try:
+            await until(lambda: relay.relaying.is_set() or task.done(), "the relay's start", interval_s=POLL_S / 10)
+            started = time.perf_counter()
             await until(lambda: relay.position >= last or task.done(), "the relay", interval_s=POLL_S)
             elapsed = time.perf_counter() - started
         finally:
@@ -181,7 +190,7 @@ async def measure_relay(stack, count: int, topic: str, traced: bool) -> float:
             task.result()  # raises what stopped it
     finally:
         app.close()
-    return count / elapsed
+    return count / elapsed, started - launched
 
 
 async def read_back(bootstrap: str, topic: str, count: int) -> list[ConsumerRecord]:
@@ -313,7 +322,8 @@ async def run_all(stack, count: int, traced: bool) -> dict[str, float]:
     """Relay, bare send, chassis consume, bare consume, fetch only, for `count` events (rates and join times)."""
     relay_topic = f"{unique('parcels')}.events.v1"
     gc.collect()
-    rates = {"relay": await measure_relay(stack, count, relay_topic, traced)}
+    rates: dict[str, float] = {}
+    rates["relay"], rates["relay_start_s"] = await measure_relay(stack, count, relay_topic, traced)
     records = await read_back(stack.bootstrap_servers, relay_topic, count)
     gc.collect()
     rates["bare_send"] = await measure_bare_send(stack.bootstrap_servers, records, f"{unique('bare')}.events.v1")
@@ -342,6 +352,8 @@ async def main(count: int, traced: bool) -> dict:
     # The tracer provider every service installs (Service.running); no exporter.
     install_tracing("bench")
     with EphemeralStack(prefix="kabinet-bench-") as stack:
+        gc_young_threshold = stack.service_settings("bench").gc_young_threshold
+        tune_garbage_collector(gc_young_threshold)
         console.log(f"warming up with {WARM_UP_EVENTS} events")
         await run_all(stack, WARM_UP_EVENTS, traced)
         rates = await run_rounds(stack, count, traced)
@@ -351,10 +363,12 @@ async def main(count: int, traced: bool) -> dict:
     print_table(
         f"relay and consumer vs bare aiokafka (median of {ROUNDS} rounds of {count} events{', traced' if traced else ''},"
         " same broker;"
-        " join s = untimed group join, chassis / bare)",
-        ("path", "chassis events/s", "bare events/s", "ratio", "goal", "join s"),
+        " start s = untimed relay start-up or group join, chassis / bare;"
+        f" gc young threshold {gc_young_threshold} for both sides)",
+        ("path", "chassis events/s", "bare events/s", "ratio", "goal", "start s"),
         [
-            ("relay publish", f"{rates['relay']:.0f}", f"{rates['bare_send']:.0f}", f"{relay_ratio:.2f}", "≥ 0.7", ""),
+            ("relay publish", f"{rates['relay']:.0f}", f"{rates['bare_send']:.0f}", f"{relay_ratio:.2f}", "≥ 0.7",
+             f"{rates['relay_start_s']:.2f} / –"),
             ("consume into read model", f"{rates['chassis_consume']:.0f}", f"{rates['bare_consume']:.0f}",
              f"{consumer_ratio:.2f}", "≥ 0.8", f"{rates['chassis_join_s']:.2f} / {rates['bare_join_s']:.2f}"),
             ("getmany, no work (info)", "", f"{rates['fetch_only']:.0f}", "", "", f"– / {rates['fetch_join_s']:.2f}"),
@@ -370,6 +384,7 @@ async def main(count: int, traced: bool) -> dict:
         "bare_fetch_only_per_s": round(rates["fetch_only"], 1),
         "events": count,
         "rounds": ROUNDS,
+        "gc_young_threshold": gc_young_threshold,
     }
 
 

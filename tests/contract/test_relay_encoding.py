@@ -17,6 +17,22 @@ from kabinet_contracts.envelope import IntegrationEvent, event_id_for
 EVENT_ID_NAMESPACE = uuid.UUID("6f1c7c52-3f4e-4f7e-9a55-5b0c1a2d9e10")
 
 
+# org.apache.kafka.common.utils.UtilsTest#testMurmur2: key -> the Java client's signed 32-bit hash.
+JAVA_CLIENT_MURMUR2 = {
+    b"21": -973932308,
+    b"foobar": -790332482,
+    b"a-little-bit-long-string": -985981536,
+    b"a-little-bit-longer-string": -1486304829,
+    b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+    b"abc": 479470107,
+}
+
+
+def test_murmur2_gives_the_java_clients_own_test_values() -> None:
+    for key, java_hash in JAVA_CLIENT_MURMUR2.items():
+        assert fast_murmur2(key) == java_hash & 0xFFFFFFFF, key
+
+
 @given(st.binary(max_size=300))
 def test_murmur2_is_the_java_clients_hash_as_aiokafka_computes_it(key: bytes) -> None:
     assert fast_murmur2(key) == murmur2(key)

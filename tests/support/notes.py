@@ -75,7 +75,7 @@ def build_notes_service(settings: ServiceSettings, topic: str, **relay_options: 
             RelayConfig(source=settings.service_name, topic=topic, bootstrap_servers=settings.kafka_bootstrap_servers,
                         broker_check_interval_s=0.5),
             recorder=app.recorder, mapper=app.mapper, to_integration=note_to_integration(settings.service_name),
-            database_url=settings.service_database_url, threads=svc.threads, **relay_options,
+            database_url=settings.service_database_url, **relay_options,
         )
         parts.update(app=app, relay=relay)
         svc.run_in_background(relay.run)

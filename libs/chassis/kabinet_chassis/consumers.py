@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -72,25 +72,16 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """One Kafka record, parsed; `event` is None when the record is poison."""
-
-    record: ConsumerRecord
-    event: IntegrationEvent | None
-    error: str | None = None
-
-    @property
-    def tracking_key(self) -> tuple[str, str, int]:
-        assert self.event is not None
-        return (self.event.source, self.record.topic, self.record.partition)
-
-
-def parse(record: ConsumerRecord) -> Delivery:
+def parse(record: ConsumerRecord) -> IntegrationEvent | str:
+    """The record's envelope, or why the record is poison."""
     try:
-        return Delivery(record, IntegrationEvent.model_validate_json(record.value))
+        return IntegrationEvent.model_validate_json(record.value)
     except (ValidationError, ValueError, TypeError) as error:
-        return Delivery(record, None, f"malformed integration event: {error}")
+        return f"malformed integration event: {error}"
+
+
+def tracking_key(record: ConsumerRecord, event: IntegrationEvent) -> tuple[str, str, int]:
+    return (event.source, record.topic, record.partition)
 
 
 def trace_parent(record: ConsumerRecord) -> dict[str, str]:
@@ -135,30 +126,36 @@ class ReadModelConsumer:
     skipped_total: int = 0
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
-        deliveries = [parse(record) for record in records]
-        for delivery in deliveries:
-            if delivery.event is None:
-                await self.dead_letters.send(delivery.record, self.name, delivery.error or "malformed")
-        good = [d for d in deliveries if d.event is not None]
-        if not good:
+        # Two parallel lists rather than an object per record: a batch's objects outlive
+        # several young-generation collections, and each one kept adds to the full ones.
+        good_records: list[ConsumerRecord] = []
+        events: list[IntegrationEvent] = []
+        for record in records:
+            parsed = parse(record)
+            if isinstance(parsed, str):
+                await self.dead_letters.send(record, self.name, parsed)
+            else:
+                good_records.append(record)
+                events.append(parsed)
+        if not events:
             return
         try:
-            await self._apply_in_one_transaction(good)
+            await self._apply_in_one_transaction(good_records, events)
         except TRANSIENT_ERRORS:
             raise
         except Exception as error:  # one of them is poison: find it, apply the rest
-            log.warning("batch of %d for %s failed (%s); applying one by one", len(good), self.name, error)
-            for delivery in good:
+            log.warning("batch of %d for %s failed (%s); applying one by one", len(events), self.name, error)
+            for record, event in zip(good_records, events, strict=True):
                 try:
-                    await self._apply_in_one_transaction([delivery])
+                    await self._apply_in_one_transaction([record], [event])
                 except TRANSIENT_ERRORS:
                     raise
                 except Exception as single_error:
-                    await self.dead_letters.send(delivery.record, self.name, f"{type(single_error).__name__}: {single_error}")
+                    await self.dead_letters.send(record, self.name, f"{type(single_error).__name__}: {single_error}")
 
-    async def _apply_in_one_transaction(self, deliveries: Sequence[Delivery]) -> None:
+    async def _apply_in_one_transaction(self, records: Sequence[ConsumerRecord], events: Sequence[IntegrationEvent]) -> None:
         async with self.pool.acquire() as connection, connection.transaction():
-            keys = {d.tracking_key for d in deliveries}
+            keys = {tracking_key(record, event) for record, event in zip(records, events, strict=True)}
             # One round trip for every (source, topic, partition) of the batch; keys never seen have no row.
             rows = await connection.fetch(
                 "SELECT t.source, t.topic, t.partition, t.position"
@@ -169,17 +166,19 @@ class ReadModelConsumer:
             )
             tracked = {(row["source"], row["topic"], row["partition"]): row["position"] for row in rows}
             advanced: dict[tuple[str, str, int], int] = {}
-            fresh: list[Delivery] = []
-            for delivery in deliveries:
-                key = delivery.tracking_key
-                if delivery.event.position <= advanced.get(key, tracked.get(key, 0)):
+            fresh: list[IntegrationEvent] = []
+            spans = []
+            for record, event in zip(records, events, strict=True):
+                key = tracking_key(record, event)
+                if event.position <= advanced.get(key, tracked.get(key, 0)):
                     continue
-                fresh.append(delivery)
-                advanced[key] = delivery.event.position
+                fresh.append(event)
+                advanced[key] = event.position
+                if record.headers:
+                    spans.append(self._start_span(record, event))
             if fresh:
-                spans = [self._start_span(d) for d in fresh]
                 try:
-                    await self.apply(connection, [d.event for d in fresh])
+                    await self.apply(connection, fresh)
                 finally:
                     for span in spans:
                         if span is not None:
@@ -192,17 +191,17 @@ class ReadModelConsumer:
                     [(self.name, *key, position) for key, position in advanced.items()],
                 )
         self.applied_total += len(fresh)
-        self.skipped_total += len(deliveries) - len(fresh)
+        self.skipped_total += len(events) - len(fresh)
 
-    def _start_span(self, delivery: Delivery):
+    def _start_span(self, record: ConsumerRecord, event: IntegrationEvent):
         """A CONSUMER span in the producer's trace, covering the transaction that applies the event."""
-        carrier = trace_parent(delivery.record)
+        carrier = trace_parent(record)
         if not carrier:
             return None
-        span = tracer.start_span(f"{delivery.record.topic} process", context=propagate.extract(carrier), kind=SpanKind.CONSUMER)
+        span = tracer.start_span(f"{record.topic} process", context=propagate.extract(carrier), kind=SpanKind.CONSUMER)
         span.set_attribute("messaging.system", "kafka")
         span.set_attribute("messaging.consumer.group.name", self.name)
-        span.set_attribute("messaging.message.id", str(delivery.event.event_id))
+        span.set_attribute("messaging.message.id", str(event.event_id))
         return span
 
 
@@ -231,32 +230,32 @@ class ReactionConsumer:
     threads: WorkerThreads
     applied_total: int = 0
     skipped_total: int = 0
-    _tracked: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
     def tracking_name(self, key: tuple[str, str, int]) -> str:
         source, topic, partition = key
         return f"{self.name}|{source}|{topic}|{partition}"
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
-        for delivery in map(parse, records):
-            if delivery.event is None:
-                await self.dead_letters.send(delivery.record, self.name, delivery.error or "malformed")
+        for record in records:
+            parsed = parse(record)
+            if isinstance(parsed, str):
+                await self.dead_letters.send(record, self.name, parsed)
                 continue
             try:
-                await self.threads.run(self._apply_one, delivery)
+                await self.threads.run(self._apply_one, record, parsed)
             except TRANSIENT_ERRORS:
                 raise
             except Exception as error:
-                await self.dead_letters.send(delivery.record, self.name, f"{type(error).__name__}: {error}")
+                await self.dead_letters.send(record, self.name, f"{type(error).__name__}: {error}")
 
-    def _apply_one(self, delivery: Delivery) -> None:
-        name = self.tracking_name(delivery.tracking_key)
-        if self.app.recorder.has_tracking_id(name, delivery.event.position):
+    def _apply_one(self, record: ConsumerRecord, event: IntegrationEvent) -> None:
+        name = self.tracking_name(tracking_key(record, event))
+        if self.app.recorder.has_tracking_id(name, event.position):
             self.skipped_total += 1
             return
-        aggregates = self.react(delivery.event)
-        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
-        self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=delivery.event.position))
+        aggregates = self.react(event)
+        events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
+        self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
         self.applied_total += 1
 
 
@@ -315,6 +314,15 @@ async def _no_decoding(message: KafkaMessage) -> None:
     return None
 
 
+async def _parse_records_only(records: tuple[ConsumerRecord, ...], original_parser) -> KafkaMessage:
+    """FastStream's batch parser without its headers dict for every record, which we never
+    read (handlers take `raw_message`): FastStream builds the message from the first
+    record only, and the message then carries the whole batch, which ack and nack use."""
+    message = await original_parser(records[:1])
+    message.raw_message = records
+    return message
+
+
 def subscribe(
     broker: KafkaBroker,
     topic: str,
@@ -342,6 +350,7 @@ def subscribe(
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         # We parse and validate envelopes ourselves (poison goes to the DLQ); FastStream's
         # own JSON decoding of every body would only be thrown away.
+        parser=_parse_records_only,
         decoder=_no_decoding,
     )
 

@@ -28,7 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from kabinet_chassis.eventstore import TracingMapper, WorkerThreads
+from kabinet_chassis.eventstore import TracingMapper
 from kabinet_chassis.kafka import DEFAULT_PARTITIONS, ensure_topics, new_producer, partition_for_key, records_at
 from kabinet_contracts.envelope import IntegrationEvent
 
@@ -69,7 +69,6 @@ class OutboxRelay:
         mapper: TracingMapper,
         to_integration: ToIntegration,
         database_url: str,
-        threads: WorkerThreads,
         on_page_published: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
@@ -77,7 +76,16 @@ class OutboxRelay:
         self.mapper = mapper
         self.to_integration = to_integration
         self.database_url = database_url
-        self.threads = threads
+        # The notification log, read with asyncpg on the relay's own connection: rows
+        # are decoded in C and the query runs while the event loop maps the previous
+        # page. (eventsourcing's reader runs in a worker thread, whose fight with the
+        # event loop for the GIL cost more than the read itself.) Notification ids
+        # become visible in commit order, as the recorder locks the table to insert.
+        self._select_page = (
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            f" FROM {_quoted(recorder.datastore.schema)}.{_quoted(recorder.events_table_name)}"
+            " WHERE notification_id > $1 ORDER BY notification_id LIMIT $2"
+        )
         # Called after a page is on the broker and before its position is recorded:
         # the exact window a crash must survive (fault-injection tests use it).
         self.on_page_published = on_page_published
@@ -85,6 +93,8 @@ class OutboxRelay:
         # partition -> (offset, position) of the last event published there
         self.last_published: dict[int, tuple[int, int]] = {}
         self.is_leader = False
+        # Set while the relay leads with its producer started and its topic in place.
+        self.relaying = asyncio.Event()
         self.published_total = 0
 
     async def run(self) -> None:
@@ -110,14 +120,17 @@ class OutboxRelay:
                 await asyncio.sleep(1.0)
             self.is_leader = True
             await self._load_position(lock_connection)
+            read_connection = await asyncpg.connect(self.database_url, timeout=10)
             producer = new_producer(self.config.bootstrap_servers, self.config.enable_idempotence)
-            await producer.start()
             try:
-                await self._relay_loop(lock_connection, producer)
+                await producer.start()
+                await self._relay_loop(lock_connection, read_connection, producer)
             finally:
                 await producer.stop()
+                await read_connection.close()
         finally:
             self.is_leader = False
+            self.relaying.clear()
             await lock_connection.close()
 
     async def _load_position(self, connection: asyncpg.Connection) -> None:
@@ -131,8 +144,9 @@ class OutboxRelay:
         self.position = row["position"]
         self.last_published = {int(k): tuple(v) for k, v in json.loads(row["last_published"]).items()}
 
-    async def _relay_loop(self, connection: asyncpg.Connection, producer) -> None:
-        """Pipelined: page n+1 is read and sent while the broker acknowledges page n.
+    async def _relay_loop(self, connection: asyncpg.Connection, read_connection: asyncpg.Connection, producer) -> None:
+        """Pipelined: while page n is mapped and sent, page n+1 is read from the database
+        and the broker acknowledges page n-1.
 
         A page's position is recorded only once all of its events are acknowledged.
         """
@@ -141,28 +155,42 @@ class OutboxRelay:
         last_check = asyncio.get_running_loop().time()
         read_position = self.position
         in_flight: tuple[int, list] | None = None  # (last position of the page, its deliveries)
-        while True:
-            notifications = await self.threads.run(self._read_page, read_position)
-            sent: tuple[int, list] | None = None
-            if notifications:
-                read_position = notifications[-1].id
-                sent = (read_position, await self._send_page(producer, notifications))
-            if in_flight is not None and not await self._complete(connection, *in_flight):
-                # The broker lost data: drop what is in flight, republish from the start.
-                sent, read_position = None, 0
-            in_flight = sent
-            if in_flight is None:
-                now = asyncio.get_running_loop().time()
-                if now - last_check >= self.config.broker_check_interval_s:
-                    await self._republish_if_broker_lost_data(connection)
-                    read_position = self.position
-                    last_check = now
-                await asyncio.sleep(self.config.idle_poll_s)
+        next_page: asyncio.Future | None = None  # the read of the page after read_position
+        self.relaying.set()
+        try:
+            while True:
+                notifications = await (next_page or self._read_page_after(read_connection, read_position))
+                next_page = None
+                sent: tuple[int, list] | None = None
+                if notifications:
+                    read_position = notifications[-1].id
+                    next_page = self._read_page_after(read_connection, read_position)
+                    sent = (read_position, await self._send_page(producer, notifications))
+                if in_flight is not None and not await self._complete(connection, *in_flight):
+                    # The broker lost data: drop what is in flight, republish from the start.
+                    sent, read_position = None, 0
+                    next_page = await _discarded(next_page)
+                in_flight = sent
+                if in_flight is None:
+                    now = asyncio.get_running_loop().time()
+                    if now - last_check >= self.config.broker_check_interval_s:
+                        await self._republish_if_broker_lost_data(connection)
+                        read_position = self.position
+                        last_check = now
+                    await asyncio.sleep(self.config.idle_poll_s)
+        finally:
+            await _discarded(next_page)
 
-    def _read_page(self, after_position: int) -> Sequence[Notification]:
-        return self.recorder.select_notifications(
-            start=after_position, limit=self.config.page_size, inclusive_of_start=False
-        )
+    def _read_page_after(self, read_connection: asyncpg.Connection, position: int) -> asyncio.Future:
+        """Starts reading the page after `position`; the event loop maps and sends meanwhile."""
+        return asyncio.ensure_future(self._read_page(read_connection, position))
+
+    async def _read_page(self, read_connection: asyncpg.Connection, after_position: int) -> list[Notification]:
+        rows = await read_connection.fetch(self._select_page, after_position, self.config.page_size)
+        return [
+            Notification(id=row[0], originator_id=row[1], originator_version=row[2], topic=row[3], state=row[4])
+            for row in rows
+        ]
 
     async def _send_page(self, producer, notifications: Sequence[Notification]) -> list[tuple[Any, list[int]]]:
         """Build one record batch per partition and hand them to the producer.
@@ -260,6 +288,16 @@ class OutboxRelay:
             await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
             self.last_published = {}
             await self._record_position(connection, 0)
+
+
+async def _discarded(read: asyncio.Future | None) -> None:
+    """Lets a page read that is no longer wanted finish (its thread cannot be stopped), and drops it."""
+    if read is not None:
+        await asyncio.gather(read, return_exceptions=True)
+
+
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _position_of(record) -> int | None:

@@ -23,6 +23,7 @@ from kabinet_chassis.errors import install_problem_handlers
 from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_chassis.health import Check, broker_check, database_check, health_router
 from kabinet_chassis.kafka import ensure_topics
+from kabinet_chassis.runtime import tune_garbage_collector
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_chassis.telemetry import install_json_logging, install_tracing
 
@@ -82,6 +83,7 @@ class Service:
     async def running(self) -> AsyncIterator[Service]:
         """Start everything; usable without HTTP (tests, CLI)."""
         install_tracing(self.settings.service_name, self.settings.otel_exporter_otlp_endpoint)
+        tune_garbage_collector(self.settings.gc_young_threshold)
         if self.uses_database:
             await ensure_database(self.settings.database_url, self.settings.service_name)
             self.pool = await create_pool(self.settings.service_database_url, max_size=self.settings.worker_threads)

@@ -41,6 +41,8 @@ class ServiceSettings(BaseSettings):
     http_port: int = Field(default=8000, ge=1, le=65535)
     # eventsourcing runs in worker threads; the limiter and the connection pool share this size.
     worker_threads: int = Field(default=8, ge=1, le=64)
+    # Container objects allocated between young garbage collections (runtime.py says why).
+    gc_young_threshold: int = Field(default=10_000, ge=700, le=1_000_000)
     # Base64 AES key for applications that hold PII (dev keys are generated at first run).
     cipher_key: str | None = None
     otel_exporter_otlp_endpoint: str | None = Field(

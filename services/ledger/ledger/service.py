@@ -54,7 +54,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
             RelayConfig(source=SOURCE, topic=LEDGER_TOPIC, bootstrap_servers=settings.kafka_bootstrap_servers,
                         enable_idempotence=settings.kafka_enable_idempotence),
             recorder=app.recorder, mapper=app.mapper, to_integration=to_integration,
-            database_url=settings.service_database_url, threads=svc.threads,
+            database_url=settings.service_database_url,
         )
         svc.run_in_background(parts.writer.run)
         svc.run_in_background(parts.projection.run)
