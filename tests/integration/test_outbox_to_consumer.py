@@ -7,12 +7,16 @@ import json
 import uuid
 from datetime import UTC, datetime
 
+import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from kabinet_chassis.consumers import TRACKING_SCHEMA
+from kabinet_chassis.databases import ensure_database
+from kabinet_chassis.kafka import ensure_topics
 from kabinet_chassis.telemetry import install_tracing
-from kabinet_contracts.envelope import IntegrationEvent
+from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
 from kabinet_contracts.registry import dead_letter_topic
 from tests.support.notes import build_board_service, build_notes_service
 
@@ -143,6 +147,55 @@ async def test_broker_restart_losing_all_data_is_healed_by_republishing(stack, u
 
 async def _count(service, n: int) -> bool:
     return len(await board(service)) >= n
+
+
+@pytest.mark.faults
+async def test_consumer_that_passed_over_events_reads_the_partition_again_instead_of_skipping_them(stack, unique_name):
+    """What a broker that lost its data can cause: the relay's next events land at offsets
+    the consumer had already read past, so it would meet position 5 before position 4."""
+    topic = topic_for(unique_name)
+    settings = stack.service_settings(f"{unique_name}_b")
+    consumer_name = f"{settings.service_name}_board"
+    await ensure_topics(stack.bootstrap_servers, [topic])
+    # The consumer applied up to position 2 on partition 0 and committed offset 1.
+    await ensure_database(settings.database_url, settings.service_name)
+    connection = await asyncpg.connect(settings.service_database_url)
+    try:
+        await connection.execute(TRACKING_SCHEMA)
+        await connection.execute("INSERT INTO consumer_tracking VALUES ($1, 'elsewhere', $2, 0, 2)", consumer_name, topic)
+    finally:
+        await connection.close()
+    # The new partition 0: position 4 (after 2) at offset 0, position 5 (after 4) at offset 1.
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap_servers)
+    await producer.start()
+    try:
+        for position, previous, text in ((4, 2, "four"), (5, 4, "five")):
+            event = IntegrationEvent(
+                event_id=uuid.uuid4(), type="notes.note_written", schema_version=1, source="elsewhere",
+                position=position, aggregate_id=f"note-{position}", aggregate_version=1, occurred_at=datetime.now(UTC),
+                payload={"text": text},
+            )
+            await producer.send_and_wait(topic, event.json_bytes(), key=b"k", partition=0,
+                                         headers=[(PREVIOUS_POSITION_HEADER, str(previous).encode())])
+    finally:
+        await producer.stop()
+    committer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap_servers, group_id=consumer_name, enable_auto_commit=False)
+    await committer.start()
+    try:
+        committer.assign([TopicPartition(topic, 0)])
+        await committer.commit({TopicPartition(topic, 0): 1})
+    finally:
+        await committer.stop()
+
+    board_service, board_parts = build_board_service(settings, topic)
+    async with board_service.running():
+        await eventually(lambda: _count(board_service, 2), what="positions 4 and 5 on the board")
+        state = await board(board_service)
+        assert state == {"note-4": ("four", 1), "note-5": ("five", 1)}
+        tracked = await board_service.pool.fetchval(
+            "SELECT position FROM consumer_tracking WHERE consumer = $1 AND topic = $2 AND partition = 0", consumer_name, topic
+        )
+        assert tracked == 5
 
 
 @pytest.mark.faults

@@ -5,6 +5,13 @@ written in the same transaction as the consumer's effects. Kafka offsets are onl
 optimisation, never the dedupe key: a redelivered or republished event whose position
 is not above the tracked one changes nothing.
 
+Tracking by position is only sound if a consumer never passes over an event, and a
+broker that lost its data can make it do so: the relay's next events land at offsets
+the consumer had already read past, before the relay notices and republishes. So each
+record names the position of the event published before it on its partition (header
+`previous-position`); a consumer whose tracked position is below that has missed
+events, applies nothing from the batch, and reads the partition again from the start.
+
 Batches take the fast path: one transaction for the whole batch. If that fails with an
 error that is not transient, the batch is replayed one event at a time so that only the
 poison event goes to the dead-letter topic and the others are applied.
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from eventsourcing.persistence import Tracking
 from faststream import AckPolicy
@@ -30,7 +37,7 @@ from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from kabinet_chassis.eventstore import WorkerThreads
-from kabinet_contracts.envelope import IntegrationEvent
+from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
 from kabinet_contracts.registry import dead_letter_topic
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,18 @@ class PoisonMessage(Exception):
     """The event can never be applied (malformed, unknown type, broken invariant)."""
 
 
+class PartitionGap(Exception):
+    """Events are missing before this record: the partition must be read again from the start."""
+
+    def __init__(self, topic: str, partition: int, tracked_position: int, previous_position: int) -> None:
+        super().__init__(
+            f"{topic}[{partition}]: applied up to position {tracked_position}, but the next record follows"
+            f" position {previous_position}"
+        )
+        self.topic = topic
+        self.partition = partition
+
+
 # Errors worth waiting out: the database or the network will come back.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -82,6 +101,21 @@ def parse(record: ConsumerRecord) -> IntegrationEvent | str:
 
 def tracking_key(record: ConsumerRecord, event: IntegrationEvent) -> tuple[str, str, int]:
     return (event.source, record.topic, record.partition)
+
+
+def previous_position(record: ConsumerRecord) -> int | None:
+    """The relay's previous-position header; None for records from other producers."""
+    for name, value in record.headers or ():
+        if name == PREVIOUS_POSITION_HEADER:
+            return int(value)
+    return None
+
+
+def check_follows_on(record: ConsumerRecord, tracked_position: int) -> None:
+    """Raises PartitionGap when the record shows events between the tracked position and itself."""
+    previous = previous_position(record)
+    if tracked_position and previous is not None and previous > tracked_position:
+        raise PartitionGap(record.topic, record.partition, tracked_position, previous)
 
 
 def trace_parent(record: ConsumerRecord) -> dict[str, str]:
@@ -141,14 +175,14 @@ class ReadModelConsumer:
             return
         try:
             await self._apply_in_one_transaction(good_records, events)
-        except TRANSIENT_ERRORS:
+        except (PartitionGap, *TRANSIENT_ERRORS):
             raise
         except Exception as error:  # one of them is poison: find it, apply the rest
             log.warning("batch of %d for %s failed (%s); applying one by one", len(events), self.name, error)
             for record, event in zip(good_records, events, strict=True):
                 try:
                     await self._apply_in_one_transaction([record], [event])
-                except TRANSIENT_ERRORS:
+                except (PartitionGap, *TRANSIENT_ERRORS):
                     raise
                 except Exception as single_error:
                     await self.dead_letters.send(record, self.name, f"{type(single_error).__name__}: {single_error}")
@@ -170,8 +204,10 @@ class ReadModelConsumer:
             spans = []
             for record, event in zip(records, events, strict=True):
                 key = tracking_key(record, event)
-                if event.position <= advanced.get(key, tracked.get(key, 0)):
+                applied_up_to = advanced.get(key, tracked.get(key, 0))
+                if event.position <= applied_up_to:
                     continue
+                check_follows_on(record, applied_up_to)
                 fresh.append(event)
                 advanced[key] = event.position
                 if record.headers:
@@ -243,16 +279,18 @@ class ReactionConsumer:
                 continue
             try:
                 await self.threads.run(self._apply_one, record, parsed)
-            except TRANSIENT_ERRORS:
+            except (PartitionGap, *TRANSIENT_ERRORS):
                 raise
             except Exception as error:
                 await self.dead_letters.send(record, self.name, f"{type(error).__name__}: {error}")
 
     def _apply_one(self, record: ConsumerRecord, event: IntegrationEvent) -> None:
         name = self.tracking_name(tracking_key(record, event))
-        if self.app.recorder.has_tracking_id(name, event.position):
+        applied_up_to = self.app.recorder.max_tracking_id(name) or 0
+        if event.position <= applied_up_to:
             self.skipped_total += 1
             return
+        check_follows_on(record, applied_up_to)
         aggregates = self.react(event)
         events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
         self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
@@ -283,8 +321,6 @@ class LostDataWatchdog:
             self.last_seen[record.partition] = (record.offset, record.value)
 
     async def run(self) -> None:
-        from aiokafka import TopicPartition
-
         from kabinet_chassis.kafka import records_at
 
         while True:
@@ -359,6 +395,15 @@ def subscribe(
         records = message.raw_message if isinstance(message.raw_message, tuple) else (message.raw_message,)
         try:
             await consumer.handle(records)
+        except PartitionGap as gap:
+            # Every partition goes back to its first record of the batch (what was applied
+            # is tracked and will be skipped), the one with the gap to its beginning.
+            log.warning("%s: %s; reading the partition again from the start", consumer.name, gap)
+            await message.nack()
+            await subscriber.consumer.seek_to_beginning(TopicPartition(gap.topic, gap.partition))
+            await asyncio.sleep(backoff["s"])  # a gap the whole partition cannot fill must not spin
+            backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
+            return
         except TRANSIENT_ERRORS as error:
             log.warning("%s: transient error %r; redelivering in %.1fs", consumer.name, error, backoff["s"])
             await asyncio.sleep(backoff["s"])

@@ -30,7 +30,7 @@ from opentelemetry.trace import SpanKind
 
 from kabinet_chassis.eventstore import TracingMapper
 from kabinet_chassis.kafka import DEFAULT_PARTITIONS, ensure_topics, new_producer, partition_for_key, records_at
-from kabinet_contracts.envelope import IntegrationEvent
+from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("kabinet.outbox")
@@ -92,6 +92,9 @@ class OutboxRelay:
         self.position = 0
         # partition -> (offset, position) of the last event published there
         self.last_published: dict[int, tuple[int, int]] = {}
+        # partition -> position of the last event sent there, acknowledged or not; each
+        # record names it in its previous-position header (consumers.py checks the chain)
+        self._last_sent: dict[int, int] = {}
         self.is_leader = False
         # Set while the relay leads with its producer started and its topic in place.
         self.relaying = asyncio.Event()
@@ -143,6 +146,7 @@ class OutboxRelay:
         )
         self.position = row["position"]
         self.last_published = {int(k): tuple(v) for k, v in json.loads(row["last_published"]).items()}
+        self._last_sent = {partition: position for partition, (_, position) in self.last_published.items()}
 
     async def _relay_loop(self, connection: asyncpg.Connection, read_connection: asyncpg.Connection, producer) -> None:
         """Pipelined: while page n is mapped and sent, page n+1 is read from the database
@@ -209,9 +213,10 @@ class OutboxRelay:
                 continue
             key = integration_event.aggregate_id.encode()
             value = integration_event.json_bytes()
-            headers = self._headers(integration_event, carrier)
             # The partition aiokafka's send() would choose: a key keeps its partition.
             partition = partition_for_key(key, partitions)
+            headers = self._headers(integration_event, carrier, self._last_sent.get(partition, 0))
+            self._last_sent[partition] = notification.id
             batch, positions = open_batches.get(partition) or (producer.create_batch(), [])
             if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:  # full: send it
                 deliveries.append((await producer.send_batch(batch, self.config.topic, partition=partition), positions))
@@ -239,7 +244,7 @@ class OutboxRelay:
         if reset_partitions:
             log.warning("broker lost data of %s (partitions %s started again from lower offsets): republishing from the start",
                         self.config.topic, sorted(reset_partitions))
-            self.last_published = {}
+            self.last_published, self._last_sent = {}, {}
             await self._record_position(connection, 0)
             return False
         if self.on_page_published is not None:
@@ -247,8 +252,12 @@ class OutboxRelay:
         await self._record_position(connection, last_position)
         return True
 
-    def _headers(self, event: IntegrationEvent, carrier: dict[str, str]) -> list[tuple[str, bytes]]:
-        headers = [("type", event.type.encode()), ("schema_version", str(event.schema_version).encode())]
+    def _headers(self, event: IntegrationEvent, carrier: dict[str, str], previous_position: int) -> list[tuple[str, bytes]]:
+        headers = [
+            ("type", event.type.encode()),
+            ("schema_version", str(event.schema_version).encode()),
+            (PREVIOUS_POSITION_HEADER, str(previous_position).encode()),
+        ]
         if not carrier:
             return headers
         # Continue the trace of the command that stored the event.
@@ -286,7 +295,7 @@ class OutboxRelay:
                 self.config.topic, lost,
             )
             await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
-            self.last_published = {}
+            self.last_published, self._last_sent = {}, {}
             await self._record_position(connection, 0)
 
 

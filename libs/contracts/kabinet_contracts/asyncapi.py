@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kabinet_contracts.envelope import IntegrationEvent
+from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
 from kabinet_contracts.registry import EventRegistry
 
 
@@ -24,7 +24,16 @@ def asyncapi_document(registry: EventRegistry, version: str = "0.1.0") -> dict[s
             "contentType": "application/json",
             "headers": {
                 "type": "object",
-                "properties": {"traceparent": {"type": "string", "description": "W3C trace context"}},
+                "properties": {
+                    "traceparent": {"type": "string", "description": "W3C trace context"},
+                    "type": {"type": "string", "description": "the event type, as in the payload"},
+                    "schema_version": {"type": "string", "description": "the schema version, in decimal"},
+                    PREVIOUS_POSITION_HEADER: {
+                        "type": "string",
+                        "description": "position of the event published before this one on the same partition"
+                        " (0 for the first), in decimal: a consumer that applied less has missed events",
+                    },
+                },
             },
             "payload": {
                 "allOf": [

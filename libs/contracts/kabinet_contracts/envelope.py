@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Event ids are derived, not random: republishing the same notification (after a
 # relay crash or a broker that lost its data) yields the same event_id.
+# A record header the relay sets: the position of the event it published before this one
+# on the same partition (0 for the first). A consumer that has applied position t and
+# receives a record whose previous position is above t has missed events in between:
+# the broker lost data and this partition now holds a different sequence.
+PREVIOUS_POSITION_HEADER = "previous-position"
+
 _EVENT_ID_NAMESPACE = UUID("6f1c7c52-3f4e-4f7e-9a55-5b0c1a2d9e10")
 _EVENT_ID_NAMESPACE_BYTES = _EVENT_ID_NAMESPACE.bytes
 # The version (5) and RFC 4122 variant bits of a name-based SHA-1 UUID, over the 128-bit integer.
