@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,3 +69,26 @@ def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: 
     assert alive == [], f"left behind: {[p.pid for p in alive]}"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{GATEWAY_PORT}/health/live", timeout=2)
+
+
+def test_a_taken_port_gives_one_line_saying_what_to_do(tmp_path: Path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken_port = squatter.getsockname()[1]
+        env = {
+            **os.environ,
+            "KABINET_DATA_DIR": str(tmp_path / "data"),
+            "KABINET_PG_PORT": str(taken_port),
+            "KABINET_BROKER_PORT": str(free_port()),
+        }
+        env.pop("KABINET_DATABASE_URL", None)
+        env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+        kabinet = Path(sys.executable).with_name("kabinet")
+        result = subprocess.run([str(kabinet), "stack", "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    message = (result.stdout + result.stderr).strip()
+    assert "\n" not in message, message
+    assert f"port {taken_port}" in message and "KABINET_PG_PORT" in message, message
+    assert "Traceback" not in message
+    assert not (tmp_path / "data" / "pg").exists() or not any((tmp_path / "data" / "pg").glob("postmaster.pid"))

@@ -37,7 +37,8 @@ STOP_TIMEOUT_S = 10
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
+    # One line whatever the terminal's width: it may be grepped from a log or a CI run.
+    err_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     raise typer.Exit(1)
 
 
