@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from eventsourcing.persistence import ApplicationRecorder, Notification
+from eventsourcing.persistence import Notification
+from eventsourcing.postgres import PostgresApplicationRecorder
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
@@ -65,14 +66,13 @@ class OutboxRelay:
         self,
         config: RelayConfig,
         *,
-        recorder: ApplicationRecorder,
+        recorder: PostgresApplicationRecorder,  # only where its table is: the relay reads it itself
         mapper: TracingMapper,
         to_integration: ToIntegration,
         database_url: str,
         on_page_published: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
-        self.recorder = recorder
         self.mapper = mapper
         self.to_integration = to_integration
         self.database_url = database_url
