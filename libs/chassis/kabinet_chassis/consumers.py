@@ -200,19 +200,20 @@ class ReadModelConsumer:
             )
             tracked = {(row["source"], row["topic"], row["partition"]): row["position"] for row in rows}
             advanced: dict[tuple[str, str, int], int] = {}
+            fresh_records: list[ConsumerRecord] = []
             fresh: list[IntegrationEvent] = []
-            spans = []
             for record, event in zip(records, events, strict=True):
                 key = tracking_key(record, event)
                 applied_up_to = advanced.get(key, tracked.get(key, 0))
                 if event.position <= applied_up_to:
                     continue
                 check_follows_on(record, applied_up_to)
+                fresh_records.append(record)
                 fresh.append(event)
                 advanced[key] = event.position
-                if record.headers:
-                    spans.append(self._start_span(record, event))
             if fresh:
+                # Started only once no gap can abort the batch, so every span is ended.
+                spans = [self._start_span(record, event) for record, event in zip(fresh_records, fresh, strict=True)]
                 try:
                     await self.apply(connection, fresh)
                 finally:
