@@ -29,7 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from kabinet_chassis.eventstore import TracingMapper
+from kabinet_chassis.eventstore import TracingMapper, events_table
 from kabinet_chassis.kafka import DEFAULT_PARTITIONS, ensure_topics, new_producer, partition_for_key, records_at
 from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
 
@@ -83,7 +83,7 @@ class OutboxRelay:
         # become visible in commit order, as the recorder locks the table to insert.
         self._select_page = (
             "SELECT notification_id, originator_id, originator_version, topic, state"
-            f" FROM {_quoted(recorder.datastore.schema)}.{_quoted(recorder.events_table_name)}"
+            f" FROM {events_table(recorder)}"
             " WHERE notification_id > $1 ORDER BY notification_id LIMIT $2"
         )
         # Called after a page is on the broker and before its position is recorded:
@@ -303,10 +303,6 @@ async def _discarded(read: asyncio.Future | None) -> None:
     """Lets a page read that is no longer wanted finish (its thread cannot be stopped), and drops it."""
     if read is not None:
         await asyncio.gather(read, return_exceptions=True)
-
-
-def _quoted(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _position_of(record) -> int | None:

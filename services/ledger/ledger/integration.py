@@ -1,7 +1,8 @@
 """Domain events of the ledger -> its public integration events (kabinet_contracts.ledger).
 
-Account `Posted` and `HoldsChanged` stay private: they are the writer's batching
-detail; the public facts are transfers and holds.
+The public facts are accounts opening, freezing and closing, transfers and holds. A
+credit limit change is not published. Balances are not events of their own:
+subscribers add up transfer legs and holds, or ask the ledger's API.
 """
 
 from __future__ import annotations

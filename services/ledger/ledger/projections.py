@@ -1,8 +1,9 @@
 """Read side of the ledger (asyncpg), fed from the ledger's own log in order.
 
-Tables: accounts with posted and held balances; one row per account entry with the
-running balance after it (so a balance at any past instant is one indexed lookup and
-a statement is a range scan); transfers; holds.
+Tables: accounts; one row per account entry (a transfer's leg) with the running balance
+after it (so a balance at any past instant is one indexed lookup and a statement is a
+range scan); transfers; holds. Current balances are not here: they are saved with the
+events that change them (`ledger_balances`, see application.py), and read from there.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ CREATE TABLE IF NOT EXISTS ledger_accounts (
     currency char(3) NOT NULL,
     state text NOT NULL,
     credit_limit_minor bigint NOT NULL,
-    posted_minor bigint NOT NULL DEFAULT 0,
-    held_minor bigint NOT NULL DEFAULT 0,
     opened_at timestamptz NOT NULL,
     updated_at timestamptz NOT NULL
 );
@@ -79,14 +78,13 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
     """Apply domain events in log order. Bulk statements keep a page to a few round trips."""
     entries: list[tuple] = []
     transfers: list[tuple] = []
-    balance_changes: dict[Any, int] = {}
-    held_changes: dict[Any, int] = {}
-    # Running balances start from the stored balances of every account the page posts to
-    # (one query); accounts opened in this page start at zero.
-    posting_accounts = list({event.originator_id for _, event in page if _kind(event) == "Account.Posted"})
-    running: dict[Any, int] = dict(await connection.fetch(
-        "SELECT account_id, posted_minor FROM ledger_accounts WHERE account_id = ANY($1)", posting_accounts
-    )) if posting_accounts else {}
+    # Running balances continue from each account's last entry (one indexed lookup per
+    # account the page posts to); an account without entries starts at zero.
+    posting_accounts = list({leg["account_id"] for _, event in page if _kind(event) == "Transfer.Posted" for leg in event.legs})
+    running: dict[str, int] = {str(account_id): balance or 0 for account_id, balance in await connection.fetch(
+        "SELECT asked.id, (SELECT balance_after_minor FROM ledger_entries WHERE account_id = asked.id"
+        " ORDER BY position DESC, seq DESC LIMIT 1) FROM unnest($1::uuid[]) AS asked(id)", posting_accounts
+    )} if posting_accounts else {}
     for position, event in page:
         kind = _kind(event)
         if kind == "Account.Opened":
@@ -106,23 +104,14 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                 "UPDATE ledger_accounts SET credit_limit_minor = $2, updated_at = $3 WHERE account_id = $1",
                 event.originator_id, event.credit_limit_minor, event.timestamp,
             )
-        elif kind == "Account.Posted":
-            account_id = event.originator_id
-            running.setdefault(account_id, 0)
-            for seq, entry in enumerate(event.entries):
-                running[account_id] += entry["amount_minor"]
-                entries.append((
-                    account_id, position, seq, entry["transfer_id"], entry["code"], entry["amount_minor"],
-                    running[account_id], event.posted_at,
-                ))
-                balance_changes[account_id] = balance_changes.get(account_id, 0) + entry["amount_minor"]
-        elif kind == "Account.HoldsChanged":
-            held_changes[event.originator_id] = held_changes.get(event.originator_id, 0) + sum(
-                change["held_delta_minor"] for change in event.changes
-            )
         elif kind == "Transfer.Posted":
             transfers.append((event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
                               list(event.customer_ids), json.dumps(event.metadata), event.posted_at))
+            for seq, leg in enumerate(event.legs):
+                account_id = leg["account_id"]
+                running[account_id] += leg["amount_minor"]
+                entries.append((_uuid(account_id), position, seq, event.client_transfer_id, event.code,
+                                leg["amount_minor"], running[account_id], event.posted_at))
         elif kind == "Hold.Placed":
             await connection.execute(
                 "INSERT INTO ledger_holds (hold_id, debit_account_id, credit_account_id, amount_minor, captured_minor,"
@@ -153,12 +142,6 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
             "ledger_entries", records=entries,
             columns=["account_id", "position", "seq", "transfer_id", "code", "amount_minor", "balance_after_minor", "occurred_at"],
         )
-    if balance_changes or held_changes:
-        ids = sorted(set(balance_changes) | set(held_changes), key=str)
-        await connection.executemany(
-            "UPDATE ledger_accounts SET posted_minor = posted_minor + $2, held_minor = held_minor + $3 WHERE account_id = $1",
-            [(i, balance_changes.get(i, 0), held_changes.get(i, 0)) for i in ids],
-        )
 
 
 def _uuid(value: Any):
@@ -170,13 +153,17 @@ def _uuid(value: Any):
 # ---- queries -------------------------------------------------------------------------------
 
 
+_ACCOUNTS = ("SELECT a.*, b.posted_minor, b.held_minor FROM ledger_accounts a"
+             " JOIN ledger_balances b ON b.account_id = a.account_id")
+
+
 async def accounts_of(pool: asyncpg.Pool, owner_id: str) -> list[dict]:
-    rows = await pool.fetch("SELECT * FROM ledger_accounts WHERE owner_id = $1 ORDER BY opened_at, account_id", owner_id)
+    rows = await pool.fetch(f"{_ACCOUNTS} WHERE a.owner_id = $1 ORDER BY a.opened_at, a.account_id", owner_id)
     return [_account(row) for row in rows]
 
 
 async def account(pool: asyncpg.Pool, account_id) -> dict | None:
-    row = await pool.fetchrow("SELECT * FROM ledger_accounts WHERE account_id = $1", account_id)
+    row = await pool.fetchrow(f"{_ACCOUNTS} WHERE a.account_id = $1", account_id)
     return _account(row) if row else None
 
 

@@ -1,10 +1,13 @@
 """`kabinet ledger verify`: what an auditor checks before trusting the books.
 
+Everything is recomputed from the event store and compared with what the ledger serves:
 1. every transfer's legs sum to zero per currency;
 2. the trial balance is zero per currency;
-3. every account's balance equals the sum of its legs in transfers;
-4. every account's stored state (as the event store rebuilds it) equals what its events say;
-5. the read model equals the event store (balances, holds, states, entry counts), and is caught up;
+3. every saved balance equals the sum of its account's legs, and its held amount the
+   sum of its live holds;
+4. every account rebuilt from its events has the state and credit limit its events say;
+5. the read model equals the event store (states, entry counts, last running balance),
+   and is caught up;
 6. no customer account is below its credit limit.
 """
 
@@ -16,6 +19,7 @@ from uuid import UUID
 
 import asyncpg
 
+from kabinet_chassis.eventstore import events_table
 from ledger.application import LedgerApplication
 
 PAGE_SIZE = 5000
@@ -50,19 +54,19 @@ class _Account:
     owner_id: str = "?"
     credit_limit_minor: int = 0
     state: str = "open"
-    entries_minor: int = 0
-    entries_count: int = 0
-    held_minor: int = 0
     legs_minor: int = 0
+    legs_count: int = 0
+    held_minor: int = 0
 
 
-def read_event_store(app: LedgerApplication) -> tuple[dict[UUID, _Account], list[str], int, int]:
+def read_event_store(app: LedgerApplication, up_to: int) -> tuple[dict[UUID, _Account], list[str], int, int]:
     accounts: dict[UUID, _Account] = defaultdict(_Account)
+    debit_account_of_hold: dict[UUID, UUID] = {}
     unbalanced: list[str] = []
     last_position = 0
     events_read = 0
     for _ in range(PAGES_MAX):
-        page = app.recorder.select_notifications(start=last_position, limit=PAGE_SIZE, inclusive_of_start=False)
+        page = app.recorder.select_notifications(start=last_position, stop=up_to, limit=PAGE_SIZE, inclusive_of_start=False)
         if not page:
             break
         for notification in page:
@@ -77,19 +81,22 @@ def read_event_store(app: LedgerApplication) -> tuple[dict[UUID, _Account], list
             elif kind in ("Account.Frozen", "Account.Unfrozen", "Account.Closed"):
                 accounts[event.originator_id].state = {"Account.Frozen": "frozen", "Account.Unfrozen": "open",
                                                        "Account.Closed": "closed"}[kind]
-            elif kind == "Account.Posted":
-                account = accounts[event.originator_id]
-                account.entries_minor += sum(e["amount_minor"] for e in event.entries)
-                account.entries_count += len(event.entries)
-            elif kind == "Account.HoldsChanged":
-                accounts[event.originator_id].held_minor += sum(ch["held_delta_minor"] for ch in event.changes)
             elif kind == "Transfer.Posted":
                 sums: dict[str, int] = defaultdict(int)
                 for leg in event.legs:
                     sums[leg["currency"]] += leg["amount_minor"]
-                    accounts[UUID(leg["account_id"])].legs_minor += leg["amount_minor"]
+                    account = accounts[UUID(leg["account_id"])]
+                    account.legs_minor += leg["amount_minor"]
+                    account.legs_count += 1
                 if any(sums.values()):
                     unbalanced.append(f"transfer {event.client_transfer_id} is off by {dict(sums)}")
+            elif kind == "Hold.Placed":
+                debit_account_of_hold[event.originator_id] = UUID(event.debit_account_id)
+                accounts[UUID(event.debit_account_id)].held_minor += event.amount_minor
+            elif kind == "Hold.Captured":
+                accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.amount_minor
+            elif kind in ("Hold.Voided", "Hold.Expired"):
+                accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.released_minor
         last_position = page[-1].id
         events_read += len(page)
     return accounts, unbalanced, last_position, events_read
@@ -99,49 +106,62 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     import anyio
 
     report = Report()
-    accounts, unbalanced, last_position, report.events_read = await anyio.to_thread.run_sync(read_event_store, app)
+    # One snapshot of what the ledger serves, then the events up to that snapshot: balances
+    # commit with their events, so a ledger that keeps writing still verifies.
+    connection = await asyncpg.connect(database_url, timeout=10)
+    try:
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            up_to = await connection.fetchval(
+                f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}"
+            )
+            balances = {row["account_id"]: (row["posted_minor"], row["held_minor"]) for row in
+                        await connection.fetch("SELECT account_id, posted_minor, held_minor FROM ledger_balances")}
+            position = await connection.fetchval(
+                "SELECT position FROM projection_position WHERE projection = 'ledger_read_model'"
+            ) or 0
+            rows = await connection.fetch(
+                "SELECT a.account_id, a.state, a.credit_limit_minor, count(e.account_id) AS entries,"
+                " (SELECT balance_after_minor FROM ledger_entries last WHERE last.account_id = a.account_id"
+                "  ORDER BY position DESC, seq DESC LIMIT 1) AS balance_after_minor"
+                " FROM ledger_accounts a LEFT JOIN ledger_entries e ON e.account_id = a.account_id GROUP BY a.account_id"
+            )
+    finally:
+        await connection.close()
+    accounts, unbalanced, last_position, report.events_read = await anyio.to_thread.run_sync(read_event_store, app, up_to)
     report.add("transfers balance", unbalanced, "every transfer's legs sum to zero per currency")
 
     totals: dict[str, int] = defaultdict(int)
     for account in accounts.values():
-        totals[account.currency] += account.entries_minor
+        totals[account.currency] += account.legs_minor
     report.add("trial balance", [f"{cur} off by {total}" for cur, total in totals.items() if total],
                "zero in " + (", ".join(sorted(totals)) or "no currency"))
 
-    report.add("balances equal legs", [
-        f"account {aid}: balance {a.entries_minor} but legs {a.legs_minor}" for aid, a in accounts.items()
-        if a.entries_minor != a.legs_minor
-    ], f"{len(accounts)} accounts")
+    problems = [f"account {aid} has no saved balance" for aid in accounts.keys() - balances.keys()]
+    problems += [f"a balance is saved for {aid}, which the event store has no account for"
+                 for aid in balances.keys() - accounts.keys()]
+    problems += [
+        f"account {aid}: saved balance {balances[aid][0]}/{balances[aid][1]} held, legs and holds say {a.legs_minor}/{a.held_minor}"
+        for aid, a in accounts.items() if aid in balances and balances[aid] != (a.legs_minor, a.held_minor)
+    ]
+    report.add("balances equal legs and holds", problems, f"{len(balances)} accounts")
 
     def stored_states() -> list[str]:
         problems = []
         for account_id, expected in accounts.items():
             stored = app.repository.get(account_id)
-            if (stored.posted_minor, stored.held_minor, stored.state) != (expected.entries_minor, expected.held_minor, expected.state):
-                problems.append(f"account {account_id}: rebuilt {stored.posted_minor}/{stored.held_minor}/{stored.state},"
-                                f" events say {expected.entries_minor}/{expected.held_minor}/{expected.state}")
+            if (stored.state, stored.credit_limit_minor) != (expected.state, expected.credit_limit_minor):
+                problems.append(f"account {account_id}: rebuilt {stored.state}/{stored.credit_limit_minor},"
+                                f" events say {expected.state}/{expected.credit_limit_minor}")
         return problems
 
-    report.add("aggregates rebuild", await anyio.to_thread.run_sync(stored_states), "snapshots and events agree")
+    report.add("aggregates rebuild", await anyio.to_thread.run_sync(stored_states), "accounts and their events agree")
 
     report.add("no forbidden overdraft", [
-        f"account {aid}: {a.entries_minor - a.held_minor} below limit {a.credit_limit_minor}"
+        f"account {aid}: {a.legs_minor - a.held_minor} below limit {a.credit_limit_minor}"
         for aid, a in accounts.items()
-        if a.owner_id != INTERNAL_OWNER and a.entries_minor - a.held_minor < -a.credit_limit_minor
+        if a.owner_id != INTERNAL_OWNER and a.legs_minor - a.held_minor < -a.credit_limit_minor
     ], "customer accounts within their limits")
 
-    connection = await asyncpg.connect(database_url, timeout=10)
-    try:
-        position = await connection.fetchval(
-            "SELECT position FROM projection_position WHERE projection = 'ledger_read_model'"
-        ) or 0
-        rows = await connection.fetch(
-            "SELECT a.account_id, a.posted_minor, a.held_minor, a.state,"
-            " (SELECT count(*) FROM ledger_entries e WHERE e.account_id = a.account_id) AS entries"
-            " FROM ledger_accounts a"
-        )
-    finally:
-        await connection.close()
     problems = [] if position >= last_position else [f"read model at position {position}, event store at {last_position}"]
     seen = set()
     for row in rows:
@@ -150,8 +170,8 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
         if expected is None:
             problems.append(f"read model has account {row['account_id']} the event store does not")
             continue
-        got = (row["posted_minor"], row["held_minor"], row["state"], row["entries"])
-        want = (expected.entries_minor, expected.held_minor, expected.state, expected.entries_count)
+        got = (row["state"], row["credit_limit_minor"], row["entries"], row["balance_after_minor"] or 0)
+        want = (expected.state, expected.credit_limit_minor, expected.legs_count, expected.legs_minor)
         if got != want:
             problems.append(f"account {row['account_id']}: read model {got}, event store {want}")
     problems += [f"account {aid} missing from the read model" for aid in accounts.keys() - seen]

@@ -2,14 +2,14 @@
 
 Commands wait in a bounded queue. One writer takes a batch (bounded by size and by
 wait time), validates it in memory with the domain's `Batch`, saves every touched
-aggregate in one transaction, and answers each caller with its own result. A refused
-command does not fail the rest of its batch. A hot account is appended to once per
-batch, not once per transfer.
+aggregate in one transaction together with the new balances of the accounts it moved
+money on, and answers each caller with its own result. A refused command does not fail
+the rest of its batch. A hot account costs one balance row update per batch.
 
-The writer keeps the aggregates it loaded in memory (it is their only writer in this
-process). If a save fails, it forgets the touched ones and reloads them from the
-store; a second ledger process writing the same accounts is stopped by the event
-store's optimistic concurrency, never by luck.
+The writer keeps the aggregates and balances it loaded in memory (it is their only
+writer in this process). If a save fails, it forgets the touched ones and reloads them
+from the store; a second ledger process writing the same accounts is stopped by the
+event store's optimistic concurrency and by the balances' versions, never by luck.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from ledger.application import LedgerApplication
+from ledger.domain.balance import Balance
 from ledger.domain.batch import Batch, aggregate_ids_of
 from ledger.domain.errors import LedgerError
 
@@ -66,7 +67,9 @@ class BatchedWriter:
         self.on_saved = on_saved
         self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=QUEUE_MAX)
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
+        self._balances: dict[UUID, Balance] = {}  # of the accounts in _cache
         self._absent: set[UUID] = set()  # ids the current batch knows to be new
+        self._fetched: dict[UUID, Balance] = {}  # balances the current batch's look-up found
         self.batches_total = 0
         self.commands_total = 0
         self.last_position = 0  # notification id of the last saved event
@@ -116,29 +119,30 @@ class BatchedWriter:
         """Each command's result or refusal, and the (notification id, event) pairs committed."""
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
             self._prefetch(commands)
-            batch = Batch(self._load, self.clock())
+            batch = Batch(self._load, self._balance_of, self.clock())
             outcomes: list[Any] = []
             for command in commands:
                 try:
                     outcomes.append(batch.execute(command))
                 except LedgerError as refusal:
                     outcomes.append(refusal)
-            aggregates = batch.finish()
+            aggregates, balances = batch.finish()
             if not aggregates:
                 return outcomes, []
             try:
-                recordings = self.app.save(*aggregates)
+                recordings = self.app.save(*aggregates, balances=balances)
             except IntegrityError:
-                # Someone else wrote one of these aggregates: reload and validate again.
-                self._forget(aggregates)
+                # Someone else wrote one of these aggregates or balances: reload and validate again.
+                self._forget([aggregate.id for aggregate in aggregates] + list(balances))
                 if attempt == SAVE_ATTEMPTS_MAX:
                     raise
                 continue
             except Exception:
-                self._forget(aggregates)
+                self._forget([aggregate.id for aggregate in aggregates] + list(balances))
                 raise
             for aggregate in aggregates:
                 self._remember(aggregate)
+            self._balances.update(balances)
             committed = sorted(((r.notification.id, r.domain_event) for r in recordings), key=lambda pair: pair[0])
             if committed:
                 self.last_position = committed[-1][0]
@@ -148,10 +152,12 @@ class BatchedWriter:
         raise AssertionError("unreachable")
 
     def _prefetch(self, commands: list[Any]) -> None:
-        """Learn in one query which of the batch's uncached aggregates exist at all."""
+        """Learn in one query which of the batch's uncached aggregates exist at all, and the
+        balances of those that are accounts."""
         wanted = {aggregate_id for command in commands for aggregate_id in aggregate_ids_of(command)}
         unknown = {aggregate_id for aggregate_id in wanted if aggregate_id not in self._cache}  # O(batch), not O(cache)
-        self._absent = unknown - self.app.existing_ids(unknown)
+        existing, self._fetched = self.app.look_up(unknown)
+        self._absent = unknown - existing
 
     def _load(self, aggregate_id: UUID) -> Any | None:
         aggregate = self._cache.get(aggregate_id)
@@ -167,12 +173,26 @@ class BatchedWriter:
         self._remember(aggregate)
         return aggregate
 
+    def _balance_of(self, account_id: UUID) -> Balance:
+        """The saved balance of an account the batch has loaded (so it is in the cache)."""
+        balance = self._balances.get(account_id)
+        if balance is None:
+            balance = self._fetched.get(account_id)
+            if balance is None:  # an account reached through a hold: not in the batch's look-up
+                balance = self.app.look_up([account_id])[1].get(account_id)
+            if balance is None:
+                raise RuntimeError(f"account {account_id} has events but no saved balance; run `kabinet ledger verify`")
+            self._balances[account_id] = balance
+        return balance
+
     def _remember(self, aggregate: Any) -> None:
         self._cache[aggregate.id] = aggregate
         self._cache.move_to_end(aggregate.id)
         while len(self._cache) > CACHE_MAX_AGGREGATES:
-            self._cache.popitem(last=False)
+            evicted_id, _ = self._cache.popitem(last=False)
+            self._balances.pop(evicted_id, None)
 
-    def _forget(self, aggregates: list[Any]) -> None:
-        for aggregate in aggregates:
-            self._cache.pop(aggregate.id, None)
+    def _forget(self, aggregate_ids: list[UUID]) -> None:
+        for aggregate_id in aggregate_ids:
+            self._cache.pop(aggregate_id, None)
+            self._balances.pop(aggregate_id, None)

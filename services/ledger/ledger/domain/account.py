@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
 
@@ -44,12 +43,13 @@ class AccountState(StrEnum):
 
 
 class Account(Aggregate):
-    """Balances: posted (settled), held (reserved by live holds), available (what may be spent).
+    """What an account is and may do: owner, kind, currency, credit limit, state.
 
-    Balance changes arrive as one `Posted` event per writer batch carrying all of this
-    account's entries, and one `HoldsChanged` for its reservations: the single writer
-    saves a batch at once, so a hot account (the bank's fee account) is appended to
-    once per batch, not once per transfer.
+    Its money is not in its stream. Every posting is a leg of a `Transfer.Posted` event
+    (and every reservation a `Hold` event); the account's `Balance` (balance.py) is their
+    sum, kept by the writer and saved in the same transaction as those events. So a
+    transfer appends one event, however many accounts it touches, and a hot account (the
+    bank's fee account) is never a stream that every transfer must append to.
     """
 
     @staticmethod
@@ -63,16 +63,10 @@ class Account(Aggregate):
         self.currency = currency
         self.credit_limit_minor = credit_limit_minor
         self.state = AccountState.OPEN.value
-        self.posted_minor = 0
-        self.held_minor = 0
 
     @property
     def is_internal(self) -> bool:
         return self.kind in INTERNAL_KINDS
-
-    @property
-    def available_minor(self) -> int:
-        return self.posted_minor - self.held_minor + self.credit_limit_minor
 
     # Public commands check their rule, then trigger the event (a private method), so a
     # replay of stored events never re-runs a rule that may have changed since.
@@ -87,17 +81,17 @@ class Account(Aggregate):
         if self.state == AccountState.FROZEN:
             self._unfreeze()
 
-    def close(self) -> None:
-        """Only an empty account closes; the Batch flushes this batch's entries first."""
-        self.check_close(self.posted_minor, self.held_minor)
+    def close(self, posted_minor: int, held_minor: int) -> None:
+        """Only an empty account closes: the caller gives its balance as it stands now."""
+        self.check_close(posted_minor, held_minor)
         self._close()
 
-    def set_credit_limit(self, credit_limit_minor: int) -> None:
-        self.check_credit_limit(credit_limit_minor, self.posted_minor, self.held_minor)
+    def set_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int) -> None:
+        self.check_credit_limit(credit_limit_minor, posted_minor, held_minor)
         self._set_credit_limit(credit_limit_minor=credit_limit_minor)
 
     # The rules, given balances: the Batch asks them with its own view (this batch's
-    # entries not yet posted) before it changes anything.
+    # postings included) before it changes anything.
 
     def check_not_closed(self) -> None:
         if self.state == AccountState.CLOSED:
@@ -138,16 +132,3 @@ class Account(Aggregate):
     @event("CreditLimitSet")
     def _set_credit_limit(self, credit_limit_minor: int) -> None:
         self.credit_limit_minor = credit_limit_minor
-
-    # Posted and HoldsChanged only record: the balance rules need the whole batch's view
-    # (posted + pending), so the Batch checks them before it flushes here.
-
-    @event("Posted")
-    def post(self, entries: list[dict], posted_at: datetime) -> None:
-        """entries: {"transfer_id": str, "amount_minor": int (+credit / -debit), "code": str}"""
-        self.posted_minor += sum(entry["amount_minor"] for entry in entries)
-
-    @event("HoldsChanged")
-    def change_holds(self, changes: list[dict]) -> None:
-        """changes: {"hold_id": str, "held_delta_minor": int}"""
-        self.held_minor += sum(change["held_delta_minor"] for change in changes)

@@ -3,8 +3,9 @@
 `execute` applies one command against the state left by the earlier commands of the
 same batch, or raises a LedgerError having changed nothing: everything is checked
 before anything is mutated, so a refused command never affects its neighbours.
-Balance changes are accumulated per account; `finish` gives each touched account one
-`Posted` event (and one `HoldsChanged`) and returns every aggregate to save.
+Balance changes are summed per account; `finish` returns every aggregate to save and
+the new `Balance` of every account whose money moved, to be saved in the same
+transaction. A transfer is one `Transfer.Posted` event whatever accounts it touches.
 
 Decisions the writer and callers rely on:
 - ids: Account id = the caller's UUID; Transfer id = uuid5(namespace, transfer_id);
@@ -30,6 +31,7 @@ from uuid import UUID
 
 from ledger.domain import commands as c
 from ledger.domain.account import Account, AccountKind, AccountState
+from ledger.domain.balance import Balance
 from ledger.domain.errors import (
     AccountClosed,
     AccountFrozen,
@@ -47,6 +49,7 @@ from ledger.domain.results import AccountResult, HoldResult, TransferResult
 from ledger.domain.transfer import Transfer
 
 Loader = Callable[[UUID], Any]
+BalanceLoader = Callable[[UUID], Balance]
 
 
 def capture_transfer_id(hold_id: str, capture_id: str) -> str:
@@ -70,17 +73,22 @@ def aggregate_ids_of(command: Any) -> list[UUID]:
 class Batch:
     """Apply commands in memory; `finish()` hands the writer every aggregate to save.
 
-    `load(aggregate_id)` returns the current aggregate or None. The Batch mutates the
-    aggregates it is given: if saving them fails, the writer must drop them (and reload).
+    `load(aggregate_id)` returns the current aggregate or None; `balance_of(account_id)`
+    the saved balance of an existing account. The Batch mutates the aggregates it is
+    given: if saving them fails, the writer must drop them (and reload).
     Use a Batch once: execute commands, call `finish()`, save what it returns.
     """
 
-    def __init__(self, load: Loader, now: datetime) -> None:
+    def __init__(self, load: Loader, balance_of: BalanceLoader, now: datetime) -> None:
         self._load = load
+        self._balance_of = balance_of
         self.now = now
         self._touched: dict[UUID, Any] = {}  # every aggregate changed in this batch, in first-touch order
-        self._entries: dict[UUID, list[dict]] = {}
-        self._hold_changes: dict[UUID, list[dict]] = {}
+        self._balances: dict[UUID, Balance] = {}  # as saved before this batch
+        # Accounts whose balance row moves on though no money moved: new ones, and those
+        # whose state or credit limit changed. The funds check depends on those too, so a
+        # second writer holding the account as it was must fail to save, not pass.
+        self._resaved: list[UUID] = []
         self._posted_delta: dict[UUID, int] = {}
         self._held_delta: dict[UUID, int] = {}
 
@@ -90,8 +98,11 @@ class Batch:
         aggregate = self._touched.get(aggregate_id)
         return aggregate if aggregate is not None else self._load(aggregate_id)
 
-    def _touch(self, aggregate: Any) -> None:
+    def _touch(self, aggregate: Any, *, resave_balance: bool = False) -> None:
         self._touched.setdefault(aggregate.id, aggregate)
+        if resave_balance:
+            self._balance(aggregate.id)
+            self._resaved.append(aggregate.id)
 
     def account(self, account_id: UUID) -> Account:
         account = self._get(account_id)
@@ -99,11 +110,17 @@ class Batch:
             raise AccountNotFound(f"no account {account_id}")
         return account
 
+    def _balance(self, account_id: UUID) -> Balance:
+        balance = self._balances.get(account_id)
+        if balance is None:
+            balance = self._balances[account_id] = self._balance_of(account_id)
+        return balance
+
     def posted_minor(self, account: Account) -> int:
-        return account.posted_minor + self._posted_delta.get(account.id, 0)
+        return self._balance(account.id).posted_minor + self._posted_delta.get(account.id, 0)
 
     def held_minor(self, account: Account) -> int:
-        return account.held_minor + self._held_delta.get(account.id, 0)
+        return self._balance(account.id).held_minor + self._held_delta.get(account.id, 0)
 
     def available_minor(self, account: Account) -> int:
         return self.posted_minor(account) - self.held_minor(account) + account.credit_limit_minor
@@ -125,32 +142,22 @@ class Batch:
         }[type(command)]
         return handler(command)
 
-    def finish(self) -> list[Any]:
-        """Give each account one Posted / HoldsChanged event; return all aggregates to save."""
-        for account_id in list(self._entries.keys() | self._hold_changes.keys()):
-            self._flush(self._touched[account_id])
-        return [aggregate for aggregate in self._touched.values() if aggregate.pending_events]
+    def finish(self) -> tuple[list[Any], dict[UUID, Balance]]:
+        """Every aggregate with new events, and the new balance of every account opened,
+        changed or whose money moved in this batch: the writer saves both in one transaction."""
+        aggregates = [aggregate for aggregate in self._touched.values() if aggregate.pending_events]
+        balances = {
+            account_id: self._balance(account_id).changed(
+                self._posted_delta.get(account_id, 0), self._held_delta.get(account_id, 0)
+            )
+            for account_id in dict.fromkeys([*self._resaved, *self._posted_delta, *self._held_delta])
+        }
+        return aggregates, balances
 
-    def _flush(self, account: Account) -> None:
-        entries = self._entries.pop(account.id, None)
-        if entries:
-            account.post(entries=entries, posted_at=self.now)
-            del self._posted_delta[account.id]
-        changes = self._hold_changes.pop(account.id, None)
-        if changes:
-            account.change_holds(changes=changes)
-            del self._held_delta[account.id]
-
-    def _add_entry(self, account: Account, transfer_id: str, amount_minor: int, code: str) -> None:
-        self._touch(account)
-        self._entries.setdefault(account.id, []).append(
-            {"transfer_id": transfer_id, "amount_minor": amount_minor, "code": code}
-        )
+    def _post(self, account: Account, amount_minor: int) -> None:
         self._posted_delta[account.id] = self._posted_delta.get(account.id, 0) + amount_minor
 
-    def _add_hold_change(self, account: Account, hold_id: str, held_delta_minor: int) -> None:
-        self._touch(account)
-        self._hold_changes.setdefault(account.id, []).append({"hold_id": hold_id, "held_delta_minor": held_delta_minor})
+    def _reserve(self, account: Account, held_delta_minor: int) -> None:
         self._held_delta[account.id] = self._held_delta.get(account.id, 0) + held_delta_minor
 
     # ---- accounts ------------------------------------------------------------------------
@@ -172,14 +179,15 @@ class Batch:
             credit_limit_minor=command.credit_limit_minor,
         )
         self._touch(account)
+        self._balances[account.id] = Balance()
+        self._resaved.append(account.id)
         return AccountResult(str(account.id), account.state)
 
     def _freeze(self, command: c.FreezeAccount) -> AccountResult:
         account = self.account(command.account_id)
         account.check_not_closed()
         if account.state != AccountState.FROZEN:
-            self._touch(account)
-            self._flush(account)  # entries of this batch came before the freeze: keep that order in the stream
+            self._touch(account, resave_balance=True)
             account.freeze()
         return AccountResult(str(account.id), account.state)
 
@@ -187,8 +195,7 @@ class Batch:
         account = self.account(command.account_id)
         account.check_not_closed()
         if account.state == AccountState.FROZEN:
-            self._touch(account)
-            self._flush(account)
+            self._touch(account, resave_balance=True)
             account.unfreeze()
         return AccountResult(str(account.id), account.state)
 
@@ -196,18 +203,14 @@ class Batch:
         account = self.account(command.account_id)
         if account.state == AccountState.CLOSED:
             return AccountResult(str(account.id), account.state, replayed=True)
-        account.check_close(self.posted_minor(account), self.held_minor(account))
-        self._touch(account)
-        self._flush(account)  # the account now carries this batch's entries: its own rule agrees
-        account.close()
+        account.close(self.posted_minor(account), self.held_minor(account))  # this batch's postings count
+        self._touch(account, resave_balance=True)
         return AccountResult(str(account.id), account.state)
 
     def _set_credit_limit(self, command: c.SetCreditLimit) -> AccountResult:
         account = self.account(command.account_id)
-        account.check_credit_limit(command.credit_limit_minor, self.posted_minor(account), self.held_minor(account))
-        self._touch(account)
-        self._flush(account)
-        account.set_credit_limit(credit_limit_minor=command.credit_limit_minor)
+        account.set_credit_limit(command.credit_limit_minor, self.posted_minor(account), self.held_minor(account))
+        self._touch(account, resave_balance=True)
         return AccountResult(str(account.id), account.state)
 
     # ---- transfers -----------------------------------------------------------------------
@@ -251,7 +254,7 @@ class Batch:
         )
         self._touch(transfer)
         for leg, account in zip(command.legs, accounts, strict=True):
-            self._add_entry(account, command.transfer_id, leg.amount_minor, command.code)
+            self._post(account, leg.amount_minor)
         return _transfer_result(transfer)
 
     # ---- holds ---------------------------------------------------------------------------
@@ -282,7 +285,7 @@ class Batch:
             code=command.code, request_fingerprint=request_fingerprint,
         )
         self._touch(hold)
-        self._add_hold_change(debit, command.hold_id, command.amount_minor)
+        self._reserve(debit, command.amount_minor)
         return _hold_result(hold)
 
     def _capture_hold(self, command: c.CaptureHold) -> HoldResult:
@@ -325,9 +328,9 @@ class Batch:
         self._touch(hold)
         hold.capture(client_hold_id=command.hold_id, capture_id=command.capture_id, amount_minor=command.amount_minor,
                      transfer_id=transfer_id)
-        self._add_hold_change(debit, command.hold_id, -command.amount_minor)
-        self._add_entry(debit, transfer_id, -command.amount_minor, hold.code)
-        self._add_entry(credit, transfer_id, command.amount_minor, hold.code)
+        self._reserve(debit, -command.amount_minor)
+        self._post(debit, -command.amount_minor)
+        self._post(credit, command.amount_minor)
         return _hold_result(hold, transfer_id=transfer_id)
 
     def _void_hold(self, command: c.VoidHold) -> HoldResult:
@@ -355,7 +358,7 @@ class Batch:
         else:
             hold.void(client_hold_id=hold.client_hold_id, released_minor=released)
         if released:
-            self._add_hold_change(debit, hold.client_hold_id, -released)
+            self._reserve(debit, -released)
 
 
 def _transfer_result(transfer: Transfer, replayed: bool = False) -> TransferResult:

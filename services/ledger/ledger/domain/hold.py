@@ -24,8 +24,8 @@ class Hold(Aggregate):
     """Funds reserved on `debit_account_id` until captured (in parts) into `credit_account_id`,
     voided, or expired at `expires_at`. Keyed by the client's hold id (uuid5).
 
-    The reservation itself lives on the debit account (`Account.held_minor`, changed by
-    `HoldsChanged`); the hold remembers each capture id and its amount, so a retried
+    The reservation counts in the debit account's `Balance.held_minor`, kept by the writer
+    from these events; the hold remembers each capture id and its amount, so a retried
     capture is answered, not applied twice.
     """
 

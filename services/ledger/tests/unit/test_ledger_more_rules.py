@@ -12,6 +12,7 @@ import pytest
 
 from ledger.domain import commands as c
 from ledger.domain import errors
+from ledger.domain.balance import Balance
 from ledger.domain.batch import aggregate_ids_of, capture_transfer_id
 from ledger.domain.errors import (
     AccountClosed,
@@ -78,7 +79,7 @@ def test_capture_of_a_hold_placed_before_a_freeze_still_goes_through(world):
     world.one(c.FreezeAccount(card))
     result = world.one(c.CaptureHold("h1", "clearing-1", 400))
     assert result.state == "captured" and result.transfer_id == capture_transfer_id("h1", "clearing-1")
-    assert (world.account(card).posted_minor, world.account(card).held_minor) == (600, 0)
+    assert (world.balance(card).posted_minor, world.balance(card).held_minor) == (600, 0)
     with pytest.raises(AccountFrozen):
         world.one(hold("h2", card, merchant, 1))
 
@@ -98,7 +99,7 @@ def test_same_hold_id_same_body_returns_the_hold_and_other_body_is_conflict(worl
     settlement, card = funded(world, 1_000)
     first = world.one(hold("h1", card, settlement, 100))
     again = world.one(hold("h1", card, settlement, 100))
-    assert again.replayed and again.hold_id == first.hold_id and world.account(card).held_minor == 100
+    assert again.replayed and again.hold_id == first.hold_id and world.balance(card).held_minor == 100
     with pytest.raises(IdempotencyConflict):
         world.one(hold("h1", card, settlement, 200))
 
@@ -109,7 +110,7 @@ def test_same_capture_id_other_amount_is_conflict(world):
     world.one(c.CaptureHold("h1", "c1", 100))
     with pytest.raises(IdempotencyConflict):
         world.one(c.CaptureHold("h1", "c1", 101))
-    assert world.account(card).posted_minor == 900
+    assert world.balance(card).posted_minor == 900
 
 
 def test_same_body_with_the_same_instant_in_another_offset_is_a_replay(world):
@@ -158,12 +159,16 @@ def test_closing_with_a_live_hold_is_refused_until_it_is_voided(world):
         world.one(c.FreezeAccount(card))
 
 
-def test_emptying_and_closing_in_one_batch_keeps_entries_before_closed(world):
+def test_emptying_and_closing_in_one_batch_closes_an_empty_account(world):
     settlement, card = funded(world, 100)
     before = len(world.saved_events)
-    emptied, closed = world.run(transfer("empty", (card, -100), (settlement, 100)), c.CloseAccount(card))
-    assert closed.state == "closed"
-    assert world.events_of(card, before) == ["Account.Posted", "Account.Closed"]
+    emptied, closed, refused = world.run(
+        transfer("empty", (card, -100), (settlement, 100)), c.CloseAccount(card),
+        transfer("too-late", (settlement, -1), (card, 1)),
+    )
+    assert closed.state == "closed" and isinstance(refused, AccountClosed)
+    assert world.events_of(card, before) == ["Account.Closed"]
+    assert world.balance(card) == Balance(posted_minor=0, held_minor=0, version=world.balance(card).version)
 
 
 def test_credit_limit_cannot_drop_below_what_is_used(world):
@@ -172,7 +177,7 @@ def test_credit_limit_cannot_drop_below_what_is_used(world):
     with pytest.raises(InsufficientFunds):
         world.one(c.SetCreditLimit(card, 299))
     world.one(c.SetCreditLimit(card, 300))
-    assert world.account(card).available_minor == 0
+    assert world.available(card) == 0
     with pytest.raises(InvalidAccount):
         world.one(c.SetCreditLimit(settlement, 100))
 
@@ -225,7 +230,7 @@ def test_the_writer_is_told_every_aggregate_a_capture_will_touch():
 def test_aggregates_guard_their_own_rules(world):
     settlement, card = funded(world, 100)
     with pytest.raises(AccountNotEmpty):
-        world.account(card).close()
+        world.account(card).close(world.balance(card).posted_minor, world.balance(card).held_minor)
     world.one(hold("h1", card, settlement, 60))
     held = world.store[next(k for k, v in world.store.items() if getattr(v, "client_hold_id", None) == "h1")]
     with pytest.raises(CaptureExceedsHold):
@@ -233,7 +238,7 @@ def test_aggregates_guard_their_own_rules(world):
     assert held.pending_events == [] and held.remaining_minor == 60
 
 
-def test_every_event_survives_the_store_and_snapshots(world):
+def test_every_event_survives_the_store(world):
     settlement, card = funded(world, 1_000, limit=200)
     merchant = world.open("marketplace_clearing")
     world.run(hold("h1", card, merchant, 300), c.SetCreditLimit(card, 100), c.FreezeAccount(card))

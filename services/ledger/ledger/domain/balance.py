@@ -1,0 +1,28 @@
+"""An account's money: the sum of its transfer legs and of its live holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """posted: settled money; held: reserved by live holds; both in the account's minor units.
+
+    Not an event of its own: it is what the account's legs (in `Transfer.Posted`) and
+    reservations (in `Hold` events) add up to. The writer saves it in the same
+    transaction as the events that change it (the inline balance projection), and
+    `version` counts those saves, so a second writer with a stale balance is refused
+    instead of overwriting it.
+    """
+
+    posted_minor: int = 0
+    held_minor: int = 0
+    version: int = 0  # 0: not saved yet (an account opened in this batch)
+
+    def available_minor(self, credit_limit_minor: int) -> int:
+        return self.posted_minor - self.held_minor + credit_limit_minor
+
+    def changed(self, posted_delta_minor: int, held_delta_minor: int) -> Balance:
+        """The balance to save next: the deltas applied, one version on."""
+        return Balance(self.posted_minor + posted_delta_minor, self.held_minor + held_delta_minor, self.version + 1)

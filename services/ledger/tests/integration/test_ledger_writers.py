@@ -1,0 +1,95 @@
+"""Rules of the ledger's write side on real PostgreSQL: balances commit with their events,
+a second writer never acts on a balance or state it has not seen, and verify catches a
+balance that disagrees with the journal."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+
+from kabinet_chassis.eventstore import event_store_env
+from ledger.application import LedgerApplication
+from ledger.clock import system_clock
+from ledger.domain import commands as c
+from ledger.domain.errors import AccountFrozen, InsufficientFunds
+from ledger.verify import verify
+from ledger.writer import BatchedWriter
+
+pytestmark = pytest.mark.integration
+
+
+@asynccontextmanager
+async def second_writer(settings):
+    """Another ledger process's writer on the same database, with a cache of its own."""
+    app = LedgerApplication(env=event_store_env(settings))
+    writer = BatchedWriter(app, system_clock)
+    task = asyncio.create_task(writer.run())
+    try:
+        yield writer
+    finally:
+        task.cancel()
+        app.close()
+
+
+async def funded_card(writer, amount_minor: int) -> uuid.UUID:
+    settlement, card = uuid.uuid4(), uuid.uuid4()
+    await writer.submit(c.OpenAccount(settlement, "bank", "settlement", "RUB"))
+    await writer.submit(c.OpenAccount(card, "alice", "card", "RUB"))
+    await writer.submit(c.PostTransfer(f"fund-{card}", (c.Leg(settlement, -amount_minor, "RUB"),
+                                                        c.Leg(card, amount_minor, "RUB")), "top_up"))
+    return settlement, card
+
+
+def spend(card, settlement, amount_minor: int) -> c.PostTransfer:
+    return c.PostTransfer(f"spend-{uuid.uuid4()}", (c.Leg(card, -amount_minor, "RUB"),
+                                                    c.Leg(settlement, amount_minor, "RUB")), "card_purchase")
+
+
+async def test_a_transfer_and_its_balances_commit_together(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.writer.submit(spend(card, settlement, 300))
+    # Read straight after the commit, with no projection to wait for.
+    row = await ledger.parts.pool.fetchrow("SELECT posted_minor, held_minor FROM ledger_balances WHERE account_id = $1", card)
+    assert (row["posted_minor"], row["held_minor"]) == (700, 0)
+
+
+async def test_a_second_writer_with_a_stale_balance_validates_again_instead_of_overdrawing(ledger):
+    first = ledger.parts.writer
+    settlement, card = await funded_card(first, 1_000)
+    async with second_writer(ledger.settings) as second:
+        await second.submit(spend(card, settlement, 600))  # `first` still holds the card at 1,000
+        with pytest.raises(InsufficientFunds, match="400"):
+            await first.submit(spend(card, settlement, 600))
+        await first.submit(spend(card, settlement, 400))
+    balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
+    assert balance == 0
+
+
+async def test_a_second_writer_that_missed_a_freeze_cannot_debit_the_frozen_account(ledger):
+    first = ledger.parts.writer
+    settlement, card = await funded_card(first, 1_000)
+    async with second_writer(ledger.settings) as second:
+        await second.submit(c.FreezeAccount(card))  # `first` still holds the card as open
+        with pytest.raises(AccountFrozen):
+            await first.submit(spend(card, settlement, 100))
+    balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
+    assert balance == 1_000
+
+
+async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    assert (await verify(ledger.parts.app, ledger.settings.service_database_url)).ok
+    connection = await asyncpg.connect(ledger.settings.service_database_url)
+    try:
+        await connection.execute("UPDATE ledger_balances SET posted_minor = posted_minor + 1 WHERE account_id = $1", card)
+    finally:
+        await connection.close()
+    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    failed = {check.name: check.detail for check in report.checks if not check.ok}
+    assert list(failed) == ["balances equal legs and holds"]
+    assert str(card) in failed["balances equal legs and holds"] and "1001" in failed["balances equal legs and holds"]
