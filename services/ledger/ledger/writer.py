@@ -10,6 +10,12 @@ The writer keeps the aggregates and balances it loaded in memory (it is their on
 writer in this process). If a save fails, it forgets the touched ones and reloads them
 from the store; a second ledger process writing the same accounts is stopped by the
 event store's optimistic concurrency and by the balances' versions, never by luck.
+
+A new transfer or hold id that is not in the cache is taken to be new without asking
+the store: the event store's unique (id, version) is the check. A retry of a request
+posted before the cache knew it (after a restart, say) fails that save, and the batch
+is validated again with every id looked up, which answers the retry with its first
+result. So a batch of new transfers costs no look-up round trip.
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ class BatchedWriter:
     def _write(self, commands: list[Any]) -> tuple[list[Any], list[tuple[int, Any]]]:
         """Each command's result or refusal, and the (notification id, event) pairs committed."""
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
-            self._prefetch(commands)
+            self._prefetch(commands, assume_new=attempt == 1)
             batch = Batch(self._load, self._balance_of, self.clock())
             outcomes: list[Any] = []
             for command in commands:
@@ -151,13 +157,21 @@ class BatchedWriter:
             return outcomes, committed
         raise AssertionError("unreachable")
 
-    def _prefetch(self, commands: list[Any]) -> None:
+    def _prefetch(self, commands: list[Any], *, assume_new: bool) -> None:
         """Learn in one query which of the batch's uncached aggregates exist at all, and the
-        balances of those that are accounts."""
-        wanted = {aggregate_id for command in commands for aggregate_id in aggregate_ids_of(command)}
-        unknown = {aggregate_id for aggregate_id in wanted if aggregate_id not in self._cache}  # O(batch), not O(cache)
-        existing, self._fetched = self.app.look_up(unknown)
-        self._absent = unknown - existing
+        balances of those that are accounts. With `assume_new`, uncached ids the commands
+        would create are taken to be new (see the module's docstring)."""
+        created: set[UUID] = set()
+        needed: set[UUID] = set()
+        for command in commands:
+            creates, needs = aggregate_ids_of(command)
+            created.update(creates)
+            needed.update(needs)
+        cache = self._cache
+        new = {aggregate_id for aggregate_id in created if aggregate_id not in cache} if assume_new else set()
+        unknown = {aggregate_id for aggregate_id in created | needed if aggregate_id not in cache} - new  # O(batch)
+        existing, self._fetched = self.app.look_up(unknown) if unknown else (set(), {})
+        self._absent = new | (unknown - existing)
 
     def _load(self, aggregate_id: UUID) -> Any | None:
         aggregate = self._cache.get(aggregate_id)

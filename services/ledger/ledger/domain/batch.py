@@ -57,17 +57,19 @@ def capture_transfer_id(hold_id: str, capture_id: str) -> str:
     return f"{hold_id}{c.CAPTURE_INFIX}{capture_id}"
 
 
-def aggregate_ids_of(command: Any) -> list[UUID]:
-    """The aggregates a command will look up (so a writer can fetch them together)."""
+def aggregate_ids_of(command: Any) -> tuple[list[UUID], list[UUID]]:
+    """The aggregates a command will look up, so that a writer can fetch them together:
+    those it creates unless they exist (a retried transfer or hold finds its first
+    result there), and those it needs to exist."""
     if isinstance(command, c.PostTransfer):
-        return [Transfer.id_for(command.transfer_id), *(leg.account_id for leg in command.legs)]
+        return [Transfer.id_for(command.transfer_id)], [leg.account_id for leg in command.legs]
     if isinstance(command, c.PlaceHold):
-        return [Hold.id_for(command.hold_id), command.debit_account_id, command.credit_account_id]
+        return [Hold.id_for(command.hold_id)], [command.debit_account_id, command.credit_account_id]
     if isinstance(command, c.CaptureHold):
-        return [Hold.id_for(command.hold_id), Transfer.id_for(capture_transfer_id(command.hold_id, command.capture_id))]
+        return [Transfer.id_for(capture_transfer_id(command.hold_id, command.capture_id))], [Hold.id_for(command.hold_id)]
     if isinstance(command, (c.VoidHold, c.ExpireHold)):
-        return [Hold.id_for(command.hold_id)]
-    return [command.account_id]
+        return [], [Hold.id_for(command.hold_id)]
+    return ([command.account_id], []) if isinstance(command, c.OpenAccount) else ([], [command.account_id])
 
 
 class Batch:

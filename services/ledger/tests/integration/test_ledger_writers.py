@@ -15,7 +15,7 @@ from kabinet_chassis.eventstore import event_store_env
 from ledger.application import LedgerApplication
 from ledger.clock import system_clock
 from ledger.domain import commands as c
-from ledger.domain.errors import AccountFrozen, InsufficientFunds
+from ledger.domain.errors import AccountFrozen, IdempotencyConflict, InsufficientFunds
 from ledger.verify import verify
 from ledger.writer import BatchedWriter
 
@@ -93,3 +93,16 @@ async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
     failed = {check.name: check.detail for check in report.checks if not check.ok}
     assert list(failed) == ["balances equal legs and holds"]
     assert str(card) in failed["balances equal legs and holds"] and "1001" in failed["balances equal legs and holds"]
+
+
+async def test_a_retry_the_writer_has_never_seen_gets_the_first_result_not_a_second_posting(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    first = spend(card, settlement, 300)
+    await ledger.parts.writer.submit(first)
+    async with second_writer(ledger.settings) as fresh:  # as after a restart: nothing cached
+        again = await fresh.submit(first)
+        with pytest.raises(IdempotencyConflict):
+            await fresh.submit(c.PostTransfer(first.transfer_id, first.legs, "refund"))  # same id, other body
+    assert again.replayed and again.transfer_id == first.transfer_id
+    balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
+    assert balance == 700

@@ -27,6 +27,7 @@ from ledger.domain.errors import (
     InvalidTransfer,
     UnbalancedTransfer,
 )
+from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from services.ledger.tests.unit.ledger_world import T0, World, transfer
 
@@ -224,7 +225,7 @@ def test_no_client_id_can_take_a_captures_transfer_id(world):
 
 def test_the_writer_is_told_every_aggregate_a_capture_will_touch():
     capture = c.CaptureHold("h1", "c1", 10)
-    assert Transfer.id_for(capture_transfer_id("h1", "c1")) in aggregate_ids_of(capture)
+    assert aggregate_ids_of(capture) == ([Transfer.id_for(capture_transfer_id("h1", "c1"))], [Hold.id_for("h1")])
 
 
 def test_aggregates_guard_their_own_rules(world):
