@@ -1,6 +1,6 @@
 """A service's own read models, fed straight from its notification log.
 
-The ledger's balances and statements need every account's entries in the order they
+The ledger's history and statements need every account's entries in the order they
 were posted; reading the local log in notification order gives exactly that, with no
 broker hop. Each page is applied in one transaction together with the tracked
 position, so a crash replays the page and changes nothing twice. (Other services'
