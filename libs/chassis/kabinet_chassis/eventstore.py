@@ -60,10 +60,6 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
     transaction that was the largest share of its CPU. Arrays of uuid, bigint, text and
     bytea are dumped by psycopg's C code. Same table lock, same NOTIFY, same
     notification ids returned in insert order.
-
-    A subclass may write rows that must commit with the events (an inline projection)
-    in `_write_alongside`, which gets the keyword arguments given to `Application.save`.
-    It runs under the table lock, so such writers never deadlock on those rows.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -77,7 +73,6 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
     def _insert_stored_events(self, curs: Any, stored_events: Any, **kwargs: Any) -> None:
         self._lock_table(curs)  # notification ids must become visible in commit order
         self._notify_channel(curs)
-        self._write_alongside(curs, **kwargs)
         curs.execute(
             self.insert_arrays_statement,
             (
@@ -87,10 +82,6 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
                 [event.state for event in stored_events],
             ),
         )
-
-
-    def _write_alongside(self, curs: Any, **kwargs: Any) -> None:
-        """Statements to commit together with the events; by default none."""
 
 
 def events_table(recorder: PostgresApplicationRecorder) -> str:

@@ -1,79 +1,76 @@
-"""The ledger's eventsourcing Application: its aggregates, how they are stored, and the
-balances saved with them."""
+"""How the ledger is stored: its eventsourcing Application (aggregates, mapper, reads)
+and the one statement that commits a writer batch, events and balances together."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 from uuid import UUID
 
+import asyncpg
 from eventsourcing.application import Application
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg.sql import SQL, Identifier
 
-from kabinet_chassis.eventstore import ArrayInsertRecorder
+from kabinet_chassis.eventstore import events_table
 from ledger.domain.balance import Balance
 
 # The inline balance projection: one row per account, written in the same transaction as
 # the events that move its money, so a balance read from here is never behind, never
 # ahead, and survives any crash together with its events.
-BALANCES_TABLE = SQL("""
+BALANCES_TABLE = """
 CREATE TABLE IF NOT EXISTS ledger_balances (
     account_id uuid PRIMARY KEY,
     posted_minor bigint NOT NULL,
     held_minor bigint NOT NULL,
     version bigint NOT NULL CHECK (version > 0)
-)""")
-# Saves new balances only over the versions they were computed from (version - 1; a new
-# account's row must not exist yet). A writer that read a stale balance gets an
-# integrity error and validates its batch again, instead of overwriting money it never saw.
-SAVE_BALANCES_FUNCTION = SQL("""
-CREATE OR REPLACE FUNCTION ledger_save_balances(ids uuid[], posted bigint[], held bigint[], versions bigint[])
-RETURNS void LANGUAGE plpgsql AS $$
+)"""
+
+# One call commits a batch. It takes eventsourcing's recorder's table lock (notification
+# ids must become visible in commit order, or a reader of the log would pass over a gap
+# that fills in later) and its NOTIFY, saves the new balances only over the versions they
+# were computed from (version - 1; a new account's row must not exist yet), and appends
+# the events. A writer that read a stale balance gets an integrity error and validates
+# its batch again instead of overwriting money it never saw; an event already stored at
+# its (id, version) is refused by the table's primary key the same way.
+APPEND_BATCH_FUNCTION = """
+CREATE OR REPLACE FUNCTION ledger_append_batch(
+    event_ids uuid[], event_versions bigint[], event_topics text[], event_states bytea[],
+    balance_ids uuid[], balances_posted bigint[], balances_held bigint[], balance_versions bigint[])
+RETURNS TABLE (notification_id bigint, originator_id uuid, originator_version bigint)
+LANGUAGE plpgsql AS $$
 DECLARE
     saved bigint;
 BEGIN
+    LOCK TABLE {events} IN EXCLUSIVE MODE;
+    PERFORM pg_notify({channel}, '');
     INSERT INTO ledger_balances AS current (account_id, posted_minor, held_minor, version)
-    SELECT * FROM unnest(ids, posted, held, versions)
+    SELECT * FROM unnest(balance_ids, balances_posted, balances_held, balance_versions)
     ON CONFLICT (account_id) DO UPDATE
         SET posted_minor = excluded.posted_minor, held_minor = excluded.held_minor, version = excluded.version
         WHERE current.version = excluded.version - 1;
     GET DIAGNOSTICS saved = ROW_COUNT;
-    IF saved <> cardinality(ids) THEN
-        RAISE EXCEPTION 'ledger balances were changed by another writer (% of % saved)', saved, cardinality(ids)
+    IF saved <> cardinality(balance_ids) THEN
+        RAISE EXCEPTION 'ledger balances were changed by another writer (% of % saved)', saved, cardinality(balance_ids)
             USING ERRCODE = 'integrity_constraint_violation';
     END IF;
+    RETURN QUERY
+        INSERT INTO {events} AS stored (originator_id, originator_version, topic, state)
+        SELECT * FROM unnest(event_ids, event_versions, event_topics, event_states)
+        RETURNING stored.notification_id, stored.originator_id, stored.originator_version;
 END
-$$""")
-
-
-class LedgerRecorder(ArrayInsertRecorder):
-    """Saves a batch's new balances (`save(..., balances=...)`) in the transaction of its events."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sql_create_statements += [BALANCES_TABLE, SAVE_BALANCES_FUNCTION]
-
-    def _write_alongside(self, curs: Any, *, balances: Mapping[UUID, Balance] | None = None, **_: Any) -> None:
-        if not balances:
-            return
-        curs.execute(
-            "SELECT ledger_save_balances(%s::uuid[], %s::bigint[], %s::bigint[], %s::bigint[])",
-            (
-                [str(account_id) for account_id in balances],
-                [balance.posted_minor for balance in balances.values()],
-                [balance.held_minor for balance in balances.values()],
-                [balance.version for balance in balances.values()],
-            ),
-        )
+$$"""
 
 
 class LedgerApplication(Application):
-    """Stored in PostgreSQL only: its balances are saved by `LedgerRecorder`."""
+    """The ledger's aggregates in PostgreSQL. The writer commits through `append_batch`;
+    eventsourcing reads them back (repository, notification log)."""
 
     name = "ledger"
 
     def __init__(self, env: Mapping[str, str]) -> None:
-        super().__init__({**env, "APPLICATION_RECORDER_TOPIC": "ledger.application:LedgerRecorder"})
+        super().__init__(env)
+        assert isinstance(self.recorder, PostgresApplicationRecorder), "the ledger is stored in PostgreSQL only"
 
     def look_up(self, aggregate_ids: Iterable[UUID]) -> tuple[set[UUID], dict[UUID, Balance]]:
         """Which of these aggregates have events, and the saved balance of those that are
@@ -98,3 +95,38 @@ class LedgerApplication(Application):
         balances = {row["id"]: Balance(row["posted_minor"], row["held_minor"], row["version"])
                     for row in rows if row["version"] is not None}
         return existing, balances
+
+
+async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> None:
+    """The balances table and the batch append function (the events table is eventsourcing's)."""
+    recorder = app.recorder
+    function = APPEND_BATCH_FUNCTION.format(events=events_table(recorder), channel=_literal(recorder.channel_name))
+    async with pool.acquire() as connection, connection.transaction():
+        # CREATE OR REPLACE FUNCTION is not safe against itself in another starting process.
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")
+        await connection.execute(BALANCES_TABLE)
+        await connection.execute(function)
+
+
+async def append_batch(
+    connection: asyncpg.Connection, stored_events: Sequence[StoredEvent], balances: Mapping[UUID, Balance]
+) -> dict[tuple[UUID, int], int]:
+    """Commit a batch in one statement (one round trip, its own transaction): returns the
+    notification id of each event by (originator id, version). Raises asyncpg's
+    IntegrityConstraintViolationError, saving nothing, if another writer got there first."""
+    rows = await connection.fetch(
+        "SELECT * FROM ledger_append_batch($1, $2, $3, $4, $5, $6, $7, $8)",
+        [event.originator_id for event in stored_events],
+        [event.originator_version for event in stored_events],
+        [event.topic for event in stored_events],
+        [event.state for event in stored_events],
+        list(balances),
+        [balance.posted_minor for balance in balances.values()],
+        [balance.held_minor for balance in balances.values()],
+        [balance.version for balance in balances.values()],
+    )
+    return {(row["originator_id"], row["originator_version"]): row["notification_id"] for row in rows}
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

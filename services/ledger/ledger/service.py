@@ -14,7 +14,7 @@ from kabinet_chassis.settings import ServiceSettings
 from kabinet_contracts.ledger import LEDGER_TOPIC
 from ledger import projections
 from ledger.api import Ledger, build_router
-from ledger.application import LedgerApplication
+from ledger.application import LedgerApplication, ensure_store_schema
 from ledger.clock import Clock, system_clock
 from ledger.domain import commands
 from ledger.domain.errors import LedgerError
@@ -43,12 +43,13 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         app = LedgerApplication(env=event_store_env(settings))
         parts.app = app
         parts.pool = svc.pool
+        await ensure_store_schema(svc.pool, app)
         await projections.ensure_schema(svc.pool)
         parts.projection = LocalProjection(
             "ledger_read_model", pool=svc.pool, recorder=app.recorder, mapper=app.mapper,
             apply_page=projections.apply_page, threads=svc.threads,
         )
-        parts.writer = BatchedWriter(app, clock, on_saved=parts.projection.notify)
+        parts.writer = BatchedWriter(app, svc.pool, clock, on_saved=parts.projection.notify)
         await parts.projection.start()
         parts.relay = OutboxRelay(
             RelayConfig(source=SOURCE, topic=LEDGER_TOPIC, bootstrap_servers=settings.kafka_bootstrap_servers,

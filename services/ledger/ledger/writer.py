@@ -6,9 +6,13 @@ aggregate in one transaction together with the new balances of the accounts it m
 money on, and answers each caller with its own result. A refused command does not fail
 the rest of its batch. A hot account costs one balance row update per batch.
 
+Validation runs in a worker thread (a cache miss loads through eventsourcing, which
+blocks); the commit is one asyncpg call on the event loop (`application.append_batch`):
+events, balances, table lock and NOTIFY in a single round trip.
+
 The writer keeps the aggregates and balances it loaded in memory (it is their only
-writer in this process). If a save fails, it forgets the touched ones and reloads them
-from the store; a second ledger process writing the same accounts is stopped by the
+writer in this process). If a save fails, it forgets the touched
+ones and reloads them from the store; a second ledger process writing the same accounts is stopped by the
 event store's optimistic concurrency and by the balances' versions, never by luck.
 
 A new transfer or hold id that is not in the cache is taken to be new without asking
@@ -30,10 +34,11 @@ from typing import Any
 from uuid import UUID
 
 import anyio
+import asyncpg
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import StoredEvent
 
-from ledger.application import LedgerApplication
+from ledger.application import LedgerApplication, append_batch
 from ledger.domain.balance import Balance
 from ledger.domain.batch import Batch, aggregate_ids_of
 from ledger.domain.errors import LedgerError
@@ -53,6 +58,16 @@ class LedgerBusy(Exception):
     """The command queue is full: the caller should retry later (503)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Changes:
+    """A validated batch, ready to commit."""
+
+    aggregates: list[Any]
+    balances: dict[UUID, Balance]
+    events: list[Any]
+    stored_events: list[StoredEvent]
+
+
 @dataclass
 class _Request:
     command: Any
@@ -63,10 +78,12 @@ class BatchedWriter:
     def __init__(
         self,
         app: LedgerApplication,
+        pool: asyncpg.Pool,
         clock: Callable[[], datetime],
         on_saved: Callable[[Sequence[tuple[int, Any]]], None] = lambda committed: None,
     ) -> None:
         self.app = app
+        self.pool = pool
         self.clock = clock
         # Called with the (notification id, domain event) pairs of each committed batch,
         # e.g. to hand them to the projection.
@@ -106,7 +123,7 @@ class BatchedWriter:
                 else:
                     batch.append(self.queue.get_nowait())
             try:
-                outcomes, committed = await anyio.to_thread.run_sync(self._write, [r.command for r in batch])
+                outcomes, committed = await self._write([r.command for r in batch])
             except Exception as error:  # the store is down: every caller gets the error, nothing was saved
                 log.exception("ledger batch of %d failed to save", len(batch))
                 outcomes = [error] * len(batch)
@@ -121,41 +138,59 @@ class BatchedWriter:
                 else:
                     request.future.set_result(outcome)
 
-    def _write(self, commands: list[Any]) -> tuple[list[Any], list[tuple[int, Any]]]:
-        """Each command's result or refusal, and the (notification id, event) pairs committed."""
+    async def _write(self, commands: list[Any]) -> tuple[list[Any], list[tuple[int, Any]]]:
+        """Each command's result or refusal, and the (notification id, event) pairs committed.
+
+        Validating may load aggregates through eventsourcing (blocking), so it runs in a
+        worker thread; the commit is one asyncpg call on the event loop.
+        """
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
-            self._prefetch(commands, assume_new=attempt == 1)
-            batch = Batch(self._load, self._balance_of, self.clock())
-            outcomes: list[Any] = []
-            for command in commands:
-                try:
-                    outcomes.append(batch.execute(command))
-                except LedgerError as refusal:
-                    outcomes.append(refusal)
-            aggregates, balances = batch.finish()
-            if not aggregates:
+            outcomes, changes = await anyio.to_thread.run_sync(self._validate, commands, attempt == 1)
+            if changes is None:
                 return outcomes, []
+            touched = [aggregate.id for aggregate in changes.aggregates] + list(changes.balances)
             try:
-                recordings = self.app.save(*aggregates, balances=balances)
-            except IntegrityError:
+                async with self.pool.acquire() as connection:
+                    notification_ids = await append_batch(connection, changes.stored_events, changes.balances)
+            except asyncpg.IntegrityConstraintViolationError:
                 # Someone else wrote one of these aggregates or balances: reload and validate again.
-                self._forget([aggregate.id for aggregate in aggregates] + list(balances))
+                self._forget(touched)
                 if attempt == SAVE_ATTEMPTS_MAX:
                     raise
                 continue
-            except Exception:
-                self._forget([aggregate.id for aggregate in aggregates] + list(balances))
+            except BaseException:
+                self._forget(touched)  # committed or not, the store is the truth now
                 raise
-            for aggregate in aggregates:
+            for aggregate in changes.aggregates:
                 self._remember(aggregate)
-            self._balances.update(balances)
-            committed = sorted(((r.notification.id, r.domain_event) for r in recordings), key=lambda pair: pair[0])
-            if committed:
-                self.last_position = committed[-1][0]
+            self._balances.update(changes.balances)
+            committed = sorted(
+                ((notification_ids[(event.originator_id, event.originator_version)], event) for event in changes.events),
+                key=lambda pair: pair[0],
+            )
+            self.last_position = committed[-1][0]
             self.batches_total += 1
             self.commands_total += len(commands)
             return outcomes, committed
         raise AssertionError("unreachable")
+
+    def _validate(self, commands: list[Any], first_attempt: bool) -> tuple[list[Any], _Changes | None]:
+        """Execute the batch in memory: each command's result or refusal, and what to commit
+        (None when nothing changed)."""
+        self._prefetch(commands, assume_new=first_attempt)
+        batch = Batch(self._load, self._balance_of, self.clock())
+        outcomes: list[Any] = []
+        for command in commands:
+            try:
+                outcomes.append(batch.execute(command))
+            except LedgerError as refusal:
+                outcomes.append(refusal)
+        aggregates, balances = batch.finish()
+        if not aggregates:
+            return outcomes, None
+        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+        stored_events = [self.app.mapper.to_stored_event(event) for event in events]
+        return outcomes, _Changes(aggregates, balances, events, stored_events)
 
     def _prefetch(self, commands: list[Any], *, assume_new: bool) -> None:
         """Learn in one query which of the batch's uncached aggregates exist at all, and the

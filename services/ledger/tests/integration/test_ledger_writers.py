@@ -26,12 +26,15 @@ pytestmark = pytest.mark.integration
 async def second_writer(settings):
     """Another ledger process's writer on the same database, with a cache of its own."""
     app = LedgerApplication(env=event_store_env(settings))
-    writer = BatchedWriter(app, system_clock)
+    pool = await asyncpg.create_pool(settings.service_database_url, min_size=1, max_size=2)
+    writer = BatchedWriter(app, pool, system_clock)
     task = asyncio.create_task(writer.run())
     try:
         yield writer
     finally:
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
         app.close()
 
 
@@ -106,3 +109,4 @@ async def test_a_retry_the_writer_has_never_seen_gets_the_first_result_not_a_sec
     assert again.replayed and again.transfer_id == first.transfer_id
     balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
     assert balance == 700
+
