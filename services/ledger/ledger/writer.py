@@ -11,7 +11,7 @@ blocks); the commit is one asyncpg call on the event loop (`application.append_b
 events, balances, table lock and NOTIFY in a single round trip.
 
 The writer keeps the aggregates and balances it loaded in memory (it is their only
-writer in this process). If a save fails, it forgets the touched
+writer in this process). If a batch fails to validate or save, it forgets the touched
 ones and reloads them from the store; a second ledger process writing the same accounts is stopped by the
 event store's optimistic concurrency and by the balances' versions, never by luck.
 
@@ -180,16 +180,22 @@ class BatchedWriter:
         self._prefetch(commands, assume_new=first_attempt)
         batch = Batch(self._load, self._balance_of, self.clock())
         outcomes: list[Any] = []
-        for command in commands:
-            try:
-                outcomes.append(batch.execute(command))
-            except LedgerError as refusal:
-                outcomes.append(refusal)
-        aggregates, balances = batch.finish()
+        try:
+            for command in commands:
+                try:
+                    outcomes.append(batch.execute(command))
+                except LedgerError as refusal:
+                    outcomes.append(refusal)
+            aggregates, balances = batch.finish()
+            events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+            stored_events = [self.app.mapper.to_stored_event(event) for event in events]
+        except BaseException:
+            # The store failed mid-batch (a load, say): cached aggregates the earlier
+            # commands changed must not carry those unsaved changes into a later batch.
+            self._forget(batch.touched_ids)
+            raise
         if not aggregates:
             return outcomes, None
-        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
-        stored_events = [self.app.mapper.to_stored_event(event) for event in events]
         return outcomes, _Changes(aggregates, balances, events, stored_events)
 
     def _prefetch(self, commands: list[Any], *, assume_new: bool) -> None:

@@ -144,6 +144,11 @@ class Batch:
         }[type(command)]
         return handler(command)
 
+    @property
+    def touched_ids(self) -> list[UUID]:
+        """Every aggregate this batch has changed so far (to drop if it cannot be saved)."""
+        return list(self._touched)
+
     def finish(self) -> tuple[list[Any], dict[UUID, Balance]]:
         """Every aggregate with new events, and the new balance of every account opened,
         changed or whose money moved in this batch: the writer saves both in one transaction."""

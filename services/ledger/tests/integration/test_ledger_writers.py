@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -110,3 +111,28 @@ async def test_a_retry_the_writer_has_never_seen_gets_the_first_result_not_a_sec
     balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
     assert balance == 700
 
+
+async def test_a_batch_the_store_fails_in_the_middle_of_leaves_no_change_behind(ledger, monkeypatch):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    expires_at = datetime.now(UTC) + timedelta(hours=1)
+    await writer.submit(c.PlaceHold("hold-1", card, settlement, 400, "RUB", expires_at, "card_authorisation"))
+    async with second_writer(ledger.settings) as other:  # an account this writer has not loaded yet
+        elsewhere = uuid.uuid4()
+        await other.submit(c.OpenAccount(elsewhere, "bob", "card", "RUB"))
+
+    def store_down(aggregate_id, *args, **kwargs):
+        raise ConnectionError("the event store went away")
+
+    monkeypatch.setattr(writer.app.repository, "get", store_down)
+    capture = writer.submit(c.CaptureHold("hold-1", "capture-1", 400))  # changes the cached hold...
+    to_bob = writer.submit(spend(card, elsewhere, 100))  # ...then needs a load that fails, in the same batch
+    outcomes = await asyncio.gather(capture, to_bob, return_exceptions=True)
+    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes)
+    monkeypatch.undo()
+
+    # The capture was never saved, so the hold is still active and voidable.
+    voided = await writer.submit(c.VoidHold("hold-1"))
+    assert voided.state == "voided"
+    await ledger.parts.projection.wait_for(writer.last_position)
+    assert (await verify(ledger.parts.app, ledger.settings.service_database_url)).ok
