@@ -74,17 +74,37 @@ def _kind(event: Any) -> str:
     return f"{type(event).__qualname__}"
 
 
+# A page's transfers and their entries in one statement: each entry's running balance is
+# the account's last entry before the page plus the page's legs up to it, in log order.
+_POST_TRANSFERS = """
+WITH transfers AS (
+    INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)
+    SELECT t.transfer_id, t.code, t.legs::jsonb, t.external_ref, array(SELECT jsonb_array_elements_text(t.customer_ids::jsonb)),
+           t.metadata::jsonb, t.posted_at
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+        AS t(transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)
+    ON CONFLICT DO NOTHING
+), legs AS (
+    SELECT * FROM unnest($8::uuid[], $9::bigint[], $10::integer[], $11::integer[], $12::bigint[])
+        AS leg(account_id, position, seq, transfer_index, amount_minor)
+), opening AS (
+    SELECT account_id, coalesce((SELECT balance_after_minor FROM ledger_entries e WHERE e.account_id = accounts.account_id
+                                 ORDER BY position DESC, seq DESC LIMIT 1), 0) AS balance_minor
+    FROM (SELECT DISTINCT account_id FROM legs) AS accounts
+)
+INSERT INTO ledger_entries (account_id, position, seq, transfer_id, code, amount_minor, balance_after_minor, occurred_at)
+SELECT leg.account_id, leg.position, leg.seq, ($1::text[])[leg.transfer_index], ($2::text[])[leg.transfer_index],
+       leg.amount_minor,
+       opening.balance_minor + sum(leg.amount_minor) OVER (PARTITION BY leg.account_id ORDER BY leg.position, leg.seq),
+       ($7::timestamptz[])[leg.transfer_index]
+FROM legs AS leg JOIN opening USING (account_id)
+"""
+
+
 async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, Any]]) -> None:
-    """Apply domain events in log order. Bulk statements keep a page to a few round trips."""
-    entries: list[tuple] = []
-    transfers: list[tuple] = []
-    # Running balances continue from each account's last entry (one indexed lookup per
-    # account the page posts to); an account without entries starts at zero.
-    posting_accounts = list({leg["account_id"] for _, event in page if _kind(event) == "Transfer.Posted" for leg in event.legs})
-    running: dict[str, int] = {str(account_id): balance or 0 for account_id, balance in await connection.fetch(
-        "SELECT asked.id, (SELECT balance_after_minor FROM ledger_entries WHERE account_id = asked.id"
-        " ORDER BY position DESC, seq DESC LIMIT 1) FROM unnest($1::uuid[]) AS asked(id)", posting_accounts
-    )} if posting_accounts else {}
+    """Apply domain events in log order. Transfers, the bulk of a page, go in one statement."""
+    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [])
+    leg_columns: tuple[list, ...] = ([], [], [], [], [])
     for position, event in page:
         kind = _kind(event)
         if kind == "Account.Opened":
@@ -105,18 +125,21 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                 event.originator_id, event.credit_limit_minor, event.timestamp,
             )
         elif kind == "Transfer.Posted":
-            transfers.append((event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
-                              list(event.customer_ids), json.dumps(event.metadata), event.posted_at))
+            for column, value in zip(transfer_columns, (
+                event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
+                json.dumps(list(event.customer_ids)), json.dumps(event.metadata), event.posted_at,
+            ), strict=True):
+                column.append(value)
+            transfer_index = len(transfer_columns[0])  # 1-based, as SQL arrays are
             for seq, leg in enumerate(event.legs):
-                account_id = leg["account_id"]
-                running[account_id] += leg["amount_minor"]
-                entries.append((_uuid(account_id), position, seq, event.client_transfer_id, event.code,
-                                leg["amount_minor"], running[account_id], event.posted_at))
+                for column, value in zip(leg_columns, (leg["account_id"], position, seq, transfer_index, leg["amount_minor"]),
+                                         strict=True):
+                    column.append(value)
         elif kind == "Hold.Placed":
             await connection.execute(
                 "INSERT INTO ledger_holds (hold_id, debit_account_id, credit_account_id, amount_minor, captured_minor,"
                 " currency, state, expires_at, code) VALUES ($1, $2, $3, $4, 0, $5, 'active', $6, $7) ON CONFLICT DO NOTHING",
-                event.client_hold_id, _uuid(event.debit_account_id), _uuid(event.credit_account_id), event.amount_minor,
+                event.client_hold_id, event.debit_account_id, event.credit_account_id, event.amount_minor,
                 event.currency, event.expires_at, event.code,
             )
         elif kind == "Hold.Captured":
@@ -131,23 +154,8 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                 "UPDATE ledger_holds SET state = $2 WHERE hold_id = $1",
                 event.client_hold_id, "voided" if kind == "Hold.Voided" else "expired",
             )
-    if transfers:
-        await connection.executemany(
-            "INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)"
-            " VALUES ($1, $2, $3::jsonb, $4, $5, $6::jsonb, $7) ON CONFLICT DO NOTHING",
-            transfers,
-        )
-    if entries:
-        await connection.copy_records_to_table(
-            "ledger_entries", records=entries,
-            columns=["account_id", "position", "seq", "transfer_id", "code", "amount_minor", "balance_after_minor", "occurred_at"],
-        )
-
-
-def _uuid(value: Any):
-    from uuid import UUID
-
-    return value if isinstance(value, UUID) else UUID(str(value))
+    if transfer_columns[0]:
+        await connection.execute(_POST_TRANSFERS, *transfer_columns, *leg_columns)
 
 
 # ---- queries -------------------------------------------------------------------------------
