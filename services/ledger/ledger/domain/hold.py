@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 from enum import StrEnum
 from uuid import UUID, uuid5
 
@@ -10,6 +11,7 @@ from eventsourcing.domain import Aggregate, event
 
 from ledger.domain.errors import CaptureExceedsHold, HoldNotActive, IdempotencyConflict, InvalidHold
 
+IDS_CACHED_MAX = 4096
 _HOLD_IDS = UUID("5d2c1e7a-3b4f-4c6d-8e9f-0a1b2c3d4e02")
 
 
@@ -30,6 +32,7 @@ class Hold(Aggregate):
     """
 
     @staticmethod
+    @lru_cache(maxsize=IDS_CACHED_MAX)  # the writer asks three times per command of a batch
     def create_id(client_hold_id: str) -> UUID:
         return uuid5(_HOLD_IDS, client_hold_id)
 
