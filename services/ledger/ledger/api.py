@@ -31,6 +31,10 @@ class OpenAccountBody(_Body):
     credit_limit_minor: int = Field(default=0, ge=0)
 
 
+class CreditLimitBody(_Body):
+    credit_limit_minor: int = Field(ge=0, description="how far below zero the account may go; 0 for none")
+
+
 class LegBody(_Body):
     account_id: UUID
     amount_minor: int = Field(description="positive credits the account, negative debits it")
@@ -105,6 +109,17 @@ def build_router(ledger: Ledger) -> APIRouter:
                                  ("close", commands.CloseAccount)):
         router.add_api_route(f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type), methods=["POST"],
                              name=f"{action}_account")
+
+    @router.put("/accounts/{account_id}/credit-limit")
+    async def set_credit_limit(account_id: UUID, body: CreditLimitBody, key: Annotated[str, Depends(idempotency_key)]):
+        """A customer account's credit limit (lending sets it); refused below what is already used."""
+        async def operation():
+            await ledger.submit(commands.SetCreditLimit(account_id=account_id, credit_limit_minor=body.credit_limit_minor))
+            await ledger.read_your_writes()
+            return 200, await projections.account(ledger.pool, account_id)
+
+        return await run_once(ledger.pool, scope="ledger.set_credit_limit", key=key,
+                              body={"account_id": str(account_id), **body.model_dump(mode="json")}, operation=operation)
 
     @router.post("/transfers", status_code=201)
     async def post_transfer(body: TransferBody) -> dict:

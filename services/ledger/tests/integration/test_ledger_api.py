@@ -71,6 +71,34 @@ async def test_overdraft_is_refused_with_problem_json_and_leaves_nothing(ledger)
     assert (await ledger.get(f"/accounts/{card}/history")).json()["lines"] == []
 
 
+async def set_credit_limit(client, account_id, limit_minor):
+    return await client.put(f"/accounts/{account_id}/credit-limit", json={"credit_limit_minor": limit_minor},
+                            headers={"Idempotency-Key": str(uuid.uuid4())})
+
+
+async def test_a_credit_limit_lets_a_card_go_below_zero_but_never_below_what_it_already_uses(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    granted = await set_credit_limit(ledger, card, 500)
+    assert granted.status_code == 200, granted.text
+    assert granted.json()["credit_limit_minor"] == 500
+    assert granted.json()["balances"]["available"]["amount_minor"] == 500
+
+    spent = await ledger.post("/transfers", json=transfer_body("on-credit", (card, -300), (settlement, 300)))
+    assert spent.status_code == 201
+    lowered = await set_credit_limit(ledger, card, 200)  # 300 is already used
+    assert lowered.status_code == 409 and lowered.json()["code"] == "insufficient_funds"
+    assert lowered.headers["content-type"].startswith("application/problem+json")
+    account = (await ledger.get(f"/accounts/{card}")).json()
+    assert account["credit_limit_minor"] == 500 and account["balances"]["posted"]["amount_minor"] == -300
+
+    internal = await set_credit_limit(ledger, settlement, 100)
+    assert internal.status_code == 422 and internal.json()["code"] == "invalid_account"
+    negative = await set_credit_limit(ledger, card, -1)
+    assert negative.status_code == 422
+    assert {error["field"] for error in negative.json()["errors"]} == {"credit_limit_minor"}
+
+
 async def test_bad_input_names_the_field(ledger):
     response = await ledger.post("/transfers", json={"transfer_id": "x", "code": "p2p", "legs": [
         {"account_id": str(uuid.uuid4()), "amount_minor": 1.5, "currency": "RUB"},
