@@ -38,7 +38,7 @@ class Hold(Aggregate):
 
     @classmethod
     def id_for(cls, client_hold_id: str) -> UUID:
-        return cls.create_id(client_hold_id)
+        return cls.create_id(client_hold_id=client_hold_id)  # as eventsourcing calls it: one cache key
 
     @event("Placed")
     def __init__(

@@ -28,7 +28,7 @@ class Transfer(Aggregate):
 
     @classmethod
     def id_for(cls, client_transfer_id: str) -> UUID:
-        return cls.create_id(client_transfer_id)
+        return cls.create_id(client_transfer_id=client_transfer_id)  # as eventsourcing calls it: one cache key
 
     @event("Posted")
     def __init__(
