@@ -119,6 +119,15 @@ class LocalProjection:
             stored = await connection.fetchval(
                 "SELECT position FROM projection_position WHERE projection = $1 FOR UPDATE", self.name
             )
+            if stored < self.position:
+                # The server restarted and lost pages we committed without waiting for the
+                # flush: their rows and the position went back together. Start again from
+                # what it kept (this page would leave a hole), reading the log.
+                log.warning("projection %s: the database is back at %d, not %d; replaying from there",
+                            self.name, stored, self.position)
+                self.position = stored
+                self._handed_over.clear()
+                return True
             unapplied = [(position, event) for position, event in page if position > stored]
             if unapplied:
                 await self.apply_page(connection, unapplied)
