@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
-from uuid import UUID, uuid4
+from uuid import UUID, uuid5
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -17,6 +17,12 @@ from ledger.writer import LedgerBusy
 CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+
+
+# An account opened without an id gets one derived from the request's Idempotency-Key:
+# a retry after a failure that released the key (a 5xx after the commit) opens the same
+# account again, which the ledger answers as a replay, never a second account.
+_ACCOUNT_IDS_BY_KEY = UUID("3d7f2a10-5b7e-4c1d-8e2f-9a6b4c0d1e22")
 
 
 class _Body(BaseModel):
@@ -95,7 +101,7 @@ def build_router(ledger: Ledger) -> APIRouter:
     async def open_account(body: OpenAccountBody, key: Annotated[str, Depends(idempotency_key)]):
         async def operation():
             command = commands.OpenAccount(
-                account_id=body.account_id or uuid4(), owner_id=body.owner_id, kind=body.kind,
+                account_id=body.account_id or uuid5(_ACCOUNT_IDS_BY_KEY, key), owner_id=body.owner_id, kind=body.kind,
                 currency=body.currency, credit_limit_minor=body.credit_limit_minor,
             )
             await ledger.submit(command)

@@ -99,6 +99,28 @@ async def test_a_credit_limit_lets_a_card_go_below_zero_but_never_below_what_it_
     assert {error["field"] for error in negative.json()["errors"]} == {"credit_limit_minor"}
 
 
+async def test_a_retried_account_opening_after_a_server_error_opens_one_account_not_two(ledger, monkeypatch):
+    projection = ledger.parts.projection
+    wait_for = projection.wait_for
+    waits = {"count": 0}
+
+    async def first_wait_times_out(position, timeout_s=30.0):
+        waits["count"] += 1
+        if waits["count"] == 1:
+            raise TimeoutError("projection is behind")  # after the commit: the key is released
+        return await wait_for(position, timeout_s)
+
+    monkeypatch.setattr(projection, "wait_for", first_wait_times_out)
+    owner = f"owner-{uuid.uuid4().hex[:8]}"
+    body, headers = {"owner_id": owner, "kind": "card", "currency": "RUB"}, {"Idempotency-Key": str(uuid.uuid4())}
+    with pytest.raises(TimeoutError):  # the test client re-raises what the server answered with a 500
+        await ledger.post("/accounts", json=body, headers=headers)
+    retried = await ledger.post("/accounts", json=body, headers=headers)
+    assert retried.status_code == 201, retried.text
+    accounts = (await ledger.get(f"/owners/{owner}/accounts")).json()["accounts"]
+    assert [account["account_id"] for account in accounts] == [retried.json()["account_id"]]
+
+
 async def test_bad_input_names_the_field(ledger):
     response = await ledger.post("/transfers", json={"transfer_id": "x", "code": "p2p", "legs": [
         {"account_id": str(uuid.uuid4()), "amount_minor": 1.5, "currency": "RUB"},
