@@ -62,6 +62,7 @@ class Account(Aggregate):
         self.kind = kind
         self.currency = currency
         self.credit_limit_minor = credit_limit_minor
+        self.opened_with_credit_limit_minor = credit_limit_minor  # a retried opening must ask the same
         self.state = AccountState.OPEN.value
 
     @property

@@ -175,6 +175,7 @@ class Batch:
             same = (
                 isinstance(existing, Account) and existing.owner_id == command.owner_id and existing.kind == command.kind
                 and existing.currency == command.currency
+                and existing.opened_with_credit_limit_minor == command.credit_limit_minor
             )
             if not same:
                 raise IdempotencyConflict(f"account {command.account_id} already exists with other attributes")

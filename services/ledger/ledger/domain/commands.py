@@ -23,8 +23,11 @@ ID_CHARS_MAX = 128  # owner ids, customer ids, external refs
 # PostgreSQL's bigint (9.2e18) in the read model, so balances summing many still fit.
 AMOUNT_MINOR_MAX = 10**15
 # A capture posts a transfer whose client id is f"{hold_id}{CAPTURE_INFIX}{capture_id}".
-# Client transfer and hold ids may not contain the infix, so no client id can ever equal
-# a capture's, and two different (hold, capture) pairs never give the same id.
+# Client transfer ids may not contain the infix, so no client id can ever equal a
+# capture's. Hold and capture ids may not contain it either, nor touch it from outside (a
+# hold id ending in ":capture", a capture id starting with "capture:": the infix begins
+# and ends with ':'), so the infix occurs once and two different (hold, capture) pairs
+# never give the same id.
 CAPTURE_INFIX = ":capture:"
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
@@ -203,8 +206,8 @@ def check_transfer_shape(command: PostTransfer) -> None:
 
 def check_hold_shape(command: PlaceHold) -> None:
     check_client_id(command.hold_id, "hold_id", InvalidHold)
-    if CAPTURE_INFIX in command.hold_id:
-        raise InvalidHold(f"hold_id {command.hold_id!r} must not contain {CAPTURE_INFIX!r}")
+    if CAPTURE_INFIX in command.hold_id or command.hold_id.endswith(CAPTURE_INFIX[:-1]):
+        raise InvalidHold(f"hold_id {command.hold_id!r} must not contain {CAPTURE_INFIX!r} nor end with {CAPTURE_INFIX[:-1]!r}")
     check_code(command.code, InvalidHold)
     _check_amount(command.amount_minor, "a hold's amount_minor", InvalidHold)
     if command.amount_minor < 0:
@@ -219,6 +222,10 @@ def check_hold_shape(command: PlaceHold) -> None:
 
 def check_capture_shape(command: CaptureHold) -> None:
     check_client_id(command.capture_id, "capture_id", InvalidHold)
+    if CAPTURE_INFIX in command.capture_id or command.capture_id.startswith(CAPTURE_INFIX[1:]):
+        raise InvalidHold(
+            f"capture_id {command.capture_id!r} must not contain {CAPTURE_INFIX!r} nor start with {CAPTURE_INFIX[1:]!r}"
+        )
     _check_amount(command.amount_minor, "a capture's amount_minor", InvalidHold)
     if command.amount_minor < 0:
         raise InvalidHold(f"a capture's amount_minor must be positive, got {command.amount_minor}")

@@ -105,6 +105,26 @@ def test_same_hold_id_same_body_returns_the_hold_and_other_body_is_conflict(worl
         world.one(hold("h1", card, settlement, 200))
 
 
+def test_opening_an_existing_account_again_with_another_credit_limit_is_a_conflict_not_a_replay(world):
+    card = world.open(limit=0)
+    with pytest.raises(IdempotencyConflict):
+        world.one(c.OpenAccount(card, "alice", "card", "RUB", 50_000))
+    assert world.account(card).credit_limit_minor == 0
+    assert world.one(c.OpenAccount(card, "alice", "card", "RUB", 0)).replayed
+
+
+def test_no_two_different_hold_and_capture_ids_can_name_the_same_capture_transfer(world):
+    settlement, card = funded(world, 1_000)
+    with pytest.raises(InvalidHold, match="end with"):
+        world.one(hold("A:capture", card, settlement, 100))  # "A:capture" + ":capture:" + "Z" ...
+    world.one(hold("A", card, settlement, 100))
+    with pytest.raises(InvalidHold, match="start with"):
+        world.one(c.CaptureHold("A", "capture:Z", 100))  # ... would equal "A" + ":capture:" + "capture:Z"
+    with pytest.raises(InvalidHold, match="contain"):
+        world.one(c.CaptureHold("A", "x:capture:y", 100))
+    assert world.balance(card).held_minor == 100
+
+
 def test_same_capture_id_other_amount_is_conflict(world):
     settlement, card = funded(world, 1_000)
     world.one(hold("h1", card, settlement, 500))
