@@ -294,6 +294,9 @@ class Batch:
         )
         self._touch(hold)
         self._reserve(debit, command.amount_minor)
+        # The credit account's state was checked though its money does not move yet: its
+        # balance row moves on, so a writer that missed its closing cannot save the hold.
+        self._touch(credit, resave_balance=True)
         return _hold_result(hold)
 
     def _capture_hold(self, command: c.CaptureHold) -> HoldResult:

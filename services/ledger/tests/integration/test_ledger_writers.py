@@ -16,7 +16,7 @@ from kabinet_chassis.eventstore import event_store_env
 from ledger.application import LedgerApplication
 from ledger.clock import system_clock
 from ledger.domain import commands as c
-from ledger.domain.errors import AccountFrozen, IdempotencyConflict, InsufficientFunds
+from ledger.domain.errors import AccountClosed, AccountFrozen, IdempotencyConflict, InsufficientFunds
 from ledger.verify import verify
 from ledger.writer import BatchedWriter
 
@@ -82,6 +82,21 @@ async def test_a_second_writer_that_missed_a_freeze_cannot_debit_the_frozen_acco
             await first.submit(spend(card, settlement, 100))
     balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
     assert balance == 1_000
+
+
+async def test_a_second_writer_that_missed_a_closing_cannot_place_a_hold_for_the_closed_account(ledger):
+    first = ledger.parts.writer
+    settlement, card = await funded_card(first, 1_000)
+    shop = uuid.uuid4()
+    await first.submit(c.OpenAccount(shop, "shop", "card", "RUB"))
+    expires_at = datetime.now(UTC) + timedelta(hours=1)
+    async with second_writer(ledger.settings) as second:
+        await second.submit(c.PlaceHold("h0", card, shop, 1, "RUB", expires_at, "card_authorisation"))  # caches both
+        await first.submit(c.CloseAccount(shop))
+        with pytest.raises(AccountClosed):
+            await second.submit(c.PlaceHold("h1", card, shop, 100, "RUB", expires_at, "card_authorisation"))
+    held = await ledger.parts.pool.fetchval("SELECT held_minor FROM ledger_balances WHERE account_id = $1", card)
+    assert held == 1
 
 
 async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
