@@ -178,11 +178,11 @@ def build_router(ledger: Ledger) -> APIRouter:
         account_id: UUID,
         since: AwareDatetime | None = None,
         until: AwareDatetime | None = None,
-        amount_min_minor: Annotated[int | None, Query(ge=0)] = None,
-        amount_max_minor: Annotated[int | None, Query(ge=0)] = None,
+        amount_min_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
+        amount_max_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
         counterparty_account_id: UUID | None = None,
         code: Annotated[str | None, Query(pattern=CODE_PATTERN)] = None,
-        cursor: Annotated[str | None, Query(pattern=r"^\d+\.\d+$")] = None,
+        cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")] = None,  # (position, seq), bigint and int
         limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
     ) -> dict:
         await get_account(account_id)

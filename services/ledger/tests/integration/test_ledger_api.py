@@ -121,6 +121,16 @@ async def test_a_retried_account_opening_after_a_server_error_opens_one_account_
     assert [account["account_id"] for account in accounts] == [retried.json()["account_id"]]
 
 
+async def test_history_filters_beyond_what_the_ledger_can_hold_are_refused_by_name_not_a_server_error(ledger):
+    card = await open_account(ledger)
+    too_big = await ledger.get(f"/accounts/{card}/history", params={"amount_min_minor": 10**19})
+    assert too_big.status_code == 422
+    assert {error["field"] for error in too_big.json()["errors"]} == {"amount_min_minor"}
+    bad_cursor = await ledger.get(f"/accounts/{card}/history", params={"cursor": "99999999999999999999.1"})
+    assert bad_cursor.status_code == 422
+    assert {error["field"] for error in bad_cursor.json()["errors"]} == {"cursor"}
+
+
 async def test_bad_input_names_the_field(ledger):
     response = await ledger.post("/transfers", json={"transfer_id": "x", "code": "p2p", "legs": [
         {"account_id": str(uuid.uuid4()), "amount_minor": 1.5, "currency": "RUB"},
