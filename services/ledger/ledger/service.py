@@ -50,6 +50,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
             apply_page=projections.apply_page, threads=svc.threads,
         )
         parts.writer = BatchedWriter(app, svc.pool, clock, on_saved=parts.projection.notify)
+        await parts.writer.start()
         await parts.projection.start()
         parts.relay = OutboxRelay(
             RelayConfig(source=SOURCE, topic=LEDGER_TOPIC, bootstrap_servers=settings.kafka_bootstrap_servers,

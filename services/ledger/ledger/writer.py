@@ -38,6 +38,7 @@ import asyncpg
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import StoredEvent
 
+from kabinet_chassis.eventstore import events_table
 from ledger.application import LedgerApplication, append_batch
 from ledger.domain.balance import Balance
 from ledger.domain.batch import Batch, aggregate_ids_of
@@ -96,6 +97,14 @@ class BatchedWriter:
         self.batches_total = 0
         self.commands_total = 0
         self.last_position = 0  # notification id of the last saved event
+
+    async def start(self) -> None:
+        """Begin at the head of the log: until this writer commits, a read-your-writes wait
+        covers everything committed before it started, so a command retried after a restart
+        is answered from a read model that has caught up."""
+        self.last_position = await self.pool.fetchval(
+            f"SELECT coalesce(max(notification_id), 0) FROM {events_table(self.app.recorder)}"
+        )
 
     async def submit(self, command: Any) -> Any:
         """Execute one command; returns its result or raises its LedgerError."""
@@ -163,7 +172,9 @@ class BatchedWriter:
                 raise
             for aggregate in changes.aggregates:
                 self._remember(aggregate)
-            self._balances.update(changes.balances)
+            # Only beside cached accounts: one evicted while this batch loaded others comes back with its balance.
+            self._balances.update((account_id, balance) for account_id, balance in changes.balances.items()
+                                  if account_id in self._cache)
             committed = sorted(
                 ((notification_ids[(event.originator_id, event.originator_version)], event) for event in changes.events),
                 key=lambda pair: pair[0],

@@ -29,6 +29,7 @@ async def second_writer(settings):
     app = LedgerApplication(env=event_store_env(settings))
     pool = await asyncpg.create_pool(settings.service_database_url, min_size=1, max_size=2)
     writer = BatchedWriter(app, pool, system_clock)
+    await writer.start()
     task = asyncio.create_task(writer.run())
     try:
         yield writer
@@ -97,6 +98,21 @@ async def test_a_second_writer_that_missed_a_closing_cannot_place_a_hold_for_the
             await second.submit(c.PlaceHold("h1", card, shop, 100, "RUB", expires_at, "card_authorisation"))
     held = await ledger.parts.pool.fetchval("SELECT held_minor FROM ledger_balances WHERE account_id = $1", card)
     assert held == 1
+
+
+async def test_a_restarted_writer_makes_reads_wait_for_everything_committed_before_it(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    async with second_writer(ledger.settings) as restarted:  # as after a restart: it has committed nothing
+        assert restarted.last_position == ledger.parts.writer.last_position > 0
+
+
+async def test_the_writer_keeps_no_balance_for_an_account_it_no_longer_caches(ledger, monkeypatch):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    monkeypatch.setattr("ledger.writer.CACHE_MAX_AGGREGATES", 3)  # each new transfer pushes an account out
+    await asyncio.gather(*(writer.submit(spend(card, settlement, 10)) for _ in range(3)))
+    assert len(writer._cache) <= 3
+    assert set(writer._balances) <= set(writer._cache)
 
 
 async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
