@@ -6,13 +6,14 @@ Everything is recomputed from the event store and compared with what the ledger 
 3. every saved balance equals the sum of its account's legs, and its held amount the
    sum of its live holds;
 4. every account rebuilt from its events has the state and credit limit its events say;
-5. the read model equals the event store (states, entry counts, last running balance),
-   and is caught up;
+5. the read model equals the event store at the read model's own position (states,
+   entry counts, last running balance), and reached the log's head as verify began;
 6. no customer account is below its credit limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -24,6 +25,8 @@ from ledger.application import LedgerApplication
 
 PAGE_SIZE = 5000
 PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
+CATCH_UP_WAIT_S = 30.0  # how long the read model may take to reach the head verify began at
+CATCH_UP_POLL_S = 0.05
 INTERNAL_OWNER = "bank"
 
 
@@ -57,10 +60,19 @@ class _Account:
     legs_minor: int = 0
     legs_count: int = 0
     held_minor: int = 0
+    version: int = 0  # of the account's own stream, at the snapshot
+
+    def as_read_model_shows_it(self) -> tuple[str, int, int, int]:
+        return self.state, self.credit_limit_minor, self.legs_count, self.legs_minor
 
 
-def read_event_store(app: LedgerApplication, up_to: int) -> tuple[dict[UUID, _Account], list[str], int, int]:
+def read_event_store(
+    app: LedgerApplication, up_to: int, read_model_at: int
+) -> tuple[dict[UUID, _Account], dict[UUID, tuple], list[str], int]:
+    """Every account as its events up to `up_to` say, and as the read model should show
+    it at position `read_model_at`; unbalanced transfers; events read."""
     accounts: dict[UUID, _Account] = defaultdict(_Account)
+    at_read_model: dict[UUID, tuple] | None = None
     debit_account_of_hold: dict[UUID, UUID] = {}
     unbalanced: list[str] = []
     last_position = 0
@@ -70,8 +82,12 @@ def read_event_store(app: LedgerApplication, up_to: int) -> tuple[dict[UUID, _Ac
         if not page:
             break
         for notification in page:
+            if at_read_model is None and notification.id > read_model_at:
+                at_read_model = {aid: account.as_read_model_shows_it() for aid, account in accounts.items()}
             event = app.mapper.to_domain_event(notification)
             kind = type(event).__qualname__
+            if kind.startswith("Account."):
+                accounts[event.originator_id].version = event.originator_version
             if kind == "Account.Opened":
                 account = accounts[event.originator_id]
                 account.currency, account.owner_id = event.currency, event.owner_id
@@ -99,7 +115,20 @@ def read_event_store(app: LedgerApplication, up_to: int) -> tuple[dict[UUID, _Ac
                 accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.released_minor
         last_position = page[-1].id
         events_read += len(page)
-    return accounts, unbalanced, last_position, events_read
+    if at_read_model is None:
+        at_read_model = {aid: account.as_read_model_shows_it() for aid, account in accounts.items()}
+    return accounts, at_read_model, unbalanced, events_read
+
+
+async def _wait_for_read_model(connection: asyncpg.Connection, position: int) -> None:
+    """Give the read model a bounded time to reach `position` (a live ledger keeps writing)."""
+    for _ in range(int(CATCH_UP_WAIT_S / CATCH_UP_POLL_S)):
+        reached = await connection.fetchval(
+            "SELECT position FROM projection_position WHERE projection = 'ledger_read_model'"
+        ) or 0
+        if reached >= position:
+            return
+        await asyncio.sleep(CATCH_UP_POLL_S)
 
 
 async def verify(app: LedgerApplication, database_url: str) -> Report:
@@ -107,9 +136,12 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
 
     report = Report()
     # One snapshot of what the ledger serves, then the events up to that snapshot: balances
-    # commit with their events, so a ledger that keeps writing still verifies.
+    # commit with their events, and the read model is compared at its own position, so a
+    # ledger that keeps writing still verifies.
     connection = await asyncpg.connect(database_url, timeout=10)
     try:
+        head_at_start = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
+        await _wait_for_read_model(connection, head_at_start)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             up_to = await connection.fetchval(
                 f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}"
@@ -127,7 +159,9 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
             )
     finally:
         await connection.close()
-    accounts, unbalanced, last_position, report.events_read = await anyio.to_thread.run_sync(read_event_store, app, up_to)
+    accounts, at_read_model, unbalanced, report.events_read = await anyio.to_thread.run_sync(
+        read_event_store, app, up_to, position
+    )
     report.add("transfers balance", unbalanced, "every transfer's legs sum to zero per currency")
 
     totals: dict[str, int] = defaultdict(int)
@@ -148,7 +182,7 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     def stored_states() -> list[str]:
         problems = []
         for account_id, expected in accounts.items():
-            stored = app.repository.get(account_id)
+            stored = app.repository.get(account_id, version=expected.version)  # as of the snapshot
             if (stored.state, stored.credit_limit_minor) != (expected.state, expected.credit_limit_minor):
                 problems.append(f"account {account_id}: rebuilt {stored.state}/{stored.credit_limit_minor},"
                                 f" events say {expected.state}/{expected.credit_limit_minor}")
@@ -162,18 +196,20 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
         if a.owner_id != INTERNAL_OWNER and a.legs_minor - a.held_minor < -a.credit_limit_minor
     ], "customer accounts within their limits")
 
-    problems = [] if position >= last_position else [f"read model at position {position}, event store at {last_position}"]
+    problems = [] if position >= head_at_start else [
+        f"read model at position {position} did not reach {head_at_start}, the head when verify began,"
+        f" within {CATCH_UP_WAIT_S:.0f} s"]
     seen = set()
     for row in rows:
         seen.add(row["account_id"])
-        expected = accounts.get(row["account_id"])
-        if expected is None:
-            problems.append(f"read model has account {row['account_id']} the event store does not")
+        want = at_read_model.get(row["account_id"])
+        if want is None:
+            problems.append(f"read model has account {row['account_id']} the event store does not (at {position})")
             continue
         got = (row["state"], row["credit_limit_minor"], row["entries"], row["balance_after_minor"] or 0)
-        want = (expected.state, expected.credit_limit_minor, expected.legs_count, expected.legs_minor)
         if got != want:
             problems.append(f"account {row['account_id']}: read model {got}, event store {want}")
-    problems += [f"account {aid} missing from the read model" for aid in accounts.keys() - seen]
-    report.add("read model equals event store", problems, f"{len(rows)} accounts, up to position {position}")
+    problems += [f"account {aid} missing from the read model" for aid in at_read_model.keys() - seen]
+    report.add("read model equals event store", problems,
+               f"{len(rows)} accounts at position {position} (event store at {up_to})")
     return report

@@ -115,6 +115,30 @@ async def test_the_writer_keeps_no_balance_for_an_account_it_no_longer_caches(le
     assert set(writer._balances) <= set(writer._cache)
 
 
+async def test_verify_passes_on_a_ledger_that_keeps_posting_and_freezing_while_it_runs(ledger):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000_000)
+    stop = asyncio.Event()
+
+    async def keep_writing() -> int:
+        for round_number in range(100_000):  # bounded; stopped long before
+            if stop.is_set():
+                return round_number
+            await asyncio.gather(*(writer.submit(spend(settlement, card, 1)) for _ in range(8)))  # a frozen card still takes credits
+            await writer.submit(c.FreezeAccount(card) if round_number % 2 == 0 else c.UnfreezeAccount(card))
+        return -1
+
+    traffic = asyncio.create_task(keep_writing())
+    try:
+        reports = [await verify(ledger.parts.app, ledger.settings.service_database_url) for _ in range(3)]
+    finally:
+        stop.set()
+    rounds = await traffic
+    assert rounds > 3  # the ledger really was writing while verify ran
+    for report in reports:
+        assert report.ok, [(check.name, check.detail) for check in report.checks if not check.ok]
+
+
 async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
@@ -128,6 +152,16 @@ async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
     failed = {check.name: check.detail for check in report.checks if not check.ok}
     assert list(failed) == ["balances equal legs and holds"]
     assert str(card) in failed["balances equal legs and holds"] and "1001" in failed["balances equal legs and holds"]
+
+
+async def test_verify_fails_when_the_history_read_model_differs_from_the_events(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    await ledger.parts.pool.execute("UPDATE ledger_entries SET balance_after_minor = 999 WHERE account_id = $1", card)
+    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    failed = {check.name: check.detail for check in report.checks if not check.ok}
+    assert list(failed) == ["read model equals event store"]
+    assert str(card) in failed["read model equals event store"]
 
 
 async def test_a_retry_the_writer_has_never_seen_gets_the_first_result_not_a_second_posting(ledger):
