@@ -4,6 +4,7 @@ and the one statement that commits a writer batch, events and balances together.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -26,17 +27,28 @@ CREATE TABLE IF NOT EXISTS ledger_balances (
     version bigint NOT NULL CHECK (version > 0)
 )"""
 
+# The time of the last committed batch. Entries are summed into running balances in log
+# order; a statement or a balance at an instant reads them by time. So posting times must
+# never go back along the log: not when the clock steps back, not between two writers.
+POSTING_CLOCK_TABLE = """
+CREATE TABLE IF NOT EXISTS ledger_posting_clock (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    posted_at timestamptz NOT NULL
+)"""
+
 # One call commits a batch. It takes eventsourcing's recorder's table lock (notification
 # ids must become visible in commit order, or a reader of the log would pass over a gap
-# that fills in later) and its NOTIFY, saves the new balances only over the versions they
-# were computed from (version - 1; a new account's row must not exist yet), and appends
-# the events. A writer that read a stale balance gets an integrity error and validates
-# its batch again instead of overwriting money it never saw; an event already stored at
-# its (id, version) is refused by the table's primary key the same way.
+# that fills in later) and its NOTIFY, moves the posting clock forward (never back),
+# saves the new balances only over the versions they were computed from (version - 1; a
+# new account's row must not exist yet), and appends the events. A writer that read a
+# stale balance or an old posting time gets an integrity error and validates its batch
+# again instead of overwriting money it never saw; an event already stored at its
+# (id, version) is refused by the table's primary key the same way.
 APPEND_BATCH_FUNCTION = """
 CREATE OR REPLACE FUNCTION ledger_append_batch(
     event_ids uuid[], event_versions bigint[], event_topics text[], event_states bytea[],
-    balance_ids uuid[], balances_posted bigint[], balances_held bigint[], balance_versions bigint[])
+    balance_ids uuid[], balances_posted bigint[], balances_held bigint[], balance_versions bigint[],
+    batch_posted_at timestamptz)
 RETURNS TABLE (notification_id bigint, originator_id uuid, originator_version bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -44,6 +56,13 @@ DECLARE
 BEGIN
     LOCK TABLE {events} IN EXCLUSIVE MODE;
     PERFORM pg_notify({channel}, '');
+    INSERT INTO ledger_posting_clock AS clock (singleton, posted_at) VALUES (true, batch_posted_at)
+    ON CONFLICT (singleton) DO UPDATE SET posted_at = excluded.posted_at WHERE clock.posted_at <= excluded.posted_at;
+    GET DIAGNOSTICS saved = ROW_COUNT;
+    IF saved = 0 THEN
+        RAISE EXCEPTION 'a ledger batch at % is earlier than the last one committed', batch_posted_at
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
     INSERT INTO ledger_balances AS current (account_id, posted_minor, held_minor, version)
     SELECT * FROM unnest(balance_ids, balances_posted, balances_held, balance_versions)
     ON CONFLICT (account_id) DO UPDATE
@@ -105,17 +124,25 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
         # CREATE OR REPLACE FUNCTION is not safe against itself in another starting process.
         await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")
         await connection.execute(BALANCES_TABLE)
+        await connection.execute(POSTING_CLOCK_TABLE)
         await connection.execute(function)
 
 
+async def last_posted_at(connection: asyncpg.Connection) -> datetime | None:
+    """The time of the last committed batch; a new batch may not be earlier."""
+    return await connection.fetchval("SELECT posted_at FROM ledger_posting_clock")
+
+
 async def append_batch(
-    connection: asyncpg.Connection, stored_events: Sequence[StoredEvent], balances: Mapping[UUID, Balance]
+    connection: asyncpg.Connection, stored_events: Sequence[StoredEvent], balances: Mapping[UUID, Balance],
+    posted_at: datetime,
 ) -> dict[tuple[UUID, int], int]:
     """Commit a batch in one statement (one round trip, its own transaction): returns the
     notification id of each event by (originator id, version). Raises asyncpg's
-    IntegrityConstraintViolationError, saving nothing, if another writer got there first."""
+    IntegrityConstraintViolationError, saving nothing, if another writer got there first
+    (or committed a later batch time)."""
     rows = await connection.fetch(
-        "SELECT * FROM ledger_append_batch($1, $2, $3, $4, $5, $6, $7, $8)",
+        "SELECT * FROM ledger_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         [event.originator_id for event in stored_events],
         [event.originator_version for event in stored_events],
         [event.topic for event in stored_events],
@@ -124,6 +151,7 @@ async def append_batch(
         [balance.posted_minor for balance in balances.values()],
         [balance.held_minor for balance in balances.values()],
         [balance.version for balance in balances.values()],
+        posted_at,
     )
     return {(row["originator_id"], row["originator_version"]): row["notification_id"] for row in rows}
 

@@ -39,7 +39,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import StoredEvent
 
 from kabinet_chassis.eventstore import events_table
-from ledger.application import LedgerApplication, append_batch
+from ledger.application import LedgerApplication, append_batch, last_posted_at
 from ledger.domain.balance import Balance
 from ledger.domain.batch import Batch, aggregate_ids_of
 from ledger.domain.errors import LedgerError
@@ -97,6 +97,7 @@ class BatchedWriter:
         self.batches_total = 0
         self.commands_total = 0
         self.last_position = 0  # notification id of the last saved event
+        self._last_posted_at: datetime | None = None  # time of the last committed batch (start() reads it)
 
     async def start(self) -> None:
         """Begin at the head of the log: until this writer commits, a read-your-writes wait
@@ -105,6 +106,8 @@ class BatchedWriter:
         self.last_position = await self.pool.fetchval(
             f"SELECT coalesce(max(notification_id), 0) FROM {events_table(self.app.recorder)}"
         )
+        async with self.pool.acquire() as connection:
+            self._last_posted_at = await last_posted_at(connection)
 
     async def submit(self, command: Any) -> Any:
         """Execute one command; returns its result or raises its LedgerError."""
@@ -154,22 +157,28 @@ class BatchedWriter:
         worker thread; the commit is one asyncpg call on the event loop.
         """
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
-            outcomes, changes = await anyio.to_thread.run_sync(self._validate, commands, attempt == 1)
+            # Never earlier than the last batch: running balances follow the log, statements follow time.
+            now = self.clock() if self._last_posted_at is None else max(self.clock(), self._last_posted_at)
+            outcomes, changes = await anyio.to_thread.run_sync(self._validate, commands, now, attempt == 1)
             if changes is None:
                 return outcomes, []
             touched = [aggregate.id for aggregate in changes.aggregates] + list(changes.balances)
             try:
                 async with self.pool.acquire() as connection:
-                    notification_ids = await append_batch(connection, changes.stored_events, changes.balances)
+                    notification_ids = await append_batch(connection, changes.stored_events, changes.balances, now)
             except asyncpg.IntegrityConstraintViolationError:
-                # Someone else wrote one of these aggregates or balances: reload and validate again.
+                # Someone else wrote one of these aggregates or balances, or a later batch:
+                # reload and validate again.
                 self._forget(touched)
                 if attempt == SAVE_ATTEMPTS_MAX:
                     raise
+                async with self.pool.acquire() as connection:
+                    self._last_posted_at = await last_posted_at(connection)
                 continue
             except BaseException:
                 self._forget(touched)  # committed or not, the store is the truth now
                 raise
+            self._last_posted_at = now
             for aggregate in changes.aggregates:
                 self._remember(aggregate)
             # Only beside cached accounts: one evicted while this batch loaded others comes back with its balance.
@@ -185,11 +194,11 @@ class BatchedWriter:
             return outcomes, committed
         raise AssertionError("unreachable")
 
-    def _validate(self, commands: list[Any], first_attempt: bool) -> tuple[list[Any], _Changes | None]:
-        """Execute the batch in memory: each command's result or refusal, and what to commit
-        (None when nothing changed)."""
+    def _validate(self, commands: list[Any], now: datetime, first_attempt: bool) -> tuple[list[Any], _Changes | None]:
+        """Execute the batch in memory at `now`: each command's result or refusal, and what
+        to commit (None when nothing changed)."""
         self._prefetch(commands, assume_new=first_attempt)
-        batch = Batch(self._load, self._balance_of, self.clock())
+        batch = Batch(self._load, self._balance_of, now)
         outcomes: list[Any] = []
         try:
             for command in commands:

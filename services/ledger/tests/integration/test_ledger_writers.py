@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from kabinet_chassis.eventstore import event_store_env
+from kabinet_chassis.eventstore import event_store_env, events_table
 from ledger.application import LedgerApplication
 from ledger.clock import system_clock
 from ledger.domain import commands as c
@@ -137,6 +137,31 @@ async def test_verify_passes_on_a_ledger_that_keeps_posting_and_freezing_while_i
     assert rounds > 3  # the ledger really was writing while verify ran
     for report in reports:
         assert report.ok, [(check.name, check.detail) for check in report.checks if not check.ok]
+
+
+async def test_posting_times_never_go_back_along_the_log_so_statements_add_up(ledger):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    t = datetime.now(UTC) + timedelta(seconds=10)
+    async with second_writer(ledger.settings) as behind:  # another writer, its clock a minute slow
+        behind.clock = lambda: t - timedelta(minutes=1)
+        writer.clock = lambda: t
+        await writer.submit(spend(card, settlement, 100))
+        writer.clock = lambda: t - timedelta(seconds=1)  # the clock steps back
+        await writer.submit(spend(card, settlement, 10))
+        await behind.submit(spend(card, settlement, 1))  # it has not seen the batches at t
+    await ledger.parts.projection.wait_for(await ledger.parts.pool.fetchval(
+        f"SELECT max(notification_id) FROM {events_table(ledger.parts.app.recorder)}"))
+
+    times = [row["occurred_at"] for row in await ledger.parts.pool.fetch(
+        "SELECT occurred_at FROM ledger_entries WHERE account_id = $1 ORDER BY position", card)]
+    assert times == sorted(times) and times[-3:] == [t, t, t]
+    statement = (await ledger.get(f"/accounts/{card}/statement", params={
+        "since": (t - timedelta(seconds=2)).isoformat(), "until": (t + timedelta(seconds=5)).isoformat()})).json()
+    assert statement["opening_balance_minor"] == 1_000 and statement["closing_balance_minor"] == 889
+    assert [line["balance_after_minor"] for line in statement["lines"]] == [900, 890, 889]
+    before = (await ledger.get(f"/accounts/{card}/balance", params={"at": (t - timedelta(seconds=1)).isoformat()})).json()
+    assert before["posted"]["amount_minor"] == 1_000
 
 
 async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
