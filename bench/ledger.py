@@ -11,7 +11,8 @@ After each run the bench waits for the history projection (entries, statements) 
 catch up and reports how long that took after the last transfer.
 
 Workloads: uniform over 10,000 customer accounts, and the same with a fee leg to one
-hot fee account. Client counts 1, 8 and 32. Last line: one JSON object.
+hot fee account. Client counts 1, 8 and 32. Each measured run (pgbench's too) starts
+after a CHECKPOINT. Last line: one JSON object.
 
     .venv/bin/python -m bench.ledger [--seconds 5] [--accounts 10000]
 
@@ -50,6 +51,16 @@ async def wal_flushes(url: str) -> int:
         if has_io:
             return int(await connection.fetchval("SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal'"))
         return int(await connection.fetchval("SELECT wal_sync FROM pg_stat_wal"))
+    finally:
+        await connection.close()
+
+
+async def checkpoint(url: str) -> None:
+    """Every measured run starts from a clean server: the dirty pages of the run before
+    (pgbench's above all) must not be flushed during the next one."""
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute("CHECKPOINT")
     finally:
         await connection.close()
 
@@ -134,10 +145,12 @@ async def main(seconds: float, account_count: int) -> dict:
                 accounts, _, fees = await setup_accounts(parts, account_count)
             await run_ledger_load(parts, accounts, fees, 8, 1.0, hot=False)  # warm-up
             for clients in CLIENT_COUNTS:
+                await checkpoint(stack.database_url)
                 with console.status(f"pgbench, {clients} clients…"):
                     tps = pgbench(pgbench_url, clients, seconds)
                 row = {"pgbench_tps": tps}
                 for hot in (False, True):
+                    await checkpoint(stack.database_url)
                     flushes_before = await wal_flushes(stack.database_url)
                     with console.status(f"ledger, {clients} clients, {'hot fee account' if hot else 'uniform'}…"):
                         load = await run_ledger_load(parts, accounts, fees, clients, seconds, hot)
