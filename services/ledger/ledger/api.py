@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid5
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from kabinet_chassis.errors import DependencyUnavailable, Problem
 from kabinet_chassis.idempotency import idempotency_key, run_once
 from ledger import projections
 from ledger.domain import commands
 from ledger.writer import LedgerBusy
+
+
+def _within_the_ledgers_calendar(instant: datetime) -> datetime:
+    if not commands.INSTANT_MIN <= instant < commands.INSTANT_MAX:
+        raise ValueError(f"must be from {commands.INSTANT_MIN.isoformat()} to before {commands.INSTANT_MAX.isoformat()}")
+    return instant
+
+
+# An instant with a timezone, in the range the ledger stores (a far-off one would overflow
+# on its way to UTC and answer 500 instead of naming the field).
+Instant = Annotated[AwareDatetime, AfterValidator(_within_the_ledgers_calendar)]
 
 CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
@@ -62,7 +74,7 @@ class PlaceHoldBody(_Body):
     credit_account_id: UUID
     amount_minor: int = Field(gt=0)
     currency: str = Field(pattern=CURRENCY_PATTERN)
-    expires_at: AwareDatetime
+    expires_at: Instant
     code: str = Field(pattern=CODE_PATTERN)
 
 
@@ -166,7 +178,9 @@ def build_router(ledger: Ledger) -> APIRouter:
         return {"accounts": await projections.accounts_of(ledger.pool, owner_id)}
 
     @router.get("/accounts/{account_id}/balance")
-    async def balance(account_id: UUID, at: AwareDatetime | None = None) -> dict:
+    async def balance(account_id: UUID, at: Instant | None = None) -> dict:
+        """Posted, pending and available now; or, with `at`, the posted balance as it stood
+        just before that instant (what a statement from `at` opens with)."""
         found = await get_account(account_id)
         if at is None:
             return found["balances"]
@@ -176,8 +190,8 @@ def build_router(ledger: Ledger) -> APIRouter:
     @router.get("/accounts/{account_id}/history")
     async def history(
         account_id: UUID,
-        since: AwareDatetime | None = None,
-        until: AwareDatetime | None = None,
+        since: Instant | None = None,
+        until: Instant | None = None,
         amount_min_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
         amount_max_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
         counterparty_account_id: UUID | None = None,
@@ -195,7 +209,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         return {"lines": lines, "next_cursor": f"{next_after[0]}.{next_after[1]}" if next_after else None}
 
     @router.get("/accounts/{account_id}/statement")
-    async def statement(account_id: UUID, since: AwareDatetime, until: AwareDatetime) -> dict:
+    async def statement(account_id: UUID, since: Instant, until: Instant) -> dict:
         found = await get_account(account_id)
         if until <= since:
             raise Problem(422, "invalid_period", "`until` must be after `since`")

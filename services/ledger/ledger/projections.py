@@ -193,13 +193,15 @@ def _account(row: asyncpg.Record) -> dict:
     }
 
 
+# The balance at an instant is what stood just before it: entries posted at that very
+# instant belong to the period it opens. So a statement for [since, until) opens at the
+# balance at `since` and closes at the balance at `until`, and consecutive ones chain.
+_BALANCE_AT = ("SELECT balance_after_minor FROM ledger_entries WHERE account_id = $1 AND occurred_at < $2"
+               " ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1")
+
+
 async def balance_at(pool: asyncpg.Pool, account_id, instant: datetime) -> int:
-    value = await pool.fetchval(
-        "SELECT balance_after_minor FROM ledger_entries WHERE account_id = $1 AND occurred_at <= $2"
-        " ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1",
-        account_id, instant,
-    )
-    return value or 0
+    return await pool.fetchval(_BALANCE_AT, account_id, instant) or 0
 
 
 async def history(
@@ -269,11 +271,7 @@ STATEMENT_LINES_MAX = 10_000
 
 async def statement(pool: asyncpg.Pool, account_id, since: datetime, until: datetime) -> dict:
     async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
-        opening = await connection.fetchval(
-            "SELECT balance_after_minor FROM ledger_entries WHERE account_id = $1 AND occurred_at < $2"
-            " ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1",
-            account_id, since,
-        ) or 0
+        opening = await connection.fetchval(_BALANCE_AT, account_id, since) or 0
         rows = await connection.fetch(
             "SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
             " WHERE e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3"

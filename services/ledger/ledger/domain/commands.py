@@ -32,6 +32,25 @@ CAPTURE_INFIX = ":capture:"
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+# Instants a hold may expire at: far wider than any card authorisation, and narrow enough
+# that converting one to UTC can never leave the calendar Python and PostgreSQL know.
+INSTANT_MIN = datetime(2000, 1, 1, tzinfo=UTC)
+INSTANT_MAX = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def is_storable_text(value: Any) -> bool:
+    """Text PostgreSQL can store and UTF-8 can encode: no NUL, no lone surrogate.
+
+    One such character in a committed event would stop every reader of the log at it
+    (the read model, the relay), so the ledger refuses it at the door.
+    """
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -154,8 +173,8 @@ def check_account_shape(command: OpenAccount) -> None:
         raise InvalidAccount(f"unknown account kind {command.kind!r}; one of {[k.value for k in AccountKind]}") from None
     if not isinstance(command.currency, str) or not _CURRENCY.match(command.currency):
         raise InvalidAccount(f"currency must be an ISO 4217 code like 'RUB', got {command.currency!r}")
-    if not isinstance(command.owner_id, str) or not 1 <= len(command.owner_id) <= ID_CHARS_MAX:
-        raise InvalidAccount(f"owner_id must be 1-{ID_CHARS_MAX} characters")
+    if not is_storable_text(command.owner_id) or not 1 <= len(command.owner_id) <= ID_CHARS_MAX:
+        raise InvalidAccount(f"owner_id must be 1-{ID_CHARS_MAX} characters, without NUL or lone surrogates")
     if type(command.credit_limit_minor) is not int or not 0 <= command.credit_limit_minor <= CREDIT_LIMIT_MINOR_MAX:
         raise InvalidAccount(f"credit_limit_minor must be an integer from 0 to {CREDIT_LIMIT_MINOR_MAX}")
     if kind in INTERNAL_KINDS:
@@ -188,20 +207,23 @@ def check_transfer_shape(command: PostTransfer) -> None:
     if unbalanced:
         raise UnbalancedTransfer(f"legs must sum to zero per currency; off by {unbalanced} (minor units)")
     if len(command.metadata) > METADATA_KEYS_MAX or any(
-        not isinstance(k, str) or not isinstance(v, str) or len(k) > METADATA_VALUE_CHARS_MAX or len(v) > METADATA_VALUE_CHARS_MAX
+        not is_storable_text(k) or not is_storable_text(v) or len(k) > METADATA_VALUE_CHARS_MAX
+        or len(v) > METADATA_VALUE_CHARS_MAX
         for k, v in command.metadata.items()
     ):
         raise InvalidTransfer(
-            f"metadata holds at most {METADATA_KEYS_MAX} string keys and values of at most {METADATA_VALUE_CHARS_MAX} chars"
+            f"metadata holds at most {METADATA_KEYS_MAX} string keys and values of at most {METADATA_VALUE_CHARS_MAX} chars,"
+            " without NUL or lone surrogates"
         )
     if len(command.customer_ids) > CUSTOMER_IDS_MAX or any(
-        not isinstance(i, str) or not 1 <= len(i) <= ID_CHARS_MAX for i in command.customer_ids
+        not is_storable_text(i) or not 1 <= len(i) <= ID_CHARS_MAX for i in command.customer_ids
     ):
-        raise InvalidTransfer(f"at most {CUSTOMER_IDS_MAX} customer ids of 1-{ID_CHARS_MAX} characters")
+        raise InvalidTransfer(f"at most {CUSTOMER_IDS_MAX} customer ids of 1-{ID_CHARS_MAX} characters,"
+                              " without NUL or lone surrogates")
     if command.external_ref is not None and (
-        not isinstance(command.external_ref, str) or not 1 <= len(command.external_ref) <= ID_CHARS_MAX
+        not is_storable_text(command.external_ref) or not 1 <= len(command.external_ref) <= ID_CHARS_MAX
     ):
-        raise InvalidTransfer(f"external_ref must be 1-{ID_CHARS_MAX} characters")
+        raise InvalidTransfer(f"external_ref must be 1-{ID_CHARS_MAX} characters, without NUL or lone surrogates")
 
 
 def check_hold_shape(command: PlaceHold) -> None:
@@ -216,8 +238,10 @@ def check_hold_shape(command: PlaceHold) -> None:
         raise InvalidHold(f"currency must be an ISO 4217 code like 'RUB', got {command.currency!r}")
     if command.debit_account_id == command.credit_account_id:
         raise InvalidHold(f"a hold's debit and credit accounts must differ; both are {command.debit_account_id}")
-    if not isinstance(command.expires_at, datetime) or command.expires_at.tzinfo is None:
+    if not isinstance(command.expires_at, datetime) or command.expires_at.utcoffset() is None:
         raise InvalidHold("expires_at must be a datetime with a timezone")
+    if not INSTANT_MIN <= command.expires_at < INSTANT_MAX:
+        raise InvalidHold(f"expires_at must be from {INSTANT_MIN.isoformat()} to before {INSTANT_MAX.isoformat()}")
 
 
 def check_capture_shape(command: CaptureHold) -> None:

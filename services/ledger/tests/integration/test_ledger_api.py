@@ -131,6 +131,50 @@ async def test_history_filters_beyond_what_the_ledger_can_hold_are_refused_by_na
     assert {error["field"] for error in bad_cursor.json()["errors"]} == {"cursor"}
 
 
+async def test_instants_outside_the_ledgers_calendar_are_refused_by_name_not_a_server_error(ledger):
+    card = await open_account(ledger)
+    far = "9999-12-31T23:59:59-14:00"
+    for path, params, field in ((f"/accounts/{card}/balance", {"at": far}, "at"),
+                                (f"/accounts/{card}/history", {"until": far}, "until"),
+                                (f"/accounts/{card}/statement", {"since": "0001-01-01T00:00:00+14:00", "until": far}, "since")):
+        response = await ledger.get(path, params=params)
+        assert response.status_code == 422, (path, response.text)
+        assert field in {error["field"] for error in response.json()["errors"]}
+
+
+async def test_a_nul_character_is_refused_and_the_history_keeps_flowing(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    poisoned = {**transfer_body("nul-1", (settlement, -10), (card, 10)), "metadata": {"note": "a\u0000b"}}
+    response = await ledger.post("/transfers", json=poisoned)
+    assert response.status_code == 422 and response.json()["code"] == "invalid_transfer"
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert (await ledger.post("/transfers", json=transfer_body("clean-1", (settlement, -10), (card, 10)))).status_code == 201
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position, timeout_s=10)
+    history = (await ledger.get(f"/accounts/{card}/history")).json()
+    assert [line["transfer_id"] for line in history["lines"]] == ["clean-1"]
+
+
+async def test_a_posting_at_a_statements_end_instant_belongs_to_the_next_statement_and_balances_agree(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    month_end = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    ledger.parts.writer.clock = lambda: month_end - timedelta(days=1)
+    assert (await ledger.post("/transfers", json=transfer_body("mid", (settlement, -1_000), (card, 1_000)))).status_code == 201
+    ledger.parts.writer.clock = lambda: month_end
+    assert (await ledger.post("/transfers", json=transfer_body("edge", (settlement, -250), (card, 250)))).status_code == 201
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+
+    def statement(since, until):
+        return ledger.get(f"/accounts/{card}/statement", params={"since": since.isoformat(), "until": until.isoformat()})
+
+    first = (await statement(month_end - timedelta(days=30), month_end)).json()
+    second = (await statement(month_end, month_end + timedelta(days=30))).json()
+    at_end = (await ledger.get(f"/accounts/{card}/balance", params={"at": month_end.isoformat()})).json()
+    assert first["closing_balance_minor"] == at_end["posted"]["amount_minor"] == second["opening_balance_minor"] == 1_000
+    assert [line["transfer_id"] for line in second["lines"]] == ["edge"] and second["closing_balance_minor"] == 1_250
+
+
 async def test_bad_input_names_the_field(ledger):
     response = await ledger.post("/transfers", json={"transfer_id": "x", "code": "p2p", "legs": [
         {"account_id": str(uuid.uuid4()), "amount_minor": 1.5, "currency": "RUB"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from uuid import uuid4
 
 import pytest
@@ -123,6 +123,30 @@ def test_no_two_different_hold_and_capture_ids_can_name_the_same_capture_transfe
     with pytest.raises(InvalidHold, match="contain"):
         world.one(c.CaptureHold("A", "x:capture:y", 100))
     assert world.balance(card).held_minor == 100
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "\ud800"], ids=["NUL", "lone surrogate"])
+def test_text_no_reader_of_the_log_could_store_is_refused_at_the_door(world, text):
+    settlement, card = funded(world, 1_000)
+    for poisoned in (
+        c.PostTransfer("t1", (c.Leg(card, -1, "RUB"), c.Leg(settlement, 1, "RUB")), "p2p", metadata={"note": text}),
+        c.PostTransfer("t2", (c.Leg(card, -1, "RUB"), c.Leg(settlement, 1, "RUB")), "p2p", external_ref=text),
+        c.PostTransfer("t3", (c.Leg(card, -1, "RUB"), c.Leg(settlement, 1, "RUB")), "p2p", customer_ids=(text,)),
+    ):
+        with pytest.raises(InvalidTransfer, match="NUL or lone surrogates"):
+            world.one(poisoned)
+    with pytest.raises(errors.InvalidAccount, match="NUL or lone surrogates"):
+        world.one(c.OpenAccount(uuid4(), text, "card", "RUB"))
+    assert world.balance(card).posted_minor == 1_000
+
+
+@pytest.mark.parametrize("expires_at", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
+def test_a_hold_cannot_expire_outside_the_calendar_and_its_neighbours_are_untouched(world, expires_at):
+    settlement, card = funded(world, 1_000)
+    extreme = datetime.fromisoformat(expires_at)
+    refused, placed = world.run(hold("far", card, settlement, 100, expires_at=extreme), hold("near", card, settlement, 100))
+    assert isinstance(refused, InvalidHold) and "expires_at" in str(refused)
+    assert placed.state == "active" and world.balance(card).held_minor == 100
 
 
 def test_same_capture_id_other_amount_is_conflict(world):
