@@ -4,6 +4,11 @@ The first request with a key runs and its answer is stored; a repeat with the sa
 body gets the stored answer; a repeat with another body is refused (422); a repeat
 while the first is still running gets 409. Server failures (5xx) are not stored, so
 the client may retry them with the same key.
+
+A claim is a lease of CLAIM_LEASE_S: a request whose process died, or whose answer could
+not be stored, leaves a claim that a repeat takes over once the lease has run out, so a
+key is never stuck on 409. The operation then runs again: it must be safe to repeat
+(the ledger's are: a command it already applied answers as a replay).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from fastapi.responses import JSONResponse
 from kabinet_chassis.errors import PROBLEM_JSON, Problem
 
 MAX_KEY_LENGTH = 255
+# Longer than any operation may take (the ledger waits at most 30 s for its read model).
+CLAIM_LEASE_S = 60
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -76,10 +83,16 @@ async def run_once(
             )
             if row["request_fingerprint"] != request_fingerprint:
                 raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
-            if row["status_code"] is None:
+            if row["status_code"] is not None:
+                return _response(row["status_code"], json.loads(row["response"]), replayed=True)
+            taken_over = await connection.fetchval(
+                "UPDATE idempotency_keys SET created_at = now() WHERE scope = $1 AND key = $2 AND status_code IS NULL"
+                " AND created_at < now() - make_interval(secs => $3) RETURNING true",
+                scope, key, float(CLAIM_LEASE_S),
+            )
+            if not taken_over:
                 raise Problem(409, "request_in_progress", "a request with this Idempotency-Key is still being processed",
                               headers={"Retry-After": "1"})
-            return _response(row["status_code"], json.loads(row["response"]), replayed=True)
     try:
         status_code, response = await operation()
     except Problem as problem:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kabinet_chassis.idempotency import CLAIM_LEASE_S, fingerprint
 from ledger.verify import verify
 
 pytestmark = pytest.mark.integration
@@ -173,6 +174,26 @@ async def test_a_posting_at_a_statements_end_instant_belongs_to_the_next_stateme
     at_end = (await ledger.get(f"/accounts/{card}/balance", params={"at": month_end.isoformat()})).json()
     assert first["closing_balance_minor"] == at_end["posted"]["amount_minor"] == second["opening_balance_minor"] == 1_000
     assert [line["transfer_id"] for line in second["lines"]] == ["edge"] and second["closing_balance_minor"] == 1_250
+
+
+async def test_a_key_whose_request_died_midway_is_taken_over_once_its_lease_runs_out(ledger):
+    card = await open_account(ledger)
+    body = fingerprint({"account_id": card})
+
+    async def claim_left_behind(key: str, age_s: int) -> None:  # as by a process killed mid-request
+        await ledger.parts.pool.execute(
+            "INSERT INTO idempotency_keys (scope, key, request_fingerprint, created_at)"
+            " VALUES ('ledger.FreezeAccount', $1, $2, now() - make_interval(secs => $3))", key, body, float(age_s))
+
+    await claim_left_behind("freeze-recent", 1)
+    busy = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-recent"})
+    assert busy.status_code == 409 and busy.json()["code"] == "request_in_progress"
+
+    await claim_left_behind("freeze-abandoned", CLAIM_LEASE_S + 1)
+    frozen = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-abandoned"})
+    assert frozen.status_code == 200 and frozen.json()["state"] == "frozen"
+    again = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-abandoned"})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
 
 
 async def test_bad_input_names_the_field(ledger):
