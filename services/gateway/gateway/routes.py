@@ -29,7 +29,10 @@ class LedgerClient:
             raise DependencyUnavailable("ledger", str(error) or type(error).__name__) from None
         if response.status_code >= 500:
             raise DependencyUnavailable("ledger", f"answered {response.status_code}")
-        body = response.json()
+        try:
+            body = response.json()
+        except ValueError:  # not the ledger speaking (a proxy's page, say)
+            raise DependencyUnavailable("ledger", f"answered {response.status_code} without JSON") from None
         if response.status_code >= 400:
             raise Problem(response.status_code, body.get("code", "ledger_refused"), body.get("detail", ""),
                           **{k: v for k, v in body.items() if k == "errors"})
@@ -55,7 +58,8 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
 
     @router.get("/accounts")
     async def my_accounts(me: Principal = me_dependency) -> dict:
-        return await ledger.get(f"/owners/{me.customer_id}/accounts")
+        found = await ledger.get("/accounts", {"owner_id": me.customer_id})  # a parameter, never a path
+        return {**found, "accounts": [account for account in found["accounts"] if account["owner_id"] == me.customer_id]}
 
     @router.get("/accounts/{account_id}")
     async def my_account(account_id: UUID, me: Principal = me_dependency) -> dict:

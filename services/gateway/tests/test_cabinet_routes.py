@@ -89,3 +89,13 @@ async def test_no_token_bad_token_and_expired_token_are_refused(bank):
     assert response.status_code == 401 and response.json()["code"] == "invalid_token"
     expired = await bank.get("/v1/me/accounts", headers=bearer(bank, "alice", ttl_s=-10))
     assert expired.status_code == 401 and expired.json()["code"] == "token_expired"
+
+
+async def test_a_customer_id_shaped_like_a_path_reaches_no_one_elses_accounts(bank):
+    await open_funded_card(bank, "bob", 5_000)
+    for sub in ("mallory/../bob", "mallory/%2e%2e/bob", "bob?x=", "bob#", ".."):
+        response = await bank.get("/v1/me/accounts", headers=bearer(bank, sub))
+        if response.status_code == 200:
+            assert response.json()["accounts"] == [], sub
+        else:
+            assert response.status_code == 404, (sub, response.text)

@@ -173,8 +173,10 @@ def build_router(ledger: Ledger) -> APIRouter:
             raise Problem(404, "account_not_found", f"no account {account_id}")
         return found
 
-    @router.get("/owners/{owner_id}/accounts")
-    async def owner_accounts(owner_id: str) -> dict:
+    @router.get("/accounts")
+    async def owner_accounts(owner_id: Annotated[str, Query(min_length=1, max_length=128)]) -> dict:
+        """An owner's accounts. The owner is a query parameter, not a path segment: an id
+        with '/' or '..' in it can never reach another route or another owner."""
         return {"accounts": await projections.accounts_of(ledger.pool, owner_id)}
 
     @router.get("/accounts/{account_id}/balance")

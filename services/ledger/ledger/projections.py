@@ -238,7 +238,8 @@ async def history(
         conditions.append(f"e.code = {arg(code)}")
     if counterparty_account_id is not None:
         conditions.append(
-            f"EXISTS (SELECT 1 FROM jsonb_array_elements(t.legs) leg WHERE leg->>'account_id' = {arg(counterparty_account_id)})"
+            "EXISTS (SELECT 1 FROM jsonb_array_elements(t.legs) leg"
+            f" WHERE leg->>'account_id' = {arg(counterparty_account_id)} AND leg->>'account_id' <> e.account_id::text)"
         )
     if after is not None:
         conditions.append(f"(e.position, e.seq) < ({arg(after[0])}, {arg(after[1])})")

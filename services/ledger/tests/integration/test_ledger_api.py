@@ -49,6 +49,10 @@ async def test_transfer_moves_money_and_shows_in_balances_history_and_statement(
     assert [line["transfer_id"] for line in older["lines"]] == ["top-up-1"] and older["next_cursor"] is None
     by_code = (await ledger.get(f"/accounts/{card}/history", params={"code": "top_up"})).json()
     assert [line["amount_minor"] for line in by_code["lines"]] == [10_000]
+    by_counterparty = (await ledger.get(f"/accounts/{card}/history", params={"counterparty_account_id": settlement})).json()
+    assert len(by_counterparty["lines"]) == 2
+    itself = (await ledger.get(f"/accounts/{card}/history", params={"counterparty_account_id": card})).json()
+    assert itself["lines"] == []  # no transfer pays an account from itself
     big = (await ledger.get(f"/accounts/{card}/history", params={"amount_min_minor": 1000})).json()
     assert [line["transfer_id"] for line in big["lines"]] == ["top-up-1"]
 
@@ -118,7 +122,7 @@ async def test_a_retried_account_opening_after_a_server_error_opens_one_account_
         await ledger.post("/accounts", json=body, headers=headers)
     retried = await ledger.post("/accounts", json=body, headers=headers)
     assert retried.status_code == 201, retried.text
-    accounts = (await ledger.get(f"/owners/{owner}/accounts")).json()["accounts"]
+    accounts = (await ledger.get("/accounts", params={"owner_id": owner})).json()["accounts"]
     assert [account["account_id"] for account in accounts] == [retried.json()["account_id"]]
 
 
