@@ -77,6 +77,11 @@ def _field_name(location: tuple[Any, ...]) -> str:
     return name or ".".join(map(str, location))
 
 
+def domain_problem(error: Exception) -> Problem:
+    """A domain refusal (a `code` and `status` on its class) as the problem it answers with."""
+    return Problem(getattr(error, "status", 409), getattr(error, "code", "refused"), str(error))
+
+
 def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception], ...] = ()) -> None:
     """Domain errors must carry `code` and `status` class attributes."""
 
@@ -98,8 +103,7 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
         return problem_response(Problem(error.status_code, code, str(error.detail)), request)
 
     async def on_domain(request: Request, error: Exception) -> JSONResponse:
-        problem = Problem(getattr(error, "status", 409), getattr(error, "code", "refused"), str(error))
-        return problem_response(problem, request)
+        return problem_response(domain_problem(error), request)
 
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

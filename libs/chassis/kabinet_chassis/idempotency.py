@@ -22,7 +22,7 @@ import asyncpg
 from fastapi import Header
 from fastapi.responses import JSONResponse
 
-from kabinet_chassis.errors import PROBLEM_JSON, Problem
+from kabinet_chassis.errors import PROBLEM_JSON, Problem, domain_problem
 
 MAX_KEY_LENGTH = 255
 # Longer than any operation may take (the ledger waits at most 30 s for its read model).
@@ -67,8 +67,10 @@ async def run_once(
     key: str,
     body: Any,
     operation: Callable[[], Awaitable[tuple[int, Any]]],
+    refusals: tuple[type[Exception], ...] = (),
 ) -> JSONResponse:
-    """Run `operation` (returning status and JSON body) at most once per (scope, key)."""
+    """Run `operation` (returning status and JSON body) at most once per (scope, key).
+    `refusals`: the service's domain errors, answered and stored as problems."""
     request_fingerprint = fingerprint(body)
     async with pool.acquire() as connection:
         claimed = await connection.fetchval(
@@ -95,14 +97,15 @@ async def run_once(
                               headers={"Retry-After": "1"})
     try:
         status_code, response = await operation()
-    except Problem as problem:
-        if problem.status >= 500:
+    except BaseException as error:
+        # A refusal (4xx, a Problem or a domain error) is the request's answer, stored like
+        # any other; anything else may go better next time, so the key is released.
+        problem = error if isinstance(error, Problem) else (
+            domain_problem(error) if isinstance(error, refusals) else None)
+        if problem is None or problem.status >= 500:
             await _release(pool, scope, key)
             raise
         status_code, response = problem.status, problem.body()
-    except BaseException:
-        await _release(pool, scope, key)
-        raise
     async with pool.acquire() as connection:
         await connection.execute(
             "UPDATE idempotency_keys SET status_code = $3, response = $4::jsonb WHERE scope = $1 AND key = $2",

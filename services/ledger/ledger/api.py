@@ -13,6 +13,7 @@ from kabinet_chassis.errors import DependencyUnavailable, Problem
 from kabinet_chassis.idempotency import idempotency_key, run_once
 from ledger import projections
 from ledger.domain import commands
+from ledger.domain.errors import LedgerError
 from ledger.writer import LedgerBusy
 
 
@@ -121,7 +122,7 @@ def build_router(ledger: Ledger) -> APIRouter:
             return 201, await projections.account(ledger.pool, command.account_id)
 
         return await run_once(ledger.pool, scope="ledger.open_account", key=key, body=body.model_dump(mode="json"),
-                              operation=operation)
+                              operation=operation, refusals=(LedgerError,))
 
     for action, command_type in (("freeze", commands.FreezeAccount), ("unfreeze", commands.UnfreezeAccount),
                                  ("close", commands.CloseAccount)):
@@ -137,7 +138,8 @@ def build_router(ledger: Ledger) -> APIRouter:
             return 200, await projections.account(ledger.pool, account_id)
 
         return await run_once(ledger.pool, scope="ledger.set_credit_limit", key=key,
-                              body={"account_id": str(account_id), **body.model_dump(mode="json")}, operation=operation)
+                              body={"account_id": str(account_id), **body.model_dump(mode="json")},
+                              operation=operation, refusals=(LedgerError,))
 
     @router.post("/transfers", status_code=201)
     async def post_transfer(body: TransferBody) -> dict:
@@ -232,7 +234,7 @@ def _account_action(ledger: Ledger, command_type: type):
             return 200, await projections.account(ledger.pool, account_id)
 
         return await run_once(ledger.pool, scope=f"ledger.{command_type.__name__}", key=key,
-                              body={"account_id": str(account_id)}, operation=operation)
+                              body={"account_id": str(account_id)}, operation=operation, refusals=(LedgerError,))
 
     return action
 

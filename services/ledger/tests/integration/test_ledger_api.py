@@ -200,6 +200,16 @@ async def test_a_key_whose_request_died_midway_is_taken_over_once_its_lease_runs
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
 
 
+async def test_a_refusal_is_the_answer_a_repeated_key_gets(ledger):
+    card = await open_account(ledger)
+    assert (await ledger.post(f"/accounts/{card}/close", headers={"Idempotency-Key": "close-1"})).status_code == 200
+    refused = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-closed"})
+    assert refused.status_code == 409 and refused.json()["code"] == "account_closed"
+    again = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-closed"})
+    assert again.status_code == 409 and again.json()["code"] == "account_closed"
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+
 async def test_bad_input_names_the_field(ledger):
     response = await ledger.post("/transfers", json={"transfer_id": "x", "code": "p2p", "legs": [
         {"account_id": str(uuid.uuid4()), "amount_minor": 1.5, "currency": "RUB"},
