@@ -213,15 +213,22 @@ def build_router(ledger: Ledger) -> APIRouter:
         return {"lines": lines, "next_cursor": f"{next_after[0]}.{next_after[1]}" if next_after else None}
 
     @router.get("/accounts/{account_id}/statement")
-    async def statement(account_id: UUID, since: Instant, until: Instant) -> dict:
+    async def statement(
+        account_id: UUID,
+        since: Instant,
+        until: Instant,
+        cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")] = None,
+        limit: Annotated[int, Query(ge=1, le=projections.STATEMENT_PAGE_LINES_MAX)] = projections.STATEMENT_PAGE_LINES_MAX,
+    ) -> dict:
+        """The period [since, until): balances and totals for the whole period, lines a page
+        at a time (follow `next_cursor` until it is null)."""
         found = await get_account(account_id)
         if until <= since:
             raise Problem(422, "invalid_period", "`until` must be after `since`")
-        try:
-            body = await projections.statement(ledger.pool, account_id, since, until)
-        except ValueError as too_long:
-            raise Problem(422, "period_too_long", str(too_long)) from None
-        return {"account_id": str(account_id), "currency": found["currency"], **body}
+        after = tuple(int(part) for part in cursor.split(".")) if cursor else None
+        body, next_after = await projections.statement(ledger.pool, account_id, since, until, after=after, limit=limit)
+        return {"account_id": str(account_id), "currency": found["currency"], **body,
+                "next_cursor": f"{next_after[0]}.{next_after[1]}" if next_after else None}
 
     return router
 

@@ -210,6 +210,33 @@ async def test_a_refusal_is_the_answer_a_repeated_key_gets(ledger):
     assert again.headers["Idempotent-Replayed"] == "true"
 
 
+async def test_a_long_statement_comes_in_pages_that_join_into_the_whole_period(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    for number, amount in enumerate((500, -120, 300, -80, 45)):
+        legs = ((settlement, -amount), (card, amount)) if amount > 0 else ((card, amount), (settlement, -amount))
+        assert (await ledger.post("/transfers", json=transfer_body(f"line-{number}", *legs))).status_code == 201
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    period = {"since": start.isoformat(), "until": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()}
+
+    whole = (await ledger.get(f"/accounts/{card}/statement", params=period)).json()
+    pages, cursor = [], None
+    for _ in range(10):  # bounded: 5 lines in pages of 2
+        page = (await ledger.get(f"/accounts/{card}/statement", params={**period, "limit": 2, **(
+            {"cursor": cursor} if cursor else {})})).json()
+        pages.append(page)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [len(page["lines"]) for page in pages] == [2, 2, 1]
+    assert [line for page in pages for line in page["lines"]] == whole["lines"]
+    assert {(p["opening_balance_minor"], p["closing_balance_minor"], p["credits_minor"], p["debits_minor"]) for p in pages} == {
+        (0, 645, 845, 200)}
+    assert whole["opening_balance_minor"] + whole["credits_minor"] - whole["debits_minor"] == whole["closing_balance_minor"]
+    assert [line["balance_after_minor"] for line in whole["lines"]] == [500, 380, 680, 600, 645]
+
+
 async def test_bad_input_names_the_field(ledger):
     response = await ledger.post("/transfers", json={"transfer_id": "x", "code": "p2p", "legs": [
         {"account_id": str(uuid.uuid4()), "amount_minor": 1.5, "currency": "RUB"},
