@@ -5,6 +5,7 @@ body gets the stored answer; a repeat with another body is refused (422); a repe
 while the first is still running gets 409. Server failures (5xx) are not stored, so
 the client may retry them with the same key.
 
+Keys are kept KEY_RETENTION_S (a week) and then purged by every service in the background.
 A claim is a lease of CLAIM_LEASE_S: a request whose process died, or whose answer could
 not be stored, leaves a claim that a repeat takes over once the lease has run out, so a
 key is never stuck on 409. The operation then runs again: it must be safe to repeat
@@ -13,8 +14,10 @@ key is never stuck on 409. The operation then runs again: it must be safe to rep
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,9 +27,17 @@ from fastapi.responses import JSONResponse
 
 from kabinet_chassis.errors import PROBLEM_JSON, Problem, domain_problem
 
+log = logging.getLogger(__name__)
+
 MAX_KEY_LENGTH = 255
 # Longer than any operation may take (the ledger waits at most 30 s for its read model).
 CLAIM_LEASE_S = 60
+# How long a key keeps its answer: a retry is expected within minutes, a repeat a week
+# later is a new request. Older keys are purged in bounded batches.
+KEY_RETENTION_S = 7 * 24 * 3600
+PURGE_INTERVAL_S = 3600
+PURGE_BATCH_MAX = 10_000
+PURGE_BATCHES_MAX = 100  # per round: a backlog is worked off over several rounds
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -58,6 +69,33 @@ def idempotency_key(idempotency_key: str | None = Header(default=None, alias="Id
 async def ensure_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as connection:
         await connection.execute(SCHEMA)
+        await connection.execute("CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at)")
+
+
+async def purge_expired(pool: asyncpg.Pool, retention_s: float = KEY_RETENTION_S) -> int:
+    """Delete keys older than the retention (answered, or claims abandoned long ago); returns how many."""
+    purged = 0
+    for _ in range(PURGE_BATCHES_MAX):
+        deleted = await pool.fetchval(
+            "WITH old AS (SELECT scope, key FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)"
+            " LIMIT $2)"
+            " , gone AS (DELETE FROM idempotency_keys k USING old WHERE k.scope = old.scope AND k.key = old.key RETURNING 1)"
+            " SELECT count(*) FROM gone",
+            float(retention_s), PURGE_BATCH_MAX,
+        )
+        purged += deleted
+        if deleted < PURGE_BATCH_MAX:
+            break
+    return purged
+
+
+async def purge_expired_forever(pool: asyncpg.Pool) -> None:
+    while True:
+        try:
+            await purge_expired(pool)
+        except Exception:
+            log.exception("purging expired idempotency keys failed; will try again")
+        await asyncio.sleep(PURGE_INTERVAL_S)
 
 
 async def run_once(

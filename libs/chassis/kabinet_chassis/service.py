@@ -97,7 +97,8 @@ class Service:
                 # request lets the broker auto-create them with its own.
                 await ensure_topics(self.settings.kafka_bootstrap_servers, self.topics_consumed)
             await self.broker.start()
-            self._tasks = [asyncio.create_task(runner(), name=getattr(runner, "__name__", "background")) for runner in self._background]
+            runners = [*self._background, *([lambda: idempotency.purge_expired_forever(self.pool)] if self.pool else [])]
+            self._tasks = [asyncio.create_task(runner(), name=getattr(runner, "__name__", "background")) for runner in runners]
             yield self
         finally:
             for task in self._tasks:

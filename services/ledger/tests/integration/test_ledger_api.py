@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from kabinet_chassis.idempotency import CLAIM_LEASE_S, fingerprint
+from kabinet_chassis.idempotency import CLAIM_LEASE_S, KEY_RETENTION_S, fingerprint, purge_expired
 from ledger.verify import verify
 
 pytestmark = pytest.mark.integration
@@ -235,6 +235,15 @@ async def test_a_long_statement_comes_in_pages_that_join_into_the_whole_period(l
         (0, 645, 845, 200)}
     assert whole["opening_balance_minor"] + whole["credits_minor"] - whole["debits_minor"] == whole["closing_balance_minor"]
     assert [line["balance_after_minor"] for line in whole["lines"]] == [500, 380, 680, 600, 645]
+
+
+async def test_idempotency_keys_are_kept_a_week_then_purged(ledger):
+    pool = ledger.parts.pool
+    for key, age_s in (("a-week-and-a-day", KEY_RETENTION_S + 86_400), ("yesterday", 86_400)):
+        await pool.execute("INSERT INTO idempotency_keys (scope, key, request_fingerprint, status_code, response, created_at)"
+                           " VALUES ('test', $1, 'f', 200, '{}', now() - make_interval(secs => $2))", key, float(age_s))
+    assert await purge_expired(pool) == 1
+    assert [row["key"] for row in await pool.fetch("SELECT key FROM idempotency_keys WHERE scope = 'test'")] == ["yesterday"]
 
 
 async def test_bad_input_names_the_field(ledger):
