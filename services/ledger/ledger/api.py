@@ -14,7 +14,7 @@ from kabinet_chassis.idempotency import idempotency_key, run_once
 from ledger import projections
 from ledger.domain import commands
 from ledger.domain.errors import LedgerError
-from ledger.writer import LedgerBusy
+from ledger.writer import LedgerBusy, LedgerUnavailable
 
 
 def _within_the_ledgers_calendar(instant: datetime) -> datetime:
@@ -96,6 +96,8 @@ class Ledger:
             return await self.writer.submit(command)
         except LedgerBusy as busy:
             raise Problem(503, "ledger_busy", str(busy), headers={"Retry-After": "1"}) from None
+        except LedgerUnavailable as unavailable:
+            raise Problem(503, "ledger_unavailable", str(unavailable), headers={"Retry-After": "5"}) from None
         except OSError as error:
             raise DependencyUnavailable("event store", str(error)) from None
 

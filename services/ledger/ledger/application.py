@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS ledger_posting_clock (
     posted_at timestamptz NOT NULL
 )"""
 
+# A batch time further ahead of the database's clock than this is a clock gone wrong: were
+# it committed, every later batch would post at it (times never go back) until real time
+# caught up. It is refused instead, loudly (the writer answers 503).
+CLOCK_AHEAD_MAX_S = 60
+CLOCK_AHEAD_SQLSTATE = "LD001"
+
 # One call commits a batch. It takes eventsourcing's recorder's table lock (notification
 # ids must become visible in commit order, or a reader of the log would pass over a gap
 # that fills in later) and its NOTIFY, moves the posting clock forward (never back),
@@ -56,6 +62,10 @@ DECLARE
 BEGIN
     LOCK TABLE {events} IN EXCLUSIVE MODE;
     PERFORM pg_notify({channel}, '');
+    IF batch_posted_at > clock_timestamp() + make_interval(secs => {clock_ahead_max_s}) THEN
+        RAISE EXCEPTION 'the ledger''s clock says %, the database''s % : more than % s ahead; not posting',
+            batch_posted_at, clock_timestamp(), {clock_ahead_max_s} USING ERRCODE = '{clock_ahead_sqlstate}';
+    END IF;
     INSERT INTO ledger_posting_clock AS clock (singleton, posted_at) VALUES (true, batch_posted_at)
     ON CONFLICT (singleton) DO UPDATE SET posted_at = excluded.posted_at WHERE clock.posted_at <= excluded.posted_at;
     GET DIAGNOSTICS saved = ROW_COUNT;
@@ -119,7 +129,8 @@ class LedgerApplication(Application):
 async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> None:
     """The balances table and the batch append function (the events table is eventsourcing's)."""
     recorder = app.recorder
-    function = APPEND_BATCH_FUNCTION.format(events=events_table(recorder), channel=_literal(recorder.channel_name))
+    function = APPEND_BATCH_FUNCTION.format(events=events_table(recorder), channel=_literal(recorder.channel_name),
+                                            clock_ahead_max_s=CLOCK_AHEAD_MAX_S, clock_ahead_sqlstate=CLOCK_AHEAD_SQLSTATE)
     async with pool.acquire() as connection, connection.transaction():
         # CREATE OR REPLACE FUNCTION is not safe against itself in another starting process.
         await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")

@@ -39,7 +39,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import StoredEvent
 
 from kabinet_chassis.eventstore import events_table
-from ledger.application import LedgerApplication, append_batch, last_posted_at
+from ledger.application import CLOCK_AHEAD_SQLSTATE, LedgerApplication, append_batch, last_posted_at
 from ledger.domain.balance import Balance
 from ledger.domain.batch import Batch, aggregate_ids_of
 from ledger.domain.errors import LedgerError
@@ -57,6 +57,10 @@ SAVE_ATTEMPTS_MAX = 3
 
 class LedgerBusy(Exception):
     """The command queue is full: the caller should retry later (503)."""
+
+
+class LedgerUnavailable(Exception):
+    """The ledger cannot post right now (its clock is far ahead of the database's): 503."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +179,11 @@ class BatchedWriter:
                 async with self.pool.acquire() as connection:
                     self._last_posted_at = await last_posted_at(connection)
                 continue
-            except BaseException:
+            except BaseException as error:
                 self._forget(touched)  # committed or not, the store is the truth now
+                if isinstance(error, asyncpg.PostgresError) and error.sqlstate == CLOCK_AHEAD_SQLSTATE:
+                    log.error("ledger batch refused: %s", error)
+                    raise LedgerUnavailable(f"the ledger's clock is wrong: {error}") from None
                 raise
             self._last_posted_at = now
             for aggregate in changes.aggregates:

@@ -163,8 +163,8 @@ async def test_a_nul_character_is_refused_and_the_history_keeps_flowing(ledger):
 async def test_a_posting_at_a_statements_end_instant_belongs_to_the_next_statement_and_balances_agree(ledger):
     settlement = await open_account(ledger, "settlement")
     card = await open_account(ledger)
-    month_end = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
-    ledger.parts.writer.clock = lambda: month_end - timedelta(days=1)
+    month_end = (datetime.now(UTC) + timedelta(seconds=30)).replace(microsecond=0)  # within the clock's tolerance
+    ledger.parts.writer.clock = lambda: month_end - timedelta(seconds=20)
     assert (await ledger.post("/transfers", json=transfer_body("mid", (settlement, -1_000), (card, 1_000)))).status_code == 201
     ledger.parts.writer.clock = lambda: month_end
     assert (await ledger.post("/transfers", json=transfer_body("edge", (settlement, -250), (card, 250)))).status_code == 201

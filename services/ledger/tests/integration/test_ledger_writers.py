@@ -18,7 +18,7 @@ from ledger.clock import system_clock
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountClosed, AccountFrozen, IdempotencyConflict, InsufficientFunds
 from ledger.verify import verify
-from ledger.writer import BatchedWriter
+from ledger.writer import BatchedWriter, LedgerUnavailable
 
 pytestmark = pytest.mark.integration
 
@@ -162,6 +162,22 @@ async def test_posting_times_never_go_back_along_the_log_so_statements_add_up(le
     assert [line["balance_after_minor"] for line in statement["lines"]] == [900, 890, 889]
     before = (await ledger.get(f"/accounts/{card}/balance", params={"at": (t - timedelta(seconds=1)).isoformat()})).json()
     assert before["posted"]["amount_minor"] == 1_000
+
+
+async def test_a_clock_far_ahead_posts_nothing_and_leaves_later_batches_on_time(ledger):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    expires_at = datetime.now(UTC) + timedelta(hours=1)
+    await writer.submit(c.PlaceHold("hold-1", card, settlement, 500, "RUB", expires_at, "card_authorisation"))
+    real_clock = writer.clock
+    writer.clock = lambda: datetime.now(UTC) + timedelta(days=365)  # an NTP glitch
+    with pytest.raises(LedgerUnavailable, match="more than 60 s ahead"):
+        await writer.submit(spend(card, settlement, 1))
+    writer.clock = real_clock
+    spent = await writer.submit(spend(card, settlement, 1))  # times were not carried a year ahead
+    assert abs(spent.posted_at - datetime.now(UTC)) < timedelta(seconds=60)
+    captured = await writer.submit(c.CaptureHold("hold-1", "capture-1", 100))
+    assert captured.captured_minor == 100
 
 
 async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
