@@ -26,7 +26,8 @@ def health_router(checks: dict[str, Check]) -> APIRouter:
         results: dict[str, dict[str, str]] = {}
         for name, check in checks.items():
             try:
-                detail = await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
+                async with asyncio.timeout(CHECK_TIMEOUT_S):
+                    detail = await check()
                 results[name] = {"status": "up", "detail": detail}
             except Exception as error:  # any failure means not ready; say which
                 results[name] = {"status": "down", "detail": f"{type(error).__name__}: {error}"[:300]}

@@ -90,7 +90,8 @@ class LocalProjection:
                 if not await self.catch_up_once():
                     self._new_events.clear()
                     try:
-                        await asyncio.wait_for(self._new_events.wait(), self.idle_poll_s)
+                        async with asyncio.timeout(self.idle_poll_s):  # not wait_for: on 3.11 it can swallow a cancel
+                            await self._new_events.wait()
                     except TimeoutError:
                         pass
                 backoff_s = 0.05
@@ -164,6 +165,7 @@ class LocalProjection:
                 raise TimeoutError(f"projection {self.name} is behind: at {self.position}, need {position}")
             self._advanced.clear()
             try:
-                await asyncio.wait_for(self._advanced.wait(), min(remaining, 0.05))
+                async with asyncio.timeout(min(remaining, 0.05)):
+                    await self._advanced.wait()
             except TimeoutError:
                 pass
