@@ -50,7 +50,6 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
             apply_page=projections.apply_page, threads=svc.threads,
         )
         parts.writer = BatchedWriter(app, svc.pool, clock, on_saved=parts.projection.notify)
-        await parts.writer.start()
         await parts.projection.start()
         parts.relay = OutboxRelay(
             RelayConfig(source=SOURCE, topic=LEDGER_TOPIC, bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -58,6 +57,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
             recorder=app.recorder, mapper=app.mapper, to_integration=to_integration,
             database_url=settings.service_database_url,
         )
+        svc.run_in_background(lambda: parts.writer.lead(settings.service_database_url))
         svc.run_in_background(parts.writer.run)
         svc.run_in_background(parts.projection.run)
         svc.run_in_background(parts.relay.run)
@@ -75,6 +75,8 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
 async def expire_holds_forever(parts: LedgerParts, clock: Clock) -> None:
     while True:
         await asyncio.sleep(EXPIRY_SWEEP_INTERVAL_S)
+        if not parts.writer.is_active:
+            continue  # a standby: the active writer's process sweeps
         try:
             due = await parts.pool.fetch(
                 "SELECT hold_id FROM ledger_holds WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",

@@ -52,6 +52,9 @@ BATCH_MAX_COMMANDS = 1000
 # being saved the next one gathers, so no extra waiting is needed to form batches.
 BATCH_WAIT_MAX_S = 0.0
 CACHE_MAX_AGGREGATES = 200_000
+LEADERSHIP_POLL_S = 1.0  # how often a standby asks for the lead
+LEADERSHIP_CHECK_S = 5.0  # how often the leader checks that its lock's connection lives
+STANDBY_WAIT_S = 2.0  # a command waits this long for its process to lead, then gets 503
 SAVE_ATTEMPTS_MAX = 3
 
 
@@ -60,7 +63,8 @@ class LedgerBusy(Exception):
 
 
 class LedgerUnavailable(Exception):
-    """The ledger cannot post right now (its clock is far ahead of the database's): 503."""
+    """The ledger cannot post here and now (another process is the active writer, or its
+    clock is far ahead of the database's): 503."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,20 +105,63 @@ class BatchedWriter:
         self.batches_total = 0
         self.commands_total = 0
         self.last_position = 0  # notification id of the last saved event
+        self._active = asyncio.Event()  # set by start(): this process's writer is the one that writes
         self._last_posted_at: datetime | None = None  # time of the last committed batch (start() reads it)
 
     async def start(self) -> None:
-        """Begin at the head of the log: until this writer commits, a read-your-writes wait
-        covers everything committed before it started, so a command retried after a restart
-        is answered from a read model that has caught up."""
+        """Become active, beginning at the head of the log: until this writer commits, a
+        read-your-writes wait covers everything committed before it started, so a command
+        retried after a restart is answered from a read model that has caught up. Whatever
+        was cached is dropped: another process may have written since."""
+        self._cache.clear()
+        self._balances.clear()
         self.last_position = await self.pool.fetchval(
             f"SELECT coalesce(max(notification_id), 0) FROM {events_table(self.app.recorder)}"
         )
         async with self.pool.acquire() as connection:
             self._last_posted_at = await last_posted_at(connection)
+        self._active.set()
+
+    @property
+    def is_active(self) -> bool:
+        return self._active.is_set()
+
+    async def lead(self, database_url: str) -> None:
+        """Run until cancelled: be the ledger's one active writer while this process holds
+        the `ledger_writer` advisory lock, and a standby (writes answer 503) while another
+        does. The lock lives with its connection, so a killed leader frees it at once.
+
+        Two processes may both act for the few seconds it takes to notice a lost lock
+        connection; the balances' versions and the event store's keys still stop either
+        from saving over what it has not seen (ADR-0002)."""
+        while True:
+            try:
+                connection = await asyncpg.connect(database_url, timeout=10)
+                try:
+                    while not await connection.fetchval("SELECT pg_try_advisory_lock(hashtext('ledger_writer'))"):
+                        await asyncio.sleep(LEADERSHIP_POLL_S)
+                    await self.start()
+                    log.info("this process is now the ledger's active writer")
+                    while True:
+                        await asyncio.sleep(LEADERSHIP_CHECK_S)
+                        await connection.fetchval("SELECT 1")
+                finally:
+                    self._active.clear()
+                    connection.terminate()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ledger writer lost or could not take the lead; trying again")
+                await asyncio.sleep(LEADERSHIP_POLL_S)
 
     async def submit(self, command: Any) -> Any:
         """Execute one command; returns its result or raises its LedgerError."""
+        if not self._active.is_set():
+            try:
+                async with asyncio.timeout(STANDBY_WAIT_S):
+                    await self._active.wait()
+            except TimeoutError:
+                raise LedgerUnavailable("another ledger process is the active writer; retry shortly") from None
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(_Request(command, future))
@@ -133,7 +180,8 @@ class BatchedWriter:
                     if remaining <= 0:
                         break
                     try:
-                        batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                        async with asyncio.timeout(remaining):
+                            batch.append(await self.queue.get())
                     except TimeoutError:
                         break
                 else:

@@ -17,6 +17,7 @@ from ledger.application import LedgerApplication
 from ledger.clock import system_clock
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountClosed, AccountFrozen, IdempotencyConflict, InsufficientFunds
+from ledger.service import build
 from ledger.verify import verify
 from ledger.writer import BatchedWriter, LedgerUnavailable
 
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.integration
 
 @asynccontextmanager
 async def second_writer(settings):
-    """Another ledger process's writer on the same database, with a cache of its own."""
+    """Another ledger process's writer on the same database, with a cache of its own, that
+    believes it is the active one (as for the seconds before a lost lead is noticed)."""
     app = LedgerApplication(env=event_store_env(settings))
     pool = await asyncpg.create_pool(settings.service_database_url, min_size=1, max_size=2)
     writer = BatchedWriter(app, pool, system_clock)
@@ -178,6 +180,28 @@ async def test_a_clock_far_ahead_posts_nothing_and_leaves_later_batches_on_time(
     assert abs(spent.posted_at - datetime.now(UTC)) < timedelta(seconds=60)
     captured = await writer.submit(c.CaptureHold("hold-1", "capture-1", 100))
     assert captured.captured_minor == 100
+
+
+async def test_one_ledger_process_writes_at_a_time_and_a_standby_takes_over_when_it_stops(stack, unique_name):
+    settings = stack.service_settings(f"ledger_{unique_name}")
+    (first_service, first), (second_service, second) = build(settings), build(settings)
+    first_running = first_service.running()
+    await first_running.__aenter__()
+    try:
+        settlement, card = await funded_card(first.writer, 1_000)
+        async with second_service.running():
+            with pytest.raises(LedgerUnavailable, match="another ledger process"):
+                await second.writer.submit(spend(card, settlement, 100))
+            await first.writer.submit(spend(card, settlement, 100))
+
+            await first_running.__aexit__(None, None, None)  # the leader stops: its lock goes with its connection
+            first_running = None
+            await second.writer.submit(spend(card, settlement, 100))  # the standby took the lead meanwhile
+            balance = await second.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
+    finally:
+        if first_running is not None:
+            await first_running.__aexit__(None, None, None)
+    assert balance == 800
 
 
 async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
