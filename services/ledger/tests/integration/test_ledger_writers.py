@@ -51,6 +51,11 @@ async def funded_card(writer, amount_minor: int) -> uuid.UUID:
     return settlement, card
 
 
+async def posted_minor(pool, account_id) -> int:
+    """The account's saved posted balance, read straight from the store."""
+    return await pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", account_id)
+
+
 def spend(card, settlement, amount_minor: int) -> c.PostTransfer:
     return c.PostTransfer(f"spend-{uuid.uuid4()}", (c.Leg(card, -amount_minor, "RUB"),
                                                     c.Leg(settlement, amount_minor, "RUB")), "card_purchase")
@@ -72,7 +77,7 @@ async def test_a_second_writer_with_a_stale_balance_validates_again_instead_of_o
         with pytest.raises(InsufficientFunds, match="400"):
             await first.submit(spend(card, settlement, 600))
         await first.submit(spend(card, settlement, 400))
-    balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
+    balance = await posted_minor(ledger.parts.pool, card)
     assert balance == 0
 
 
@@ -83,7 +88,7 @@ async def test_a_second_writer_that_missed_a_freeze_cannot_debit_the_frozen_acco
         await second.submit(c.FreezeAccount(card))  # `first` still holds the card as open
         with pytest.raises(AccountFrozen):
             await first.submit(spend(card, settlement, 100))
-    balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
+    balance = await posted_minor(ledger.parts.pool, card)
     assert balance == 1_000
 
 
@@ -197,7 +202,7 @@ async def test_one_ledger_process_writes_at_a_time_and_a_standby_takes_over_when
             await first_running.__aexit__(None, None, None)  # the leader stops: its lock goes with its connection
             first_running = None
             await second.writer.submit(spend(card, settlement, 100))  # the standby took the lead meanwhile
-            balance = await second.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
+            balance = await posted_minor(second.pool, card)
     finally:
         if first_running is not None:
             await first_running.__aexit__(None, None, None)
@@ -238,7 +243,7 @@ async def test_a_retry_the_writer_has_never_seen_gets_the_first_result_not_a_sec
         with pytest.raises(IdempotencyConflict):
             await fresh.submit(c.PostTransfer(first.transfer_id, first.legs, "refund"))  # same id, other body
     assert again.replayed and again.transfer_id == first.transfer_id
-    balance = await ledger.parts.pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", card)
+    balance = await posted_minor(ledger.parts.pool, card)
     assert balance == 700
 
 
