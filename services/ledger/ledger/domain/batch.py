@@ -42,11 +42,17 @@ from ledger.domain.errors import (
     IdempotencyConflict,
     InsufficientFunds,
     InvalidHold,
+    InvalidTransfer,
+    LedgerError,
     LegCurrencyMismatch,
 )
 from ledger.domain.hold import Hold, HoldState
 from ledger.domain.results import AccountResult, HoldResult, TransferResult
 from ledger.domain.transfer import Transfer
+
+# PostgreSQL's bigint holds 9.22e18; a bank-internal account summing the largest legs could
+# reach it after some thousands of transfers. A balance stays within this or is refused.
+BALANCE_MINOR_MAX = 9 * 10**18
 
 Loader = Callable[[UUID], Any]
 BalanceLoader = Callable[[UUID], Balance]
@@ -233,6 +239,11 @@ class Batch:
                 f" {what} needs {amount_minor}"
             )
 
+    def _check_fits(self, account: Account, amount_minor: int, error: type[LedgerError]) -> None:
+        """A balance the store (bigint) can hold: past it, the batch could not be saved at all."""
+        if abs(self.posted_minor(account) + amount_minor) > BALANCE_MINOR_MAX:
+            raise error(f"account {account.id} would pass {BALANCE_MINOR_MAX} minor units, the most a balance may hold")
+
     @staticmethod
     def _check_open_in(account: Account, currency: str, what: str) -> None:
         if account.currency != currency:
@@ -253,6 +264,7 @@ class Batch:
             self._check_open_in(account, leg.currency, "the leg")
             if leg.amount_minor < 0:
                 self._check_debit(account, -leg.amount_minor, "the transfer")
+            self._check_fits(account, leg.amount_minor, InvalidTransfer)
         legs = [{"account_id": str(leg.account_id), "amount_minor": leg.amount_minor, "currency": leg.currency}
                 for leg in command.legs]
         transfer = Transfer(
@@ -326,6 +338,8 @@ class Batch:
                 raise AccountClosed(f"account {account.id} is closed")
         # No funds check and no freeze check on the debit: the money was reserved when
         # the hold was placed, and a capture only settles what was promised then.
+        self._check_fits(debit, -command.amount_minor, InvalidHold)
+        self._check_fits(credit, command.amount_minor, InvalidHold)
         legs = [
             {"account_id": str(debit.id), "amount_minor": -command.amount_minor, "currency": hold.currency},
             {"account_id": str(credit.id), "amount_minor": command.amount_minor, "currency": hold.currency},

@@ -13,7 +13,7 @@ import pytest
 from ledger.domain import commands as c
 from ledger.domain import errors
 from ledger.domain.balance import Balance
-from ledger.domain.batch import aggregate_ids_of, capture_transfer_id
+from ledger.domain.batch import BALANCE_MINOR_MAX, aggregate_ids_of, capture_transfer_id
 from ledger.domain.errors import (
     AccountClosed,
     AccountFrozen,
@@ -147,6 +147,16 @@ def test_a_hold_cannot_expire_outside_the_calendar_and_its_neighbours_are_untouc
     refused, placed = world.run(hold("far", card, settlement, 100, expires_at=extreme), hold("near", card, settlement, 100))
     assert isinstance(refused, InvalidHold) and "expires_at" in str(refused)
     assert placed.state == "active" and world.balance(card).held_minor == 100
+
+
+def test_no_balance_grows_past_what_the_store_can_hold_and_the_batch_goes_on(world):
+    settlement, suspense = world.open("settlement", owner="bank"), world.open("suspense", owner="bank")
+    largest = c.AMOUNT_MINOR_MAX
+    world.balances[suspense] = Balance(BALANCE_MINOR_MAX - largest + 1, 0, 1)  # as after some thousands of the largest legs
+    refused, accepted = world.run(transfer("too-far", (settlement, -largest), (suspense, largest)),
+                                  transfer("fits", (settlement, -1), (suspense, 1)))
+    assert isinstance(refused, InvalidTransfer) and "the most a balance may hold" in str(refused)
+    assert accepted.transfer_id == "fits" and world.balance(suspense).posted_minor == BALANCE_MINOR_MAX - largest + 2
 
 
 def test_same_capture_id_other_amount_is_conflict(world):
