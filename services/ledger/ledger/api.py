@@ -32,6 +32,22 @@ CURRENCY_PATTERN = r"^[A-Z]{3}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 
 
+# A page cursor: the (position, seq) of the last line of the page before, as "position.seq"
+# (bigint and int, so bounded in digits).
+Cursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")]
+
+
+def _after(cursor: str | None) -> tuple[int, int] | None:
+    if cursor is None:
+        return None
+    position, seq = cursor.split(".")
+    return int(position), int(seq)
+
+
+def _cursor(after: tuple[int, int] | None) -> str | None:
+    return f"{after[0]}.{after[1]}" if after else None
+
+
 # An account opened without an id gets one derived from the request's Idempotency-Key:
 # a retry after a failure that released the key (a 5xx after the commit) opens the same
 # account again, which the ledger answers as a replay, never a second account.
@@ -202,24 +218,24 @@ def build_router(ledger: Ledger) -> APIRouter:
         amount_max_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
         counterparty_account_id: UUID | None = None,
         code: Annotated[str | None, Query(pattern=CODE_PATTERN)] = None,
-        cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")] = None,  # (position, seq), bigint and int
+        cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
     ) -> dict:
         await get_account(account_id)
-        after = tuple(int(part) for part in cursor.split(".")) if cursor else None
+        after = _after(cursor)
         lines, next_after = await projections.history(
             ledger.pool, account_id, since=since, until=until, amount_min_minor=amount_min_minor,
             amount_max_minor=amount_max_minor, code=code, after=after, limit=limit,
             counterparty_account_id=str(counterparty_account_id) if counterparty_account_id else None,
         )
-        return {"lines": lines, "next_cursor": f"{next_after[0]}.{next_after[1]}" if next_after else None}
+        return {"lines": lines, "next_cursor": _cursor(next_after)}
 
     @router.get("/accounts/{account_id}/statement")
     async def statement(
         account_id: UUID,
         since: Instant,
         until: Instant,
-        cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")] = None,
+        cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.STATEMENT_PAGE_LINES_MAX)] = projections.STATEMENT_PAGE_LINES_MAX,
     ) -> dict:
         """The period [since, until): balances and totals for the whole period, lines a page
@@ -227,10 +243,10 @@ def build_router(ledger: Ledger) -> APIRouter:
         found = await get_account(account_id)
         if until <= since:
             raise Problem(422, "invalid_period", "`until` must be after `since`")
-        after = tuple(int(part) for part in cursor.split(".")) if cursor else None
+        after = _after(cursor)
         body, next_after = await projections.statement(ledger.pool, account_id, since, until, after=after, limit=limit)
         return {"account_id": str(account_id), "currency": found["currency"], **body,
-                "next_cursor": f"{next_after[0]}.{next_after[1]}" if next_after else None}
+                "next_cursor": _cursor(next_after)}
 
     return router
 

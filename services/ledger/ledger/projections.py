@@ -249,8 +249,13 @@ async def history(
         *args,
     )
     lines = [_line(row) for row in rows[:limit]]
-    cursor = (rows[limit - 1]["position"], rows[limit - 1]["seq"]) if len(rows) > limit else None
+    cursor = _next_after(rows, limit)
     return lines, cursor
+
+
+def _next_after(rows: Sequence[asyncpg.Record], limit: int) -> tuple[int, int] | None:
+    """The cursor of the next page: the last line shown, when one more was fetched than shown."""
+    return (rows[limit - 1]["position"], rows[limit - 1]["seq"]) if len(rows) > limit else None
 
 
 def _line(row: asyncpg.Record) -> dict:
@@ -294,7 +299,7 @@ async def statement(
             " ORDER BY e.position, e.seq LIMIT $6",
             account_id, since, until, *(after or (0, -1)), limit + 1,
         )
-    cursor = (rows[limit - 1]["position"], rows[limit - 1]["seq"]) if len(rows) > limit else None
+    cursor = _next_after(rows, limit)
     return {
         "since": since.isoformat(),
         "until": until.isoformat(),
