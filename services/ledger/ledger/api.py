@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid5
@@ -31,6 +32,9 @@ CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 
+
+# Every idempotent ledger call stores a business refusal (409 account_closed, say) as its answer.
+_run_once = functools.partial(run_once, refusals=(LedgerError,))
 
 # A page cursor: the (position, seq) of the last line of the page before, as "position.seq"
 # (bigint and int, so bounded in digits).
@@ -139,8 +143,8 @@ def build_router(ledger: Ledger) -> APIRouter:
             await ledger.read_your_writes()
             return 201, await projections.account(ledger.pool, command.account_id)
 
-        return await run_once(ledger.pool, scope="ledger.open_account", key=key, body=body.model_dump(mode="json"),
-                              operation=operation, refusals=(LedgerError,))
+        return await _run_once(ledger.pool, scope="ledger.open_account", key=key, body=body.model_dump(mode="json"),
+                              operation=operation)
 
     for action, command_type in (("freeze", commands.FreezeAccount), ("unfreeze", commands.UnfreezeAccount),
                                  ("close", commands.CloseAccount)):
@@ -155,9 +159,9 @@ def build_router(ledger: Ledger) -> APIRouter:
             await ledger.read_your_writes()
             return 200, await projections.account(ledger.pool, account_id)
 
-        return await run_once(ledger.pool, scope="ledger.set_credit_limit", key=key,
+        return await _run_once(ledger.pool, scope="ledger.set_credit_limit", key=key,
                               body={"account_id": str(account_id), **body.model_dump(mode="json")},
-                              operation=operation, refusals=(LedgerError,))
+                              operation=operation)
 
     @router.post("/transfers", status_code=201)
     async def post_transfer(body: TransferBody) -> dict:
@@ -258,8 +262,8 @@ def _account_action(ledger: Ledger, command_type: type):
             await ledger.read_your_writes()
             return 200, await projections.account(ledger.pool, account_id)
 
-        return await run_once(ledger.pool, scope=f"ledger.{command_type.__name__}", key=key,
-                              body={"account_id": str(account_id)}, operation=operation, refusals=(LedgerError,))
+        return await _run_once(ledger.pool, scope=f"ledger.{command_type.__name__}", key=key,
+                              body={"account_id": str(account_id)}, operation=operation)
 
     return action
 
