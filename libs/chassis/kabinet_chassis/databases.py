@@ -1,6 +1,8 @@
-"""One database per service, created on demand."""
+"""One database per service, created on demand; leadership among a service's processes."""
 
 from __future__ import annotations
+
+import asyncio
 
 import asyncpg
 
@@ -27,3 +29,10 @@ async def ensure_database(server_url: str, service_name: str) -> str:
 
 async def create_pool(database_url: str, max_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(database_url, min_size=1, max_size=max_size, timeout=_CONNECT_TIMEOUT_S)
+
+
+async def wait_for_lead(connection: asyncpg.Connection, name: str, poll_s: float = 1.0) -> None:
+    """Return once this connection holds the session advisory lock `name`: the process
+    leads that role while the connection lives (a killed process frees it at once)."""
+    while not await connection.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", name):
+        await asyncio.sleep(poll_s)

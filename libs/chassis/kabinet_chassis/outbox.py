@@ -29,6 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
+from kabinet_chassis.databases import wait_for_lead
 from kabinet_chassis.eventstore import TracingMapper, events_table
 from kabinet_chassis.kafka import DEFAULT_PARTITIONS, ensure_topics, new_producer, partition_for_key, records_at
 from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
@@ -117,10 +118,7 @@ class OutboxRelay:
         lock_connection = await asyncpg.connect(self.database_url, timeout=10)
         try:
             await lock_connection.execute(_SCHEMA)
-            while not await lock_connection.fetchval(
-                "SELECT pg_try_advisory_lock(hashtext('outbox_relay:' || $1))", self.config.source
-            ):
-                await asyncio.sleep(1.0)
+            await wait_for_lead(lock_connection, f"outbox_relay:{self.config.source}")
             self.is_leader = True
             await self._load_position(lock_connection)
             read_connection = await asyncpg.connect(self.database_url, timeout=10)

@@ -12,8 +12,10 @@ events, balances, table lock and NOTIFY in a single round trip.
 
 The writer keeps the aggregates and balances it loaded in memory (it is their only
 writer in this process). If a batch fails to validate or save, it forgets the touched
-ones and reloads them from the store; a second ledger process writing the same accounts is stopped by the
-event store's optimistic concurrency and by the balances' versions, never by luck.
+ones and reloads them from the store. One process writes at a time (`lead`); a second
+one writing the same accounts anyway, for the seconds before a lost lead is noticed, is
+stopped by the event store's optimistic concurrency and by the balances' versions,
+never by luck.
 
 A new transfer or hold id that is not in the cache is taken to be new without asking
 the store: the event store's unique (id, version) is the check. A retry of a request
@@ -38,6 +40,7 @@ import asyncpg
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import StoredEvent
 
+from kabinet_chassis.databases import wait_for_lead
 from kabinet_chassis.eventstore import events_table
 from ledger.application import CLOCK_AHEAD_SQLSTATE, LedgerApplication, append_batch, last_posted_at
 from ledger.domain.balance import Balance
@@ -138,8 +141,7 @@ class BatchedWriter:
             try:
                 connection = await asyncpg.connect(database_url, timeout=10)
                 try:
-                    while not await connection.fetchval("SELECT pg_try_advisory_lock(hashtext('ledger_writer'))"):
-                        await asyncio.sleep(LEADERSHIP_POLL_S)
+                    await wait_for_lead(connection, "ledger_writer", LEADERSHIP_POLL_S)
                     await self.start()
                     log.info("this process is now the ledger's active writer")
                     while True:
