@@ -28,7 +28,16 @@ async def ensure_database(server_url: str, service_name: str) -> str:
 
 
 async def create_pool(database_url: str, max_size: int) -> asyncpg.Pool:
-    return await asyncpg.create_pool(database_url, min_size=1, max_size=max_size, timeout=_CONNECT_TIMEOUT_S)
+    return await asyncpg.create_pool(database_url, min_size=1, max_size=max_size, timeout=_CONNECT_TIMEOUT_S,
+                                     reset=_keep_session)
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """A released pool connection is not sent asyncpg's reset query (unlock advisory locks,
+    CLOSE ALL, UNLISTEN, RESET ALL): that is a round trip on every release, a tenth of the
+    ledger writer's batch cycle. Pool connections carry no session state to reset: session
+    locks and listeners live on dedicated connections (`wait_for_lead`), settings are
+    `SET LOCAL`. asyncpg still rolls back a transaction left open."""
 
 
 async def wait_for_lead(connection: asyncpg.Connection, name: str, poll_s: float = 1.0) -> None:
