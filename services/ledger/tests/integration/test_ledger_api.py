@@ -11,21 +11,9 @@ import pytest
 
 from kabinet_chassis.idempotency import CLAIM_LEASE_S, KEY_RETENTION_S, fingerprint, purge_expired
 from ledger.verify import verify
+from services.ledger.tests.integration.ledger_support import open_account, transfer_body
 
 pytestmark = pytest.mark.integration
-
-
-async def open_account(client, kind="card", owner="alice", currency="RUB", limit=0) -> str:
-    response = await client.post("/accounts", json={"owner_id": "bank" if kind in ("settlement", "fee_income") else owner,
-                                                    "kind": kind, "currency": currency, "credit_limit_minor": limit},
-                                 headers={"Idempotency-Key": str(uuid.uuid4())})
-    assert response.status_code == 201, response.text
-    return response.json()["account_id"]
-
-
-def transfer_body(transfer_id, *legs, code="p2p"):
-    return {"transfer_id": transfer_id, "code": code,
-            "legs": [{"account_id": a, "amount_minor": amount, "currency": "RUB"} for a, amount in legs]}
 
 
 async def test_transfer_moves_money_and_shows_in_balances_history_and_statement(ledger):

@@ -6,54 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
-from kabinet_chassis.eventstore import event_store_env, events_table
-from ledger.application import LedgerApplication
-from ledger.clock import system_clock
+from kabinet_chassis.eventstore import events_table
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountClosed, AccountFrozen, IdempotencyConflict, InsufficientFunds
 from ledger.service import build
 from ledger.verify import verify
-from ledger.writer import BatchedWriter, LedgerUnavailable
+from ledger.writer import LedgerUnavailable
+from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
 
 pytestmark = pytest.mark.integration
-
-
-@asynccontextmanager
-async def second_writer(settings):
-    """Another ledger process's writer on the same database, with a cache of its own, that
-    believes it is the active one (as for the seconds before a lost lead is noticed)."""
-    app = LedgerApplication(env=event_store_env(settings))
-    pool = await asyncpg.create_pool(settings.service_database_url, min_size=1, max_size=2)
-    writer = BatchedWriter(app, pool, system_clock)
-    await writer.start()
-    task = asyncio.create_task(writer.run())
-    try:
-        yield writer
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await pool.close()
-        app.close()
-
-
-async def funded_card(writer, amount_minor: int) -> uuid.UUID:
-    settlement, card = uuid.uuid4(), uuid.uuid4()
-    await writer.submit(c.OpenAccount(settlement, "bank", "settlement", "RUB"))
-    await writer.submit(c.OpenAccount(card, "alice", "card", "RUB"))
-    await writer.submit(c.PostTransfer(f"fund-{card}", (c.Leg(settlement, -amount_minor, "RUB"),
-                                                        c.Leg(card, amount_minor, "RUB")), "top_up"))
-    return settlement, card
-
-
-async def posted_minor(pool, account_id) -> int:
-    """The account's saved posted balance, read straight from the store."""
-    return await pool.fetchval("SELECT posted_minor FROM ledger_balances WHERE account_id = $1", account_id)
 
 
 def spend(card, settlement, amount_minor: int) -> c.PostTransfer:
@@ -72,23 +38,23 @@ async def test_a_transfer_and_its_balances_commit_together(ledger):
 async def test_a_second_writer_with_a_stale_balance_validates_again_instead_of_overdrawing(ledger):
     first = ledger.parts.writer
     settlement, card = await funded_card(first, 1_000)
-    async with second_writer(ledger.settings) as second:
+    async with uncached_writer(ledger.settings) as second:
         await second.submit(spend(card, settlement, 600))  # `first` still holds the card at 1,000
         with pytest.raises(InsufficientFunds, match="400"):
             await first.submit(spend(card, settlement, 600))
         await first.submit(spend(card, settlement, 400))
-    balance = await posted_minor(ledger.parts.pool, card)
+    balance = (await saved_balance(ledger.parts.pool, card))[0]
     assert balance == 0
 
 
 async def test_a_second_writer_that_missed_a_freeze_cannot_debit_the_frozen_account(ledger):
     first = ledger.parts.writer
     settlement, card = await funded_card(first, 1_000)
-    async with second_writer(ledger.settings) as second:
+    async with uncached_writer(ledger.settings) as second:
         await second.submit(c.FreezeAccount(card))  # `first` still holds the card as open
         with pytest.raises(AccountFrozen):
             await first.submit(spend(card, settlement, 100))
-    balance = await posted_minor(ledger.parts.pool, card)
+    balance = (await saved_balance(ledger.parts.pool, card))[0]
     assert balance == 1_000
 
 
@@ -98,7 +64,7 @@ async def test_a_second_writer_that_missed_a_closing_cannot_place_a_hold_for_the
     shop = uuid.uuid4()
     await first.submit(c.OpenAccount(shop, "shop", "card", "RUB"))
     expires_at = datetime.now(UTC) + timedelta(hours=1)
-    async with second_writer(ledger.settings) as second:
+    async with uncached_writer(ledger.settings) as second:
         await second.submit(c.PlaceHold("h0", card, shop, 1, "RUB", expires_at, "card_authorisation"))  # caches both
         await first.submit(c.CloseAccount(shop))
         with pytest.raises(AccountClosed):
@@ -109,7 +75,7 @@ async def test_a_second_writer_that_missed_a_closing_cannot_place_a_hold_for_the
 
 async def test_a_restarted_writer_makes_reads_wait_for_everything_committed_before_it(ledger):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
-    async with second_writer(ledger.settings) as restarted:  # as after a restart: it has committed nothing
+    async with uncached_writer(ledger.settings) as restarted:  # as after a restart: it has committed nothing
         assert restarted.last_position == ledger.parts.writer.last_position > 0
 
 
@@ -150,7 +116,7 @@ async def test_posting_times_never_go_back_along_the_log_so_statements_add_up(le
     writer = ledger.parts.writer
     settlement, card = await funded_card(writer, 1_000)
     t = datetime.now(UTC) + timedelta(seconds=10)
-    async with second_writer(ledger.settings) as behind:  # another writer, its clock a minute slow
+    async with uncached_writer(ledger.settings) as behind:  # another writer, its clock a minute slow
         behind.clock = lambda: t - timedelta(minutes=1)
         writer.clock = lambda: t
         await writer.submit(spend(card, settlement, 100))
@@ -202,7 +168,7 @@ async def test_one_ledger_process_writes_at_a_time_and_a_standby_takes_over_when
             await first_running.__aexit__(None, None, None)  # the leader stops: its lock goes with its connection
             first_running = None
             await second.writer.submit(spend(card, settlement, 100))  # the standby took the lead meanwhile
-            balance = await posted_minor(second.pool, card)
+            balance = (await saved_balance(second.pool, card))[0]
     finally:
         if first_running is not None:
             await first_running.__aexit__(None, None, None)
@@ -238,12 +204,12 @@ async def test_a_retry_the_writer_has_never_seen_gets_the_first_result_not_a_sec
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     first = spend(card, settlement, 300)
     await ledger.parts.writer.submit(first)
-    async with second_writer(ledger.settings) as fresh:  # as after a restart: nothing cached
+    async with uncached_writer(ledger.settings) as fresh:  # as after a restart: nothing cached
         again = await fresh.submit(first)
         with pytest.raises(IdempotencyConflict):
             await fresh.submit(c.PostTransfer(first.transfer_id, first.legs, "refund"))  # same id, other body
     assert again.replayed and again.transfer_id == first.transfer_id
-    balance = await posted_minor(ledger.parts.pool, card)
+    balance = (await saved_balance(ledger.parts.pool, card))[0]
     assert balance == 700
 
 
@@ -252,7 +218,7 @@ async def test_a_batch_the_store_fails_in_the_middle_of_leaves_no_change_behind(
     settlement, card = await funded_card(writer, 1_000)
     expires_at = datetime.now(UTC) + timedelta(hours=1)
     await writer.submit(c.PlaceHold("hold-1", card, settlement, 400, "RUB", expires_at, "card_authorisation"))
-    async with second_writer(ledger.settings) as other:  # an account this writer has not loaded yet
+    async with uncached_writer(ledger.settings) as other:  # an account this writer has not loaded yet
         elsewhere = uuid.uuid4()
         await other.submit(c.OpenAccount(elsewhere, "bob", "card", "RUB"))
 
