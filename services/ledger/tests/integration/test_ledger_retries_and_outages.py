@@ -1,0 +1,94 @@
+"""Rules of the ledger on real PostgreSQL: a retry is answered with its first result even by a
+writer that has never seen it (after a restart), and a database outage is a 503, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from ledger.domain import commands as c
+from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_retried_transfer_that_emptied_the_account_gets_its_first_result_after_a_restart(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    everything = c.PostTransfer("spend-all", (c.Leg(card, -1_000, "RUB"), c.Leg(settlement, 1_000, "RUB")), "card_purchase")
+    await ledger.parts.writer.submit(everything)
+    async with uncached_writer(ledger.settings) as fresh:
+        again = await fresh.submit(everything)  # not "insufficient funds": it was posted
+    assert again.replayed and again.transfer_id == "spend-all"
+    assert await saved_balance(ledger.parts.pool, card) == (0, 0)
+
+
+async def test_a_retried_hold_that_reserved_everything_gets_its_first_result_after_a_restart(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    expires_at = datetime.now(UTC) + timedelta(hours=1)
+    hold = c.PlaceHold("auth-1", card, settlement, 1_000, "RUB", expires_at, "card_authorisation")
+    await ledger.parts.writer.submit(hold)
+    async with uncached_writer(ledger.settings) as fresh:
+        again = await fresh.submit(hold)
+    assert again.replayed and (again.state, again.remaining_minor) == ("active", 1_000)
+    assert await saved_balance(ledger.parts.pool, card) == (1_000, 1_000)
+
+
+async def test_a_retried_hold_that_has_since_expired_is_answered_as_expired_after_a_restart(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    hold = c.PlaceHold("auth-2", card, settlement, 400, "RUB", datetime.now(UTC) + timedelta(seconds=0.5),
+                       "card_authorisation")
+    await ledger.parts.writer.submit(hold)
+    await asyncio.sleep(0.6)
+    async with uncached_writer(ledger.settings) as fresh:
+        await fresh.submit(c.ExpireHold("auth-2"))
+    async with uncached_writer(ledger.settings) as fresh:
+        again = await fresh.submit(hold)  # not "would expire at a time that has passed"
+    assert again.replayed and again.state == "expired"
+    assert await saved_balance(ledger.parts.pool, card) == (1_000, 0)
+
+
+async def test_a_retry_refused_as_new_does_not_hide_its_hold_from_a_void_in_the_same_batch(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    hold = c.PlaceHold("auth-3", card, settlement, 1_000, "RUB", datetime.now(UTC) + timedelta(hours=1),
+                       "card_authorisation")
+    await ledger.parts.writer.submit(hold)
+    async with uncached_writer(ledger.settings, running=False) as fresh:
+        retry = asyncio.create_task(fresh.submit(hold))
+        void = asyncio.create_task(fresh.submit(c.VoidHold("auth-3")))
+        await asyncio.sleep(0.05)  # both wait in the queue: one batch
+        assert fresh.queue.qsize() == 2
+        fresh.tasks.append(asyncio.create_task(fresh.run()))
+        outcomes = await asyncio.gather(void, retry, return_exceptions=True)
+    # The retry comes first in the batch: it answers the hold as it stood then, still active.
+    assert [(o.state, o.replayed) for o in outcomes] == [("voided", False), ("active", True)]
+    assert await saved_balance(ledger.parts.pool, card) == (1_000, 0)
+
+
+async def test_a_write_while_the_database_drops_its_connections_answers_503_and_its_retry_posts_once(ledger):
+    # The accounts are opened by another writer, so the service's writer must load them.
+    async with uncached_writer(ledger.settings) as other:
+        settlement, card = await funded_card(other, 1_000)
+    body = {"transfer_id": "during-restart", "code": "card_purchase", "legs": [
+        {"account_id": str(card), "amount_minor": -100, "currency": "RUB"},
+        {"account_id": str(settlement), "amount_minor": 100, "currency": "RUB"}]}
+    admin = await asyncpg.connect(ledger.settings.service_database_url)
+    try:  # as a database restart or failover does to every open connection
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await admin.close()
+    response = await ledger.post("/transfers", json=body)
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/problem+json") and "retry-after" in response.headers
+    for _ in range(50):  # the client retries, as Retry-After tells it to
+        response = await ledger.post("/transfers", json=body)
+        if response.status_code != 503:
+            break
+        await asyncio.sleep(0.1)
+    assert response.status_code == 201, response.text
+    again = await ledger.post("/transfers", json=body)
+    assert again.status_code == 201 and again.json()["replayed"]
+    assert await saved_balance(ledger.parts.pool, card) == (900, 0)
