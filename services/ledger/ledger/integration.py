@@ -22,6 +22,7 @@ def _customer(owner_id: str | None) -> str | None:
 def to_integration(event: Any, position: int) -> IntegrationEvent | None:
     kind = type(event).__qualname__
     customer_id: str | None = None
+    occurred_at = event.timestamp
     payload: Any
     if kind == "Account.Opened":
         payload = public.AccountOpened(account_id=str(event.originator_id), owner_id=event.owner_id, kind=event.kind,
@@ -40,6 +41,9 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
             hold_id=event.hold_id,
         )
         customer_id = event.customer_ids[0] if event.customer_ids else None
+        # The posting time, as statements and balances at an instant have it (the batch's
+        # time, which never goes back), not the moment the event object was made.
+        occurred_at = event.posted_at
     elif kind == "Hold.Placed":
         payload = public.HoldPlaced(
             hold_id=event.client_hold_id, debit_account_id=event.debit_account_id,
@@ -64,6 +68,6 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
     }[kind]
     return IntegrationEvent(
         event_id=event_id_for(SOURCE, position), type=name, schema_version=1, source=SOURCE, position=position,
-        aggregate_id=str(event.originator_id), aggregate_version=event.originator_version, occurred_at=event.timestamp,
+        aggregate_id=str(event.originator_id), aggregate_version=event.originator_version, occurred_at=occurred_at,
         customer_id=customer_id, payload=payload.model_dump(mode="json"),
     )

@@ -244,6 +244,12 @@ class Batch:
         if abs(self.posted_minor(account) + amount_minor) > BALANCE_MINOR_MAX:
             raise error(f"account {account.id} would pass {BALANCE_MINOR_MAX} minor units, the most a balance may hold")
 
+    def _check_held_fits(self, account: Account, amount_minor: int) -> None:
+        """The held amount is a bigint too; a bank-internal account reserves without a funds check."""
+        if self.held_minor(account) + amount_minor > BALANCE_MINOR_MAX:
+            raise InvalidHold(f"account {account.id} would hold more than {BALANCE_MINOR_MAX} minor units,"
+                              " the most a balance may hold")
+
     @staticmethod
     def _check_open_in(account: Account, currency: str, what: str) -> None:
         if account.currency != currency:
@@ -299,6 +305,7 @@ class Batch:
         if command.expires_at <= self.now:
             raise InvalidHold(f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
         self._check_debit(debit, command.amount_minor, "the hold")
+        self._check_held_fits(debit, command.amount_minor)
         hold = Hold(
             client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
             amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
