@@ -57,8 +57,10 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
         return account
 
     @router.get("/accounts")
-    async def my_accounts(me: Principal = me_dependency) -> dict:
-        found = await ledger.get("/accounts", {"owner_id": me.customer_id})  # a parameter, never a path
+    async def my_accounts(request: Request, me: Principal = me_dependency) -> dict:
+        """The caller's accounts, a page at a time (the ledger's `cursor` and `limit`)."""
+        paging = {name: request.query_params[name] for name in ("cursor", "limit") if name in request.query_params}
+        found = await ledger.get("/accounts", {**paging, "owner_id": me.customer_id})  # a parameter, never a path
         return {**found, "accounts": [account for account in found["accounts"] if account["owner_id"] == me.customer_id]}
 
     @router.get("/accounts/{account_id}")

@@ -1,7 +1,8 @@
-"""Rules of the cabinet: a customer sees only their own accounts, and only with a valid token."""
+"""Rules of the cabinet: a customer sees only their own accounts (in pages), and only with a valid token."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.service import GatewaySettings, build
 from kabinet_chassis.auth import dev_signing_key, issue_access_token
+from ledger import projections
 from ledger.service import build as build_ledger
 
 pytestmark = pytest.mark.integration
@@ -99,3 +101,30 @@ async def test_a_customer_id_shaped_like_a_path_reaches_no_one_elses_accounts(ba
             assert response.json()["accounts"] == [], sub
         else:
             assert response.status_code == 404, (sub, response.text)
+
+
+async def open_card(bank, owner: str) -> str:
+    response = await bank.ledger.post("/accounts", json={"owner_id": owner, "kind": "card", "currency": "RUB"},
+                                      headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert response.status_code == 201, response.text
+    return response.json()["account_id"]
+
+
+async def test_a_customer_with_more_accounts_than_a_page_sees_each_once_by_following_next_cursor(bank):
+    opened = await asyncio.gather(*(open_card(bank, "alice") for _ in range(projections.ACCOUNTS_PAGE_SIZE_MAX + 1)))
+    listed, cursor = [], None
+    for _ in range(10):  # bounded
+        response = await bank.get("/v1/me/accounts", headers=bearer(bank, "alice"),
+                                  params={"limit": 40, **({"cursor": cursor} if cursor else {})})
+        assert response.status_code == 200, response.text
+        listed += [account["account_id"] for account in response.json()["accounts"]]
+        cursor = response.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(listed) == sorted(opened) and len(set(listed)) == len(listed)
+
+    # Alice's cursor in Bob's hands pages through Bob's accounts, never hers.
+    bobs = await open_card(bank, "bob")
+    for paging in ({"cursor": opened[0]}, {"cursor": opened[0], "owner_id": "alice"}, {"owner_id": "alice"}):
+        seen = (await bank.get("/v1/me/accounts", headers=bearer(bank, "bob"), params=paging)).json()["accounts"]
+        assert {account["account_id"] for account in seen} <= {bobs}, paging

@@ -39,17 +39,17 @@ _run_once = functools.partial(run_once, refusals=(LedgerError,))
 # A page cursor: the (position, seq) of the last line of the page before, as "position.seq"
 # (bigint and int, so bounded in digits).
 Cursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")]
+# A statement's page cursor also names the log position its first page was read as of
+# ("position.seq.as_of"), so every page of one statement shows the same period as then.
+StatementCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}\.\d{1,18}$")]
 
 
-def _after(cursor: str | None) -> tuple[int, int] | None:
-    if cursor is None:
-        return None
-    position, seq = cursor.split(".")
-    return int(position), int(seq)
+def _after(cursor: str | None) -> tuple[int, ...] | None:
+    return tuple(int(part) for part in cursor.split(".")) if cursor is not None else None
 
 
-def _cursor(after: tuple[int, int] | None) -> str | None:
-    return f"{after[0]}.{after[1]}" if after else None
+def _cursor(after: tuple[int, ...] | None) -> str | None:
+    return ".".join(map(str, after)) if after else None
 
 
 # An account opened without an id gets one derived from the request's Idempotency-Key:
@@ -198,10 +198,17 @@ def build_router(ledger: Ledger) -> APIRouter:
         return found
 
     @router.get("/accounts")
-    async def owner_accounts(owner_id: Annotated[str, Query(min_length=1, max_length=128)]) -> dict:
-        """An owner's accounts. The owner is a query parameter, not a path segment: an id
-        with '/' or '..' in it can never reach another route or another owner."""
-        return {"accounts": await projections.accounts_of(ledger.pool, owner_id)}
+    async def owner_accounts(
+        # No NUL: PostgreSQL text cannot hold one (a 500, not "no such owner"), so no owner has one.
+        owner_id: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[^\x00]+$")],
+        cursor: UUID | None = None,
+        limit: Annotated[int, Query(ge=1, le=projections.ACCOUNTS_PAGE_SIZE_MAX)] = projections.ACCOUNTS_PAGE_SIZE_MAX,
+    ) -> dict:
+        """An owner's accounts, a page at a time (follow `next_cursor` until it is null). The
+        owner is a query parameter, not a path segment: an id with '/' or '..' in it can
+        never reach another route or another owner."""
+        accounts, next_after = await projections.accounts_of(ledger.pool, owner_id, after=cursor, limit=limit)
+        return {"accounts": accounts, "next_cursor": str(next_after) if next_after else None}
 
     @router.get("/accounts/{account_id}/balance")
     async def balance(account_id: UUID, at: Instant | None = None) -> dict:
@@ -239,16 +246,18 @@ def build_router(ledger: Ledger) -> APIRouter:
         account_id: UUID,
         since: Instant,
         until: Instant,
-        cursor: Cursor = None,
+        cursor: StatementCursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.STATEMENT_PAGE_LINES_MAX)] = projections.STATEMENT_PAGE_LINES_MAX,
     ) -> dict:
         """The period [since, until): balances and totals for the whole period, lines a page
-        at a time (follow `next_cursor` until it is null)."""
+        at a time (follow `next_cursor` until it is null), all as of the first page."""
         found = await get_account(account_id)
         if until <= since:
             raise Problem(422, "invalid_period", "`until` must be after `since`")
-        after = _after(cursor)
-        body, next_after = await projections.statement(ledger.pool, account_id, since, until, after=after, limit=limit)
+        position, seq, as_of = _after(cursor) or (None, None, None)
+        body, next_after = await projections.statement(
+            ledger.pool, account_id, since, until, after=(position, seq) if cursor else None, as_of=as_of, limit=limit,
+        )
         return {"account_id": str(account_id), "currency": found["currency"], **body,
                 "next_cursor": _cursor(next_after)}
 

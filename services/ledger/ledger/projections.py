@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -26,7 +27,8 @@ CREATE TABLE IF NOT EXISTS ledger_accounts (
     opened_at timestamptz NOT NULL,
     updated_at timestamptz NOT NULL
 );
-CREATE INDEX IF NOT EXISTS ledger_accounts_owner ON ledger_accounts (owner_id);
+-- An owner's accounts in pages, in the order they were opened (ledger_accounts_owner, on owner_id alone, came first).
+CREATE INDEX IF NOT EXISTS ledger_accounts_owner_order ON ledger_accounts (owner_id, opened_at, account_id);
 CREATE TABLE IF NOT EXISTS ledger_entries (
     account_id uuid NOT NULL,
     position bigint NOT NULL,
@@ -63,6 +65,8 @@ CREATE INDEX IF NOT EXISTS ledger_holds_expiry ON ledger_holds (expires_at) WHER
 """
 
 PAGE_SIZE_MAX = 200
+# The bank itself, or a business customer, may own any number of accounts: a list of them comes in pages.
+ACCOUNTS_PAGE_SIZE_MAX = 100
 
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
@@ -165,9 +169,21 @@ _ACCOUNTS = ("SELECT a.*, b.posted_minor, b.held_minor FROM ledger_accounts a"
              " JOIN ledger_balances b ON b.account_id = a.account_id")
 
 
-async def accounts_of(pool: asyncpg.Pool, owner_id: str) -> list[dict]:
-    rows = await pool.fetch(f"{_ACCOUNTS} WHERE a.owner_id = $1 ORDER BY a.opened_at, a.account_id", owner_id)
-    return [_account(row) for row in rows]
+async def accounts_of(
+    pool: asyncpg.Pool, owner_id: str, *, after: UUID | None = None, limit: int = ACCOUNTS_PAGE_SIZE_MAX,
+) -> tuple[list[dict], UUID | None]:
+    """An owner's accounts in the order they were opened, a page at a time; `after` is the
+    last account of the previous page (an account's opening time never changes, so pages
+    neither skip nor repeat one, whatever is opened meanwhile). Returns the page and the
+    next page's `after`."""
+    limit = max(1, min(limit, ACCOUNTS_PAGE_SIZE_MAX))
+    rows = await pool.fetch(
+        f"{_ACCOUNTS} WHERE a.owner_id = $1 AND ($2::uuid IS NULL OR (a.opened_at, a.account_id) >"
+        " (SELECT opened_at, account_id FROM ledger_accounts WHERE account_id = $2))"
+        " ORDER BY a.opened_at, a.account_id LIMIT $3",
+        owner_id, after, limit + 1,
+    )
+    return [_account(row) for row in rows[:limit]], rows[limit - 1]["account_id"] if len(rows) > limit else None
 
 
 async def account(pool: asyncpg.Pool, account_id) -> dict | None:
@@ -197,11 +213,13 @@ def _account(row: asyncpg.Record) -> dict:
 # instant belong to the period it opens. So a statement for [since, until) opens at the
 # balance at `since` and closes at the balance at `until`, and consecutive ones chain.
 _BALANCE_AT = ("SELECT balance_after_minor FROM ledger_entries WHERE account_id = $1 AND occurred_at < $2"
-               " ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1")
+               " AND position <= $3 ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1")
+# Counting every entry: no log position is past bigint. (A statement counts entries up to its `as_of`.)
+_EVERY_POSITION = 2**63 - 1
 
 
 async def balance_at(pool: asyncpg.Pool, account_id, instant: datetime) -> int:
-    return await pool.fetchval(_BALANCE_AT, account_id, instant) or 0
+    return await pool.fetchval(_BALANCE_AT, account_id, instant, _EVERY_POSITION) or 0
 
 
 async def history(
@@ -277,35 +295,47 @@ STATEMENT_PAGE_LINES_MAX = 5_000
 
 async def statement(
     pool: asyncpg.Pool, account_id, since: datetime, until: datetime, *,
-    after: tuple[int, int] | None = None, limit: int = STATEMENT_PAGE_LINES_MAX,
-) -> tuple[dict, tuple[int, int] | None]:
+    after: tuple[int, int] | None = None, as_of: int | None = None, limit: int = STATEMENT_PAGE_LINES_MAX,
+) -> tuple[dict, tuple[int, int, int] | None]:
     """A statement for [since, until): opening and closing balances and the period's credit
     and debit totals, with its lines in posting order, a page at a time (a business or
     internal account may post millions of lines in a month). `after` is the (position, seq)
-    of the last line of the previous page. Returns the statement and the next page's cursor."""
+    of the last line of the previous page. Returns the statement and the next page's cursor,
+    (position, seq, as_of).
+
+    A period still open (this month) gains lines while its pages are being fetched. So one
+    statement is read as of its first page: `as_of` is the account's last log position then,
+    and every later page counts only entries up to it, giving the same totals and the lines
+    that add up to them. A line posted meanwhile is on the next statement asked for."""
     limit = max(1, min(limit, STATEMENT_PAGE_LINES_MAX))
     async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
-        opening = await connection.fetchval(_BALANCE_AT, account_id, since) or 0
-        closing = await connection.fetchval(_BALANCE_AT, account_id, until) or 0
+        if as_of is None:
+            as_of = await connection.fetchval(
+                "SELECT coalesce(max(position), 0) FROM ledger_entries WHERE account_id = $1", account_id,
+            )
+        opening = await connection.fetchval(_BALANCE_AT, account_id, since, as_of) or 0
+        closing = await connection.fetchval(_BALANCE_AT, account_id, until, as_of) or 0
+        # sum() of bigints is numeric, exact: kept so, as a period's turnover may pass a
+        # bigint though no balance does, and made an int here (never a float).
         credits, debits = await connection.fetchrow(
-            "SELECT coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0)::bigint,"  # sum() is numeric
-            " coalesce(-sum(amount_minor) FILTER (WHERE amount_minor < 0), 0)::bigint"
-            " FROM ledger_entries WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
-            account_id, since, until,
+            "SELECT coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0),"
+            " coalesce(-sum(amount_minor) FILTER (WHERE amount_minor < 0), 0)"
+            " FROM ledger_entries WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3 AND position <= $4",
+            account_id, since, until, as_of,
         )
         rows = await connection.fetch(
             "SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
             " WHERE e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3 AND (e.position, e.seq) > ($4, $5)"
-            " ORDER BY e.position, e.seq LIMIT $6",
-            account_id, since, until, *(after or (0, -1)), limit + 1,
+            " AND e.position <= $6 ORDER BY e.position, e.seq LIMIT $7",
+            account_id, since, until, *(after or (0, -1)), as_of, limit + 1,
         )
-    cursor = _next_after(rows, limit)
+    next_after = _next_after(rows, limit)
     return {
         "since": since.isoformat(),
         "until": until.isoformat(),
         "opening_balance_minor": opening,
         "closing_balance_minor": closing,
-        "credits_minor": credits,
-        "debits_minor": debits,
+        "credits_minor": int(credits),
+        "debits_minor": int(debits),
         "lines": [_line(row) for row in rows[:limit]],
-    }, cursor
+    }, (*next_after, as_of) if next_after else None

@@ -1,0 +1,104 @@
+"""Rules of the ledger's read side (balances, history, statements, account lists), on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ledger import projections
+from services.ledger.tests.integration.ledger_support import open_account, transfer_body
+
+pytestmark = pytest.mark.integration
+
+
+async def settled(client) -> None:
+    await client.parts.projection.wait_for(client.parts.writer.last_position)
+
+
+async def test_a_statement_paged_while_money_keeps_arriving_adds_up_to_what_its_first_page_says(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    for number, amount in enumerate((500, 300, 200)):
+        assert (await ledger.post("/transfers", json=transfer_body(f"in-{number}", (settlement, -amount),
+                                                                    (card, amount)))).status_code == 201
+    await settled(ledger)
+    period = {"since": start.isoformat(), "until": (datetime.now(UTC) + timedelta(hours=1)).isoformat()}  # this month, say
+
+    first = (await ledger.get(f"/accounts/{card}/statement", params={**period, "limit": 2})).json()
+    # A salary arrives while the customer's statement is being fetched page by page.
+    assert (await ledger.post("/transfers", json=transfer_body("salary", (settlement, -10_000),
+                                                                (card, 10_000)))).status_code == 201
+    await settled(ledger)
+    pages, cursor = [first], first["next_cursor"]
+    for _ in range(10):  # bounded
+        if cursor is None:
+            break
+        page = (await ledger.get(f"/accounts/{card}/statement", params={**period, "limit": 2, "cursor": cursor})).json()
+        pages.append(page)
+        cursor = page["next_cursor"]
+    lines = [line for page in pages for line in page["lines"]]
+    totals = {(p["opening_balance_minor"], p["closing_balance_minor"], p["credits_minor"], p["debits_minor"]) for p in pages}
+    assert totals == {(0, 1_000, 1_000, 0)}, "one statement, one set of totals on every page"
+    assert [line["transfer_id"] for line in lines] == ["in-0", "in-1", "in-2"]
+    assert first["opening_balance_minor"] + sum(line["amount_minor"] for line in lines) == first["closing_balance_minor"]
+    # The next statement asked for afresh shows the salary.
+    fresh = (await ledger.get(f"/accounts/{card}/statement", params=period)).json()
+    assert fresh["closing_balance_minor"] == 11_000 and fresh["lines"][-1]["transfer_id"] == "salary"
+
+
+async def test_an_owners_accounts_come_in_bounded_pages_that_join_into_all_of_them(ledger):
+    owner = f"business-{uuid.uuid4().hex[:8]}"
+    opened = await asyncio.gather(*(open_account(ledger, owner=owner) for _ in range(projections.ACCOUNTS_PAGE_SIZE_MAX + 1)))
+
+    first = (await ledger.get("/accounts", params={"owner_id": owner})).json()
+    assert len(first["accounts"]) == projections.ACCOUNTS_PAGE_SIZE_MAX and first["next_cursor"]
+    listed, cursor = [a["account_id"] for a in first["accounts"]], first["next_cursor"]
+    for _ in range(100):  # bounded
+        if cursor is None:
+            break
+        page = (await ledger.get("/accounts", params={"owner_id": owner, "limit": 7, "cursor": cursor})).json()
+        assert len(page["accounts"]) <= 7
+        listed += [a["account_id"] for a in page["accounts"]]
+        cursor = page["next_cursor"]
+    assert sorted(listed) == sorted(opened) and len(set(listed)) == len(listed)
+    too_many = await ledger.get("/accounts", params={"owner_id": owner, "limit": projections.ACCOUNTS_PAGE_SIZE_MAX + 1})
+    assert too_many.status_code == 422 and {e["field"] for e in too_many.json()["errors"]} == {"limit"}
+
+
+async def test_a_bank_accounts_statement_totals_more_than_a_bigint_of_turnover_without_a_server_error(ledger):
+    # A settlement account's balance stays within what the ledger can hold, but what flows
+    # through it over a long period (a year, or "since opening" for an auditor) need not.
+    big = 10**15  # the largest leg the ledger takes
+    settlement = await open_account(ledger, "settlement")
+    fees = await open_account(ledger, "fee_income")
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    debits_count, credits_count = 320, 9_300  # 9.3e18 in: more than PostgreSQL's bigint (9.22e18)
+
+    async def post(number: int, amount_minor: int) -> None:
+        response = await ledger.post("/transfers", json=transfer_body(
+            f"flow-{number}", (settlement, amount_minor), (fees, -amount_minor)))
+        assert response.status_code == 201, response.text
+
+    amounts = [-big] * debits_count + [big] * credits_count  # out first, so the balance never passes 9e18
+    for chunk in range(0, len(amounts), 500):
+        await asyncio.gather(*(post(number, amounts[number]) for number in range(chunk, min(chunk + 500, len(amounts)))))
+    await settled(ledger)
+    response = await ledger.get(f"/accounts/{settlement}/statement", params={
+        "since": start.isoformat(), "until": (datetime.now(UTC) + timedelta(minutes=1)).isoformat(), "limit": 1})
+    assert response.status_code == 200, response.text
+    statement = response.json()
+    assert statement["credits_minor"] == credits_count * big and statement["debits_minor"] == debits_count * big
+    assert statement["opening_balance_minor"] + statement["credits_minor"] - statement["debits_minor"] == \
+        statement["closing_balance_minor"] == (credits_count - debits_count) * big
+
+
+async def test_an_owner_id_no_account_can_have_is_refused_by_name_not_a_server_error(ledger):
+    # No account's owner holds a NUL (the ledger refuses one at opening; PostgreSQL text cannot hold it).
+    response = await ledger.get("/accounts", params={"owner_id": "alice\x00"})
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert {error["field"] for error in response.json()["errors"]} == {"owner_id"}
