@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict
 from kabinet_contracts.registry import register, topic_for
 
 LEDGER_TOPIC = topic_for("ledger")
+# The owner_id of every bank-internal account (settlement, fee income, ...): never a customer's.
+BANK_OWNER_ID = "bank"
 
 
 class _Payload(BaseModel):

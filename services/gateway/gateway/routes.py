@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 
 from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import DependencyUnavailable, Problem
+from kabinet_contracts.ledger import BANK_OWNER_ID
 
 LEDGER_TIMEOUT_S = 5.0
 
@@ -39,11 +40,23 @@ class LedgerClient:
         return body
 
 
+def _customer(principal):
+    """The caller, who must be a customer: a token naming the bank itself (the owner of
+    every internal account) opens no cabinet, whoever signed it."""
+
+    def customer(me: Principal = Depends(principal)) -> Principal:
+        if me.customer_id == BANK_OWNER_ID:
+            raise Problem(403, "not_a_customer", "the cabinet is for customers; this token names the bank")
+        return me
+
+    return customer
+
+
 def build_router(ledger: LedgerClient, principal) -> APIRouter:
     router = APIRouter(prefix="/v1/me", tags=["cabinet"])
     # A default rather than an Annotated alias: a local alias does not resolve under
     # postponed annotations.
-    me_dependency = Depends(principal)
+    me_dependency = Depends(_customer(principal))
 
     async def own_account(me: Principal, account_id: UUID) -> dict:
         try:

@@ -103,6 +103,15 @@ async def test_a_customer_id_shaped_like_a_path_reaches_no_one_elses_accounts(ba
             assert response.status_code == 404, (sub, response.text)
 
 
+async def test_a_token_naming_the_bank_opens_no_cabinet_on_its_internal_accounts(bank):
+    response = await bank.ledger.post("/accounts", json={"owner_id": "bank", "kind": "settlement", "currency": "RUB"},
+                                      headers={"Idempotency-Key": str(uuid.uuid4())})
+    settlement = response.json()["account_id"]
+    for path in ("/v1/me/accounts", f"/v1/me/accounts/{settlement}", f"/v1/me/accounts/{settlement}/history"):
+        refused = await bank.get(path, headers=bearer(bank, "bank"))
+        assert refused.status_code == 403 and refused.json()["code"] == "not_a_customer", (path, refused.text)
+
+
 async def open_card(bank, owner: str) -> str:
     response = await bank.ledger.post("/accounts", json={"owner_id": owner, "kind": "card", "currency": "RUB"},
                                       headers={"Idempotency-Key": str(uuid.uuid4())})

@@ -7,6 +7,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
 
+from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger.domain.errors import AccountClosed, AccountNotEmpty, InsufficientFunds, InvalidAccount
 
 
@@ -31,7 +32,7 @@ INTERNAL_KINDS = frozenset({
     AccountKind.SETTLEMENT, AccountKind.FEE_INCOME, AccountKind.INTEREST_EXPENSE, AccountKind.INTEREST_INCOME,
     AccountKind.CASHBACK_EXPENSE, AccountKind.MARKETPLACE_CLEARING, AccountKind.SUSPENSE,
 })
-BANK_OWNER = "bank"
+BANK_OWNER = BANK_OWNER_ID
 # Far below PostgreSQL's bigint (9.2e18), so that sums of many amounts still fit.
 CREDIT_LIMIT_MINOR_MAX = 10**13
 
