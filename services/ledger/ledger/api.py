@@ -233,6 +233,11 @@ def build_router(ledger: Ledger) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
     ) -> dict:
         await get_account(account_id)
+        # An empty range is a mistake in the request, as for a statement, not an empty history.
+        if since is not None and until is not None and until <= since:
+            raise Problem(422, "invalid_period", "`until` must be after `since`")
+        if amount_min_minor is not None and amount_max_minor is not None and amount_max_minor < amount_min_minor:
+            raise Problem(422, "invalid_amount_range", "`amount_max_minor` must not be below `amount_min_minor`")
         after = _after(cursor)
         lines, next_after = await projections.history(
             ledger.pool, account_id, since=since, until=until, amount_min_minor=amount_min_minor,

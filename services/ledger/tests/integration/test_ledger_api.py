@@ -124,6 +124,17 @@ async def test_history_filters_beyond_what_the_ledger_can_hold_are_refused_by_na
     assert {error["field"] for error in bad_cursor.json()["errors"]} == {"cursor"}
 
 
+async def test_a_history_asked_for_an_empty_period_or_amount_range_is_refused_like_a_statement(ledger):
+    card = await open_account(ledger)
+    for params, code in (({"since": "2026-11-02T00:00:00Z", "until": "2026-11-01T00:00:00Z"}, "invalid_period"),
+                         ({"since": "2026-11-01T00:00:00Z", "until": "2026-11-01T00:00:00Z"}, "invalid_period"),
+                         ({"amount_min_minor": 500, "amount_max_minor": 100}, "invalid_amount_range")):
+        response = await ledger.get(f"/accounts/{card}/history", params=params)
+        assert response.status_code == 422 and response.json()["code"] == code, (params, response.text)
+    one_amount = await ledger.get(f"/accounts/{card}/history", params={"amount_min_minor": 100, "amount_max_minor": 100})
+    assert one_amount.status_code == 200
+
+
 async def test_instants_outside_the_ledgers_calendar_are_refused_by_name_not_a_server_error(ledger):
     card = await open_account(ledger)
     far = "9999-12-31T23:59:59-14:00"
