@@ -6,8 +6,10 @@ Everything is recomputed from the event store and compared with what the ledger 
 3. every saved balance equals the sum of its account's legs, and its held amount the
    sum of its live holds;
 4. every account rebuilt from its events has the state and credit limit its events say;
-5. the read model equals the event store at the read model's own position (states,
-   entry counts, last running balance), and reached the log's head as verify began;
+5. the read model equals the event store at the read model's own position (account
+   states, entry counts, last running balances; every hold's accounts, amounts, state and
+   deadline, which the expiry sweep acts on; the number of transfers), and reached the
+   log's head as verify began;
 6. no customer account is below its credit limit.
 """
 
@@ -66,13 +68,32 @@ class _Account:
         return self.state, self.credit_limit_minor, self.legs_count, self.legs_minor
 
 
+@dataclass
+class _ReadModelView:
+    """What the read model should show at a position."""
+
+    accounts: dict[UUID, tuple]  # as _Account.as_read_model_shows_it
+    holds: dict[str, tuple]  # client hold id: as the ledger_holds columns in _HOLD_COLUMNS
+    transfers: int
+
+
+_HOLD_COLUMNS = "hold_id, debit_account_id, credit_account_id, amount_minor, captured_minor, currency, state, expires_at"
+
+
 def read_event_store(
     app: LedgerApplication, up_to: int, read_model_at: int
-) -> tuple[dict[UUID, _Account], dict[UUID, tuple], list[str], int]:
-    """Every account as its events up to `up_to` say, and as the read model should show
-    it at position `read_model_at`; unbalanced transfers; events read."""
+) -> tuple[dict[UUID, _Account], _ReadModelView, list[str], int]:
+    """Every account as its events up to `up_to` say, and what the read model should show
+    at position `read_model_at`; unbalanced transfers; events read."""
     accounts: dict[UUID, _Account] = defaultdict(_Account)
-    at_read_model: dict[UUID, tuple] | None = None
+    holds: dict[str, list] = {}  # as _HOLD_COLUMNS without the id
+    transfers = 0
+    at_read_model: _ReadModelView | None = None
+
+    def view() -> _ReadModelView:
+        return _ReadModelView({aid: account.as_read_model_shows_it() for aid, account in accounts.items()},
+                              {hold_id: tuple(hold) for hold_id, hold in holds.items()}, transfers)
+
     debit_account_of_hold: dict[UUID, UUID] = {}
     unbalanced: list[str] = []
     last_position = 0
@@ -83,7 +104,7 @@ def read_event_store(
             break
         for notification in page:
             if at_read_model is None and notification.id > read_model_at:
-                at_read_model = {aid: account.as_read_model_shows_it() for aid, account in accounts.items()}
+                at_read_model = view()
             event = app.mapper.to_domain_event(notification)
             kind = type(event).__qualname__
             if kind.startswith("Account."):
@@ -98,6 +119,7 @@ def read_event_store(
                 accounts[event.originator_id].state = {"Account.Frozen": "frozen", "Account.Unfrozen": "open",
                                                        "Account.Closed": "closed"}[kind]
             elif kind == "Transfer.Posted":
+                transfers += 1
                 sums: dict[str, int] = defaultdict(int)
                 for leg in event.legs:
                     sums[leg["currency"]] += leg["amount_minor"]
@@ -109,14 +131,21 @@ def read_event_store(
             elif kind == "Hold.Placed":
                 debit_account_of_hold[event.originator_id] = UUID(event.debit_account_id)
                 accounts[UUID(event.debit_account_id)].held_minor += event.amount_minor
+                holds[event.client_hold_id] = [UUID(event.debit_account_id), UUID(event.credit_account_id),
+                                               event.amount_minor, 0, event.currency, "active", event.expires_at]
             elif kind == "Hold.Captured":
                 accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.amount_minor
+                hold = holds[event.client_hold_id]
+                hold[3] += event.amount_minor
+                if hold[3] >= hold[2]:
+                    hold[5] = "captured"
             elif kind in ("Hold.Voided", "Hold.Expired"):
                 accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.released_minor
+                holds[event.client_hold_id][5] = "voided" if kind == "Hold.Voided" else "expired"
         last_position = page[-1].id
         events_read += len(page)
     if at_read_model is None:
-        at_read_model = {aid: account.as_read_model_shows_it() for aid, account in accounts.items()}
+        at_read_model = view()
     return accounts, at_read_model, unbalanced, events_read
 
 
@@ -157,6 +186,8 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
                 "  ORDER BY position DESC, seq DESC LIMIT 1) AS balance_after_minor"
                 " FROM ledger_accounts a LEFT JOIN ledger_entries e ON e.account_id = a.account_id GROUP BY a.account_id"
             )
+            hold_rows = await connection.fetch(f"SELECT {_HOLD_COLUMNS} FROM ledger_holds")
+            transfers_shown = await connection.fetchval("SELECT count(*) FROM ledger_transfers")
     finally:
         await connection.close()
     accounts, at_read_model, unbalanced, report.events_read = await anyio.to_thread.run_sync(
@@ -202,14 +233,22 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     seen = set()
     for row in rows:
         seen.add(row["account_id"])
-        want = at_read_model.get(row["account_id"])
+        want = at_read_model.accounts.get(row["account_id"])
         if want is None:
             problems.append(f"read model has account {row['account_id']} the event store does not (at {position})")
             continue
         got = (row["state"], row["credit_limit_minor"], row["entries"], row["balance_after_minor"] or 0)
         if got != want:
             problems.append(f"account {row['account_id']}: read model {got}, event store {want}")
-    problems += [f"account {aid} missing from the read model" for aid in at_read_model.keys() - seen]
+    problems += [f"account {aid} missing from the read model" for aid in at_read_model.accounts.keys() - seen]
+    shown_holds = {row["hold_id"]: tuple(row)[1:] for row in hold_rows}
+    problems += [f"hold {hold_id}: read model {shown_holds.get(hold_id)}, event store {want}"
+                 for hold_id, want in at_read_model.holds.items() if shown_holds.get(hold_id) != want]
+    problems += [f"read model has hold {hold_id} the event store does not (at {position})"
+                 for hold_id in shown_holds.keys() - at_read_model.holds.keys()]
+    if transfers_shown != at_read_model.transfers:
+        problems.append(f"read model has {transfers_shown} transfers, event store {at_read_model.transfers} (at {position})")
     report.add("read model equals event store", problems,
-               f"{len(rows)} accounts at position {position} (event store at {up_to})")
+               f"{len(rows)} accounts, {len(hold_rows)} holds, {transfers_shown} transfers at position {position}"
+               f" (event store at {up_to})")
     return report

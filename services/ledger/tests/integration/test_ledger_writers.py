@@ -200,6 +200,25 @@ async def test_verify_fails_when_the_history_read_model_differs_from_the_events(
     assert str(card) in failed["read model equals event store"]
 
 
+async def test_verify_fails_when_the_holds_the_expiry_sweep_reads_differ_from_the_events(ledger):
+    # A hold shown as voided would never be swept, and its money would stay reserved for good.
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    expires_at = datetime.now(UTC) + timedelta(hours=1)
+    await ledger.parts.writer.submit(c.PlaceHold("kept", card, settlement, 300, "RUB", expires_at, "card_authorisation"))
+    await ledger.parts.writer.submit(c.PlaceHold("captured", card, settlement, 200, "RUB", expires_at, "card_authorisation"))
+    await ledger.parts.writer.submit(c.CaptureHold("captured", "c1", 200))
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    assert (await verify(ledger.parts.app, ledger.settings.service_database_url)).ok
+
+    await ledger.parts.pool.execute("UPDATE ledger_holds SET state = 'voided' WHERE hold_id = 'kept'")
+    await ledger.parts.pool.execute("DELETE FROM ledger_transfers WHERE transfer_id = $1", f"fund-{card}")
+    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    failed = {check.name: check.detail for check in report.checks if not check.ok}
+    assert list(failed) == ["read model equals event store"]
+    assert "hold kept" in failed["read model equals event store"]
+    assert "transfers" in failed["read model equals event store"]
+
+
 async def test_a_retry_the_writer_has_never_seen_gets_the_first_result_not_a_second_posting(ledger):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     first = spend(card, settlement, 300)
