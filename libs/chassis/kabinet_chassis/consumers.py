@@ -11,6 +11,11 @@ the consumer had already read past, before the relay notices and republishes. So
 record names the position of the event published before it on its partition (header
 `previous-position`); a consumer whose tracked position is below that has missed
 events, applies nothing from the batch, and reads the partition again from the start.
+If the gap is still there when that read meets the record again, the missing events are
+not before it: they come after it, where the relay republishes them (with this record)
+once it notices what the broker lost. So in a partition read again from its start, a
+record that still shows a gap is passed over, neither applied nor tracked, instead of
+sending the consumer back to the start forever.
 
 Batches take the fast path: one transaction for the whole batch. If that fails with an
 error that is not transient, the batch is replayed one event at a time so that only the
@@ -22,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -111,11 +116,19 @@ def previous_position(record: ConsumerRecord) -> int | None:
     return None
 
 
-def check_follows_on(record: ConsumerRecord, tracked_position: int) -> None:
-    """Raises PartitionGap when the record shows events between the tracked position and itself."""
+def follows_on(record: ConsumerRecord, tracked_position: int, read_again: set[tuple[str, int]]) -> bool:
+    """True when the record may be applied after the tracked position. When it shows events
+    between the two, raises PartitionGap, or returns False (pass it over) if its partition
+    was already read again from the start (`read_again`) and the gap is still there."""
     previous = previous_position(record)
-    if tracked_position and previous is not None and previous > tracked_position:
-        raise PartitionGap(record.topic, record.partition, tracked_position, previous)
+    if not tracked_position or previous is None or previous <= tracked_position:
+        return True
+    if (record.topic, record.partition) in read_again:
+        log.warning("%s[%d] offset %d follows position %d, but this consumer applied up to %d: passing over it"
+                    " until the events between are republished", record.topic, record.partition, record.offset,
+                    previous, tracked_position)
+        return False
+    raise PartitionGap(record.topic, record.partition, tracked_position, previous)
 
 
 def trace_parent(record: ConsumerRecord) -> dict[str, str]:
@@ -158,6 +171,8 @@ class ReadModelConsumer:
     dead_letters: DeadLetters
     applied_total: int = 0
     skipped_total: int = 0
+    # (topic, partition) read again from the start because of a gap, not yet past it.
+    read_again: set[tuple[str, int]] = field(default_factory=set)
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         # Two parallel lists rather than an object per record: a batch's objects outlive
@@ -205,9 +220,8 @@ class ReadModelConsumer:
             for record, event in zip(records, events, strict=True):
                 key = tracking_key(record, event)
                 applied_up_to = advanced.get(key, tracked.get(key, 0))
-                if event.position <= applied_up_to:
+                if event.position <= applied_up_to or not follows_on(record, applied_up_to, self.read_again):
                     continue
-                check_follows_on(record, applied_up_to)
                 fresh_records.append(record)
                 fresh.append(event)
                 advanced[key] = event.position
@@ -229,6 +243,8 @@ class ReadModelConsumer:
                 )
         self.applied_total += len(fresh)
         self.skipped_total += len(events) - len(fresh)
+        # A partition that followed on again has found what it missed.
+        self.read_again.difference_update((topic, partition) for _, topic, partition in advanced)
 
     def _start_span(self, record: ConsumerRecord, event: IntegrationEvent):
         """A CONSUMER span in the producer's trace, covering the transaction that applies the event."""
@@ -267,6 +283,8 @@ class ReactionConsumer:
     threads: WorkerThreads
     applied_total: int = 0
     skipped_total: int = 0
+    # (topic, partition) read again from the start because of a gap, not yet past it.
+    read_again: set[tuple[str, int]] = field(default_factory=set)
 
     def tracking_name(self, key: tuple[str, str, int]) -> str:
         source, topic, partition = key
@@ -279,23 +297,26 @@ class ReactionConsumer:
                 await self.dead_letters.send(record, self.name, parsed)
                 continue
             try:
-                await self.threads.run(self._apply_one, record, parsed)
+                applied = await self.threads.run(self._apply_one, record, parsed)
             except (PartitionGap, *TRANSIENT_ERRORS):
                 raise
             except Exception as error:
                 await self.dead_letters.send(record, self.name, f"{type(error).__name__}: {error}")
+            else:
+                if applied:  # a partition that followed on again has found what it missed
+                    self.read_again.discard((record.topic, record.partition))
 
-    def _apply_one(self, record: ConsumerRecord, event: IntegrationEvent) -> None:
+    def _apply_one(self, record: ConsumerRecord, event: IntegrationEvent) -> bool:
         name = self.tracking_name(tracking_key(record, event))
         applied_up_to = self.app.recorder.max_tracking_id(name) or 0
-        if event.position <= applied_up_to:
+        if event.position <= applied_up_to or not follows_on(record, applied_up_to, self.read_again):
             self.skipped_total += 1
-            return
-        check_follows_on(record, applied_up_to)
+            return False
         aggregates = self.react(event)
         events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
         self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
         self.applied_total += 1
+        return True
 
 
 class LostDataWatchdog:
@@ -402,6 +423,8 @@ def subscribe(
             log.warning("%s: %s; reading the partition again from the start", consumer.name, gap)
             await message.nack()
             await subscriber.consumer.seek_to_beginning(TopicPartition(gap.topic, gap.partition))
+            # If that read meets the gap again, what is missing comes later: pass over it then.
+            consumer.read_again.add((gap.topic, gap.partition))
             await asyncio.sleep(backoff["s"])  # a gap the whole partition cannot fill must not spin
             backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
             return
@@ -411,6 +434,10 @@ def subscribe(
             backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
             await message.nack()
             return
+        except BaseException:
+            # Where the next read starts is now unknown: a gap must send it back to the start.
+            consumer.read_again.clear()
+            raise
         backoff["s"] = _BACKOFF_START_S
         watchdog.saw(records)
         try:
