@@ -35,6 +35,9 @@ CLAIM_LEASE_S = 60
 # How long a key keeps its answer: a retry is expected within minutes, a repeat a week
 # later is a new request. Older keys are purged in bounded batches.
 KEY_RETENTION_S = 7 * 24 * 3600
+# A key released by a failed attempt between our insert and our read is claimed again, this
+# many times at most (each time another attempt took it and failed in between).
+CLAIM_ATTEMPTS_MAX = 3
 PURGE_INTERVAL_S = 3600
 PURGE_BATCH_MAX = 10_000
 PURGE_BATCHES_MAX = 100  # per round: a backlog is worked off over several rounds
@@ -111,28 +114,34 @@ async def run_once(
     `refusals`: the service's domain errors, answered and stored as problems."""
     request_fingerprint = fingerprint(body)
     async with pool.acquire() as connection:
-        claimed = await connection.fetchval(
-            "INSERT INTO idempotency_keys (scope, key, request_fingerprint) VALUES ($1, $2, $3)"
-            " ON CONFLICT DO NOTHING RETURNING true",
-            scope, key, request_fingerprint,
-        )
-        if not claimed:
+        for _ in range(CLAIM_ATTEMPTS_MAX):
+            if await connection.fetchval(
+                "INSERT INTO idempotency_keys (scope, key, request_fingerprint) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                scope, key, request_fingerprint,
+            ):
+                break
             row = await connection.fetchrow(
                 "SELECT request_fingerprint, status_code, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
                 scope, key,
             )
+            if row is None:
+                # Gone since the insert met it: its attempt failed and let the key go (or it
+                # was purged). Claim it again rather than read a row that is not there.
+                continue
             if row["request_fingerprint"] != request_fingerprint:
                 raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
             if row["status_code"] is not None:
                 return _response(row["status_code"], json.loads(row["response"]), replayed=True)
-            taken_over = await connection.fetchval(
+            if await connection.fetchval(
                 "UPDATE idempotency_keys SET created_at = now() WHERE scope = $1 AND key = $2 AND status_code IS NULL"
                 " AND created_at < now() - make_interval(secs => $3) RETURNING true",
                 scope, key, float(CLAIM_LEASE_S),
-            )
-            if not taken_over:
-                raise Problem(409, "request_in_progress", "a request with this Idempotency-Key is still being processed",
-                              headers={"Retry-After": "1"})
+            ):
+                break  # taken over: the first attempt's lease ran out
+            raise _in_progress()
+        else:
+            raise _in_progress()  # claimed and let go by others every time: still busy, retry later
     try:
         status_code, response = await operation()
     except BaseException as error:
@@ -150,6 +159,11 @@ async def run_once(
             scope, key, status_code, json.dumps(response, default=str),
         )
     return _response(status_code, response, replayed=False)
+
+
+def _in_progress() -> Problem:
+    return Problem(409, "request_in_progress", "a request with this Idempotency-Key is still being processed",
+                   headers={"Retry-After": "1"})
 
 
 async def _release(pool: asyncpg.Pool, scope: str, key: str) -> None:
