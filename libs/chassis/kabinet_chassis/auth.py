@@ -21,6 +21,11 @@ from kabinet_chassis.errors import Problem
 ISSUER = "kabinet-identity"
 AUDIENCE = "kabinet"
 ACCESS_TOKEN_TTL_S = 300
+# Identity's clock and ours differ a little (and `iat` is truncated to whole seconds), so
+# without an allowance a token issued this very moment can look issued in our future
+# (PyJWT refuses an `iat` ahead of now): the customer's first call after login got 401.
+# Small against the token's lifetime; applies to exp, nbf and iat alike.
+CLOCK_SKEW_S = 5
 _DEV_KEY_FILE = "dev-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
 
 
@@ -64,7 +69,7 @@ class TokenVerifier:
     def verify(self, token: str) -> Principal:
         try:
             claims = jwt.decode(token, self.public_key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER,
-                                options={"require": ["exp", "iat", "sub"]})
+                                leeway=CLOCK_SKEW_S, options={"require": ["exp", "iat", "sub"]})
         except jwt.ExpiredSignatureError:
             raise Problem(401, "token_expired", "the access token has expired; refresh it",
                           headers={"WWW-Authenticate": "Bearer"}) from None

@@ -1,0 +1,38 @@
+"""Rules of access tokens (no servers needed): the clocks of identity and of the services
+that verify its tokens differ by a little, and that little must not log a customer out."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kabinet_chassis.auth import AUDIENCE, CLOCK_SKEW_S, ISSUER, TokenVerifier, public_pem
+from kabinet_chassis.errors import Problem
+
+KEY = Ed25519PrivateKey.generate()
+VERIFIER = TokenVerifier(public_pem(KEY))
+
+
+def token_issued_at(issued_at: int, ttl_s: int = 300) -> str:
+    claims = {"sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "iat": issued_at, "exp": issued_at + ttl_s}
+    return jwt.encode(claims, KEY, algorithm="EdDSA")
+
+
+def test_a_token_just_issued_by_an_identity_whose_clock_is_a_little_ahead_is_accepted():
+    # Identity's clock 2 s ahead (or only in a later second than ours): its `iat` is in our future.
+    assert VERIFIER.verify(token_issued_at(int(time.time()) + 2)).customer_id == "alice"
+
+
+def test_a_token_expired_longer_ago_than_the_clock_skew_allowance_is_refused():
+    with pytest.raises(Problem) as refused:
+        VERIFIER.verify(token_issued_at(int(time.time()) - 300 - CLOCK_SKEW_S - 2))
+    assert refused.value.status == 401 and refused.value.code == "token_expired"
+
+
+def test_a_token_issued_further_in_the_future_than_the_allowance_is_refused():
+    with pytest.raises(Problem) as refused:
+        VERIFIER.verify(token_issued_at(int(time.time()) + CLOCK_SKEW_S + 60))
+    assert refused.value.status == 401 and refused.value.code == "invalid_token"
