@@ -41,6 +41,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
+from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
 from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
 from kabinet_contracts.registry import dead_letter_topic
@@ -85,14 +86,11 @@ class PartitionGap(Exception):
 
 # Errors worth waiting out: the database or the network will come back.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
+    *DATABASE_DOWN_ERRORS,
     asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
 )
 
 

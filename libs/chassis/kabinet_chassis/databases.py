@@ -5,10 +5,26 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+from eventsourcing.persistence import InterfaceError as EventStoreInterfaceError
+from eventsourcing.persistence import OperationalError as EventStoreOperationalError
 
 from kabinet_chassis.settings import database_name_for
 
 _CONNECT_TIMEOUT_S = 10
+
+# What a database that is down, restarting or failing over looks like, through asyncpg and
+# through eventsourcing's recorder (psycopg): a request answers 503 with Retry-After, a
+# consumer waits and tries again. Never a 500, never a dead letter.
+DATABASE_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,  # the connection died under a query
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, a failover
+    EventStoreOperationalError,
+    EventStoreInterfaceError,
+)
 
 
 async def ensure_database(server_url: str, service_name: str) -> str:

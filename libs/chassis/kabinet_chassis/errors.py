@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
+
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -105,6 +107,10 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
     async def on_domain(request: Request, error: Exception) -> JSONResponse:
         return problem_response(domain_problem(error), request)
 
+    async def on_database_down(request: Request, error: Exception) -> JSONResponse:
+        log.warning("database unavailable on %s %s: %r", request.method, request.url.path, error)
+        return problem_response(DependencyUnavailable("database", type(error).__name__), request)
+
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(Problem(500, "internal_error", "an unexpected error occurred; it has been logged"), request)
@@ -114,4 +120,6 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
     app.add_exception_handler(StarletteHTTPException, on_http)
     for error_type in domain_errors:
         app.add_exception_handler(error_type, on_domain)
+    for error_type in DATABASE_DOWN_ERRORS:
+        app.add_exception_handler(error_type, on_database_down)
     app.add_exception_handler(Exception, on_unexpected)

@@ -10,7 +10,7 @@ from uuid import UUID, uuid5
 from fastapi import APIRouter, Depends, Query
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-from kabinet_chassis.errors import DependencyUnavailable, Problem
+from kabinet_chassis.errors import Problem
 from kabinet_chassis.idempotency import idempotency_key, run_once
 from ledger import projections
 from ledger.domain import commands
@@ -118,8 +118,6 @@ class Ledger:
             raise Problem(503, "ledger_busy", str(busy), headers={"Retry-After": "1"}) from None
         except LedgerUnavailable as unavailable:
             raise Problem(503, "ledger_unavailable", str(unavailable), headers={"Retry-After": "5"}) from None
-        except OSError as error:
-            raise DependencyUnavailable("event store", str(error)) from None
 
     async def read_your_writes(self) -> None:
         await self.projection.wait_for(self.writer.last_position)

@@ -41,8 +41,6 @@ from uuid import UUID
 import anyio
 import asyncpg
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import InterfaceError as StoreInterfaceError
-from eventsourcing.persistence import OperationalError as StoreOperationalError
 from eventsourcing.persistence import StoredEvent
 
 from kabinet_chassis.databases import wait_for_lead
@@ -73,21 +71,6 @@ class LedgerBusy(Exception):
 class LedgerUnavailable(Exception):
     """The ledger cannot post here and now (another process is the active writer, or its
     clock is far ahead of the database's): 503."""
-
-
-class StoreUnavailable(ConnectionError):
-    """The database could not be reached or dropped a connection while the batch was
-    validated or committed (a restart, a failover): a failing dependency, answered 503 with
-    Retry-After, not 500. The batch may or may not have been saved; a retry with the same
-    ids is answered with the first result either way."""
-
-
-# What a lost or refusing database looks like through eventsourcing (psycopg) and asyncpg.
-# (OSError, a refused connection, is one already.)
-_STORE_DOWN = (
-    StoreOperationalError, StoreInterfaceError, asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError, asyncpg.InterfaceError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +197,6 @@ class BatchedWriter:
                 outcomes, committed = await self._write([r.command for r in batch])
             except Exception as error:  # the store is down: every caller gets the error (a retry gets the first result)
                 log.exception("ledger batch of %d failed to save", len(batch))
-                if isinstance(error, _STORE_DOWN):
-                    error = StoreUnavailable(f"the ledger's database is unavailable: {error}")
                 outcomes = [error] * len(batch)
             else:
                 if committed:

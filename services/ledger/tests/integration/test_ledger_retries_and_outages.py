@@ -74,12 +74,7 @@ async def test_a_write_while_the_database_drops_its_connections_answers_503_and_
     body = {"transfer_id": "during-restart", "code": "card_purchase", "legs": [
         {"account_id": str(card), "amount_minor": -100, "currency": "RUB"},
         {"account_id": str(settlement), "amount_minor": 100, "currency": "RUB"}]}
-    admin = await asyncpg.connect(ledger.settings.service_database_url)
-    try:  # as a database restart or failover does to every open connection
-        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                            " WHERE datname = current_database() AND pid <> pg_backend_pid()")
-    finally:
-        await admin.close()
+    await drop_every_connection(ledger.settings.service_database_url)
     response = await ledger.post("/transfers", json=body)
     assert response.status_code == 503, response.text
     assert response.headers["content-type"].startswith("application/problem+json") and "retry-after" in response.headers
@@ -92,3 +87,24 @@ async def test_a_write_while_the_database_drops_its_connections_answers_503_and_
     again = await ledger.post("/transfers", json=body)
     assert again.status_code == 201 and again.json()["replayed"]
     assert await saved_balance(ledger.parts.pool, card) == (900, 0)
+
+
+async def test_reads_go_on_after_the_database_drops_its_connections(ledger):
+    # The pool notices a connection the server closed and opens another: no error at all.
+    async with uncached_writer(ledger.settings) as other:
+        settlement, card = await funded_card(other, 1_000)
+    await ledger.parts.projection.wait_for(other.last_position)
+    assert (await ledger.get(f"/accounts/{card}/balance")).status_code == 200  # the pool holds live connections
+    await drop_every_connection(ledger.settings.service_database_url)
+    response = await ledger.get(f"/accounts/{card}/balance")
+    assert response.status_code == 200 and response.json()["posted"]["amount_minor"] == 1_000
+
+
+async def drop_every_connection(database_url: str) -> None:
+    """As a database restart or failover does to every open connection."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await admin.close()

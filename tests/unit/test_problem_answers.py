@@ -1,0 +1,48 @@
+"""Rules of every service's error answers: a database that is down, restarting or failing
+over is a 503 problem with Retry-After, whichever driver noticed; anything else unexpected
+is a 500 that names no internals."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+from eventsourcing.persistence import OperationalError as EventStoreOperationalError
+from fastapi import FastAPI
+
+from kabinet_chassis.errors import install_problem_handlers
+
+DATABASE_DOWN = {
+    "refused": ConnectionRefusedError(111, "Connection refused"),
+    "starting_up": asyncpg.CannotConnectNowError("the database system is starting up"),
+    "shut_down_by_admin": asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
+    "connection_died": asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    "event_store_lost": EventStoreOperationalError("server closed the connection unexpectedly"),
+}
+
+
+def app_raising(error: Exception) -> httpx.AsyncClient:
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    @app.get("/read")
+    async def read():
+        raise error
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://svc")
+
+
+@pytest.mark.parametrize("error", DATABASE_DOWN.values(), ids=DATABASE_DOWN.keys())
+async def test_a_database_that_is_down_is_a_503_with_retry_after(error):
+    async with app_raising(error) as client:
+        response = await client.get("/read")
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "dependency_unavailable" and int(response.headers["retry-after"]) > 0
+
+
+async def test_any_other_unexpected_error_is_a_500_that_names_no_internals():
+    async with app_raising(RuntimeError("secret table name")) as client:
+        response = await client.get("/read")
+    assert response.status_code == 500 and response.json()["code"] == "internal_error"
+    assert "secret" not in response.text
