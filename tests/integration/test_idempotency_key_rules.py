@@ -5,6 +5,8 @@ its own attempt), never a 500 from the store itself."""
 from __future__ import annotations
 
 import asyncio
+import json
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -15,13 +17,20 @@ from kabinet_chassis.errors import Problem
 pytestmark = pytest.mark.integration
 
 
-async def test_a_repeat_racing_an_attempt_that_failed_and_let_its_key_go_gets_a_retryable_answer(stack, unique_name):
+@asynccontextmanager
+async def key_store(stack, unique_name):
     settings = stack.service_settings(unique_name)
     await ensure_database(settings.database_url, settings.service_name)
     pool = await create_pool(settings.service_database_url, max_size=8)
     try:
         await idempotency.ensure_schema(pool)
+        yield pool
+    finally:
+        await pool.close()
 
+
+async def test_a_repeat_racing_an_attempt_that_failed_and_let_its_key_go_gets_a_retryable_answer(stack, unique_name):
+    async with key_store(stack, unique_name) as pool:
         async def dependency_down() -> tuple[int, dict]:
             raise Problem(503, "dependency_unavailable", "the ledger is restarting", headers={"Retry-After": "1"})
 
@@ -36,5 +45,72 @@ async def test_a_repeat_racing_an_attempt_that_failed_and_let_its_key_go_gets_a_
             # Each failed attempt releases the key; the others were told 409 or failed themselves.
             unexpected += [o for o in outcomes if not (isinstance(o, Problem) and o.status in (409, 503))]
         assert unexpected == [], f"{len(unexpected)} answers a client cannot act on, e.g. {unexpected[0]!r}"
-    finally:
-        await pool.close()
+
+
+class SlowAttempt:
+    """An operation that runs until released, then answers or fails."""
+
+    def __init__(self, answer: dict) -> None:
+        self.answer = answer
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.fail = False
+
+    async def __call__(self) -> tuple[int, dict]:
+        self.started.set()
+        await self.release.wait()
+        if self.fail:
+            raise ConnectionError("the ledger went away")
+        return 201, self.answer
+
+
+async def outlive_the_lease(pool, key: str) -> None:
+    await pool.execute("UPDATE idempotency_keys SET created_at = created_at - make_interval(secs => $2) WHERE key = $1",
+                       key, float(idempotency.CLAIM_LEASE_S + 1))
+
+
+def run(pool, key: str, operation):
+    return asyncio.create_task(idempotency.run_once(pool, scope="transfers", key=key, body={"amount_minor": 100},
+                                                    operation=operation))
+
+
+async def test_an_attempt_that_outlived_its_lease_does_not_store_its_answer_over_the_one_that_took_over(
+        stack, unique_name):
+    async with key_store(stack, unique_name) as pool:
+        first, second = SlowAttempt({"answered_by": "first"}), SlowAttempt({"answered_by": "second"})
+        first_task = run(pool, "late", first)
+        await first.started.wait()
+        await outlive_the_lease(pool, "late")
+        second_task = run(pool, "late", second)
+        await second.started.wait()  # took the key over
+        second.release.set()
+        await second_task
+        first.release.set()
+        await first_task
+        third = SlowAttempt({"answered_by": "third"})
+        third.release.set()
+        repeat = await idempotency.run_once(pool, scope="transfers", key="late", body={"amount_minor": 100},
+                                            operation=third)
+        assert json.loads(repeat.body) == {"answered_by": "second"}
+
+
+async def test_an_attempt_that_outlived_its_lease_and_failed_does_not_free_the_key_of_the_one_that_took_over(
+        stack, unique_name):
+    async with key_store(stack, unique_name) as pool:
+        first, second = SlowAttempt({"answered_by": "first"}), SlowAttempt({"answered_by": "second"})
+        first_task = run(pool, "busy", first)
+        await first.started.wait()
+        await outlive_the_lease(pool, "busy")
+        second_task = run(pool, "busy", second)
+        await second.started.wait()
+        first.fail = True
+        first.release.set()
+        with pytest.raises(ConnectionError):
+            await first_task
+        third = SlowAttempt({"answered_by": "third"})
+        third.release.set()  # were the key free, it would run and answer at once
+        with pytest.raises(Problem) as still_running:  # the second attempt still holds the key
+            await idempotency.run_once(pool, scope="transfers", key="busy", body={"amount_minor": 100}, operation=third)
+        assert still_running.value.status == 409
+        second.release.set()
+        await second_task

@@ -9,7 +9,9 @@ Keys are kept KEY_RETENTION_S (a week) and then purged by every service in the b
 A claim is a lease of CLAIM_LEASE_S: a request whose process died, or whose answer could
 not be stored, leaves a claim that a repeat takes over once the lease has run out, so a
 key is never stuck on 409. The operation then runs again: it must be safe to repeat
-(the ledger's are: a command it already applied answers as a replay).
+(the ledger's are: a command it already applied answers as a replay). A claim is known by
+the time it was taken (`created_at`): an attempt that outlived its lease neither stores
+its answer over the one that took over, nor releases that one's claim when it fails.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -115,11 +118,12 @@ async def run_once(
     request_fingerprint = fingerprint(body)
     async with pool.acquire() as connection:
         for _ in range(CLAIM_ATTEMPTS_MAX):
-            if await connection.fetchval(
+            claimed_at = await connection.fetchval(
                 "INSERT INTO idempotency_keys (scope, key, request_fingerprint) VALUES ($1, $2, $3)"
-                " ON CONFLICT DO NOTHING RETURNING true",
+                " ON CONFLICT DO NOTHING RETURNING created_at",
                 scope, key, request_fingerprint,
-            ):
+            )
+            if claimed_at is not None:
                 break
             row = await connection.fetchrow(
                 "SELECT request_fingerprint, status_code, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
@@ -133,11 +137,12 @@ async def run_once(
                 raise Problem(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
             if row["status_code"] is not None:
                 return _response(row["status_code"], json.loads(row["response"]), replayed=True)
-            if await connection.fetchval(
-                "UPDATE idempotency_keys SET created_at = now() WHERE scope = $1 AND key = $2 AND status_code IS NULL"
-                " AND created_at < now() - make_interval(secs => $3) RETURNING true",
+            claimed_at = await connection.fetchval(
+                "UPDATE idempotency_keys SET created_at = now() WHERE scope = $1 AND key = $2"
+                " AND status_code IS NULL AND created_at < now() - make_interval(secs => $3) RETURNING created_at",
                 scope, key, float(CLAIM_LEASE_S),
-            ):
+            )
+            if claimed_at is not None:
                 break  # taken over: the first attempt's lease ran out
             raise _in_progress()
         else:
@@ -150,14 +155,19 @@ async def run_once(
         problem = error if isinstance(error, Problem) else (
             domain_problem(error) if isinstance(error, refusals) else None)
         if problem is None or problem.status >= 500:
-            await _release(pool, scope, key)
+            await _release(pool, scope, key, claimed_at)
             raise
         status_code, response = problem.status, problem.body()
     async with pool.acquire() as connection:
-        await connection.execute(
-            "UPDATE idempotency_keys SET status_code = $3, response = $4::jsonb WHERE scope = $1 AND key = $2",
-            scope, key, status_code, json.dumps(response, default=str),
+        stored = await connection.fetchval(
+            "UPDATE idempotency_keys SET status_code = $3, response = $4::jsonb"
+            " WHERE scope = $1 AND key = $2 AND created_at = $5 AND status_code IS NULL RETURNING true",
+            scope, key, status_code, json.dumps(response, default=str), claimed_at,
         )
+    if not stored:
+        # This attempt outlived its lease and a repeat took the key over: that one's answer
+        # is the key's. The operation is safe to repeat, so this answer is true as well.
+        log.warning("idempotency key %s/%s was taken over while its first attempt ran; its answer is not stored", scope, key)
     return _response(status_code, response, replayed=False)
 
 
@@ -166,9 +176,13 @@ def _in_progress() -> Problem:
                    headers={"Retry-After": "1"})
 
 
-async def _release(pool: asyncpg.Pool, scope: str, key: str) -> None:
+async def _release(pool: asyncpg.Pool, scope: str, key: str, claimed_at: datetime) -> None:
+    """Let the key go, if it is still this attempt's claim."""
     async with pool.acquire() as connection:
-        await connection.execute("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND status_code IS NULL", scope, key)
+        await connection.execute(
+            "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at = $3 AND status_code IS NULL",
+            scope, key, claimed_at,
+        )
 
 
 def _response(status_code: int, body: Any, *, replayed: bool) -> JSONResponse:
