@@ -120,7 +120,10 @@ class Ledger:
             raise Problem(503, "ledger_unavailable", str(unavailable), headers={"Retry-After": "5"}) from None
 
     async def read_your_writes(self) -> None:
-        await self.projection.wait_for(self.writer.last_position)
+        try:
+            await self.projection.wait_for(self.writer.last_position)
+        except TimeoutError as behind:  # committed, but not readable yet: the retry answers from the key
+            raise Problem(503, "read_model_behind", str(behind), headers={"Retry-After": "1"}) from None
 
 
 def _result(result: Any) -> dict:
