@@ -1,4 +1,5 @@
-"""`/health/live` (the process answers) and `/health/ready` (its dependencies answer)."""
+"""`/health/live` (the process works: it answers, and none of its background loops has
+died) and `/health/ready` (its dependencies answer)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ CHECK_TIMEOUT_S = 2.0
 Check = Callable[[], Awaitable[str]]
 
 
-def health_router(checks: dict[str, Check]) -> APIRouter:
+def health_router(checks: dict[str, Check], dead_loops: Callable[[], list[str]] = list) -> APIRouter:
+    """`dead_loops` names the background loops that have ended: a writer, relay or
+    consumer loop that died leaves a process that answers but no longer works, which only
+    a restart mends, so liveness fails."""
     router = APIRouter(tags=["health"])
 
     @router.get("/health/live")
-    async def live() -> dict[str, str]:
-        return {"status": "live"}
+    async def live() -> JSONResponse:
+        dead = dead_loops()
+        if dead:
+            return JSONResponse({"status": "dead", "dead_loops": dead}, status_code=503)
+        return JSONResponse({"status": "live"})
 
     @router.get("/health/ready")
     async def ready() -> JSONResponse:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -76,8 +77,13 @@ class Service:
         self.run_in_background(watchdog.run)
 
     def run_in_background(self, runner: Callable[[], Awaitable[None]]) -> None:
-        """Long-running loops (the relay, the ledger writer) that live as long as the service."""
+        """Long-running loops (the relay, the ledger writer) that live as long as the service.
+        A function or a functools.partial of one: its name is the loop's in /health/live."""
         self._background.append(runner)
+
+    def dead_loops(self) -> list[str]:
+        """The background loops that ended while the service runs (they are meant to run for ever)."""
+        return [task.get_name() for task in self._tasks if task.done()]
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Service]:
@@ -97,8 +103,11 @@ class Service:
                 # request lets the broker auto-create them with its own.
                 await ensure_topics(self.settings.kafka_bootstrap_servers, self.topics_consumed)
             await self.broker.start()
-            runners = [*self._background, *([lambda: idempotency.purge_expired_forever(self.pool)] if self.pool else [])]
-            self._tasks = [asyncio.create_task(runner(), name=getattr(runner, "__name__", "background")) for runner in runners]
+            runners = [*self._background, *([functools.partial(idempotency.purge_expired_forever, self.pool)]
+                                            if self.pool else [])]
+            self._tasks = [asyncio.create_task(runner(), name=_loop_name(runner)) for runner in runners]
+            for task in self._tasks:
+                task.add_done_callback(_report_if_died)
             yield self
         finally:
             for task in self._tasks:
@@ -125,10 +134,20 @@ class Service:
 
         app = FastAPI(title=self.title, lifespan=lifespan)
         install_problem_handlers(app, self.domain_errors)
-        app.include_router(health_router({**checks, **self.checks}))
+        app.include_router(health_router({**checks, **self.checks}, self.dead_loops))
         for router in self.routers:
             app.include_router(router)
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*")
         return app
+
+
+def _loop_name(runner: Callable[[], Awaitable[None]]) -> str:
+    function = runner.func if isinstance(runner, functools.partial) else runner
+    return getattr(function, "__qualname__", repr(function))
+
+
+def _report_if_died(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background loop %s died; /health/live now fails", task.get_name(), exc_info=task.exception())

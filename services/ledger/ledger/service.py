@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -57,11 +58,11 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
             recorder=app.recorder, mapper=app.mapper, to_integration=to_integration,
             database_url=settings.service_database_url,
         )
-        svc.run_in_background(lambda: parts.writer.lead(settings.service_database_url))
+        svc.run_in_background(functools.partial(parts.writer.lead, settings.service_database_url))
         svc.run_in_background(parts.writer.run)
         svc.run_in_background(parts.projection.run)
         svc.run_in_background(parts.relay.run)
-        svc.run_in_background(lambda: expire_holds_forever(parts, clock))
+        svc.run_in_background(functools.partial(expire_holds_forever, parts, clock))
 
     @service.on_stop
     async def stop(svc: Service) -> None:
