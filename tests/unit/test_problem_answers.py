@@ -1,6 +1,6 @@
 """Rules of every service's error answers: a database that is down, restarting or failing
 over is a 503 problem with Retry-After, whichever driver noticed; anything else unexpected
-is a 500 that names no internals."""
+is a 500 that names no internals; the framework's own refusals keep their headers."""
 
 from __future__ import annotations
 
@@ -46,3 +46,10 @@ async def test_any_other_unexpected_error_is_a_500_that_names_no_internals():
         response = await client.get("/read")
     assert response.status_code == 500 and response.json()["code"] == "internal_error"
     assert "secret" not in response.text
+
+
+async def test_a_method_not_allowed_is_a_problem_that_says_which_methods_are():
+    async with app_raising(RuntimeError()) as client:
+        response = await client.delete("/read")
+    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "GET"

@@ -102,7 +102,9 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(
             error.status_code, f"http_{error.status_code}"
         )
-        return problem_response(Problem(error.status_code, code, str(error.detail)), request)
+        # Its headers too: a 405 names what is Allowed, a 401 how to authenticate.
+        return problem_response(Problem(error.status_code, code, str(error.detail), headers=dict(error.headers or {})),
+                                request)
 
     async def on_domain(request: Request, error: Exception) -> JSONResponse:
         return problem_response(domain_problem(error), request)
