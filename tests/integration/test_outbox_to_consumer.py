@@ -149,36 +149,58 @@ async def _count(service, n: int) -> bool:
     return len(await board(service)) >= n
 
 
-@pytest.mark.faults
-async def test_consumer_that_passed_over_events_reads_the_partition_again_instead_of_skipping_them(stack, unique_name):
-    """What a broker that lost its data can cause: the relay's next events land at offsets
-    the consumer had already read past, so it would meet position 5 before position 4."""
+def note_event(position: int, payload: dict) -> IntegrationEvent:
+    return IntegrationEvent(
+        event_id=uuid.uuid4(), type="notes.note_written", schema_version=1, source="elsewhere", position=position,
+        aggregate_id=f"note-{position}", aggregate_version=1, occurred_at=datetime.now(UTC), payload=payload,
+    )
+
+
+async def produce(bootstrap: str, topic: str, records: list[tuple[IntegrationEvent, int]]) -> None:
+    """(event, previous position) pairs, in this order, onto partition 0."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for event, previous in records:
+            await producer.send_and_wait(topic, event.json_bytes(), key=event.aggregate_id.encode(), partition=0,
+                                         headers=[(PREVIOUS_POSITION_HEADER, str(previous).encode())])
+    finally:
+        await producer.stop()
+
+
+async def board_that_applied_up_to(stack, unique_name: str, position: int):
+    """The board's settings, topic and consumer name, its tracking at `position` on partition 0
+    of a topic the relay of "elsewhere" publishes to (as before a broker lost its data)."""
     topic = topic_for(unique_name)
     settings = stack.service_settings(f"{unique_name}_b")
     consumer_name = f"{settings.service_name}_board"
     await ensure_topics(stack.bootstrap_servers, [topic])
-    # The consumer applied up to position 2 on partition 0 and committed offset 1.
     await ensure_database(settings.database_url, settings.service_name)
     connection = await asyncpg.connect(settings.service_database_url)
     try:
         await connection.execute(TRACKING_SCHEMA)
-        await connection.execute("INSERT INTO consumer_tracking VALUES ($1, 'elsewhere', $2, 0, 2)", consumer_name, topic)
+        await connection.execute("INSERT INTO consumer_tracking VALUES ($1, 'elsewhere', $2, 0, $3)",
+                                 consumer_name, topic, position)
     finally:
         await connection.close()
+    return settings, topic, consumer_name
+
+
+async def tracked_position(service, consumer_name: str, topic: str) -> int:
+    return await service.pool.fetchval(
+        "SELECT position FROM consumer_tracking WHERE consumer = $1 AND topic = $2 AND partition = 0", consumer_name, topic
+    )
+
+
+@pytest.mark.faults
+async def test_consumer_that_passed_over_events_reads_the_partition_again_instead_of_skipping_them(stack, unique_name):
+    """What a broker that lost its data can cause: the relay's next events land at offsets
+    the consumer had already read past, so it would meet position 5 before position 4."""
+    # The consumer applied up to position 2 on partition 0 and committed offset 1.
+    settings, topic, consumer_name = await board_that_applied_up_to(stack, unique_name, 2)
     # The new partition 0: position 4 (after 2) at offset 0, position 5 (after 4) at offset 1.
-    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap_servers)
-    await producer.start()
-    try:
-        for position, previous, text in ((4, 2, "four"), (5, 4, "five")):
-            event = IntegrationEvent(
-                event_id=uuid.uuid4(), type="notes.note_written", schema_version=1, source="elsewhere",
-                position=position, aggregate_id=f"note-{position}", aggregate_version=1, occurred_at=datetime.now(UTC),
-                payload={"text": text},
-            )
-            await producer.send_and_wait(topic, event.json_bytes(), key=b"k", partition=0,
-                                         headers=[(PREVIOUS_POSITION_HEADER, str(previous).encode())])
-    finally:
-        await producer.stop()
+    await produce(stack.bootstrap_servers, topic, [(note_event(4, {"text": "four"}), 2),
+                                                   (note_event(5, {"text": "five"}), 4)])
     committer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap_servers, group_id=consumer_name, enable_auto_commit=False)
     await committer.start()
     try:
@@ -192,10 +214,28 @@ async def test_consumer_that_passed_over_events_reads_the_partition_again_instea
         await eventually(lambda: _count(board_service, 2), what="positions 4 and 5 on the board")
         state = await board(board_service)
         assert state == {"note-4": ("four", 1), "note-5": ("five", 1)}
-        tracked = await board_service.pool.fetchval(
-            "SELECT position FROM consumer_tracking WHERE consumer = $1 AND topic = $2 AND partition = 0", consumer_name, topic
-        )
-        assert tracked == 5
+        assert await tracked_position(board_service, consumer_name, topic) == 5
+
+
+@pytest.mark.faults
+async def test_a_gap_whose_missing_events_are_republished_after_it_does_not_stop_the_partition(stack, unique_name):
+    """After a broker restart the relay's first new event (position 5, after 4) can land at
+    offset 0, before the relay notices the loss and republishes everything from position 1.
+    A consumer that had applied only up to 2 meets the gap at offset 0: reading the partition
+    again from the start meets it again there, so the missing events must be looked for
+    after it, where the republish puts them."""
+    settings, topic, consumer_name = await board_that_applied_up_to(stack, unique_name, 2)
+    texts = {position: f"text {position}" for position in range(1, 6)}
+    await produce(stack.bootstrap_servers, topic, [
+        (note_event(5, {"text": texts[5]}), 4),  # the new event, published before the relay noticed
+        *((note_event(position, {"text": texts[position]}), position - 1) for position in range(1, 6)),  # the republish
+    ])
+
+    board_service, _ = build_board_service(settings, topic)
+    async with board_service.running():
+        await eventually(lambda: _count(board_service, 3), timeout_s=30, what="positions 3, 4 and 5 on the board")
+        assert await board(board_service) == {f"note-{p}": (texts[p], 1) for p in (3, 4, 5)}
+        assert await tracked_position(board_service, consumer_name, topic) == 5
 
 
 @pytest.mark.faults
