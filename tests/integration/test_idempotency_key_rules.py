@@ -64,53 +64,55 @@ class SlowAttempt:
         return 201, self.answer
 
 
-async def outlive_the_lease(pool, key: str) -> None:
-    await pool.execute("UPDATE idempotency_keys SET created_at = created_at - make_interval(secs => $2) WHERE key = $1",
-                       key, float(idempotency.CLAIM_LEASE_S + 1))
-
-
 def run(pool, key: str, operation):
     return asyncio.create_task(idempotency.run_once(pool, scope="transfers", key=key, body={"amount_minor": 100},
                                                     operation=operation))
 
 
+async def taken_over(pool, key: str):
+    """A first attempt still running when its lease runs out, and the repeat that takes the
+    key over, running too: (first, its task, second, its task)."""
+    first, second = SlowAttempt({"answered_by": "first"}), SlowAttempt({"answered_by": "second"})
+    first_task = run(pool, key, first)
+    await first.started.wait()
+    await pool.execute("UPDATE idempotency_keys SET created_at = created_at - make_interval(secs => $2) WHERE key = $1",
+                       key, float(idempotency.CLAIM_LEASE_S + 1))
+    second_task = run(pool, key, second)
+    await second.started.wait()
+    return first, first_task, second, second_task
+
+
+def answering_at_once() -> SlowAttempt:
+    """A third attempt: were the key free, it would run and answer at once."""
+    third = SlowAttempt({"answered_by": "third"})
+    third.release.set()
+    return third
+
+
 async def test_an_attempt_that_outlived_its_lease_does_not_store_its_answer_over_the_one_that_took_over(
         stack, unique_name):
     async with key_store(stack, unique_name) as pool:
-        first, second = SlowAttempt({"answered_by": "first"}), SlowAttempt({"answered_by": "second"})
-        first_task = run(pool, "late", first)
-        await first.started.wait()
-        await outlive_the_lease(pool, "late")
-        second_task = run(pool, "late", second)
-        await second.started.wait()  # took the key over
+        first, first_task, second, second_task = await taken_over(pool, "late")
         second.release.set()
         await second_task
         first.release.set()
         await first_task
-        third = SlowAttempt({"answered_by": "third"})
-        third.release.set()
         repeat = await idempotency.run_once(pool, scope="transfers", key="late", body={"amount_minor": 100},
-                                            operation=third)
+                                            operation=answering_at_once())
         assert json.loads(repeat.body) == {"answered_by": "second"}
 
 
 async def test_an_attempt_that_outlived_its_lease_and_failed_does_not_free_the_key_of_the_one_that_took_over(
         stack, unique_name):
     async with key_store(stack, unique_name) as pool:
-        first, second = SlowAttempt({"answered_by": "first"}), SlowAttempt({"answered_by": "second"})
-        first_task = run(pool, "busy", first)
-        await first.started.wait()
-        await outlive_the_lease(pool, "busy")
-        second_task = run(pool, "busy", second)
-        await second.started.wait()
+        first, first_task, second, second_task = await taken_over(pool, "busy")
         first.fail = True
         first.release.set()
         with pytest.raises(ConnectionError):
             await first_task
-        third = SlowAttempt({"answered_by": "third"})
-        third.release.set()  # were the key free, it would run and answer at once
         with pytest.raises(Problem) as still_running:  # the second attempt still holds the key
-            await idempotency.run_once(pool, scope="transfers", key="busy", body={"amount_minor": 100}, operation=third)
+            await idempotency.run_once(pool, scope="transfers", key="busy", body={"amount_minor": 100},
+                                       operation=answering_at_once())
         assert still_running.value.status == 409
         second.release.set()
         await second_task
