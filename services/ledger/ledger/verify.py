@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -69,11 +70,27 @@ class _Account:
 
 
 @dataclass
+class _Hold:
+    debit_account_id: UUID
+    credit_account_id: UUID
+    amount_minor: int
+    currency: str
+    expires_at: datetime
+    captured_minor: int = 0
+    state: str = "active"
+
+    def as_read_model_shows_it(self) -> tuple:
+        """In the order of _HOLD_COLUMNS (after the id)."""
+        return (self.debit_account_id, self.credit_account_id, self.amount_minor, self.captured_minor, self.currency,
+                self.state, self.expires_at)
+
+
+@dataclass
 class _ReadModelView:
     """What the read model should show at a position."""
 
     accounts: dict[UUID, tuple]  # as _Account.as_read_model_shows_it
-    holds: dict[str, tuple]  # client hold id: as the ledger_holds columns in _HOLD_COLUMNS
+    holds: dict[str, tuple]  # client hold id: as _Hold.as_read_model_shows_it
     transfers: int
 
 
@@ -86,13 +103,13 @@ def read_event_store(
     """Every account as its events up to `up_to` say, and what the read model should show
     at position `read_model_at`; unbalanced transfers; events read."""
     accounts: dict[UUID, _Account] = defaultdict(_Account)
-    holds: dict[str, list] = {}  # as _HOLD_COLUMNS without the id
+    holds: dict[str, _Hold] = {}  # by client hold id
     transfers = 0
     at_read_model: _ReadModelView | None = None
 
     def view() -> _ReadModelView:
         return _ReadModelView({aid: account.as_read_model_shows_it() for aid, account in accounts.items()},
-                              {hold_id: tuple(hold) for hold_id, hold in holds.items()}, transfers)
+                              {hold_id: hold.as_read_model_shows_it() for hold_id, hold in holds.items()}, transfers)
 
     debit_account_of_hold: dict[UUID, UUID] = {}
     unbalanced: list[str] = []
@@ -131,17 +148,17 @@ def read_event_store(
             elif kind == "Hold.Placed":
                 debit_account_of_hold[event.originator_id] = UUID(event.debit_account_id)
                 accounts[UUID(event.debit_account_id)].held_minor += event.amount_minor
-                holds[event.client_hold_id] = [UUID(event.debit_account_id), UUID(event.credit_account_id),
-                                               event.amount_minor, 0, event.currency, "active", event.expires_at]
+                holds[event.client_hold_id] = _Hold(UUID(event.debit_account_id), UUID(event.credit_account_id),
+                                                    event.amount_minor, event.currency, event.expires_at)
             elif kind == "Hold.Captured":
                 accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.amount_minor
                 hold = holds[event.client_hold_id]
-                hold[3] += event.amount_minor
-                if hold[3] >= hold[2]:
-                    hold[5] = "captured"
+                hold.captured_minor += event.amount_minor
+                if hold.captured_minor >= hold.amount_minor:
+                    hold.state = "captured"
             elif kind in ("Hold.Voided", "Hold.Expired"):
                 accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.released_minor
-                holds[event.client_hold_id][5] = "voided" if kind == "Hold.Voided" else "expired"
+                holds[event.client_hold_id].state = "voided" if kind == "Hold.Voided" else "expired"
         last_position = page[-1].id
         events_read += len(page)
     if at_read_model is None:
