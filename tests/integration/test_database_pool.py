@@ -1,5 +1,5 @@
-"""Rules of a service's database pool: a connection goes back to the pool without a
-reset round trip, yet the next user never inherits what the last one left behind."""
+"""Rules of a service's database pool: the next user of a connection never inherits what
+the last one left behind."""
 
 from __future__ import annotations
 
