@@ -66,45 +66,30 @@ async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: i
 
 async def records_at(
     bootstrap_servers: str, topic: str, offsets: dict[int, int], timeout_s: float = 3.0
-) -> dict[int, ConsumerRecord | None]:
-    """The record at the given offset of each partition; None for a partition that no
-    longer holds that offset (the broker lost data, or its retention went past it).
-
-    Raises TimeoutError when the broker has not answered for every partition in time: a
-    slow broker is not a broker that lost its data, and taking it for one would make a
-    relay republish its whole log and consumers read their partitions again from the start.
-    """
+) -> dict[int, ConsumerRecord]:
+    """The record at the given offset of each partition, for those the broker still has."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, request_timeout_ms=_REQUEST_TIMEOUT_MS,
         enable_auto_commit=False, auto_offset_reset="none",
     )
     await consumer.start()
-    found: dict[int, ConsumerRecord | None] = {}
+    found: dict[int, ConsumerRecord] = {}
     try:
         partitions = [TopicPartition(topic, p) for p in offsets]
-        try:
-            ends = await consumer.end_offsets(partitions)
-        except UnknownTopicOrPartitionError:
-            return {partition: None for partition in offsets}
-        found = {tp.partition: None for tp in partitions if ends[tp] <= offsets[tp.partition]}  # not written (again) yet
-        still = [tp for tp in partitions if tp.partition not in found]
-        consumer.assign(still)
-        for tp in still:
+        consumer.assign(partitions)
+        for tp in partitions:
             consumer.seek(tp, offsets[tp.partition])
         deadline = asyncio.get_running_loop().time() + timeout_s
         while len(found) < len(offsets) and asyncio.get_running_loop().time() < deadline:
             try:
                 batch = await consumer.getmany(timeout_ms=200)
-            except (OffsetOutOfRangeError, UnknownTopicOrPartitionError):  # gone: before the log's start now
-                found.update((tp.partition, None) for tp in still if tp.partition not in found)
+            except (OffsetOutOfRangeError, UnknownTopicOrPartitionError):
                 break
             for tp, records in batch.items():
-                # The broker answered from that offset on: the record there, or none (it is gone).
-                found[tp.partition] = next((r for r in records if r.offset == offsets[tp.partition]), None)
+                for record in records:
+                    if record.offset == offsets[tp.partition]:
+                        found[tp.partition] = record
                 consumer.pause(tp)
     finally:
         await consumer.stop()
-    if len(found) < len(offsets):
-        raise TimeoutError(f"the broker did not answer for {topic} partitions"
-                           f" {sorted(offsets.keys() - found.keys())} within {timeout_s} s")
     return found
