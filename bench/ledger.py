@@ -12,7 +12,7 @@ catch up and reports how long that took after the last transfer.
 
 Workloads: uniform over 10,000 customer accounts, and the same with a fee leg to one
 hot fee account. Client counts 1, 8 and 32. Each measured run (pgbench's too) starts
-after a VACUUM of both databases and a CHECKPOINT. Last line: one JSON object.
+after a CHECKPOINT. Last line: one JSON object.
 
     .venv/bin/python -m bench.ledger [--seconds 5] [--accounts 10000]
 
@@ -55,17 +55,10 @@ async def wal_flushes(url: str) -> int:
         await connection.close()
 
 
-async def settle_server(database_urls: list[str]) -> None:
-    """Every measured run starts from a settled server: the dead rows of the run before
-    (pgbench's updates, the ledger's balance rows) vacuumed now rather than by autovacuum
-    during the next run, and their dirty pages flushed by a CHECKPOINT."""
-    for url in database_urls:
-        connection = await asyncpg.connect(url)
-        try:
-            await connection.execute("VACUUM")
-        finally:
-            await connection.close()
-    connection = await asyncpg.connect(database_urls[0])
+async def checkpoint(url: str) -> None:
+    """Every measured run starts from a clean server: the dirty pages of the run before
+    (pgbench's above all) must not be flushed during the next one."""
+    connection = await asyncpg.connect(url)
     try:
         await connection.execute("CHECKPOINT")
     finally:
@@ -145,7 +138,6 @@ async def main(seconds: float, account_count: int) -> dict:
                            check=True, capture_output=True)
 
         settings = stack.service_settings("ledger_bench")
-        databases = [settings.service_database_url, pgbench_url]
         service, parts = build(settings)
         results: dict = {}
         async with service.running():
@@ -153,12 +145,12 @@ async def main(seconds: float, account_count: int) -> dict:
                 accounts, _, fees = await setup_accounts(parts, account_count)
             await run_ledger_load(parts, accounts, fees, 8, 1.0, hot=False)  # warm-up
             for clients in CLIENT_COUNTS:
-                await settle_server(databases)
+                await checkpoint(stack.database_url)
                 with console.status(f"pgbench, {clients} clients…"):
                     tps = pgbench(pgbench_url, clients, seconds)
                 row = {"pgbench_tps": tps}
                 for hot in (False, True):
-                    await settle_server(databases)
+                    await checkpoint(stack.database_url)
                     flushes_before = await wal_flushes(stack.database_url)
                     with console.status(f"ledger, {clients} clients, {'hot fee account' if hot else 'uniform'}…"):
                         load = await run_ledger_load(parts, accounts, fees, clients, seconds, hot)
