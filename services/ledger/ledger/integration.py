@@ -16,7 +16,7 @@ SOURCE = "ledger"
 
 
 def _customer(owner_id: str | None) -> str | None:
-    return None if owner_id in (None, "bank") else owner_id
+    return None if owner_id in (None, public.BANK_OWNER_ID) else owner_id
 
 
 def to_integration(event: Any, position: int) -> IntegrationEvent | None:

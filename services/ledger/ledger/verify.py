@@ -24,13 +24,13 @@ from uuid import UUID
 import asyncpg
 
 from kabinet_chassis.eventstore import events_table
+from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger.application import LedgerApplication
 
 PAGE_SIZE = 5000
 PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
 CATCH_UP_WAIT_S = 30.0  # how long the read model may take to reach the head verify began at
 CATCH_UP_POLL_S = 0.05
-INTERNAL_OWNER = "bank"
 
 
 @dataclass
@@ -111,7 +111,6 @@ def read_event_store(
         return _ReadModelView({aid: account.as_read_model_shows_it() for aid, account in accounts.items()},
                               {hold_id: hold.as_read_model_shows_it() for hold_id, hold in holds.items()}, transfers)
 
-    debit_account_of_hold: dict[UUID, UUID] = {}
     unbalanced: list[str] = []
     last_position = 0
     events_read = 0
@@ -146,19 +145,19 @@ def read_event_store(
                 if any(sums.values()):
                     unbalanced.append(f"transfer {event.client_transfer_id} is off by {dict(sums)}")
             elif kind == "Hold.Placed":
-                debit_account_of_hold[event.originator_id] = UUID(event.debit_account_id)
                 accounts[UUID(event.debit_account_id)].held_minor += event.amount_minor
                 holds[event.client_hold_id] = _Hold(UUID(event.debit_account_id), UUID(event.credit_account_id),
                                                     event.amount_minor, event.currency, event.expires_at)
             elif kind == "Hold.Captured":
-                accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.amount_minor
                 hold = holds[event.client_hold_id]
+                accounts[hold.debit_account_id].held_minor -= event.amount_minor
                 hold.captured_minor += event.amount_minor
                 if hold.captured_minor >= hold.amount_minor:
                     hold.state = "captured"
             elif kind in ("Hold.Voided", "Hold.Expired"):
-                accounts[debit_account_of_hold[event.originator_id]].held_minor -= event.released_minor
-                holds[event.client_hold_id].state = "voided" if kind == "Hold.Voided" else "expired"
+                hold = holds[event.client_hold_id]
+                accounts[hold.debit_account_id].held_minor -= event.released_minor
+                hold.state = "voided" if kind == "Hold.Voided" else "expired"
         last_position = page[-1].id
         events_read += len(page)
     if at_read_model is None:
@@ -241,7 +240,7 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     report.add("no forbidden overdraft", [
         f"account {aid}: {a.legs_minor - a.held_minor} below limit {a.credit_limit_minor}"
         for aid, a in accounts.items()
-        if a.owner_id != INTERNAL_OWNER and a.legs_minor - a.held_minor < -a.credit_limit_minor
+        if a.owner_id != BANK_OWNER_ID and a.legs_minor - a.held_minor < -a.credit_limit_minor
     ], "customer accounts within their limits")
 
     problems = [] if position >= head_at_start else [
