@@ -139,9 +139,9 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
         await connection.execute(function)
 
 
-async def last_posted_at(connection: asyncpg.Connection) -> datetime | None:
+async def last_posted_at(pool: asyncpg.Pool) -> datetime | None:
     """The time of the last committed batch; a new batch may not be earlier."""
-    return await connection.fetchval("SELECT posted_at FROM ledger_posting_clock")
+    return await pool.fetchval("SELECT posted_at FROM ledger_posting_clock")
 
 
 async def append_batch(

@@ -126,8 +126,7 @@ class BatchedWriter:
         self.last_position = await self.pool.fetchval(
             f"SELECT coalesce(max(notification_id), 0) FROM {events_table(self.app.recorder)}"
         )
-        async with self.pool.acquire() as connection:
-            self._last_posted_at = await last_posted_at(connection)
+        self._last_posted_at = await last_posted_at(self.pool)
         self._active.set()
 
     @property
@@ -231,8 +230,7 @@ class BatchedWriter:
                 self._forget(touched)
                 if attempt == SAVE_ATTEMPTS_MAX:
                     raise
-                async with self.pool.acquire() as connection:
-                    self._last_posted_at = await last_posted_at(connection)
+                self._last_posted_at = await last_posted_at(self.pool)
                 continue
             except BaseException as error:
                 self._forget(touched)  # committed or not, the store is the truth now
