@@ -22,7 +22,7 @@ def _customer(owner_id: str | None) -> str | None:
 def to_integration(event: Any, position: int) -> IntegrationEvent | None:
     kind = type(event).__qualname__
     customer_id: str | None = None
-    occurred_at = event.timestamp
+    occurred_at = event.timestamp  # the writer's batch time (domain/account.py), as statements have it
     payload: Any
     if kind == "Account.Opened":
         payload = public.AccountOpened(account_id=str(event.originator_id), owner_id=event.owner_id, kind=event.kind,
@@ -41,8 +41,8 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
             hold_id=event.hold_id,
         )
         customer_id = event.customer_ids[0] if event.customer_ids else None
-        # The posting time, as statements and balances at an instant have it (the batch's
-        # time, which never goes back), not the moment the event object was made.
+        # The posting time, which statements and balances at an instant read (the same as
+        # the event's timestamp, which transfers stored before that rule did not have).
         occurred_at = event.posted_at
     elif kind == "Hold.Placed":
         payload = public.HoldPlaced(

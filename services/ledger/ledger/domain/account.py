@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
 
@@ -57,8 +58,13 @@ class Account(Aggregate):
     def create_id(account_id: UUID) -> UUID:
         return account_id
 
+    # Every event takes `timestamp`, eventsourcing's own field: the writer passes its batch
+    # time, so an event is stamped with the ledger's clock (which never goes back along the
+    # log), not with the moment Python made the object.
+
     @event("Opened")
-    def __init__(self, account_id: UUID, owner_id: str, kind: str, currency: str, credit_limit_minor: int) -> None:
+    def __init__(self, account_id: UUID, owner_id: str, kind: str, currency: str, credit_limit_minor: int,
+                 timestamp: datetime) -> None:
         self.owner_id = owner_id
         self.kind = kind
         self.currency = currency
@@ -73,24 +79,24 @@ class Account(Aggregate):
     # Public commands check their rule, then trigger the event (a private method), so a
     # replay of stored events never re-runs a rule that may have changed since.
 
-    def freeze(self) -> None:
+    def freeze(self, at: datetime) -> None:
         self.check_not_closed()
         if self.state != AccountState.FROZEN:
-            self._freeze()
+            self._freeze(timestamp=at)
 
-    def unfreeze(self) -> None:
+    def unfreeze(self, at: datetime) -> None:
         self.check_not_closed()
         if self.state == AccountState.FROZEN:
-            self._unfreeze()
+            self._unfreeze(timestamp=at)
 
-    def close(self, posted_minor: int, held_minor: int) -> None:
+    def close(self, posted_minor: int, held_minor: int, at: datetime) -> None:
         """Only an empty account closes: the caller gives its balance as it stands now."""
         self.check_close(posted_minor, held_minor)
-        self._close()
+        self._close(timestamp=at)
 
-    def set_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int) -> None:
+    def set_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int, at: datetime) -> None:
         self.check_credit_limit(credit_limit_minor, posted_minor, held_minor)
-        self._set_credit_limit(credit_limit_minor=credit_limit_minor)
+        self._set_credit_limit(credit_limit_minor=credit_limit_minor, timestamp=at)
 
     # The rules, given balances: the Batch asks them with its own view (this batch's
     # postings included) before it changes anything.
@@ -120,17 +126,17 @@ class Account(Aggregate):
             )
 
     @event("Frozen")
-    def _freeze(self) -> None:
+    def _freeze(self, timestamp: datetime) -> None:
         self.state = AccountState.FROZEN.value
 
     @event("Unfrozen")
-    def _unfreeze(self) -> None:
+    def _unfreeze(self, timestamp: datetime) -> None:
         self.state = AccountState.OPEN.value
 
     @event("Closed")
-    def _close(self) -> None:
+    def _close(self, timestamp: datetime) -> None:
         self.state = AccountState.CLOSED.value
 
     @event("CreditLimitSet")
-    def _set_credit_limit(self, credit_limit_minor: int) -> None:
+    def _set_credit_limit(self, credit_limit_minor: int, timestamp: datetime) -> None:
         self.credit_limit_minor = credit_limit_minor

@@ -190,7 +190,7 @@ class Batch:
         account = Account(
             account_id=command.account_id, owner_id=command.owner_id, kind=AccountKind(command.kind).value,
             currency=command.currency,
-            credit_limit_minor=command.credit_limit_minor,
+            credit_limit_minor=command.credit_limit_minor, timestamp=self.now,
         )
         self._touch(account)
         self._balances[account.id] = Balance()
@@ -202,7 +202,7 @@ class Batch:
         account.check_not_closed()
         if account.state != AccountState.FROZEN:
             self._touch(account, resave_balance=True)
-            account.freeze()
+            account.freeze(at=self.now)
         return AccountResult(str(account.id), account.state)
 
     def _unfreeze(self, command: c.UnfreezeAccount) -> AccountResult:
@@ -210,20 +210,21 @@ class Batch:
         account.check_not_closed()
         if account.state == AccountState.FROZEN:
             self._touch(account, resave_balance=True)
-            account.unfreeze()
+            account.unfreeze(at=self.now)
         return AccountResult(str(account.id), account.state)
 
     def _close(self, command: c.CloseAccount) -> AccountResult:
         account = self.account(command.account_id)
         if account.state == AccountState.CLOSED:
             return AccountResult(str(account.id), account.state, replayed=True)
-        account.close(self.posted_minor(account), self.held_minor(account))  # this batch's postings count
+        account.close(self.posted_minor(account), self.held_minor(account), at=self.now)  # this batch's postings count
         self._touch(account, resave_balance=True)
         return AccountResult(str(account.id), account.state)
 
     def _set_credit_limit(self, command: c.SetCreditLimit) -> AccountResult:
         account = self.account(command.account_id)
-        account.set_credit_limit(command.credit_limit_minor, self.posted_minor(account), self.held_minor(account))
+        account.set_credit_limit(command.credit_limit_minor, self.posted_minor(account), self.held_minor(account),
+                                 at=self.now)
         self._touch(account, resave_balance=True)
         return AccountResult(str(account.id), account.state)
 
@@ -276,7 +277,7 @@ class Batch:
         transfer = Transfer(
             client_transfer_id=command.transfer_id, legs=legs, code=command.code, external_ref=command.external_ref,
             customer_ids=list(command.customer_ids), metadata=dict(command.metadata),
-            request_fingerprint=request_fingerprint, posted_at=self.now,
+            request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now,
         )
         self._touch(transfer)
         for leg, account in zip(command.legs, accounts, strict=True):
@@ -309,7 +310,7 @@ class Batch:
         hold = Hold(
             client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
             amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
-            code=command.code, request_fingerprint=request_fingerprint,
+            code=command.code, request_fingerprint=request_fingerprint, timestamp=self.now,
         )
         self._touch(hold)
         self._reserve(debit, command.amount_minor)
@@ -353,13 +354,13 @@ class Batch:
         ]
         transfer = Transfer(
             client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None, customer_ids=[], metadata={},
-            request_fingerprint=c.fingerprint(command), posted_at=self.now, hold_id=command.hold_id,
+            request_fingerprint=c.fingerprint(command), posted_at=self.now, timestamp=self.now, hold_id=command.hold_id,
             capture_id=command.capture_id,
         )
         self._touch(transfer)
         self._touch(hold)
         hold.capture(client_hold_id=command.hold_id, capture_id=command.capture_id, amount_minor=command.amount_minor,
-                     transfer_id=transfer_id)
+                     transfer_id=transfer_id, at=self.now)
         self._reserve(debit, -command.amount_minor)
         self._post(debit, -command.amount_minor)
         self._post(credit, command.amount_minor)
@@ -386,9 +387,9 @@ class Batch:
         released = hold.remaining_minor
         self._touch(hold)
         if expire:
-            hold.expire(client_hold_id=hold.client_hold_id, released_minor=released)
+            hold.expire(client_hold_id=hold.client_hold_id, released_minor=released, at=self.now)
         else:
-            hold.void(client_hold_id=hold.client_hold_id, released_minor=released)
+            hold.void(client_hold_id=hold.client_hold_id, released_minor=released, at=self.now)
         if released:
             self._reserve(debit, -released)
 

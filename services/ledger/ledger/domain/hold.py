@@ -51,6 +51,7 @@ class Hold(Aggregate):
         expires_at: datetime,
         code: str,
         request_fingerprint: str,
+        timestamp: datetime,  # the batch's time, as for every ledger event (see account.py)
     ) -> None:
         self.client_hold_id = client_hold_id
         self.debit_account_id = debit_account_id
@@ -72,7 +73,7 @@ class Hold(Aggregate):
     # Public commands check their rule, then trigger the event (a private method). The
     # Batch checks the same rules (and the deadline, which needs `now`) before calling.
 
-    def capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str) -> None:
+    def capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str, at: datetime) -> None:
         self._check_active()
         if type(amount_minor) is not int or amount_minor <= 0:
             raise InvalidHold(f"a capture of hold {self.client_hold_id} must be a positive integer amount_minor")
@@ -84,15 +85,15 @@ class Hold(Aggregate):
         if capture_id in self.captures:
             raise IdempotencyConflict(f"capture {capture_id} of hold {self.client_hold_id} was recorded before")
         self._capture(client_hold_id=client_hold_id, capture_id=capture_id, amount_minor=amount_minor,
-                      transfer_id=transfer_id)
+                      transfer_id=transfer_id, timestamp=at)
 
-    def void(self, client_hold_id: str, released_minor: int) -> None:
+    def void(self, client_hold_id: str, released_minor: int, at: datetime) -> None:
         self._check_release(released_minor)
-        self._void(client_hold_id=client_hold_id, released_minor=released_minor)
+        self._void(client_hold_id=client_hold_id, released_minor=released_minor, timestamp=at)
 
-    def expire(self, client_hold_id: str, released_minor: int) -> None:
+    def expire(self, client_hold_id: str, released_minor: int, at: datetime) -> None:
         self._check_release(released_minor)
-        self._expire(client_hold_id=client_hold_id, released_minor=released_minor)
+        self._expire(client_hold_id=client_hold_id, released_minor=released_minor, timestamp=at)
 
     def _check_active(self) -> None:
         if self.state != HoldState.ACTIVE:
@@ -104,18 +105,19 @@ class Hold(Aggregate):
         assert released_minor == self.remaining_minor, (released_minor, self.remaining_minor)
 
     @event("Captured")
-    def _capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str) -> None:
+    def _capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str,
+                 timestamp: datetime) -> None:
         self.captured_minor += amount_minor
         self.captures[capture_id] = amount_minor
         if self.remaining_minor == 0:
             self.state = HoldState.CAPTURED.value
 
     @event("Voided")
-    def _void(self, client_hold_id: str, released_minor: int) -> None:
+    def _void(self, client_hold_id: str, released_minor: int, timestamp: datetime) -> None:
         self.released_minor += released_minor
         self.state = HoldState.VOIDED.value
 
     @event("Expired")
-    def _expire(self, client_hold_id: str, released_minor: int) -> None:
+    def _expire(self, client_hold_id: str, released_minor: int, timestamp: datetime) -> None:
         self.released_minor += released_minor
         self.state = HoldState.EXPIRED.value

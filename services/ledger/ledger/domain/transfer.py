@@ -41,6 +41,7 @@ class Transfer(Aggregate):
         metadata: dict[str, str],
         request_fingerprint: str,
         posted_at: datetime,
+        timestamp: datetime,  # = posted_at: the batch's time, as for every ledger event (see account.py)
         hold_id: str | None = None,
         capture_id: str | None = None,
     ) -> None:
