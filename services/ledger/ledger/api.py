@@ -208,7 +208,10 @@ def build_router(ledger: Ledger) -> APIRouter:
         """An owner's accounts, a page at a time (follow `next_cursor` until it is null). The
         owner is a query parameter, not a path segment: an id with '/' or '..' in it can
         never reach another route or another owner."""
-        accounts, next_after = await projections.accounts_of(ledger.pool, owner_id, after=cursor, limit=limit)
+        try:
+            accounts, next_after = await projections.accounts_of(ledger.pool, owner_id, after=cursor, limit=limit)
+        except projections.UnknownCursor as unknown:
+            raise Problem(422, "invalid_cursor", str(unknown)) from None
         return {"accounts": accounts, "next_cursor": str(next_after) if next_after else None}
 
     @router.get("/accounts/{account_id}/balance")

@@ -69,6 +69,10 @@ PAGE_SIZE_MAX = 200
 ACCOUNTS_PAGE_SIZE_MAX = 100
 
 
+class UnknownCursor(ValueError):
+    """A page cursor that names nothing the asker may page from."""
+
+
 async def ensure_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as connection:
         await connection.execute(SCHEMA)
@@ -177,11 +181,18 @@ async def accounts_of(
     neither skip nor repeat one, whatever is opened meanwhile). Returns the page and the
     next page's `after`."""
     limit = max(1, min(limit, ACCOUNTS_PAGE_SIZE_MAX))
+    opened_after = None
+    if after is not None:
+        # The cursor must be one of this owner's accounts: an unknown one is refused, never
+        # answered as "no more accounts", and another owner's answers the same as an unknown.
+        opened_after = await pool.fetchval(
+            "SELECT opened_at FROM ledger_accounts WHERE account_id = $1 AND owner_id = $2", after, owner_id)
+        if opened_after is None:
+            raise UnknownCursor("the cursor is not one of this owner's accounts; start again without a cursor")
     rows = await pool.fetch(
-        f"{_ACCOUNTS} WHERE a.owner_id = $1 AND ($2::uuid IS NULL OR (a.opened_at, a.account_id) >"
-        " (SELECT opened_at, account_id FROM ledger_accounts WHERE account_id = $2))"
-        " ORDER BY a.opened_at, a.account_id LIMIT $3",
-        owner_id, after, limit + 1,
+        f"{_ACCOUNTS} WHERE a.owner_id = $1 AND ($2::timestamptz IS NULL OR (a.opened_at, a.account_id) > ($2, $3))"
+        " ORDER BY a.opened_at, a.account_id LIMIT $4",
+        owner_id, opened_after, after, limit + 1,
     )
     return [_account(row) for row in rows[:limit]], rows[limit - 1]["account_id"] if len(rows) > limit else None
 
@@ -203,7 +214,9 @@ def _account(row: asyncpg.Record) -> dict:
         "balances": {
             "posted": {"amount_minor": posted, "currency": row["currency"]},
             "pending": {"amount_minor": held, "currency": row["currency"]},
-            "available": {"amount_minor": posted - held + limit, "currency": row["currency"]},
+            # A closed account can never be debited again: its credit limit is no money to spend.
+            "available": {"amount_minor": 0 if row["state"] == "closed" else posted - held + limit,
+                          "currency": row["currency"]},
         },
         "opened_at": row["opened_at"].isoformat(),
     }

@@ -69,6 +69,28 @@ async def test_an_owners_accounts_come_in_bounded_pages_that_join_into_all_of_th
     assert too_many.status_code == 422 and {e["field"] for e in too_many.json()["errors"]} == {"limit"}
 
 
+async def test_an_account_page_cursor_must_be_one_of_the_owners_accounts(ledger):
+    # A stale or mistyped cursor must not read as "no more accounts"; another owner's
+    # account as a cursor answers exactly as an unknown id (nothing learnt about it).
+    await open_account(ledger, owner="alice")
+    bobs = await open_account(ledger, owner="bob")
+    answers = [await ledger.get("/accounts", params={"owner_id": "alice", "cursor": cursor})
+               for cursor in (str(uuid.uuid4()), bobs)]
+    for answer in answers:
+        assert answer.status_code == 422 and answer.headers["content-type"].startswith("application/problem+json")
+        assert answer.json()["code"] == "invalid_cursor"
+    assert answers[0].json() == answers[1].json()
+
+
+async def test_a_closed_credit_card_shows_no_money_available(ledger):
+    card = await open_account(ledger, limit=50_000)
+    assert (await ledger.get(f"/accounts/{card}/balance")).json()["available"]["amount_minor"] == 50_000
+    closed = await ledger.post(f"/accounts/{card}/close", headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert closed.status_code == 200 and closed.json()["state"] == "closed", closed.text
+    balances = (await ledger.get(f"/accounts/{card}/balance")).json()
+    assert balances["available"]["amount_minor"] == 0 and balances["posted"]["amount_minor"] == 0
+
+
 async def test_a_bank_accounts_statement_totals_more_than_a_bigint_of_turnover_without_a_server_error(ledger):
     # A settlement account's balance stays within what the ledger can hold, but what flows
     # through it over a long period (a year, or "since opening" for an auditor) need not.
