@@ -1,5 +1,6 @@
 """Rules of access tokens (no servers needed): the clocks of identity and of the services
-that verify its tokens differ by a little, and that little must not log a customer out."""
+that verify its tokens differ by a little, and that little must not log a customer out;
+a token is only as good as the customer id it names."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kabinet_chassis.auth import AUDIENCE, CLOCK_SKEW_S, ISSUER, TokenVerifier, public_pem
+from kabinet_chassis.auth import AUDIENCE, CLOCK_SKEW_S, ISSUER, SUBJECT_LENGTH_MAX, TokenVerifier, public_pem
 from kabinet_chassis.errors import Problem
 
 KEY = Ed25519PrivateKey.generate()
@@ -36,3 +37,20 @@ def test_a_token_issued_further_in_the_future_than_the_allowance_is_refused():
     with pytest.raises(Problem) as refused:
         VERIFIER.verify(token_issued_at(int(time.time()) + CLOCK_SKEW_S + 60))
     assert refused.value.status == 401 and refused.value.code == "invalid_token"
+
+
+def token_for(subject) -> str:
+    now = int(time.time())
+    claims = {"sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300}
+    return jwt.encode(claims, KEY, algorithm="EdDSA")
+
+
+@pytest.mark.parametrize("subject", ["", "c" * (SUBJECT_LENGTH_MAX + 1), "alice\x00bob"], ids=["empty", "too-long", "nul"])
+def test_a_signed_token_whose_subject_no_customer_can_have_is_an_invalid_token(subject):
+    with pytest.raises(Problem) as refused:
+        VERIFIER.verify(token_for(subject))
+    assert refused.value.status == 401 and refused.value.code == "invalid_token"
+
+
+def test_a_subject_of_the_longest_customer_id_is_accepted():
+    assert VERIFIER.verify(token_for("c" * SUBJECT_LENGTH_MAX)).customer_id == "c" * SUBJECT_LENGTH_MAX

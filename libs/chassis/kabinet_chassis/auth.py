@@ -27,6 +27,8 @@ ACCESS_TOKEN_TTL_S = 300
 # Small against the token's lifetime; applies to exp, nbf and iat alike.
 CLOCK_SKEW_S = 5
 _DEV_KEY_FILE = "dev-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
+# The longest customer id an account can have (the ledger's owner_id, the events' customer_id).
+SUBJECT_LENGTH_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,23 @@ class TokenVerifier:
         except jwt.InvalidTokenError as error:
             raise Problem(401, "invalid_token", f"the access token is not valid: {error}",
                           headers={"WWW-Authenticate": "Bearer"}) from None
-        return Principal(customer_id=claims["sub"], roles=tuple(claims.get("roles", ())))
+        subject = claims["sub"]
+        # A well-signed token can still name a subject no customer can be: checked here, it is
+        # a bad token (401), not a 422 about a field the caller never sent, from a service deeper in.
+        if not isinstance(subject, str) or not 1 <= len(subject) <= SUBJECT_LENGTH_MAX or "\x00" in subject:
+            raise Problem(401, "invalid_token", f"the access token's subject is not a customer id (1 to"
+                          f" {SUBJECT_LENGTH_MAX} characters, no NUL)", headers={"WWW-Authenticate": "Bearer"})
+        return Principal(customer_id=subject, roles=tuple(claims.get("roles", ())))
 
     def dependency(self):
         """FastAPI dependency giving the caller's Principal from `Authorization: Bearer …`."""
 
         def principal(authorization: str | None = Header(default=None)) -> Principal:
-            if not authorization or not authorization.startswith("Bearer "):
+            # RFC 9110 §11.1: the scheme is case-insensitive ("bearer" is "Bearer"); one or more spaces follow it.
+            scheme, _, token = (authorization or "").partition(" ")
+            if scheme.lower() != "bearer":
                 raise Problem(401, "unauthorized", "send an access token: Authorization: Bearer <token>",
                               headers={"WWW-Authenticate": "Bearer"})
-            return self.verify(authorization.removeprefix("Bearer ").strip())
+            return self.verify(token.strip())
 
         return principal

@@ -93,6 +93,29 @@ async def test_no_token_bad_token_and_expired_token_are_refused(bank):
     assert expired.status_code == 401 and expired.json()["code"] == "token_expired"
 
 
+async def test_the_bearer_scheme_is_accepted_in_any_case(bank):
+    # RFC 9110 §11.1: the authentication scheme is a case-insensitive token.
+    await open_card(bank, "alice")
+    token = issue_access_token(bank.key, "alice")
+    for scheme in ("bearer", "BEARER", "bEaReR"):
+        response = await bank.get("/v1/me/accounts", headers={"Authorization": f"{scheme} {token}"})
+        assert response.status_code == 200, (scheme, response.text)
+        assert len(response.json()["accounts"]) == 1
+    basic = await bank.get("/v1/me/accounts", headers={"Authorization": f"Basic {token}"})
+    assert basic.status_code == 401 and basic.json()["code"] == "unauthorized"
+
+
+async def test_a_signed_token_whose_subject_no_customer_can_have_is_refused_as_an_invalid_token(bank):
+    # Identity signed it, but no account can belong to its subject: a bad token (401), never
+    # a 422 from the ledger about `owner_id`, a field that is no part of the cabinet's API.
+    for subject in ("", "c" * 129, "alice\x00"):
+        response = await bank.get("/v1/me/accounts", headers=bearer(bank, subject))
+        assert response.status_code == 401, (subject, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"] == "invalid_token"
+    assert (await bank.get("/v1/me/accounts", headers=bearer(bank, "c" * 128))).status_code == 200
+
+
 async def test_a_customer_id_shaped_like_a_path_reaches_no_one_elses_accounts(bank):
     await open_funded_card(bank, "bob", 5_000)
     for sub in ("mallory/../bob", "mallory/%2e%2e/bob", "bob?x=", "bob#", ".."):
