@@ -24,8 +24,17 @@ CREATE TABLE IF NOT EXISTS ledger_balances (
     account_id uuid PRIMARY KEY,
     posted_minor bigint NOT NULL,
     held_minor bigint NOT NULL,
-    version bigint NOT NULL CHECK (version > 0)
+    version bigint NOT NULL CHECK (version > 0),
+    incoming_held_minor bigint NOT NULL DEFAULT 0
 )"""
+
+# A database made before balances tracked what holds will pay in: the column, and the append
+# function's old signature gone (a new signature is another function to PostgreSQL). Live
+# holds placed before then are not counted in.
+BALANCES_BEFORE_INCOMING_HOLDS = """
+ALTER TABLE ledger_balances ADD COLUMN IF NOT EXISTS incoming_held_minor bigint NOT NULL DEFAULT 0;
+DROP FUNCTION IF EXISTS ledger_append_batch(uuid[], bigint[], text[], bytea[], uuid[], bigint[], bigint[], bigint[],
+                                            timestamptz)"""
 
 # The time of the last committed batch. Entries are summed into running balances in log
 # order; a statement or a balance at an instant reads them by time. So posting times must
@@ -54,7 +63,7 @@ APPEND_BATCH_FUNCTION = """
 CREATE OR REPLACE FUNCTION ledger_append_batch(
     event_ids uuid[], event_versions bigint[], event_topics text[], event_states bytea[],
     balance_ids uuid[], balances_posted bigint[], balances_held bigint[], balance_versions bigint[],
-    batch_posted_at timestamptz)
+    balances_incoming_held bigint[], batch_posted_at timestamptz)
 RETURNS TABLE (notification_id bigint, originator_id uuid, originator_version bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -73,10 +82,11 @@ BEGIN
         RAISE EXCEPTION 'a ledger batch at % is earlier than the last one committed', batch_posted_at
             USING ERRCODE = 'integrity_constraint_violation';
     END IF;
-    INSERT INTO ledger_balances AS current (account_id, posted_minor, held_minor, version)
-    SELECT * FROM unnest(balance_ids, balances_posted, balances_held, balance_versions)
+    INSERT INTO ledger_balances AS current (account_id, posted_minor, held_minor, version, incoming_held_minor)
+    SELECT * FROM unnest(balance_ids, balances_posted, balances_held, balance_versions, balances_incoming_held)
     ON CONFLICT (account_id) DO UPDATE
-        SET posted_minor = excluded.posted_minor, held_minor = excluded.held_minor, version = excluded.version
+        SET posted_minor = excluded.posted_minor, held_minor = excluded.held_minor, version = excluded.version,
+            incoming_held_minor = excluded.incoming_held_minor
         WHERE current.version = excluded.version - 1;
     GET DIAGNOSTICS saved = ROW_COUNT;
     IF saved <> cardinality(balance_ids) THEN
@@ -113,7 +123,7 @@ class LedgerApplication(Application):
             return set(), {}
         recorder = self.recorder
         statement = SQL(
-            "SELECT asked.id, balance.posted_minor, balance.held_minor, balance.version"
+            "SELECT asked.id, balance.posted_minor, balance.held_minor, balance.version, balance.incoming_held_minor"
             " FROM unnest(%s::uuid[]) AS asked(id) LEFT JOIN ledger_balances balance ON balance.account_id = asked.id"
             " WHERE EXISTS (SELECT 1 FROM {schema}.{table} WHERE originator_id = asked.id)"
         ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name))
@@ -121,7 +131,7 @@ class LedgerApplication(Application):
             cursor.execute(statement, (ids,))
             rows = cursor.fetchall()
         existing = {row["id"] for row in rows}
-        balances = {row["id"]: Balance(row["posted_minor"], row["held_minor"], row["version"])
+        balances = {row["id"]: Balance(row["posted_minor"], row["held_minor"], row["version"], row["incoming_held_minor"])
                     for row in rows if row["version"] is not None}
         return existing, balances
 
@@ -135,6 +145,7 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
         # CREATE OR REPLACE FUNCTION is not safe against itself in another starting process.
         await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")
         await connection.execute(BALANCES_TABLE)
+        await connection.execute(BALANCES_BEFORE_INCOMING_HOLDS)
         await connection.execute(POSTING_CLOCK_TABLE)
         await connection.execute(function)
 
@@ -153,7 +164,7 @@ async def append_batch(
     IntegrityConstraintViolationError, saving nothing, if another writer got there first
     (or committed a later batch time)."""
     rows = await connection.fetch(
-        "SELECT * FROM ledger_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "SELECT * FROM ledger_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         [event.originator_id for event in stored_events],
         [event.originator_version for event in stored_events],
         [event.topic for event in stored_events],
@@ -162,6 +173,7 @@ async def append_batch(
         [balance.posted_minor for balance in balances.values()],
         [balance.held_minor for balance in balances.values()],
         [balance.version for balance in balances.values()],
+        [balance.incoming_held_minor for balance in balances.values()],
         posted_at,
     )
     return {(row["originator_id"], row["originator_version"]): row["notification_id"] for row in rows}

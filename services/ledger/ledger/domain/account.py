@@ -89,9 +89,10 @@ class Account(Aggregate):
         if self.state == AccountState.FROZEN:
             self._unfreeze(timestamp=at)
 
-    def close(self, posted_minor: int, held_minor: int, at: datetime) -> None:
-        """Only an empty account closes: the caller gives its balance as it stands now."""
-        self.check_close(posted_minor, held_minor)
+    def close(self, posted_minor: int, held_minor: int, incoming_held_minor: int, at: datetime) -> None:
+        """Only an empty account closes, that no live hold will pay into: the caller gives
+        its balance as it stands now."""
+        self.check_close(posted_minor, held_minor, incoming_held_minor)
         self._close(timestamp=at)
 
     def set_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int, at: datetime) -> None:
@@ -105,12 +106,18 @@ class Account(Aggregate):
         if self.state == AccountState.CLOSED:
             raise AccountClosed(f"account {self.id} is closed")
 
-    def check_close(self, posted_minor: int, held_minor: int) -> None:
+    def check_close(self, posted_minor: int, held_minor: int, incoming_held_minor: int) -> None:
         self.check_not_closed()
         if posted_minor != 0 or held_minor != 0:
             raise AccountNotEmpty(
                 f"account {self.id} has balance {posted_minor} and holds {held_minor}"
                 f" {self.currency} (minor units); both must be zero"
+            )
+        if incoming_held_minor != 0:
+            # Its capture would be refused for good: the payee side of a card payment never paid.
+            raise AccountNotEmpty(
+                f"account {self.id} is to be paid {incoming_held_minor} {self.currency} (minor units) by live holds;"
+                " they must be captured, voided or expire first"
             )
 
     def check_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int) -> None:

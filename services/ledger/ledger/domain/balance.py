@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Balance:
-    """posted: settled money; held: reserved by live holds; both in the account's minor units.
+    """posted: settled money; held: reserved by live holds; incoming held: reserved by live
+    holds elsewhere to be paid in here; all in the account's minor units.
 
     Not an event of its own: it is what the account's legs (in `Transfer.Posted`) and
     reservations (in `Hold` events) add up to. The writer saves it in the same
@@ -19,10 +20,13 @@ class Balance:
     posted_minor: int = 0
     held_minor: int = 0
     version: int = 0  # 0: not saved yet (an account opened in this batch)
+    # What live holds on other accounts will pay into this one: it cannot close under them.
+    incoming_held_minor: int = 0
 
     def available_minor(self, credit_limit_minor: int) -> int:
         return self.posted_minor - self.held_minor + credit_limit_minor
 
-    def changed(self, posted_delta_minor: int, held_delta_minor: int) -> Balance:
+    def changed(self, posted_delta_minor: int, held_delta_minor: int, incoming_held_delta_minor: int = 0) -> Balance:
         """The balance to save next: the deltas applied, one version on."""
-        return Balance(self.posted_minor + posted_delta_minor, self.held_minor + held_delta_minor, self.version + 1)
+        return Balance(self.posted_minor + posted_delta_minor, self.held_minor + held_delta_minor, self.version + 1,
+                       self.incoming_held_minor + incoming_held_delta_minor)

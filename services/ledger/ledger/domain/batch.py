@@ -99,6 +99,7 @@ class Batch:
         self._resaved: list[UUID] = []
         self._posted_delta: dict[UUID, int] = {}
         self._held_delta: dict[UUID, int] = {}
+        self._incoming_held_delta: dict[UUID, int] = {}
 
     # ---- lookups -------------------------------------------------------------------------
 
@@ -129,6 +130,9 @@ class Batch:
 
     def held_minor(self, account: Account) -> int:
         return self._balance(account.id).held_minor + self._held_delta.get(account.id, 0)
+
+    def incoming_held_minor(self, account: Account) -> int:
+        return self._balance(account.id).incoming_held_minor + self._incoming_held_delta.get(account.id, 0)
 
     def available_minor(self, account: Account) -> int:
         return self.posted_minor(account) - self.held_minor(account) + account.credit_limit_minor
@@ -161,17 +165,21 @@ class Batch:
         aggregates = [aggregate for aggregate in self._touched.values() if aggregate.pending_events]
         balances = {
             account_id: self._balance(account_id).changed(
-                self._posted_delta.get(account_id, 0), self._held_delta.get(account_id, 0)
+                self._posted_delta.get(account_id, 0), self._held_delta.get(account_id, 0),
+                self._incoming_held_delta.get(account_id, 0),
             )
-            for account_id in dict.fromkeys([*self._resaved, *self._posted_delta, *self._held_delta])
+            for account_id in dict.fromkeys(
+                [*self._resaved, *self._posted_delta, *self._held_delta, *self._incoming_held_delta])
         }
         return aggregates, balances
 
     def _post(self, account: Account, amount_minor: int) -> None:
         self._posted_delta[account.id] = self._posted_delta.get(account.id, 0) + amount_minor
 
-    def _reserve(self, account: Account, held_delta_minor: int) -> None:
-        self._held_delta[account.id] = self._held_delta.get(account.id, 0) + held_delta_minor
+    def _reserve(self, debit: Account, credit: Account, held_delta_minor: int) -> None:
+        """A hold's reservation moves: held on its debit account, to be paid into its credit account."""
+        self._held_delta[debit.id] = self._held_delta.get(debit.id, 0) + held_delta_minor
+        self._incoming_held_delta[credit.id] = self._incoming_held_delta.get(credit.id, 0) + held_delta_minor
 
     # ---- accounts ------------------------------------------------------------------------
 
@@ -217,7 +225,8 @@ class Batch:
         account = self.account(command.account_id)
         if account.state == AccountState.CLOSED:
             return AccountResult(str(account.id), account.state, replayed=True)
-        account.close(self.posted_minor(account), self.held_minor(account), at=self.now)  # this batch's postings count
+        # This batch's postings and holds count.
+        account.close(self.posted_minor(account), self.held_minor(account), self.incoming_held_minor(account), at=self.now)
         self._touch(account, resave_balance=True)
         return AccountResult(str(account.id), account.state)
 
@@ -245,11 +254,13 @@ class Batch:
         if abs(self.posted_minor(account) + amount_minor) > BALANCE_MINOR_MAX:
             raise error(f"account {account.id} would pass {BALANCE_MINOR_MAX} minor units, the most a balance may hold")
 
-    def _check_held_fits(self, account: Account, amount_minor: int) -> None:
-        """The held amount is a bigint too; a bank-internal account reserves without a funds check."""
-        if self.held_minor(account) + amount_minor > BALANCE_MINOR_MAX:
-            raise InvalidHold(f"account {account.id} would hold more than {BALANCE_MINOR_MAX} minor units,"
-                              " the most a balance may hold")
+    def _check_held_fits(self, debit: Account, credit: Account, amount_minor: int) -> None:
+        """Held amounts are bigints too; a bank-internal account reserves without a funds
+        check, and any account may be paid into by many holds."""
+        for account, held_minor in ((debit, self.held_minor(debit)), (credit, self.incoming_held_minor(credit))):
+            if held_minor + amount_minor > BALANCE_MINOR_MAX:
+                raise InvalidHold(f"account {account.id} would hold more than {BALANCE_MINOR_MAX} minor units,"
+                                  " the most a balance may hold")
 
     @staticmethod
     def _check_open_in(account: Account, currency: str, what: str) -> None:
@@ -306,17 +317,16 @@ class Batch:
         if command.expires_at <= self.now:
             raise InvalidHold(f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
         self._check_debit(debit, command.amount_minor, "the hold")
-        self._check_held_fits(debit, command.amount_minor)
+        self._check_held_fits(debit, credit, command.amount_minor)
         hold = Hold(
             client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
             amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
             code=command.code, request_fingerprint=request_fingerprint, timestamp=self.now,
         )
         self._touch(hold)
-        self._reserve(debit, command.amount_minor)
-        # The credit account's state was checked though its money does not move yet: its
-        # balance row moves on, so a writer that missed its closing cannot save the hold.
-        self._touch(credit, resave_balance=True)
+        # The credit account's money does not move yet, but its balance row does (what holds
+        # will pay into it), so a writer that missed its closing cannot save the hold.
+        self._reserve(debit, credit, command.amount_minor)
         return _hold_result(hold)
 
     def _capture_hold(self, command: c.CaptureHold) -> HoldResult:
@@ -361,7 +371,7 @@ class Batch:
         self._touch(hold)
         hold.capture(client_hold_id=command.hold_id, capture_id=command.capture_id, amount_minor=command.amount_minor,
                      transfer_id=transfer_id, at=self.now)
-        self._reserve(debit, -command.amount_minor)
+        self._reserve(debit, credit, -command.amount_minor)
         self._post(debit, -command.amount_minor)
         self._post(credit, command.amount_minor)
         return _hold_result(hold, transfer_id=transfer_id)
@@ -383,7 +393,7 @@ class Batch:
         return _hold_result(hold)
 
     def _release(self, hold: Hold, *, expire: bool) -> None:
-        debit = self.account(UUID(hold.debit_account_id))
+        debit, credit = self.account(UUID(hold.debit_account_id)), self.account(UUID(hold.credit_account_id))
         released = hold.remaining_minor
         self._touch(hold)
         if expire:
@@ -391,7 +401,7 @@ class Batch:
         else:
             hold.void(client_hold_id=hold.client_hold_id, released_minor=released, at=self.now)
         if released:
-            self._reserve(debit, -released)
+            self._reserve(debit, credit, -released)
 
 
 def _transfer_result(transfer: Transfer, replayed: bool = False) -> TransferResult:

@@ -13,7 +13,7 @@ import pytest
 
 from kabinet_chassis.eventstore import events_table
 from ledger.domain import commands as c
-from ledger.domain.errors import AccountClosed, AccountFrozen, IdempotencyConflict, InsufficientFunds
+from ledger.domain.errors import AccountClosed, AccountFrozen, AccountNotEmpty, IdempotencyConflict, InsufficientFunds
 from ledger.service import build
 from ledger.verify import verify
 from ledger.writer import LedgerUnavailable
@@ -66,11 +66,26 @@ async def test_a_second_writer_that_missed_a_closing_cannot_place_a_hold_for_the
     expires_at = datetime.now(UTC) + timedelta(hours=1)
     async with uncached_writer(ledger.settings) as second:
         await second.submit(c.PlaceHold("h0", card, shop, 1, "RUB", expires_at, "card_authorisation"))  # caches both
+        await second.submit(c.VoidHold("h0"))  # the shop may close: no live hold pays into it
         await first.submit(c.CloseAccount(shop))
         with pytest.raises(AccountClosed):
             await second.submit(c.PlaceHold("h1", card, shop, 100, "RUB", expires_at, "card_authorisation"))
     held = await ledger.parts.pool.fetchval("SELECT held_minor FROM ledger_balances WHERE account_id = $1", card)
-    assert held == 1
+    assert held == 0
+
+
+async def test_a_restarted_writer_knows_what_live_holds_will_pay_into_an_account_and_will_not_close_it(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    shop = uuid.uuid4()
+    await ledger.parts.writer.submit(c.OpenAccount(shop, "shop", "card", "RUB"))
+    await ledger.parts.writer.submit(
+        c.PlaceHold("auth", card, shop, 600, "RUB", datetime.now(UTC) + timedelta(hours=1), "card_purchase"))
+    async with uncached_writer(ledger.settings) as restarted:  # reads the saved balance, not a cache
+        with pytest.raises(AccountNotEmpty, match="to be paid 600"):
+            await restarted.submit(c.CloseAccount(shop))
+        await restarted.submit(c.CaptureHold("auth", "clear", 600))  # the shop is paid
+    assert await ledger.parts.pool.fetchval(
+        "SELECT incoming_held_minor FROM ledger_balances WHERE account_id = $1", shop) == 0
 
 
 async def test_a_restarted_writer_makes_reads_wait_for_everything_committed_before_it(ledger):

@@ -285,7 +285,7 @@ def test_the_writer_is_told_every_aggregate_a_capture_will_touch():
 def test_aggregates_guard_their_own_rules(world):
     settlement, card = funded(world, 100)
     with pytest.raises(AccountNotEmpty):
-        world.account(card).close(world.balance(card).posted_minor, world.balance(card).held_minor, at=world.now)
+        world.account(card).close(world.balance(card).posted_minor, world.balance(card).held_minor, 0, at=world.now)
     world.one(hold("h1", card, settlement, 60))
     held = world.store[next(k for k, v in world.store.items() if getattr(v, "client_hold_id", None) == "h1")]
     with pytest.raises(CaptureExceedsHold):

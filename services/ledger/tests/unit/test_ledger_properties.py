@@ -118,6 +118,9 @@ def check_invariants(world: World, accounts: list[UUID]) -> None:
             "balance differs from the sum of its legs")
         live = [h for h in holds if h.state == HoldState.ACTIVE and h.debit_account_id == str(account.id)]
         assert balance.held_minor == sum(h.remaining_minor for h in live), "held differs from the live holds"
+        paying_in = [h for h in holds if h.state == HoldState.ACTIVE and h.credit_account_id == str(account.id)]
+        assert balance.incoming_held_minor == sum(h.remaining_minor for h in paying_in), (
+            "incoming held differs from the live holds paying into the account")
     for hold in holds:
         assert hold.captured_minor == sum(hold.captures.values())
         assert 0 <= hold.remaining_minor <= hold.amount_minor

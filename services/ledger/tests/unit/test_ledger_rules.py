@@ -217,6 +217,33 @@ def test_closing_requires_zero_balance_and_no_holds(world):
         world.one(transfer("after", (settlement, -1), (card, 1)))
 
 
+def test_an_account_a_live_hold_will_pay_into_closes_only_once_the_hold_is_settled(world):
+    # Were the shop's account closed under the authorisation, its clearing (the capture)
+    # would be refused for good: the shop never paid, the customer's money only lapsing.
+    settlement, card = funded(world, 1_000)
+    shop = world.open(owner="shop")
+    world.one(c.PlaceHold("auth", card, shop, 600, "RUB", T0 + timedelta(days=7), "card_purchase"))
+    assert world.balance(shop).incoming_held_minor == 600
+    with pytest.raises(AccountNotEmpty, match="to be paid 600"):
+        world.one(c.CloseAccount(shop))
+    world.one(c.CaptureHold("auth", "part", 200))
+    assert world.balance(shop).incoming_held_minor == 400 and world.balance(shop).posted_minor == 200
+    world.one(c.VoidHold("auth"))
+    assert world.balance(shop).incoming_held_minor == 0
+    world.one(transfer("pay-out", (shop, -200), (settlement, 200)))
+    assert world.one(c.CloseAccount(shop)).state == "closed"
+
+
+def test_a_hold_placed_and_released_in_one_batch_leaves_nothing_to_be_paid_in(world):
+    _, card = funded(world, 1_000)
+    shop = world.open(owner="shop")
+    placed, expired, closed = world.run(
+        c.PlaceHold("quick", card, shop, 300, "RUB", T0 + timedelta(days=1), "card_purchase"),
+        c.VoidHold("quick"), c.CloseAccount(shop))
+    assert placed.state == "active" and expired.state == "voided" and closed.state == "closed"
+    assert world.balance(shop).incoming_held_minor == 0 and world.balance(card).held_minor == 0
+
+
 def test_internal_accounts_belong_to_the_bank(world):
     from uuid import uuid4
 
