@@ -19,12 +19,12 @@ never by luck.
 
 A new transfer or hold id that is not in the cache is taken to be new without asking
 the store: the event store's unique (id, version) is the check. A retry of a request
-posted before the cache knew it (after a restart, say) fails that save, and the batch
+answered before the cache knew it (after a restart, say) fails that save, and the batch
 is validated again with every id looked up, which answers the retry with its first
-result. So a batch of new transfers costs no look-up round trip. A retry the batch
-refuses instead (a transfer that emptied the account would now find no funds) saves
-nothing to fail on: when a refused command found an assumed-new id absent, those ids
-are looked up, and if one exists the batch is validated again with every id looked up.
+result. So a batch of new transfers costs no look-up round trip. That holds for a retry
+the batch refuses too (a transfer that emptied the account would now find no funds): a
+refusal under a new id is kept under that id (domain/refusal.py), so it fails the save
+just the same.
 """
 
 from __future__ import annotations
@@ -106,9 +106,7 @@ class BatchedWriter:
         self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=QUEUE_MAX)
         self._cache: OrderedDict[UUID, Any] = OrderedDict()
         self._balances: dict[UUID, Balance] = {}  # of the accounts in _cache
-        self._absent: set[UUID] = set()  # ids the current batch knows to be new
-        self._assumed_new: set[UUID] = set()  # ids of `_absent` taken to be new without a look-up
-        self._seen_as_new: set[UUID] = set()  # assumed-new ids the current command found absent
+        self._absent: set[UUID] = set()  # ids the current batch knows (or assumes) to be new
         self._fetched: dict[UUID, Balance] = {}  # balances the current batch's look-up found
         self.batches_total = 0
         self.commands_total = 0
@@ -260,21 +258,12 @@ class BatchedWriter:
         self._prefetch(commands, assume_new=first_attempt)
         batch = Batch(self._load, self._balance_of, now)
         outcomes: list[Any] = []
-        refused_as_new: set[UUID] = set()  # assumed-new ids that refused commands found absent
         try:
             for command in commands:
-                self._seen_as_new.clear()
                 try:
                     outcomes.append(batch.execute(command))
                 except LedgerError as refusal:
                     outcomes.append(refusal)
-                    refused_as_new |= self._seen_as_new
-            if refused_as_new and self.app.look_up(refused_as_new)[0]:
-                # A retry of something stored (its first result not in the cache) was judged
-                # as new and refused: no save would fail to tell us. Judge the batch again
-                # with every id looked up, so that the retry gets its first result.
-                self._forget(batch.touched_ids)
-                return self._validate(commands, now, first_attempt=False)
             aggregates, balances = batch.finish()
             events = [event for aggregate in aggregates for event in aggregate.collect_events()]
             stored_events = [self.app.mapper.to_stored_event(event) for event in events]
@@ -302,7 +291,6 @@ class BatchedWriter:
         unknown = {aggregate_id for aggregate_id in created | needed if aggregate_id not in cache} - new  # O(batch)
         existing, self._fetched = self.app.look_up(unknown) if unknown else (set(), {})
         self._absent = new | (unknown - existing)
-        self._assumed_new = new
 
     def _load(self, aggregate_id: UUID) -> Any | None:
         aggregate = self._cache.get(aggregate_id)
@@ -310,8 +298,6 @@ class BatchedWriter:
             self._cache.move_to_end(aggregate_id)
             return aggregate
         if aggregate_id in self._absent:
-            if aggregate_id in self._assumed_new:
-                self._seen_as_new.add(aggregate_id)
             return None
         try:
             aggregate = self.app.repository.get(aggregate_id)

@@ -1,8 +1,10 @@
 """One writer batch: commands validated and applied in memory, saved together.
 
 `execute` applies one command against the state left by the earlier commands of the
-same batch, or raises a LedgerError having changed nothing: everything is checked
-before anything is mutated, so a refused command never affects its neighbours.
+same batch, or raises a LedgerError having changed nothing but, for a transfer, hold or
+capture refused for the ledger's state, keeping that refusal under its id (refusal.py):
+everything is checked before anything is mutated, so a refused command never affects
+its neighbours.
 Balance changes are summed per account; `finish` returns every aggregate to save and
 the new `Balance` of every account whose money moved, to be saved in the same
 transaction. A transfer is one `Transfer.Posted` event whatever accounts it touches.
@@ -19,12 +21,16 @@ Decisions the writer and callers rely on:
   answers `replayed=True`. A capture at or after `expires_at` is refused even before
   the expiry sweep ran.
 - replays answer `replayed=True`: a transfer with its first result; a hold or capture
-  with the hold as it is now.
+  with the hold as it is now. A repeat of a refused transfer, hold or capture is refused
+  again with its first refusal (code and message); a malformed one is not kept.
+- every command's shape is checked before its id is looked up: no command is refused
+  after finding its new id absent without keeping that refusal (the writer relies on it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -47,6 +53,7 @@ from ledger.domain.errors import (
     LegCurrencyMismatch,
 )
 from ledger.domain.hold import Hold, HoldState
+from ledger.domain.refusal import Refusal
 from ledger.domain.results import AccountResult, HoldResult, TransferResult
 from ledger.domain.transfer import Transfer
 
@@ -173,6 +180,20 @@ class Batch:
         }
         return aggregates, balances
 
+    @contextmanager
+    def _refusal_kept(self, refused_id: UUID, client_id: str, request_fingerprint: str) -> Iterator[None]:
+        """A refusal from here on depends on the ledger's state (funds, states, deadlines):
+        it is kept under the id the command would have created, so a repeat gets it again
+        (refusal.py). A conflict is not kept: it names an id that is taken already."""
+        try:
+            yield
+        except IdempotencyConflict:
+            raise
+        except LedgerError as refusal:
+            self._touch(Refusal(refused_id=refused_id, client_id=client_id, request_fingerprint=request_fingerprint,
+                                code=refusal.code, detail=str(refusal), timestamp=self.now))
+            raise
+
     def _post(self, account: Account, amount_minor: int) -> None:
         self._posted_delta[account.id] = self._posted_delta.get(account.id, 0) + amount_minor
 
@@ -184,6 +205,10 @@ class Batch:
     # ---- accounts ------------------------------------------------------------------------
 
     def _open_account(self, command: c.OpenAccount) -> AccountResult:
+        # The shape first, as for every command: a malformed request is refused before its
+        # id is looked up, so no command is refused for what it found (or did not find) under
+        # a new id without keeping that refusal (see refusal.py; the writer relies on it).
+        c.check_account_shape(command)
         existing = self._get(command.account_id)
         if existing is not None:
             same = (
@@ -194,7 +219,6 @@ class Batch:
             if not same:
                 raise IdempotencyConflict(f"account {command.account_id} already exists with other attributes")
             return AccountResult(str(existing.id), existing.state, replayed=True)
-        c.check_account_shape(command)
         account = Account(
             account_id=command.account_id, owner_id=command.owner_id, kind=AccountKind(command.kind).value,
             currency=command.currency,
@@ -272,17 +296,18 @@ class Batch:
     def _post_transfer(self, command: c.PostTransfer) -> TransferResult:
         c.check_transfer_shape(command)
         request_fingerprint = c.fingerprint(command)
-        existing = self._get(Transfer.id_for(command.transfer_id))
+        transfer_id = Transfer.id_for(command.transfer_id)
+        existing = self._get(transfer_id)
         if existing is not None:
-            if not isinstance(existing, Transfer) or existing.request_fingerprint != request_fingerprint:
-                raise IdempotencyConflict(f"transfer {command.transfer_id} was posted before with another body")
+            _check_repeat(existing, Transfer, request_fingerprint, f"transfer {command.transfer_id}")
             return _transfer_result(existing, replayed=True)
-        accounts = [self.account(leg.account_id) for leg in command.legs]
-        for leg, account in zip(command.legs, accounts, strict=True):
-            self._check_open_in(account, leg.currency, "the leg")
-            if leg.amount_minor < 0:
-                self._check_debit(account, -leg.amount_minor, "the transfer")
-            self._check_fits(account, leg.amount_minor, InvalidTransfer)
+        with self._refusal_kept(transfer_id, command.transfer_id, request_fingerprint):
+            accounts = [self.account(leg.account_id) for leg in command.legs]
+            for leg, account in zip(command.legs, accounts, strict=True):
+                self._check_open_in(account, leg.currency, "the leg")
+                if leg.amount_minor < 0:
+                    self._check_debit(account, -leg.amount_minor, "the transfer")
+                self._check_fits(account, leg.amount_minor, InvalidTransfer)
         legs = [{"account_id": str(leg.account_id), "amount_minor": leg.amount_minor, "currency": leg.currency}
                 for leg in command.legs]
         transfer = Transfer(
@@ -306,18 +331,20 @@ class Batch:
     def _place_hold(self, command: c.PlaceHold) -> HoldResult:
         c.check_hold_shape(command)
         request_fingerprint = c.fingerprint(command)
-        existing = self._get(Hold.id_for(command.hold_id))
+        hold_id = Hold.id_for(command.hold_id)
+        existing = self._get(hold_id)
         if existing is not None:
-            if not isinstance(existing, Hold) or existing.request_fingerprint != request_fingerprint:
-                raise IdempotencyConflict(f"hold {command.hold_id} was placed before with another body")
+            _check_repeat(existing, Hold, request_fingerprint, f"hold {command.hold_id}")
             return _hold_result(existing, replayed=True)
-        debit, credit = self.account(command.debit_account_id), self.account(command.credit_account_id)
-        for account in (debit, credit):
-            self._check_open_in(account, command.currency, "the hold")
-        if command.expires_at <= self.now:
-            raise InvalidHold(f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
-        self._check_debit(debit, command.amount_minor, "the hold")
-        self._check_held_fits(debit, credit, command.amount_minor)
+        with self._refusal_kept(hold_id, command.hold_id, request_fingerprint):
+            debit, credit = self.account(command.debit_account_id), self.account(command.credit_account_id)
+            for account in (debit, credit):
+                self._check_open_in(account, command.currency, "the hold")
+            if command.expires_at <= self.now:
+                raise InvalidHold(
+                    f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
+            self._check_debit(debit, command.amount_minor, "the hold")
+            self._check_held_fits(debit, credit, command.amount_minor)
         hold = Hold(
             client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
             amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
@@ -331,40 +358,46 @@ class Batch:
 
     def _capture_hold(self, command: c.CaptureHold) -> HoldResult:
         c.check_capture_shape(command)
-        hold = self.hold(command.hold_id)
+        request_fingerprint = c.fingerprint(command)
         transfer_id = capture_transfer_id(command.hold_id, command.capture_id)
-        if command.capture_id in hold.captures:
-            if hold.captures[command.capture_id] != command.amount_minor:
-                raise IdempotencyConflict(f"capture {command.capture_id} of hold {command.hold_id} had another amount")
-            return _hold_result(hold, transfer_id=transfer_id, replayed=True)
-        if hold.state != HoldState.ACTIVE:
-            raise HoldNotActive(f"hold {command.hold_id} is {hold.state}")
-        if self.now >= hold.expires_at:
-            raise HoldNotActive(f"hold {command.hold_id} expired at {hold.expires_at.isoformat()}")
-        if command.amount_minor > hold.remaining_minor:
-            raise CaptureExceedsHold(
-                f"capture of {command.amount_minor} exceeds the {hold.remaining_minor} {hold.currency} (minor units)"
-                f" left on hold {command.hold_id}"
-            )
-        if self._get(Transfer.id_for(transfer_id)) is not None:
-            # Cannot happen for ids checked by the shape rules; kept so that an old id never breaks a whole batch.
-            raise IdempotencyConflict(f"transfer {transfer_id} exists already; use another capture_id")
-        debit = self.account(UUID(hold.debit_account_id))
-        credit = self.account(UUID(hold.credit_account_id))
-        for account in (debit, credit):
-            if account.state == AccountState.CLOSED:
-                raise AccountClosed(f"account {account.id} is closed")
-        # No funds check and no freeze check on the debit: the money was reserved when
-        # the hold was placed, and a capture only settles what was promised then.
-        self._check_fits(debit, -command.amount_minor, InvalidHold)
-        self._check_fits(credit, command.amount_minor, InvalidHold)
+        capture_key = Transfer.id_for(transfer_id)
+        earlier = self._get(capture_key)  # the capture's transfer, or its refusal
+        if isinstance(earlier, Refusal):
+            _check_repeat(earlier, Transfer, request_fingerprint, f"capture {command.capture_id} of hold {command.hold_id}")
+        with self._refusal_kept(capture_key, transfer_id, request_fingerprint):
+            hold = self.hold(command.hold_id)
+            if command.capture_id in hold.captures:
+                if hold.captures[command.capture_id] != command.amount_minor:
+                    raise IdempotencyConflict(f"capture {command.capture_id} of hold {command.hold_id} had another amount")
+                return _hold_result(hold, transfer_id=transfer_id, replayed=True)
+            if hold.state != HoldState.ACTIVE:
+                raise HoldNotActive(f"hold {command.hold_id} is {hold.state}")
+            if self.now >= hold.expires_at:
+                raise HoldNotActive(f"hold {command.hold_id} expired at {hold.expires_at.isoformat()}")
+            if command.amount_minor > hold.remaining_minor:
+                raise CaptureExceedsHold(
+                    f"capture of {command.amount_minor} exceeds the {hold.remaining_minor} {hold.currency} (minor units)"
+                    f" left on hold {command.hold_id}"
+                )
+            if earlier is not None:
+                # Cannot happen for ids checked by the shape rules; kept so that an old id never breaks a whole batch.
+                raise IdempotencyConflict(f"transfer {transfer_id} exists already; use another capture_id")
+            debit = self.account(UUID(hold.debit_account_id))
+            credit = self.account(UUID(hold.credit_account_id))
+            for account in (debit, credit):
+                if account.state == AccountState.CLOSED:
+                    raise AccountClosed(f"account {account.id} is closed")
+            # No funds check and no freeze check on the debit: the money was reserved when
+            # the hold was placed, and a capture only settles what was promised then.
+            self._check_fits(debit, -command.amount_minor, InvalidHold)
+            self._check_fits(credit, command.amount_minor, InvalidHold)
         legs = [
             {"account_id": str(debit.id), "amount_minor": -command.amount_minor, "currency": hold.currency},
             {"account_id": str(credit.id), "amount_minor": command.amount_minor, "currency": hold.currency},
         ]
         transfer = Transfer(
             client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None, customer_ids=[], metadata={},
-            request_fingerprint=c.fingerprint(command), posted_at=self.now, timestamp=self.now, hold_id=command.hold_id,
+            request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now, hold_id=command.hold_id,
             capture_id=command.capture_id,
         )
         self._touch(transfer)
@@ -402,6 +435,15 @@ class Batch:
             hold.void(client_hold_id=hold.client_hold_id, released_minor=released, at=self.now)
         if released:
             self._reserve(debit, credit, -released)
+
+
+def _check_repeat(existing: Any, kind: type, request_fingerprint: str, what: str) -> None:
+    """`existing` is under the id a request would create: a repeat must have the same body,
+    else it conflicts; the repeat of a refused request is refused again, alike."""
+    if not isinstance(existing, (kind, Refusal)) or existing.request_fingerprint != request_fingerprint:
+        raise IdempotencyConflict(f"{what} was used before with another body")
+    if isinstance(existing, Refusal):
+        raise existing.error()
 
 
 def _transfer_result(transfer: Transfer, replayed: bool = False) -> TransferResult:

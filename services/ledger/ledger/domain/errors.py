@@ -90,3 +90,16 @@ class CaptureExceedsHold(LedgerError):
     """A capture larger than what is left on the hold."""
 
     code, status = "capture_exceeds_hold", 409
+
+
+def refusal_for(code: str, detail: str) -> LedgerError:
+    """The refusal a stored `code` names, with its first message (a repeat gets the same answer)."""
+    by_code: dict[str, type[LedgerError]] = {}
+    kinds = [LedgerError]
+    for _ in range(100):  # the tree is small; bounded all the same
+        if not kinds:
+            break
+        kind = kinds.pop()
+        by_code[kind.code] = kind
+        kinds.extend(kind.__subclasses__())
+    return by_code.get(code, LedgerError)(detail)

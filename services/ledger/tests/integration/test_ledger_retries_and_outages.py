@@ -1,5 +1,6 @@
-"""Rules of the ledger on real PostgreSQL: a retry is answered with its first result even by a
-writer that has never seen it (after a restart), and a database outage is a 503, never a 500."""
+"""Rules of the ledger on real PostgreSQL: a retry is answered with its first result (or its
+first refusal) even by a writer that has never seen it (after a restart), and a database
+outage is a 503, never a 500."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncpg
 import pytest
 
 from ledger.domain import commands as c
+from ledger.domain.errors import InsufficientFunds
 from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
 
 pytestmark = pytest.mark.integration
@@ -23,6 +25,22 @@ async def test_a_retried_transfer_that_emptied_the_account_gets_its_first_result
         again = await fresh.submit(everything)  # not "insufficient funds": it was posted
     assert again.replayed and again.transfer_id == "spend-all"
     assert await saved_balance(ledger.parts.pool, card) == (0, 0)
+
+
+async def test_a_refused_transfer_retried_after_a_restart_and_a_top_up_is_refused_again_not_posted(ledger):
+    # The restarted writer takes the id for new and would post it (funds arrived since):
+    # the refusal kept under that id fails the save, and the retry gets the first answer.
+    settlement, card = await funded_card(ledger.parts.writer, 100)
+    pay = c.PostTransfer("pay-big", (c.Leg(card, -500, "RUB"), c.Leg(settlement, 500, "RUB")), "card_purchase")
+    with pytest.raises(InsufficientFunds) as first:
+        await ledger.parts.writer.submit(pay)
+    await ledger.parts.writer.submit(
+        c.PostTransfer("salary", (c.Leg(settlement, -1_000, "RUB"), c.Leg(card, 1_000, "RUB")), "top_up"))
+    async with uncached_writer(ledger.settings) as fresh:
+        with pytest.raises(InsufficientFunds) as again:
+            await fresh.submit(pay)
+    assert str(again.value) == str(first.value)
+    assert await saved_balance(ledger.parts.pool, card) == (1_100, 0)
 
 
 async def test_a_retried_hold_that_reserved_everything_gets_its_first_result_after_a_restart(ledger):

@@ -84,6 +84,41 @@ def test_same_transfer_id_other_body_is_conflict(world):
         world.one(transfer("pay-1", (card, -200), (settlement, 200)))
 
 
+def test_a_refused_transfer_repeated_is_refused_again_alike_even_once_funds_arrive(world):
+    # A payment its customer was told had failed must not be posted by a redelivery after
+    # the next salary: a repeat gets the first answer (a new attempt takes a new id).
+    settlement, card = funded(world, 100)
+    pay = transfer("pay-1", (card, -500), (settlement, 500))
+    [first] = world.run(pay)
+    assert isinstance(first, InsufficientFunds)
+    world.one(transfer("salary", (settlement, -1_000), (card, 1_000), code="top_up"))
+    [again] = world.run(pay)
+    assert type(again) is InsufficientFunds and str(again) == str(first)
+    assert world.balance(card).posted_minor == 1_100
+    with pytest.raises(IdempotencyConflict, match="transfer pay-1 was used before with another body"):
+        world.one(transfer("pay-1", (card, -400), (settlement, 400)))
+    assert world.one(transfer("pay-2", (card, -500), (settlement, 500))).transfer_id == "pay-2"
+
+
+def test_a_refused_hold_and_a_refused_capture_are_refused_again_alike(world):
+    settlement, card = funded(world, 100)
+    shop = world.open(owner="shop")
+    authorise = c.PlaceHold("auth", card, shop, 500, "RUB", T0 + timedelta(days=1), "card_purchase")
+    clear_early = c.CaptureHold("auth", "clear", 500)  # before its hold exists
+    refused_hold, refused_capture = world.run(authorise, clear_early)
+    assert isinstance(refused_hold, InsufficientFunds) and refused_capture.code == "hold_not_found"
+    world.one(transfer("salary", (settlement, -1_000), (card, 1_000), code="top_up"))
+    assert [type(outcome) for outcome in world.run(authorise, clear_early)] == [type(refused_hold), type(refused_capture)]
+    assert world.balance(card).held_minor == 0
+
+
+def test_a_malformed_request_is_not_kept_its_id_stays_free(world):
+    settlement, card = funded(world, 1_000)
+    with pytest.raises(UnbalancedTransfer):
+        world.one(transfer("pay-1", (card, -100), (settlement, 99)))
+    assert not world.one(transfer("pay-1", (card, -100), (settlement, 100))).replayed
+
+
 def test_same_transfer_twice_in_one_batch_posts_once(world):
     settlement, card = funded(world, 1_000)
     first, second = world.run(transfer("dup", (card, -100), (settlement, 100)), transfer("dup", (card, -100), (settlement, 100)))
