@@ -84,6 +84,17 @@ async def test_another_customers_account_is_not_found(bank):
     assert (await bank.get("/v1/me/accounts", headers=alice)).json()["accounts"] == []
 
 
+async def test_another_customers_account_as_a_page_cursor_answers_as_an_account_that_does_not_exist(bank):
+    # Else the cursor would tell Bob which ids are real accounts (and when they were opened).
+    alices = await open_card(bank, "alice")
+    await open_card(bank, "bob")
+    bob = bearer(bank, "bob")
+    with_alices = await bank.get("/v1/me/accounts", headers=bob, params={"cursor": alices})
+    with_nobodys = await bank.get("/v1/me/accounts", headers=bob, params={"cursor": str(uuid.uuid4())})
+    assert with_alices.status_code == 422 and with_alices.json()["code"] == "invalid_cursor"
+    assert (with_alices.status_code, with_alices.json()) == (with_nobodys.status_code, with_nobodys.json())
+
+
 async def test_no_token_bad_token_and_expired_token_are_refused(bank):
     assert (await bank.get("/v1/me/accounts")).json()["code"] == "unauthorized"
     forged = issue_access_token(Ed25519PrivateKey.generate(), "alice")  # signed by a key the bank does not trust
@@ -155,8 +166,10 @@ async def test_a_customer_with_more_accounts_than_a_page_sees_each_once_by_follo
             break
     assert sorted(listed) == sorted(opened) and len(set(listed)) == len(listed)
 
-    # Alice's cursor in Bob's hands pages through Bob's accounts, never hers.
+    # Alice's cursor in Bob's hands is no cursor of his; naming Alice as owner changes nothing.
     bobs = await open_card(bank, "bob")
-    for paging in ({"cursor": opened[0]}, {"cursor": opened[0], "owner_id": "alice"}, {"owner_id": "alice"}):
-        seen = (await bank.get("/v1/me/accounts", headers=bearer(bank, "bob"), params=paging)).json()["accounts"]
-        assert {account["account_id"] for account in seen} <= {bobs}, paging
+    for paging in ({"cursor": opened[0]}, {"cursor": opened[0], "owner_id": "alice"}):
+        refused = await bank.get("/v1/me/accounts", headers=bearer(bank, "bob"), params=paging)
+        assert refused.status_code == 422 and refused.json()["code"] == "invalid_cursor", paging
+    seen = (await bank.get("/v1/me/accounts", headers=bearer(bank, "bob"), params={"owner_id": "alice"})).json()
+    assert [account["account_id"] for account in seen["accounts"]] == [bobs]
