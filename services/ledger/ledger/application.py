@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS ledger_balances (
 
 # A database made before balances tracked what holds will pay in: the column, and the append
 # function's old signature gone (a new signature is another function to PostgreSQL). Live
-# holds placed before then are not counted in.
+# holds placed before then are not counted in; `kabinet ledger verify` names such accounts.
 BALANCES_BEFORE_INCOMING_HOLDS = """
 ALTER TABLE ledger_balances ADD COLUMN IF NOT EXISTS incoming_held_minor bigint NOT NULL DEFAULT 0;
 DROP FUNCTION IF EXISTS ledger_append_batch(uuid[], bigint[], text[], bytea[], uuid[], bigint[], bigint[], bigint[],
