@@ -19,7 +19,10 @@ sending the consumer back to the start forever.
 
 Batches take the fast path: one transaction for the whole batch. If that fails with an
 error that is not transient, the batch is replayed one event at a time so that only the
-poison event goes to the dead-letter topic and the others are applied.
+poison event goes to the dead-letter topic and the others are applied. A dead-lettered
+event is then tracked like an applied one (with no effect): the record after it names its
+position as the previous one, and must not look like a gap; a redelivery of the poison is
+skipped instead of dead-lettered again.
 """
 
 from __future__ import annotations
@@ -199,6 +202,7 @@ class ReadModelConsumer:
                     raise
                 except Exception as single_error:
                     await self.dead_letters.send(record, self.name, f"{type(single_error).__name__}: {single_error}")
+                    await self._track_dead_lettered(record, event)
 
     async def _apply_in_one_transaction(self, records: Sequence[ConsumerRecord], events: Sequence[IntegrationEvent]) -> None:
         async with self.pool.acquire() as connection, connection.transaction():
@@ -243,6 +247,25 @@ class ReadModelConsumer:
         self.skipped_total += len(events) - len(fresh)
         # A partition that followed on again has found what it missed.
         self.read_again.difference_update((topic, partition) for _, topic, partition in advanced)
+
+    async def _track_dead_lettered(self, record: ConsumerRecord, event: IntegrationEvent) -> None:
+        """Tracks an event that is now on the dead-letter topic, as if applied with no effect.
+
+        Untracked, it would break the chain: the next record names it as its previous
+        position, so the consumer would take that for a gap, read the partition again,
+        dead-letter it again and then pass over every later record on the partition.
+        """
+        source, topic, partition = tracking_key(record, event)
+        # The same conditional upsert as for applied events: tracking never moves back.
+        await self.pool.execute(
+            "INSERT INTO consumer_tracking (consumer, source, topic, partition, position)"
+            " VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (consumer, source, topic, partition) DO UPDATE SET position = EXCLUDED.position"
+            " WHERE consumer_tracking.position < EXCLUDED.position",
+            self.name, source, topic, partition, event.position,
+        )
+        # It was applied as far as the chain goes: its partition follows on again.
+        self.read_again.discard((topic, partition))
 
     def _start_span(self, record: ConsumerRecord, event: IntegrationEvent):
         """A CONSUMER span in the producer's trace, covering the transaction that applies the event."""
@@ -300,6 +323,9 @@ class ReactionConsumer:
                 raise
             except Exception as error:
                 await self.dead_letters.send(record, self.name, f"{type(error).__name__}: {error}")
+                # Tracked like an applied event (see the module's docstring): the chain goes on.
+                await self.threads.run(self._track_dead_lettered, record, parsed)
+                self.read_again.discard((record.topic, record.partition))
             else:
                 if applied:  # a partition that followed on again has found what it missed
                     self.read_again.discard((record.topic, record.partition))
@@ -315,6 +341,13 @@ class ReactionConsumer:
         self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
         self.applied_total += 1
         return True
+
+    def _track_dead_lettered(self, record: ConsumerRecord, event: IntegrationEvent) -> None:
+        """Tracks a dead-lettered event with no events of its own (ReadModelConsumer's rule)."""
+        name = self.tracking_name(tracking_key(record, event))
+        if event.position <= (self.app.recorder.max_tracking_id(name) or 0):
+            return  # already tracked at or past it; eventsourcing refuses to move tracking back
+        self.app.recorder.insert_tracking(Tracking(application_name=name, notification_id=event.position))
 
 
 class LostDataWatchdog:
