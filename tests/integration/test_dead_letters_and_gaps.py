@@ -1,6 +1,7 @@
 """Rules of consumers fed by the relay's chained records (ARCHITECTURE.md §4, ADR-0001):
-each record names the position published before it on its partition, and a poison event
-is dead-lettered once and the partition goes on after it."""
+each record names the position published before it on its partition, a poison event is
+dead-lettered once and the partition goes on after it, and a record showing missing
+events before it is never tracked, not even by a consumer that has tracked nothing yet."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kabinet_contracts.registry import dead_letter_topic
 from tests.integration.test_outbox_to_consumer import (
     _read_all,
     board,
+    board_that_applied_up_to,
     note_event,
     produce,
     topic_for,
@@ -119,3 +121,68 @@ async def test_a_poison_event_is_dead_lettered_once_and_a_reaction_applies_the_r
             f" dead letters {consumer.dead_letters.sent_total}"
         )
         assert consumer.dead_letters.sent_total == 1
+
+
+async def test_a_consumer_that_tracked_nothing_yet_reads_a_complete_partition_from_its_first_record(stack, unique_name):
+    """The relay's first record on a partition follows position 0: a fresh consumer of a
+    complete topic sees no gap."""
+    topic = topic_for(unique_name)
+    await ensure_topics(stack.bootstrap_servers, [topic])
+    settings = stack.service_settings(f"{unique_name}_b")
+    await produce(stack.bootstrap_servers, topic, [(note_event(3, {"text": "three"}), 0),
+                                                   (note_event(7, {"text": "seven"}), 3)])
+    board_service, board_parts = build_board_service(settings, topic)
+    async with board_service.running():
+
+        async def both_applied() -> bool:
+            return len(await board(board_service)) >= 2
+
+        assert await settled(both_applied), f"board {await board(board_service)}"
+        assert await board(board_service) == {"note-3": ("three", 1), "note-7": ("seven", 1)}
+        assert board_parts["consumer"].skipped_total == 0
+
+
+async def test_a_consumer_that_tracked_nothing_yet_does_not_lose_the_events_republished_after_a_gap(stack, unique_name):
+    """ADR-0001's case (after the broker lost its data, the relay's first new event sits at
+    offset 0, before its republish of positions 1 to 5) for a consumer that had applied
+    nothing on that partition yet (it was lagging, or just deployed): tracking position 5
+    first would make it skip 1 to 4 when they come."""
+    topic = topic_for(unique_name)
+    await ensure_topics(stack.bootstrap_servers, [topic])
+    settings = stack.service_settings(f"{unique_name}_b")
+    consumer_name = f"{settings.service_name}_board"
+    texts = {position: f"text {position}" for position in range(1, 6)}
+    await produce(stack.bootstrap_servers, topic, [
+        (note_event(5, {"text": texts[5]}), 4),  # published before the relay noticed the loss
+        *((note_event(position, {"text": texts[position]}), position - 1) for position in range(1, 6)),  # the republish
+    ])
+    board_service, _ = build_board_service(settings, topic)
+    async with board_service.running():
+
+        async def all_five_applied() -> bool:
+            return len(await board(board_service)) >= 5
+
+        await settled(all_five_applied)
+        state = await board(board_service)
+        tracked = await tracked_position(board_service, consumer_name, topic)
+        assert state == {f"note-{p}": (texts[p], 1) for p in range(1, 6)}, f"board {state}, tracked {tracked}"
+        assert tracked == 5
+
+
+async def test_a_consumer_that_tracked_some_events_applies_those_republished_after_a_gap(stack, unique_name):
+    """The same records for a consumer that had applied position 1: it ends with 2 to 5."""
+    settings, topic, consumer_name = await board_that_applied_up_to(stack, unique_name, 1)
+    texts = {position: f"text {position}" for position in range(1, 6)}
+    await produce(stack.bootstrap_servers, topic, [
+        (note_event(5, {"text": texts[5]}), 4),
+        *((note_event(position, {"text": texts[position]}), position - 1) for position in range(1, 6)),
+    ])
+    board_service, _ = build_board_service(settings, topic)
+    async with board_service.running():
+
+        async def four_applied() -> bool:
+            return len(await board(board_service)) >= 4
+
+        assert await settled(four_applied, timeout_s=30), f"board {await board(board_service)}"
+        assert await board(board_service) == {f"note-{p}": (texts[p], 1) for p in range(2, 6)}
+        assert await tracked_position(board_service, consumer_name, topic) == 5

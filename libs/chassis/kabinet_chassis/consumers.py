@@ -17,6 +17,9 @@ once it notices what the broker lost. So in a partition read again from its star
 record that still shows a gap is passed over, neither applied nor tracked, instead of
 sending the consumer back to the start forever.
 
+A partition with nothing tracked yet (position 0) is no exception: its first record must
+follow position 0 (the relay's first record on a partition does), or events are missing.
+
 Batches take the fast path: one transaction for the whole batch. If that fails with an
 error that is not transient, the batch is replayed one event at a time so that only the
 poison event goes to the dead-letter topic and the others are applied. A dead-lettered
@@ -122,7 +125,9 @@ def follows_on(record: ConsumerRecord, tracked_position: int, read_again: set[tu
     between the two, raises PartitionGap, or returns False (pass it over) if its partition
     was already read again from the start (`read_again`) and the gap is still there."""
     previous = previous_position(record)
-    if not tracked_position or previous is None or previous <= tracked_position:
+    # No shortcut for a partition with nothing tracked: its first record must follow 0 too,
+    # or the events before it are missing (and would be skipped once it is tracked).
+    if previous is None or previous <= tracked_position:
         return True
     if (record.topic, record.partition) in read_again:
         log.warning("%s[%d] offset %d follows position %d, but this consumer applied up to %d: passing over it"
