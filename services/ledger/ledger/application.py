@@ -29,12 +29,14 @@ CREATE TABLE IF NOT EXISTS ledger_balances (
 )"""
 
 # A database made before balances tracked what holds will pay in: the column, and the append
-# function's old signature gone (a new signature is another function to PostgreSQL). Live
+# function's old signatures gone (a new signature is another function to PostgreSQL). Live
 # holds placed before then are not counted in; `kabinet ledger verify` names such accounts.
-BALANCES_BEFORE_INCOMING_HOLDS = """
+STORE_BEFORE_NOW = """
 ALTER TABLE ledger_balances ADD COLUMN IF NOT EXISTS incoming_held_minor bigint NOT NULL DEFAULT 0;
 DROP FUNCTION IF EXISTS ledger_append_batch(uuid[], bigint[], text[], bytea[], uuid[], bigint[], bigint[], bigint[],
-                                            timestamptz)"""
+                                            timestamptz);
+DROP FUNCTION IF EXISTS ledger_append_batch(uuid[], bigint[], text[], bytea[], uuid[], bigint[], bigint[], bigint[],
+                                            bigint[], timestamptz)"""
 
 # The time of the last committed batch. Entries are summed into running balances in log
 # order; a statement or a balance at an instant reads them by time. So posting times must
@@ -55,7 +57,9 @@ CLOCK_AHEAD_SQLSTATE = "LD001"
 # ids must become visible in commit order, or a reader of the log would pass over a gap
 # that fills in later) and its NOTIFY, moves the posting clock forward (never back),
 # saves the new balances only over the versions they were computed from (version - 1; a
-# new account's row must not exist yet), and appends the events. A writer that read a
+# new account's row must not exist yet), checks that the balances the batch judged by but
+# does not save (a refusal's account) are still at the versions it read, and appends the
+# events. A writer that read a
 # stale balance or an old posting time gets an integrity error and validates its batch
 # again instead of overwriting money it never saw; an event already stored at its
 # (id, version) is refused by the table's primary key the same way.
@@ -63,7 +67,7 @@ APPEND_BATCH_FUNCTION = """
 CREATE OR REPLACE FUNCTION ledger_append_batch(
     event_ids uuid[], event_versions bigint[], event_topics text[], event_states bytea[],
     balance_ids uuid[], balances_posted bigint[], balances_held bigint[], balance_versions bigint[],
-    balances_incoming_held bigint[], batch_posted_at timestamptz)
+    balances_incoming_held bigint[], read_ids uuid[], read_versions bigint[], batch_posted_at timestamptz)
 RETURNS TABLE (notification_id bigint, originator_id uuid, originator_version bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -89,8 +93,11 @@ BEGIN
             incoming_held_minor = excluded.incoming_held_minor
         WHERE current.version = excluded.version - 1;
     GET DIAGNOSTICS saved = ROW_COUNT;
-    IF saved <> cardinality(balance_ids) THEN
-        RAISE EXCEPTION 'ledger balances were changed by another writer (% of % saved)', saved, cardinality(balance_ids)
+    IF saved <> cardinality(balance_ids) OR cardinality(read_ids) <> (
+        SELECT count(*) FROM ledger_balances current JOIN unnest(read_ids, read_versions) AS read(id, version)
+        ON current.account_id = read.id AND current.version = read.version) THEN
+        RAISE EXCEPTION 'ledger balances were changed by another writer (% of % saved, or one only read moved on)',
+            saved, cardinality(balance_ids)
             USING ERRCODE = 'integrity_constraint_violation';
     END IF;
     RETURN QUERY
@@ -145,7 +152,7 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
         # CREATE OR REPLACE FUNCTION is not safe against itself in another starting process.
         await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")
         await connection.execute(BALANCES_TABLE)
-        await connection.execute(BALANCES_BEFORE_INCOMING_HOLDS)
+        await connection.execute(STORE_BEFORE_NOW)
         await connection.execute(POSTING_CLOCK_TABLE)
         await connection.execute(function)
 
@@ -157,14 +164,14 @@ async def last_posted_at(pool: asyncpg.Pool) -> datetime | None:
 
 async def append_batch(
     connection: asyncpg.Connection, stored_events: Sequence[StoredEvent], balances: Mapping[UUID, Balance],
-    posted_at: datetime,
+    versions_only_read: Mapping[UUID, int], posted_at: datetime,
 ) -> dict[tuple[UUID, int], int]:
     """Commit a batch in one statement (one round trip, its own transaction): returns the
     notification id of each event by (originator id, version). Raises asyncpg's
     IntegrityConstraintViolationError, saving nothing, if another writer got there first
     (or committed a later batch time)."""
     rows = await connection.fetch(
-        "SELECT * FROM ledger_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "SELECT * FROM ledger_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         [event.originator_id for event in stored_events],
         [event.originator_version for event in stored_events],
         [event.topic for event in stored_events],
@@ -174,6 +181,8 @@ async def append_batch(
         [balance.held_minor for balance in balances.values()],
         [balance.version for balance in balances.values()],
         [balance.incoming_held_minor for balance in balances.values()],
+        list(versions_only_read),
+        list(versions_only_read.values()),
         posted_at,
     )
     return {(row["originator_id"], row["originator_version"]): row["notification_id"] for row in rows}

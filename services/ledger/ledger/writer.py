@@ -79,6 +79,7 @@ class _Changes:
 
     aggregates: list[Any]
     balances: dict[UUID, Balance]
+    versions_only_read: dict[UUID, int]  # balances the batch judged by without saving them
     events: list[Any]
     stored_events: list[StoredEvent]
 
@@ -218,10 +219,11 @@ class BatchedWriter:
             outcomes, changes = await anyio.to_thread.run_sync(self._validate, commands, now, attempt == 1)
             if changes is None:
                 return outcomes, []
-            touched = [aggregate.id for aggregate in changes.aggregates] + list(changes.balances)
+            touched = [aggregate.id for aggregate in changes.aggregates] + [*changes.balances, *changes.versions_only_read]
             try:
                 async with self.pool.acquire() as connection:
-                    notification_ids = await append_batch(connection, changes.stored_events, changes.balances, now)
+                    notification_ids = await append_batch(connection, changes.stored_events, changes.balances,
+                                                          changes.versions_only_read, now)
             except asyncpg.IntegrityConstraintViolationError:
                 # Someone else wrote one of these aggregates or balances, or a later batch:
                 # reload and validate again.
@@ -265,6 +267,7 @@ class BatchedWriter:
                 except LedgerError as refusal:
                     outcomes.append(refusal)
             aggregates, balances = batch.finish()
+            versions_only_read = batch.versions_only_read(balances)
             events = [event for aggregate in aggregates for event in aggregate.collect_events()]
             stored_events = [self.app.mapper.to_stored_event(event) for event in events]
         except BaseException:
@@ -274,7 +277,7 @@ class BatchedWriter:
             raise
         if not aggregates:
             return outcomes, None
-        return outcomes, _Changes(aggregates, balances, events, stored_events)
+        return outcomes, _Changes(aggregates, balances, versions_only_read, events, stored_events)
 
     def _prefetch(self, commands: list[Any], *, assume_new: bool) -> None:
         """Learn in one query which of the batch's uncached aggregates exist at all, and the

@@ -107,6 +107,7 @@ class Batch:
         self._posted_delta: dict[UUID, int] = {}
         self._held_delta: dict[UUID, int] = {}
         self._incoming_held_delta: dict[UUID, int] = {}
+        self._judged_by: dict[UUID, None] = {}  # every existing account a command looked at, in order
 
     # ---- lookups -------------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class Batch:
         account = self._get(account_id)
         if not isinstance(account, Account):
             raise AccountNotFound(f"no account {account_id}")
+        self._judged_by[account.id] = None
         return account
 
     def _balance(self, account_id: UUID) -> Balance:
@@ -179,6 +181,14 @@ class Batch:
                 [*self._resaved, *self._posted_delta, *self._held_delta, *self._incoming_held_delta])
         }
         return aggregates, balances
+
+    def versions_only_read(self, saved: dict[UUID, Balance]) -> dict[UUID, int]:
+        """The saved balance version of every account this batch judged by but does not
+        save (`saved` is what `finish` returned): a refusal, or a no-op, for the account's
+        funds or state holds only if that balance row (which moves with the state too) is
+        still at this version when the batch commits."""
+        return {account_id: self._balance(account_id).version for account_id in self._judged_by
+                if account_id not in saved}
 
     @contextmanager
     def _refusal_kept(self, refused_id: UUID, client_id: str, request_fingerprint: str) -> Iterator[None]:

@@ -47,6 +47,29 @@ async def test_a_second_writer_with_a_stale_balance_validates_again_instead_of_o
     assert balance == 0
 
 
+async def test_a_second_writer_that_missed_a_top_up_judges_a_payment_again_instead_of_keeping_a_refusal(ledger):
+    # A refusal is kept for good (a repeat gets it again): it must not rest on a balance
+    # another writer has moved on since, as in the seconds before a lost lead is noticed.
+    first = ledger.parts.writer
+    settlement, card = await funded_card(first, 100)  # `first` holds the card at 100
+    async with uncached_writer(ledger.settings) as second:
+        await second.submit(c.PostTransfer(f"salary-{card}", (c.Leg(settlement, -1_000, "RUB"), c.Leg(card, 1_000, "RUB")),
+                                           "top_up"))
+        paid = await first.submit(spend(card, settlement, 500))
+    assert not paid.replayed
+    assert await saved_balance(ledger.parts.pool, card) == (600, 0)
+
+
+async def test_a_second_writer_that_missed_an_unfreeze_judges_a_payment_again_instead_of_keeping_a_refusal(ledger):
+    first = ledger.parts.writer
+    settlement, card = await funded_card(first, 1_000)
+    await first.submit(c.FreezeAccount(card))
+    async with uncached_writer(ledger.settings) as second:
+        await second.submit(c.UnfreezeAccount(card))  # `first` still holds the card as frozen
+        await first.submit(spend(card, settlement, 100))
+    assert await saved_balance(ledger.parts.pool, card) == (900, 0)
+
+
 async def test_a_second_writer_that_missed_a_freeze_cannot_debit_the_frozen_account(ledger):
     first = ledger.parts.writer
     settlement, card = await funded_card(first, 1_000)
