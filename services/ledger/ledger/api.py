@@ -14,6 +14,7 @@ from kabinet_chassis.errors import Problem
 from kabinet_chassis.idempotency import idempotency_key, run_once
 from ledger import projections
 from ledger.domain import commands
+from ledger.domain.account import AccountKind
 from ledger.domain.errors import LedgerError
 from ledger.writer import LedgerBusy, LedgerUnavailable
 
@@ -65,7 +66,7 @@ class _Body(BaseModel):
 class OpenAccountBody(_Body):
     account_id: UUID | None = None
     owner_id: str = Field(min_length=1, max_length=128)
-    kind: str
+    kind: AccountKind  # named in the schema; an unknown one is refused by name (never echoed back, whatever its size)
     currency: str = Field(pattern=CURRENCY_PATTERN)
     credit_limit_minor: int = Field(default=0, ge=0)
 
@@ -137,7 +138,7 @@ def build_router(ledger: Ledger) -> APIRouter:
     async def open_account(body: OpenAccountBody, key: Annotated[str, Depends(idempotency_key)]):
         async def operation():
             command = commands.OpenAccount(
-                account_id=body.account_id or uuid5(_ACCOUNT_IDS_BY_KEY, key), owner_id=body.owner_id, kind=body.kind,
+                account_id=body.account_id or uuid5(_ACCOUNT_IDS_BY_KEY, key), owner_id=body.owner_id, kind=body.kind.value,
                 currency=body.currency, credit_limit_minor=body.credit_limit_minor,
             )
             await ledger.submit(command)

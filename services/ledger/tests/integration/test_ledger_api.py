@@ -146,6 +146,14 @@ async def test_instants_outside_the_ledgers_calendar_are_refused_by_name_not_a_s
         assert field in {error["field"] for error in response.json()["errors"]}
 
 
+async def test_an_unknown_account_kind_is_refused_by_name_and_not_echoed_back(ledger):
+    response = await ledger.post("/accounts", json={"owner_id": "alice", "kind": "x" * 100_000, "currency": "RUB"},
+                                 headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert response.status_code == 422 and response.headers["content-type"].startswith("application/problem+json")
+    assert [error["field"] for error in response.json()["errors"]] == ["kind"] and "'card'" in response.text
+    assert len(response.content) < 2_000
+
+
 async def test_a_nul_character_is_refused_and_the_history_keeps_flowing(ledger):
     settlement = await open_account(ledger, "settlement")
     card = await open_account(ledger)
