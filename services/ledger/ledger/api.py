@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid5
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from kabinet_chassis.errors import Problem
@@ -32,6 +32,7 @@ Instant = Annotated[AwareDatetime, AfterValidator(_within_the_ledgers_calendar)]
 CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+HoldId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
 # Every idempotent ledger call stores a business refusal (409 account_closed, say) as its answer.
@@ -184,12 +185,12 @@ def build_router(ledger: Ledger) -> APIRouter:
         return _result(await ledger.submit(command))
 
     @router.post("/holds/{hold_id}/captures", status_code=201)
-    async def capture_hold(hold_id: str, body: CaptureBody) -> dict:
+    async def capture_hold(hold_id: HoldId, body: CaptureBody) -> dict:
         return _result(await ledger.submit(commands.CaptureHold(hold_id=hold_id, capture_id=body.capture_id,
                                                                 amount_minor=body.amount_minor)))
 
     @router.post("/holds/{hold_id}/void")
-    async def void_hold(hold_id: str) -> dict:
+    async def void_hold(hold_id: HoldId) -> dict:
         return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id)))
 
     @router.get("/accounts/{account_id}")

@@ -226,10 +226,14 @@ def check_transfer_shape(command: PostTransfer) -> None:
         raise InvalidTransfer(f"external_ref must be 1-{ID_CHARS_MAX} characters, without NUL or lone surrogates")
 
 
+def _check_hold_id(hold_id: Any) -> None:
+    check_client_id(hold_id, "hold_id", InvalidHold)
+    if CAPTURE_INFIX in hold_id or hold_id.endswith(CAPTURE_INFIX[:-1]):
+        raise InvalidHold(f"hold_id {hold_id!r} must not contain {CAPTURE_INFIX!r} nor end with {CAPTURE_INFIX[:-1]!r}")
+
+
 def check_hold_shape(command: PlaceHold) -> None:
-    check_client_id(command.hold_id, "hold_id", InvalidHold)
-    if CAPTURE_INFIX in command.hold_id or command.hold_id.endswith(CAPTURE_INFIX[:-1]):
-        raise InvalidHold(f"hold_id {command.hold_id!r} must not contain {CAPTURE_INFIX!r} nor end with {CAPTURE_INFIX[:-1]!r}")
+    _check_hold_id(command.hold_id)
     check_code(command.code, InvalidHold)
     _check_amount(command.amount_minor, "a hold's amount_minor", InvalidHold)
     if command.amount_minor < 0:
@@ -245,6 +249,8 @@ def check_hold_shape(command: PlaceHold) -> None:
 
 
 def check_capture_shape(command: CaptureHold) -> None:
+    # A hold id no hold can have is malformed, not a hold that is not there (which is kept, refusal.py).
+    _check_hold_id(command.hold_id)
     check_client_id(command.capture_id, "capture_id", InvalidHold)
     if CAPTURE_INFIX in command.capture_id or command.capture_id.startswith(CAPTURE_INFIX[1:]):
         raise InvalidHold(

@@ -17,10 +17,12 @@ from ledger.domain.errors import (
     IdempotencyConflict,
     InsufficientFunds,
     InvalidAccount,
+    InvalidHold,
     InvalidTransfer,
     LegCurrencyMismatch,
     UnbalancedTransfer,
 )
+from ledger.domain.refusal import Refusal
 from services.ledger.tests.unit.ledger_world import T0, World, transfer
 
 
@@ -277,6 +279,44 @@ def test_a_hold_placed_and_released_in_one_batch_leaves_nothing_to_be_paid_in(wo
         c.VoidHold("quick"), c.CloseAccount(shop))
     assert placed.state == "active" and expired.state == "voided" and closed.state == "closed"
     assert world.balance(shop).incoming_held_minor == 0 and world.balance(card).held_minor == 0
+
+
+@pytest.mark.parametrize("hold_id", ["not a hold id!", "x" * 5_000, "h1:capture:c0"])
+def test_a_capture_naming_a_hold_id_no_hold_can_have_is_malformed_and_not_kept(world, hold_id):
+    # Kept, each would store whatever the URL path said, and a malformed request is never kept.
+    [outcome] = world.run(c.CaptureHold(hold_id, "c1", 100))
+    assert isinstance(outcome, InvalidHold)
+    kept = [a for a in world.last_saved if isinstance(a, Refusal)]
+    assert kept == [], f"a malformed capture was kept as a Refusal ({len(kept[0].client_id)} chars of client id)"
+
+
+def test_what_a_hold_will_pay_in_follows_its_partial_captures_and_expiry_across_batches(world):
+    settlement, card = funded(world)
+    shop = world.open(owner="shop")
+    world.one(c.PlaceHold("h", card, shop, 1_000, "RUB", T0 + timedelta(hours=1), "purchase"))
+    assert world.balance(shop).incoming_held_minor == 1_000
+    world.one(c.CaptureHold("h", "c1", 300))
+    world.one(c.CaptureHold("h", "c1", 300))  # repeat: nothing moves
+    assert world.balance(shop).incoming_held_minor == 700
+    assert isinstance(world.run(c.CaptureHold("h", "c2", 701))[0], CaptureExceedsHold)
+    world.one(c.CaptureHold("h", "c3", 200))
+    world.later(hours=2)
+    world.one(c.ExpireHold("h"))
+    assert world.balance(shop).incoming_held_minor == 0
+    assert world.balance(card).held_minor == 0
+    assert world.balance(shop).posted_minor == 500
+    assert isinstance(world.run(c.CaptureHold("h", "c4", 1))[0], HoldNotActive)
+    # shop empties and closes
+    world.one(transfer("out", (shop, -500), (settlement, 500)))
+    world.one(c.CloseAccount(shop))
+
+
+def test_a_refused_transfer_repeated_later_in_its_batch_after_a_top_up_is_refused_alike(world):
+    settlement, card = funded(world, 100)
+    pay = transfer("pay", (card, -150), (settlement, 150))
+    first, top_up, again = world.run(pay, transfer("more", (settlement, -100), (card, 100)), pay)
+    assert isinstance(first, InsufficientFunds)
+    assert isinstance(again, InsufficientFunds) and str(again) == str(first)
 
 
 def test_internal_accounts_belong_to_the_bank(world):
