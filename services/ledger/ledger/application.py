@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from uuid import UUID
 
+import anyio
 import asyncpg
 from eventsourcing.application import Application
 from eventsourcing.persistence import StoredEvent
@@ -28,9 +29,11 @@ CREATE TABLE IF NOT EXISTS ledger_balances (
     incoming_held_minor bigint NOT NULL DEFAULT 0
 )"""
 
-# A database made before balances tracked what holds will pay in: the column, and the append
-# function's old signatures gone (a new signature is another function to PostgreSQL). Live
-# holds placed before then are not counted in; `kabinet ledger verify` names such accounts.
+# A database made before balances tracked what holds will pay in: the column (filled in
+# from the live holds' events, `incoming_held_by_account`), and the append function's old
+# signatures gone (a new signature is another function to PostgreSQL).
+HAS_INCOMING_HELD = ("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+                     " AND table_name = 'ledger_balances' AND column_name = 'incoming_held_minor')")
 STORE_BEFORE_NOW = """
 ALTER TABLE ledger_balances ADD COLUMN IF NOT EXISTS incoming_held_minor bigint NOT NULL DEFAULT 0;
 DROP FUNCTION IF EXISTS ledger_append_batch(uuid[], bigint[], text[], bytea[], uuid[], bigint[], bigint[], bigint[],
@@ -151,10 +154,46 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
     async with pool.acquire() as connection, connection.transaction():
         # CREATE OR REPLACE FUNCTION is not safe against itself in another starting process.
         await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")
+        balances_exist = await connection.fetchval("SELECT to_regclass('ledger_balances') IS NOT NULL")
+        upgrading = balances_exist and not await connection.fetchval(HAS_INCOMING_HELD)
         await connection.execute(BALANCES_TABLE)
         await connection.execute(STORE_BEFORE_NOW)
+        if upgrading:
+            incoming = await anyio.to_thread.run_sync(incoming_held_by_account, app)
+            await connection.executemany("UPDATE ledger_balances SET incoming_held_minor = $2 WHERE account_id = $1",
+                                         list(incoming.items()))
         await connection.execute(POSTING_CLOCK_TABLE)
         await connection.execute(function)
+
+
+HOLD_TOPICS = tuple(f"ledger.domain.hold:Hold.{kind}" for kind in ("Placed", "Captured", "Voided", "Expired"))
+HOLD_EVENTS_PAGE_SIZE = 5000
+HOLD_EVENTS_PAGES_MAX = 1_000_000  # a limit, not an expectation
+
+
+def incoming_held_by_account(app: LedgerApplication) -> dict[UUID, int]:
+    """What live holds will pay into each account, from their events (once, on upgrade)."""
+    remaining: dict[UUID, list] = {}  # hold id: [credit account id, minor units left]
+    position = 0
+    for _ in range(HOLD_EVENTS_PAGES_MAX):
+        page = app.recorder.select_notifications(start=position, limit=HOLD_EVENTS_PAGE_SIZE, topics=HOLD_TOPICS,
+                                                 inclusive_of_start=False)
+        if not page:
+            break
+        for notification in page:
+            event = app.mapper.to_domain_event(notification)
+            kind = type(event).__name__
+            if kind == "Placed":
+                remaining[event.originator_id] = [UUID(event.credit_account_id), event.amount_minor]
+            elif kind == "Captured":
+                remaining[event.originator_id][1] -= event.amount_minor
+            else:  # voided or expired: what was left is released
+                remaining[event.originator_id][1] -= event.released_minor
+        position = page[-1].id
+    incoming: dict[UUID, int] = {}
+    for account_id, minor in remaining.values():
+        incoming[account_id] = incoming.get(account_id, 0) + minor
+    return incoming
 
 
 async def last_posted_at(pool: asyncpg.Pool) -> datetime | None:

@@ -5,13 +5,15 @@ outage is a 503, never a 500."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from ledger.domain import commands as c
-from ledger.domain.errors import InsufficientFunds
+from ledger.domain.errors import HoldNotActive, InsufficientFunds
+from ledger.verify import verify
 from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
 
 pytestmark = pytest.mark.integration
@@ -131,3 +133,36 @@ async def drop_every_connection(database_url: str) -> None:
                             " WHERE datname = current_database() AND pid <> pg_backend_pid()")
     finally:
         await admin.close()
+
+
+async def failed_checks(ledger) -> dict[str, str]:
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    return {check.name: check.detail for check in report.checks if not check.ok}
+
+
+async def test_refusals_repeat_alike_after_a_restart_and_the_ledger_still_verifies(ledger):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 100)
+    shop = uuid.uuid4()
+    await writer.submit(c.OpenAccount(shop, "shop", "card", "RUB"))
+    pay = c.PostTransfer("pay", (c.Leg(card, -150, "RUB"), c.Leg(settlement, 150, "RUB")), "p2p")
+    with pytest.raises(InsufficientFunds) as first:
+        await writer.submit(pay)
+    hold = c.PlaceHold("h", card, shop, 80, "RUB", datetime.now(UTC) + timedelta(seconds=2), "purchase")
+    await writer.submit(hold)
+    await writer.submit(c.CaptureHold("h", "c1", 30))
+    await writer.submit(c.VoidHold("h"))
+    with pytest.raises(HoldNotActive) as capture_refused:
+        await writer.submit(c.CaptureHold("h", "c2", 10))
+    await writer.submit(c.PostTransfer("top", (c.Leg(settlement, -1_000, "RUB"), c.Leg(card, 1_000, "RUB")), "top_up"))
+    async with uncached_writer(ledger.settings) as other:  # after a restart: nothing cached, ids assumed new
+
+        with pytest.raises(InsufficientFunds) as again:
+            await other.submit(pay)
+        with pytest.raises(HoldNotActive) as capture_again:
+            await other.submit(c.CaptureHold("h", "c2", 10))
+        await ledger.parts.projection.wait_for(other.last_position)
+    assert str(again.value) == str(first.value)
+    assert str(capture_again.value) == str(capture_refused.value)
+    assert await failed_checks(ledger) == {}

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from kabinet_chassis.eventstore import events_table
+from ledger.application import ensure_store_schema
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountClosed, AccountFrozen, AccountNotEmpty, IdempotencyConflict, InsufficientFunds
 from ledger.service import build
@@ -294,3 +295,25 @@ async def test_a_batch_the_store_fails_in_the_middle_of_leaves_no_change_behind(
     assert voided.state == "voided"
     await ledger.parts.projection.wait_for(writer.last_position)
     assert (await verify(ledger.parts.app, ledger.settings.service_database_url)).ok
+
+
+async def test_after_an_upgrade_the_payee_of_an_earlier_hold_closes_once_the_hold_is_settled(ledger):
+    # A database made before balances kept what live holds will pay in: the column is filled
+    # in from the holds' events, or the payee's amount would go below zero once the hold is
+    # captured, and it could never close.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    shop = uuid.uuid4()
+    await writer.submit(c.OpenAccount(shop, "shop", "card", "RUB"))
+    await writer.submit(c.PlaceHold("old-hold", card, shop, 400, "RUB", datetime.now(UTC) + timedelta(days=1),
+                                    "purchase"))
+    # The upgrade: the old table had no column; ensure_store_schema adds it, as on any start.
+    await ledger.parts.pool.execute("ALTER TABLE ledger_balances DROP COLUMN incoming_held_minor")
+    await ensure_store_schema(ledger.parts.pool, ledger.parts.app)
+    await writer.start()  # the process restarts: nothing cached
+    await writer.submit(c.CaptureHold("old-hold", "c1", 400))
+    await writer.submit(c.PostTransfer("shop-out", (c.Leg(shop, -400, "RUB"), c.Leg(settlement, 400, "RUB")), "p2p"))
+    incoming = await ledger.parts.pool.fetchval(
+        "SELECT incoming_held_minor FROM ledger_balances WHERE account_id = $1", shop)
+    assert incoming == 0
+    assert (await writer.submit(c.CloseAccount(shop))).state == "closed"
