@@ -39,7 +39,7 @@ from typing import Any
 import asyncpg
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import IntegrityError, Tracking
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -90,14 +90,22 @@ class PartitionGap(Exception):
         self.partition = partition
 
 
-# Errors worth waiting out: the database or the network will come back.
+# Errors worth waiting out: the database or the network will come back, a lock or a
+# statement timed out. Redelivered, never dead-lettered (a dead-lettered event is tracked:
+# gone for this consumer).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     *DATABASE_DOWN_ERRORS,
     asyncio.TimeoutError,
     asyncpg.InterfaceError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.QueryCanceledError,
 )
+# A reaction that lost an optimistic-concurrency race (another command of its service saved
+# one of its aggregates meanwhile) reacts again on fresh state, this many times in all; one
+# that conflicts every time is poison.
+REACTION_ATTEMPTS_MAX = 3
 
 
 def parse(record: ConsumerRecord) -> IntegrationEvent | str:
@@ -341,11 +349,21 @@ class ReactionConsumer:
         if event.position <= applied_up_to or not follows_on(record, applied_up_to, self.read_again):
             self.skipped_total += 1
             return False
-        aggregates = self.react(event)
-        events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
-        self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
-        self.applied_total += 1
-        return True
+        for attempt in range(1, REACTION_ATTEMPTS_MAX + 1):
+            aggregates = self.react(event)
+            events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
+            try:
+                self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
+            except IntegrityError:
+                if attempt == REACTION_ATTEMPTS_MAX:
+                    raise
+                if event.position <= (self.app.recorder.max_tracking_id(name) or 0):
+                    self.skipped_total += 1  # the race was with another copy of this consumer: applied there
+                    return False
+                continue
+            self.applied_total += 1
+            return True
+        raise AssertionError("unreachable")
 
     def _track_dead_lettered(self, record: ConsumerRecord, event: IntegrationEvent) -> None:
         """Tracks a dead-lettered event with no events of its own (ReadModelConsumer's rule)."""
