@@ -11,6 +11,11 @@ it published there. Every few seconds it reads those records back; when one is g
 holds another event, the broker restarted and lost its data (as the embedded one does)
 and the relay republishes from the start of the log. (We read records back rather than
 compare high watermarks: the embedded broker reports those unreliably.)
+
+The relay retries every error for ever, so its loop never dies and /health/live never
+names it. Instead it keeps how many rounds in a row failed, the last error and when it
+last made progress (recorded a page, or found nothing to publish); `check` is the
+service's readiness check, which fails once the relay is stuck (ARCHITECTURE.md §8).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +42,14 @@ from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEven
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("kabinet.outbox")
+
+# A leading relay is stuck, and /health/ready says so, once more rounds than this failed
+# in a row (about 3 s of backoff: a broker or database blip does not count) ...
+RELAY_FAILED_ROUNDS_MAX = 5
+# ... or once it went this long without progress while events wait (a hang, no error).
+RELAY_STALL_MAX_S = 60.0
+BACKOFF_FIRST_S = 0.1
+ERROR_TEXT_MAX_CHARS = 200
 
 # Maps one stored domain event to its public form; None keeps an event private.
 ToIntegration = Callable[[Any, int], IntegrationEvent | None]
@@ -60,6 +74,12 @@ class RelayConfig:
     idle_poll_s: float = 0.02
     broker_check_interval_s: float = 2.0
     backoff_max_s: float = 5.0
+    failed_rounds_max: int = RELAY_FAILED_ROUNDS_MAX
+    stall_max_s: float = RELAY_STALL_MAX_S
+
+
+class RelayStuck(Exception):
+    """The relay leads but publishes nothing: a mapping bug, a poison event, a hung broker."""
 
 
 class OutboxRelay:
@@ -100,25 +120,54 @@ class OutboxRelay:
         # Set while the relay leads with its producer started and its topic in place.
         self.relaying = asyncio.Event()
         self.published_total = 0
+        # Health (see `check`): set while another process holds the relay's lock.
+        self.is_standby = False
+        self.failed_rounds = 0  # rounds in a row that ended in an error; 0 again on progress
+        self.last_error: str | None = None  # of the last failed round, cut to ERROR_TEXT_MAX_CHARS
+        self.last_progress_at = time.monotonic()  # a page recorded, nothing to publish, or the lead taken
 
     async def run(self) -> None:
         """Run until cancelled: wait for leadership, then relay; back off on errors."""
-        backoff_s = 0.1
         while True:
             try:
                 await self._run_as_leader()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("outbox relay for %s failed; retrying in %.1fs", self.config.source, backoff_s)
+            except Exception as error:
+                self.failed_rounds += 1
+                self.last_error = f"{type(error).__name__}: {error}"[:ERROR_TEXT_MAX_CHARS]
+                backoff_s = min(BACKOFF_FIRST_S * 2 ** min(self.failed_rounds - 1, 10), self.config.backoff_max_s)
+                log.exception("outbox relay for %s failed (%d rounds in a row); retrying in %.1fs",
+                              self.config.source, self.failed_rounds, backoff_s)
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, self.config.backoff_max_s)
+
+    async def check(self) -> str:
+        """The readiness check: raises RelayStuck, naming the last error and how long the
+        relay has made no progress, once it failed more than `failed_rounds_max` rounds in
+        a row or made no progress for `stall_max_s` (it counts finding nothing to publish
+        as progress, so that means events wait). A standby relay is healthy."""
+        if self.is_standby:
+            return "standby: another process holds the relay's lock"
+        stuck_s = time.monotonic() - self.last_progress_at
+        if self.failed_rounds > self.config.failed_rounds_max or stuck_s > self.config.stall_max_s:
+            raise RelayStuck(
+                f"no progress for {stuck_s:.0f}s at position {self.position}, {self.failed_rounds} failed rounds"
+                f" in a row; last error: {self.last_error or 'none (hung?)'}"
+            )
+        if self.is_leader:
+            return f"leading at position {self.position}"
+        return f"starting ({self.failed_rounds} failed rounds in a row)"
+
+    def _made_progress(self) -> None:
+        self.failed_rounds = 0
+        self.last_error = None
+        self.last_progress_at = time.monotonic()
 
     async def _run_as_leader(self) -> None:
         lock_connection = await asyncpg.connect(self.database_url, timeout=10)
         try:
             await lock_connection.execute(_SCHEMA)
-            await wait_for_lead(lock_connection, f"outbox_relay:{self.config.source}")
+            await self._wait_for_lead(lock_connection)
             self.is_leader = True
             await self._load_position(lock_connection)
             read_connection = await asyncpg.connect(self.database_url, timeout=10)
@@ -133,6 +182,20 @@ class OutboxRelay:
             self.is_leader = False
             self.relaying.clear()
             await lock_connection.close()
+
+    async def _wait_for_lead(self, connection: asyncpg.Connection) -> None:
+        """Takes the relay's lock; while another process holds it, this relay is a standby.
+        (The first try is wait_for_lead's own query: a lock taken at once, as after a
+        failed round of our own, is no standby.)"""
+        lock = f"outbox_relay:{self.config.source}"
+        if await connection.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock):
+            return
+        self.is_standby = True
+        try:
+            await wait_for_lead(connection, lock)
+        finally:
+            self.is_standby = False
+        self._made_progress()  # taking over from another process starts the count and the clock afresh
 
     async def _load_position(self, connection: asyncpg.Connection) -> None:
         await connection.execute(
@@ -168,10 +231,15 @@ class OutboxRelay:
                     read_position = notifications[-1].id
                     next_page = self._read_page_after(read_connection, read_position)
                     sent = (read_position, await self._send_page(producer, notifications))
-                if in_flight is not None and not await self._complete(connection, *in_flight):
-                    # The broker lost data: drop what is in flight, republish from the start.
-                    sent, read_position = None, 0
-                    next_page = await _discarded(next_page)
+                if in_flight is not None:
+                    if await self._complete(connection, *in_flight):
+                        self._made_progress()
+                    else:
+                        # The broker lost data: drop what is in flight, republish from the start.
+                        sent, read_position = None, 0
+                        next_page = await _discarded(next_page)
+                elif not notifications:
+                    self._made_progress()  # nothing to publish
                 in_flight = sent
                 if in_flight is None:
                     now = asyncio.get_running_loop().time()

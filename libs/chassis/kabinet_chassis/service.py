@@ -24,6 +24,7 @@ from kabinet_chassis.errors import install_problem_handlers
 from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_chassis.health import Check, broker_check, database_check, health_router
 from kabinet_chassis.kafka import ensure_topics
+from kabinet_chassis.outbox import OutboxRelay
 from kabinet_chassis.runtime import tune_garbage_collector
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_chassis.telemetry import install_json_logging, install_tracing
@@ -78,8 +79,14 @@ class Service:
 
     def run_in_background(self, runner: Callable[[], Awaitable[None]]) -> None:
         """Long-running loops (the relay, the ledger writer) that live as long as the service.
-        A function or a functools.partial of one: its name is the loop's in /health/live."""
+        A function or a functools.partial of one: its name is the loop's in /health/live.
+
+        An outbox relay's loop (`relay.run`) retries every error for ever, so it never dies:
+        its own check joins /health/ready instead, failing while the relay is stuck."""
         self._background.append(runner)
+        relay = getattr(runner, "__self__", None)
+        if isinstance(relay, OutboxRelay):
+            self.checks[f"outbox_relay:{relay.config.source}"] = relay.check
 
     def dead_loops(self) -> list[str]:
         """The background loops that ended while the service runs (they are meant to run for ever)."""
@@ -125,6 +132,9 @@ class Service:
         checks: dict[str, Check] = {"broker": broker_check(self.settings.kafka_bootstrap_servers)}
         if self.uses_database:
             checks["database"] = database_check(self.settings.service_database_url)
+        # The router reads self.checks itself, not a copy: checks registered in on_start
+        # (a relay's) arrive after uvicorn built the app, when its lifespan starts us.
+        self.checks = {**checks, **self.checks}
 
         @contextlib.asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -134,7 +144,7 @@ class Service:
 
         app = FastAPI(title=self.title, lifespan=lifespan)
         install_problem_handlers(app, self.domain_errors)
-        app.include_router(health_router({**checks, **self.checks}, self.dead_loops))
+        app.include_router(health_router(self.checks, self.dead_loops))
         for router in self.routers:
             app.include_router(router)
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor

@@ -1,0 +1,126 @@
+"""Rules of a relay's health. The outbox relay retries every error for ever, so its loop
+never dies and liveness never names it; a relay stuck on a mapping bug, a poison event or
+a hung broker would stop every downstream context while the service looked healthy.
+Readiness says so instead (a restart would not mend a poison event, but operators must
+see it), naming the error and how long the relay has made no progress."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+
+import httpx
+import pytest
+
+from ledger.integration import SOURCE as LEDGER_SOURCE
+from ledger.service import build
+from tests.support.notes import build_notes_service
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 20
+
+
+async def until(predicate, what: str, timeout_s: float = WAIT_S):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        result = await predicate()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def client_of(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc")
+
+
+async def not_ready(client: httpx.AsyncClient) -> httpx.Response | None:
+    response = await client.get("/health/ready")
+    return response if response.status_code == 503 else None
+
+
+async def test_a_relay_failing_on_every_round_makes_the_service_not_ready_naming_the_error_but_stays_live(
+        stack, unique_name):
+    service, parts = build(stack.service_settings(f"ledger_{unique_name}"))
+    app = service.http_app()  # before the start, as uvicorn does: the relay's check is registered in on_start
+    async with service.running(), client_of(app) as client:
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"][f"outbox_relay:{LEDGER_SOURCE}"]["status"] == "up"
+
+        def broken_mapping(event, position):  # an event the mapping cannot handle (a bug, a poison event)
+            raise ValueError(f"cannot map the event at {position}")
+
+        parts.relay.to_integration = broken_mapping
+        opened = await client.post("/ledger/v1/accounts", json={"owner_id": "c1", "kind": "card", "currency": "RUB"},
+                                   headers={"Idempotency-Key": str(uuid.uuid4())})
+        assert opened.status_code == 201, opened.text
+        response = await until(lambda: not_ready(client), "readiness to fail")
+        live = await client.get("/health/live")
+        assert parts.relay.position == 0, "nothing was published"
+    relay_check = response.json()["checks"][f"outbox_relay:{LEDGER_SOURCE}"]
+    assert relay_check["status"] == "down"
+    assert "RelayStuck: no progress for" in relay_check["detail"]
+    assert "failed rounds in a row; last error: ValueError: cannot map the event at 1" in relay_check["detail"]
+    assert parts.relay.failed_rounds > parts.relay.config.failed_rounds_max
+    assert live.status_code == 200, "a restart would fail on the same event again: liveness is not the signal"
+
+
+async def test_a_relay_that_makes_no_progress_without_an_error_is_not_ready_until_it_moves_again(stack, unique_name):
+    """A hang raises nothing: the relay is stuck once events wait for longer than stall_max_s."""
+    hung = asyncio.Event()
+    released = asyncio.Event()
+
+    async def hang_until_released(position: int) -> None:
+        hung.set()
+        await released.wait()
+
+    service, parts = build_notes_service(stack.service_settings(unique_name), f"{unique_name}.events.v1",
+                                         on_page_published=hang_until_released)
+    app = service.http_app()
+    async with service.running(), client_of(app) as client:
+        relay = parts["relay"]
+        relay.config = dataclasses.replace(relay.config, stall_max_s=0.5)
+        await until(lambda: _ready(client), "ready while idle: finding nothing to publish is progress")
+        parts["app"].write("a note")
+        await asyncio.wait_for(hung.wait(), WAIT_S)
+        response = await until(lambda: not_ready(client), "readiness to fail")
+        detail = response.json()["checks"][f"outbox_relay:{unique_name}"]["detail"]
+        assert "no progress for" in detail and "last error: none (hung?)" in detail, detail
+        released.set()
+        await until(lambda: _ready(client), "ready again once the relay moves")
+        assert relay.position >= 1
+
+
+async def test_a_standby_relay_is_healthy_while_the_leading_one_is_stuck(stack, unique_name):
+    settings = stack.service_settings(unique_name)
+    topic = f"{unique_name}.events.v1"
+    never = asyncio.Event()
+
+    async def hang(position: int) -> None:
+        await never.wait()
+
+    leader, leader_parts = build_notes_service(settings, topic, on_page_published=hang)
+    standby, standby_parts = build_notes_service(settings, topic, on_page_published=hang)
+    leader_app, standby_app = leader.http_app(), standby.http_app()
+    async with leader.running(), client_of(leader_app) as leader_client:
+        await asyncio.wait_for(leader_parts["relay"].relaying.wait(), WAIT_S)
+        async with standby.running(), client_of(standby_app) as standby_client:
+            await until(lambda: _true(standby_parts["relay"].is_standby), "the second relay to stand by")
+            for relay in (leader_parts["relay"], standby_parts["relay"]):
+                relay.config = dataclasses.replace(relay.config, stall_max_s=0.5)
+            leader_parts["app"].write("a note")
+            await until(lambda: not_ready(leader_client), "the leader's readiness to fail")
+            standby_ready = await standby_client.get("/health/ready")
+    assert standby_ready.status_code == 200, standby_ready.text
+    assert standby_ready.json()["checks"][f"outbox_relay:{unique_name}"]["detail"].startswith("standby")
+
+
+async def _ready(client: httpx.AsyncClient) -> bool:
+    return (await client.get("/health/ready")).status_code == 200
+
+
+async def _true(value: bool) -> bool:
+    return value
