@@ -92,3 +92,42 @@ def test_a_taken_port_gives_one_line_saying_what_to_do(tmp_path: Path):
     assert f"port {taken_port}" in message and "KABINET_PG_PORT" in message, message
     assert "Traceback" not in message
     assert not (tmp_path / "data" / "pg").exists() or not any((tmp_path / "data" / "pg").glob("postmaster.pid"))
+
+
+def _up_until_ready_then_ctrl_c(env: dict[str, str]) -> tuple[int | None, str]:
+    """Run `kabinet up`, ask /health/ready once the gateway is announced, then Ctrl-C it."""
+    kabinet = Path(sys.executable).with_name("kabinet")
+    process = subprocess.Popen([str(kabinet), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, ready = [], None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "Gateway:" in line:
+                ready = httpx.get(f"http://127.0.0.1:{GATEWAY_PORT}/health/ready", timeout=5).status_code
+                break
+        process.send_signal(signal.SIGINT)
+        output.append(process.communicate(timeout=60)[0])
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return ready, "".join(output)
+
+
+def test_kabinet_up_again_on_the_same_data_dir_comes_up_and_ctrl_c_forgets_the_broker(tmp_path: Path):
+    """Once `kabinet up` has stopped its broker, stack.json must not name it: the pid goes to
+    another process, which a later `kabinet up` or `kabinet stack down` would trust."""
+    data = tmp_path / "data"
+    env = {**os.environ, "KABINET_DATA_DIR": str(data),
+           "KABINET_PG_PORT": str(free_port()), "KABINET_BROKER_PORT": str(free_port())}
+    env.pop("KABINET_DATABASE_URL", None)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    for run in ("first", "second"):
+        ready, output = _up_until_ready_then_ctrl_c(env)
+        assert ready == 200, f"{run} run:\n{output}"
+        state = data / "stack.json"
+        assert not state.exists() or "broker_pid" not in state.read_text(), f"after the {run} run: {state.read_text()}"

@@ -151,7 +151,7 @@ def up() -> None:
         console.print("stopping…")
         _stop_children(children)
         if started_broker is not None:
-            started_broker.stop()
+            stack.stop_broker(started_broker)
         if endpoints.database_is_embedded:
             stack.postgres.stop()
         console.print("stopped")

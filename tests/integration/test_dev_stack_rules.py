@@ -1,0 +1,66 @@
+"""The dev stack's rules about its own state (stack.json) and its data directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kabinet_chassis.devstack.ports import free_port, port_is_free
+from kabinet_chassis.devstack.stack import DevStack
+from kabinet_chassis.settings import StackSettings
+
+pytestmark = pytest.mark.integration
+
+
+def _stale_state(tmp_path: Path, pid: int) -> StackSettings:
+    """What an earlier `kabinet stack up` leaves behind: stack.json naming the broker's pid,
+    a pid the system has since given to another process (after a reboot, say)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    (data / "stack.json").write_text(json.dumps({"broker_pid": pid, "broker_port": port}))
+    return StackSettings(data_dir=data, broker_port=port, database_url="postgresql://unused@127.0.0.1:1/postgres")
+
+
+@pytest.fixture
+def bystander():
+    """Some unrelated process that got the saved broker's pid."""
+    process = subprocess.Popen(["sleep", "300"])
+    yield process
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def test_stack_down_never_signals_a_process_that_is_not_our_broker(tmp_path: Path, bystander):
+    stack = DevStack(_stale_state(tmp_path, bystander.pid))
+    status = stack.status()["broker"]
+    stack.down()
+    with pytest.raises(subprocess.TimeoutExpired):
+        bystander.wait(timeout=1)  # still alive: a stale stack.json's pid is someone else's
+    assert status.startswith("stopped"), f"stack status called another process our broker: {status}"
+    assert not stack.state_path.exists()
+
+
+def test_stack_up_starts_its_broker_when_the_saved_pid_is_another_process_and_down_stops_it(
+    tmp_path: Path, bystander
+):
+    settings = _stale_state(tmp_path, bystander.pid)
+    stack = DevStack(settings)
+    endpoints, started = stack.up(detach_broker=True)
+    try:
+        assert started is not None, "stack up took an unrelated pid from stack.json for a running broker"
+        assert not port_is_free(settings.broker_port), f"nothing listens on {endpoints.bootstrap_servers}"
+        assert json.loads(stack.state_path.read_text())["broker_pid"] == started.pid
+        assert "running" in DevStack(settings).status()["broker"]
+
+        DevStack(settings).down()  # a later command knows the broker only by the saved pid
+        assert port_is_free(settings.broker_port), "stack down did not stop the broker stack up started"
+        assert bystander.poll() is None
+        assert not stack.state_path.exists()
+    finally:
+        started and started.stop()
+
