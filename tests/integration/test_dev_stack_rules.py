@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from kabinet_chassis.devstack.errors import StackError
 from kabinet_chassis.devstack.ports import free_port, port_is_free
+from kabinet_chassis.devstack.postgres import EmbeddedPostgres
 from kabinet_chassis.devstack.stack import DevStack
 from kabinet_chassis.settings import StackSettings
 
@@ -64,3 +66,21 @@ def test_stack_up_starts_its_broker_when_the_saved_pid_is_another_process_and_do
     finally:
         started and started.stop()
 
+
+def test_embedded_postgres_needs_no_unix_socket_so_a_long_data_dir_path_works(tmp_path: Path):
+    # A checkout 84 characters deep: its ./.data/pg is 93 characters, and a Unix socket in it
+    # (".s.PGSQL.<port>" appended) would pass the 107-byte limit of a socket path.
+    deep = tmp_path / ("x" * (84 - len(str(tmp_path)) - 1)) / ".data" / "pg"
+    assert len(str(deep)) == 93
+    postgres = EmbeddedPostgres(deep, free_port())
+    try:
+        try:
+            postgres.start()
+        except StackError as error:
+            pytest.fail(f"data dir of {len(str(deep))} characters: {error}")
+        assert postgres.is_running()
+        assert not list(deep.glob(".s.PGSQL.*"))
+    finally:
+        postgres.stop(mode="immediate")
+    assert not postgres.is_running()
+    assert port_is_free(postgres.port)

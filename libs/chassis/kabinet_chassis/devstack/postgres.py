@@ -101,7 +101,8 @@ class EmbeddedPostgres:
             return
         require_free_port(self.port, "PostgreSQL", "KABINET_PG_PORT")
         options = " ".join(f"-c {key}={value}" for key, value in SERVER_SETTINGS.items())
-        options += f" -p {self.port} -k {self.data_dir}"
+        # TCP only: no Unix socket, whose path (in the data dir, say) may pass the 107-byte limit.
+        options += f" -p {self.port} -c unix_socket_directories=''"
         log_path = self.data_dir / "server.log"
         result = subprocess.run(
             [str(pg_binary("pg_ctl")), "start", "-w", "-t", str(_START_TIMEOUT_S),
