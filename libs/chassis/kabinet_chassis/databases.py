@@ -11,12 +11,20 @@ from eventsourcing.persistence import OperationalError as EventStoreOperationalE
 from kabinet_chassis.settings import database_name_for
 
 _CONNECT_TIMEOUT_S = 10
+# The longest any one query through a service's pool may take. A database that hangs (a
+# stopped server, a network black hole) answers nothing: past this, the query raises
+# TimeoutError (an OSError, so a 503 below) instead of holding the request for ever.
+# Far above any query the services make (a statement page over millions of entries
+# takes a fraction of a second); `kabinet ledger verify` uses its own connection. The pool
+# waits as long for a free connection, and on release for a timed-out query's cancel (see
+# BoundedPool): a request against a hung database answers 503 within about twice this.
+DATABASE_COMMAND_TIMEOUT_S = 10
 
 # What a database that is down, restarting or failing over looks like, through asyncpg and
 # through eventsourcing's recorder (psycopg): a request answers 503 with Retry-After, a
 # consumer waits and tries again. Never a 500, never a dead letter.
 DATABASE_DOWN_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, unreachable
+    OSError,  # refused, reset, unreachable; and TimeoutError, a query past DATABASE_COMMAND_TIMEOUT_S
     asyncpg.PostgresConnectionError,
     asyncpg.ConnectionDoesNotExistError,  # the connection died under a query
     asyncpg.CannotConnectNowError,
@@ -44,11 +52,29 @@ async def ensure_database(server_url: str, service_name: str) -> str:
     return name
 
 
+class BoundedPool(asyncpg.Pool):
+    """asyncpg's pool, with every wait bounded by DATABASE_COMMAND_TIMEOUT_S.
+
+    asyncpg waits for ever by default both to acquire a connection and, on release, for a
+    query the server never answered to be cancelled (a hung server never acknowledges the
+    cancel): a request that gave up would still hang there. With a bound, release drops
+    such a connection and raises TimeoutError (a 503); the pool opens a new one later.
+    """
+
+    def acquire(self, *, timeout: float | None = None):
+        return super().acquire(timeout=DATABASE_COMMAND_TIMEOUT_S if timeout is None else timeout)
+
+
 async def create_pool(database_url: str, max_size: int) -> asyncpg.Pool:
     # asyncpg's reset query on every release costs a round trip, but it is also what finds
     # a connection the server killed (a failover) and drops it: a pool without it kept such
     # a connection and could hang on close (tried, measured +5% in the ledger bench, reverted).
-    return await asyncpg.create_pool(database_url, min_size=1, max_size=max_size, timeout=_CONNECT_TIMEOUT_S)
+    # As asyncpg.create_pool builds its Pool (it takes no pool class), with asyncpg's defaults.
+    pool = BoundedPool(database_url, min_size=1, max_size=max_size, max_queries=50_000,
+                       max_inactive_connection_lifetime=300.0, loop=None, connection_class=asyncpg.Connection,
+                       record_class=asyncpg.Record, timeout=_CONNECT_TIMEOUT_S,
+                       command_timeout=DATABASE_COMMAND_TIMEOUT_S)
+    return await pool
 
 
 async def wait_for_lead(connection: asyncpg.Connection, name: str, poll_s: float = 1.0) -> None:

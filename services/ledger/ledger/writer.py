@@ -61,6 +61,10 @@ CACHE_MAX_AGGREGATES = 200_000
 LEADERSHIP_POLL_S = 1.0  # how often a standby asks for the lead
 LEADERSHIP_CHECK_S = 5.0  # how often the leader checks that its lock's connection lives
 STANDBY_WAIT_S = 2.0  # a command waits this long for its process to lead, then gets 503
+# A command waits this long for its answer, then gets 503: a database that hangs (the
+# writer's look-ups have no timeout of their own) must not hold callers for ever. Its
+# outcome is then unknown; a retry with the same id gets the first answer.
+ANSWER_WAIT_MAX_S = 20.0
 SAVE_ATTEMPTS_MAX = 3
 
 
@@ -172,7 +176,12 @@ class BatchedWriter:
             self.queue.put_nowait(_Request(command, future))
         except asyncio.QueueFull:
             raise LedgerBusy(f"the ledger has {QUEUE_MAX} commands waiting; retry shortly") from None
-        return await future
+        try:
+            async with asyncio.timeout(ANSWER_WAIT_MAX_S):
+                return await future  # on time out the future is cancelled: the writer skips its answer
+        except TimeoutError:
+            raise LedgerUnavailable(f"the ledger did not answer within {ANSWER_WAIT_MAX_S:.0f} s; retry with the same"
+                                    " id, which gets the first answer if it was posted meanwhile") from None
 
     async def run(self) -> None:
         while True:

@@ -11,9 +11,11 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from ledger import writer as writer_module
 from ledger.domain import commands as c
 from ledger.domain.errors import HoldNotActive, InsufficientFunds
 from ledger.verify import verify
+from ledger.writer import LedgerUnavailable
 from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
 
 pytestmark = pytest.mark.integration
@@ -166,3 +168,17 @@ async def test_refusals_repeat_alike_after_a_restart_and_the_ledger_still_verifi
     assert str(again.value) == str(first.value)
     assert str(capture_again.value) == str(capture_refused.value)
     assert await failed_checks(ledger) == {}
+
+
+async def test_a_command_the_writer_cannot_answer_in_time_gets_503_and_its_retry_the_first_answer(ledger, monkeypatch):
+    # A writer stuck on a hung database (its look-ups have no timeout of their own) must not
+    # hold its callers for ever; the command may still commit, so the retry uses the same id.
+    monkeypatch.setattr(writer_module, "ANSWER_WAIT_MAX_S", 0.2)
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    pay = c.PostTransfer("pay-late", (c.Leg(card, -100, "RUB"), c.Leg(settlement, 100, "RUB")), "card_purchase")
+    async with uncached_writer(ledger.settings, running=False) as stuck:  # takes commands, answers none yet
+        with pytest.raises(LedgerUnavailable, match="did not answer within"):
+            await stuck.submit(pay)
+        stuck.tasks.append(asyncio.create_task(stuck.run()))  # it gets going again: the queued command posts
+        again = await stuck.submit(pay)
+    assert again.replayed and await saved_balance(ledger.parts.pool, card) == (900, 0)
