@@ -1,8 +1,9 @@
 """Rules of a relay's health. The outbox relay retries every error for ever, so its loop
 never dies and liveness never names it; a relay stuck on a mapping bug, a poison event or
 a hung broker would stop every downstream context while the service looked healthy.
-Readiness says so instead (a restart would not mend a poison event, but operators must
-see it), naming the error and how long the relay has made no progress."""
+/health/ready says so instead, naming the error and how long the relay has made no
+progress: "degraded", but still ready, for the service keeps taking payments (their
+events wait in the outbox), and a restart would not mend a poison event anyway."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import uuid
 import httpx
 import pytest
 
+from kabinet_chassis.devstack.ephemeral import EphemeralStack
 from ledger.integration import SOURCE as LEDGER_SOURCE
 from ledger.service import build
 from tests.support.notes import build_notes_service
@@ -36,19 +38,20 @@ def client_of(app) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc")
 
 
-async def not_ready(client: httpx.AsyncClient) -> httpx.Response | None:
+async def degraded(client: httpx.AsyncClient) -> httpx.Response | None:
     response = await client.get("/health/ready")
-    return response if response.status_code == 503 else None
+    assert response.status_code == 200, response.text  # still serving: events wait in the outbox
+    return response if response.json()["status"] == "degraded" else None
 
 
-async def test_a_relay_failing_on_every_round_makes_the_service_not_ready_naming_the_error_but_stays_live(
+async def test_a_relay_failing_on_every_round_shows_the_service_degraded_naming_the_error_yet_ready_and_live(
         stack, unique_name):
     service, parts = build(stack.service_settings(f"ledger_{unique_name}"))
     app = service.http_app()  # before the start, as uvicorn does: the relay's check is registered in on_start
     async with service.running(), client_of(app) as client:
         ready = await client.get("/health/ready")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["checks"][f"outbox_relay:{LEDGER_SOURCE}"]["status"] == "up"
+        assert ready.json()["watched"][f"outbox_relay:{LEDGER_SOURCE}"]["status"] == "up"
 
         def broken_mapping(event, position):  # an event the mapping cannot handle (a bug, a poison event)
             raise ValueError(f"cannot map the event at {position}")
@@ -57,10 +60,14 @@ async def test_a_relay_failing_on_every_round_makes_the_service_not_ready_naming
         opened = await client.post("/ledger/v1/accounts", json={"owner_id": "c1", "kind": "card", "currency": "RUB"},
                                    headers={"Idempotency-Key": str(uuid.uuid4())})
         assert opened.status_code == 201, opened.text
-        response = await until(lambda: not_ready(client), "readiness to fail")
+        response = await until(lambda: degraded(client), "the relay to show as stuck")
         live = await client.get("/health/live")
         assert parts.relay.position == 0, "nothing was published"
-    relay_check = response.json()["checks"][f"outbox_relay:{LEDGER_SOURCE}"]
+        still_taking_payments = await client.post(
+            "/ledger/v1/accounts", json={"owner_id": "c2", "kind": "card", "currency": "RUB"},
+            headers={"Idempotency-Key": str(uuid.uuid4())})
+        assert still_taking_payments.status_code == 201, still_taking_payments.text
+    relay_check = response.json()["watched"][f"outbox_relay:{LEDGER_SOURCE}"]
     assert relay_check["status"] == "down"
     assert "RelayStuck: no progress for" in relay_check["detail"]
     assert "failed rounds in a row; last error: ValueError: cannot map the event at 1" in relay_check["detail"]
@@ -68,7 +75,7 @@ async def test_a_relay_failing_on_every_round_makes_the_service_not_ready_naming
     assert live.status_code == 200, "a restart would fail on the same event again: liveness is not the signal"
 
 
-async def test_a_relay_that_makes_no_progress_without_an_error_is_not_ready_until_it_moves_again(stack, unique_name):
+async def test_a_relay_that_makes_no_progress_without_an_error_shows_as_stuck_until_it_moves_again(stack, unique_name):
     """A hang raises nothing: the relay is stuck once events wait for longer than stall_max_s."""
     hung = asyncio.Event()
     released = asyncio.Event()
@@ -86,8 +93,8 @@ async def test_a_relay_that_makes_no_progress_without_an_error_is_not_ready_unti
         await until(lambda: _ready(client), "ready while idle: finding nothing to publish is progress")
         parts["app"].write("a note")
         await asyncio.wait_for(hung.wait(), WAIT_S)
-        response = await until(lambda: not_ready(client), "readiness to fail")
-        detail = response.json()["checks"][f"outbox_relay:{unique_name}"]["detail"]
+        response = await until(lambda: degraded(client), "the relay to show as stuck")
+        detail = response.json()["watched"][f"outbox_relay:{unique_name}"]["detail"]
         assert "no progress for" in detail and "last error: none (hung?)" in detail, detail
         released.set()
         await until(lambda: _ready(client), "ready again once the relay moves")
@@ -112,15 +119,30 @@ async def test_a_standby_relay_is_healthy_while_the_leading_one_is_stuck(stack, 
             for relay in (leader_parts["relay"], standby_parts["relay"]):
                 relay.config = dataclasses.replace(relay.config, stall_max_s=0.5)
             leader_parts["app"].write("a note")
-            await until(lambda: not_ready(leader_client), "the leader's readiness to fail")
+            await until(lambda: degraded(leader_client), "the leader's relay to show as stuck")
             standby_ready = await standby_client.get("/health/ready")
     assert standby_ready.status_code == 200, standby_ready.text
-    assert standby_ready.json()["checks"][f"outbox_relay:{unique_name}"]["detail"].startswith("standby")
+    assert standby_ready.json()["watched"][f"outbox_relay:{unique_name}"]["detail"].startswith("standby")
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:
-    return (await client.get("/health/ready")).status_code == 200
+    return (await client.get("/health/ready")).json()["status"] == "ready"
 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_ledger_whose_broker_is_down_still_takes_payments_and_shows_degraded(unique_name, monkeypatch):
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)  # a broker of our own, to stop
+    with EphemeralStack(prefix="kabinet-no-broker-") as own:
+        service, parts = build(own.service_settings(f"ledger_{unique_name}"))
+        app = service.http_app()
+        async with service.running(), client_of(app) as client:
+            own.broker.stop()
+            opened = await client.post("/ledger/v1/accounts", json={"owner_id": "c1", "kind": "card", "currency": "RUB"},
+                                       headers={"Idempotency-Key": str(uuid.uuid4())})
+            ready = await client.get("/health/ready")
+    assert opened.status_code == 201, opened.text
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+    assert ready.json()["watched"]["broker"]["status"] == "down" and ready.json()["checks"]["database"]["status"] == "up"

@@ -1,5 +1,12 @@
 """`/health/live` (the process works: it answers, and none of its background loops has
-died) and `/health/ready` (its dependencies answer)."""
+died) and `/health/ready` (it can serve its API: the dependencies that needs answer).
+
+Readiness takes a replica out of load balancing, so it is gated only by what serving
+requests needs (the database; for the gateway, the services behind it). What only the
+background work needs (the broker, the outbox relay) is watched: shown in the same answer,
+making it "degraded", but still 200. Events wait safely in the outbox meanwhile; were a
+broker outage or a stuck relay to fail readiness, it would take the ledger's API (and the
+gateway's, which asks the ledger) out of service and stop payments for it."""
 
 from __future__ import annotations
 
@@ -15,10 +22,12 @@ CHECK_TIMEOUT_S = 2.0
 Check = Callable[[], Awaitable[str]]
 
 
-def health_router(checks: dict[str, Check], dead_loops: Callable[[], list[str]] = list) -> APIRouter:
-    """`dead_loops` names the background loops that have ended: a writer, relay or
-    consumer loop that died leaves a process that answers but no longer works, which only
-    a restart mends, so liveness fails."""
+def health_router(checks: dict[str, Check], watched: dict[str, Check],
+                  dead_loops: Callable[[], list[str]] = list) -> APIRouter:
+    """`checks` gate readiness; `watched` are reported beside them (see the module's
+    docstring). `dead_loops` names the background loops that have ended: a writer, relay
+    or consumer loop that died leaves a process that answers but no longer works, which
+    only a restart mends, so liveness fails."""
     router = APIRouter(tags=["health"])
 
     @router.get("/health/live")
@@ -30,22 +39,30 @@ def health_router(checks: dict[str, Check], dead_loops: Callable[[], list[str]] 
 
     @router.get("/health/ready")
     async def ready() -> JSONResponse:
-        results: dict[str, dict[str, str]] = {}
-        for name, check in checks.items():
-            try:
-                async with asyncio.timeout(CHECK_TIMEOUT_S):
-                    detail = await check()
-                results[name] = {"status": "up", "detail": detail}
-            except Exception as error:  # any failure means not ready; say which
-                results[name] = {"status": "down", "detail": f"{type(error).__name__}: {error}"[:300]}
-        is_ready = all(r["status"] == "up" for r in results.values())
+        required = await _run_all(checks)
+        seen = await _run_all(watched)
+        is_ready = all(result["status"] == "up" for result in required.values())
+        status = "not_ready" if not is_ready else (
+            "degraded" if any(result["status"] != "up" for result in seen.values()) else "ready")
         return JSONResponse(
-            {"status": "ready" if is_ready else "not_ready", "checks": results},
+            {"status": status, "checks": required, "watched": seen},
             status_code=200 if is_ready else 503,
             headers={} if is_ready else {"Retry-After": "5"},
         )
 
     return router
+
+
+async def _run_all(checks: dict[str, Check]) -> dict[str, dict[str, str]]:
+    results: dict[str, dict[str, str]] = {}
+    for name, check in list(checks.items()):  # a copy: checks may be registered while this runs
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                detail = await check()
+            results[name] = {"status": "up", "detail": detail}
+        except Exception as error:  # any failure is "down"; say which
+            results[name] = {"status": "down", "detail": f"{type(error).__name__}: {error}"[:300]}
+    return results
 
 
 def database_check(database_url: str) -> Check:

@@ -54,7 +54,10 @@ class Service:
         self.pool: asyncpg.Pool | None = None
         self.routers: list[APIRouter] = []
         self.domain_errors: tuple[type[Exception], ...] = ()
+        # /health/ready: `checks` gate readiness (what serving the API needs); `watched` are
+        # reported beside them, "degraded" but ready (what only background work needs).
         self.checks: dict[str, Check] = {}
+        self.watched: dict[str, Check] = {}
         self._on_start: list[StartHook] = []
         self._on_stop: list[StopHook] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
@@ -82,11 +85,11 @@ class Service:
         A function or a functools.partial of one: its name is the loop's in /health/live.
 
         An outbox relay's loop (`relay.run`) retries every error for ever, so it never dies:
-        its own check joins /health/ready instead, failing while the relay is stuck."""
+        its own check is watched in /health/ready instead, down while the relay is stuck."""
         self._background.append(runner)
         relay = getattr(runner, "__self__", None)
         if isinstance(relay, OutboxRelay):
-            self.checks[f"outbox_relay:{relay.config.source}"] = relay.check
+            self.watched[f"outbox_relay:{relay.config.source}"] = relay.check
 
     def dead_loops(self) -> list[str]:
         """The background loops that ended while the service runs (they are meant to run for ever)."""
@@ -129,12 +132,11 @@ class Service:
                 self.pool = None
 
     def http_app(self) -> FastAPI:
-        checks: dict[str, Check] = {"broker": broker_check(self.settings.kafka_bootstrap_servers)}
+        self.watched["broker"] = broker_check(self.settings.kafka_bootstrap_servers)
         if self.uses_database:
-            checks["database"] = database_check(self.settings.service_database_url)
-        # The router reads self.checks itself, not a copy: checks registered in on_start
+            self.checks["database"] = database_check(self.settings.service_database_url)
+        # The router reads these dicts themselves, not copies: checks registered in on_start
         # (a relay's) arrive after uvicorn built the app, when its lifespan starts us.
-        self.checks = {**checks, **self.checks}
 
         @contextlib.asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -144,7 +146,7 @@ class Service:
 
         app = FastAPI(title=self.title, lifespan=lifespan)
         install_problem_handlers(app, self.domain_errors)
-        app.include_router(health_router(self.checks, self.dead_loops))
+        app.include_router(health_router(self.checks, self.watched, self.dead_loops))
         for router in self.routers:
             app.include_router(router)
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor

@@ -40,8 +40,9 @@ def backend_check(name: str, base_url: str) -> Check:
 
 def build(settings: GatewaySettings, ledger_transport: httpx.AsyncBaseTransport | None = None) -> Service:
     service = Service(settings, title="Kabinet API gateway", uses_database=False)
-    # The gateway owns no database; readiness still reports the PostgreSQL server the bank runs on.
-    service.checks["database"] = database_check(settings.database_url)
+    # The gateway owns no database; readiness still reports (watches) the PostgreSQL server
+    # the bank runs on. The services behind it gate its readiness: without them it serves nothing.
+    service.watched["database"] = database_check(settings.database_url)
     for name in SERVICE_PORTS:
         service.checks[name] = backend_check(name, getattr(settings, f"{name}_url"))
     verifier = TokenVerifier(settings.jwt_public_key or public_pem(dev_signing_key(settings.data_dir)))
