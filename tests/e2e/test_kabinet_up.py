@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -47,24 +48,33 @@ def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: 
                 gateway_url = line.split("Gateway:")[1].split()[0]
                 break
         assert gateway_url == f"http://127.0.0.1:{GATEWAY_PORT}", "".join(output)
-
-        ready = httpx.get(f"{gateway_url}/health/ready", timeout=5)
-        assert ready.status_code == 200, ready.text
-        checks = ready.json()["checks"]
-        assert checks["database"]["status"] == "up" and "PostgreSQL" in checks["database"]["detail"]
-        assert checks["broker"]["status"] == "up"
-        assert httpx.get(f"{gateway_url}/docs", timeout=5).status_code == 200
-
+        # Known before anything else can fail, so that a failing test stops them all too.
         descendants = psutil.Process(process.pid).children(recursive=True)
-        assert len(descendants) >= 3, "the broker, the gateway and the ledger run as their own processes"
         postgres_pid = int((tmp_path / "data" / "pg" / "postmaster.pid").read_text().split()[0])
         descendants.append(psutil.Process(postgres_pid))
 
+        ready = httpx.get(f"{gateway_url}/health/ready", timeout=5)
+        assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+        assert ready.json()["checks"]["ledger"]["status"] == "up"
+        watched = ready.json()["watched"]
+        assert watched["database"]["status"] == "up" and "PostgreSQL" in watched["database"]["detail"]
+        assert watched["broker"]["status"] == "up"
+        assert httpx.get(f"{gateway_url}/docs", timeout=5).status_code == 200
+        assert len(descendants) >= 4, "the broker, the gateway and the ledger run as their own processes, beside PostgreSQL"
+
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
-    finally:
+    except BaseException:
+        # The test failed midway: stop what it started, so no later test finds the ports taken.
         if process.poll() is None:
-            process.kill()
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+        process.kill()
+        for leftover in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leftover.kill()
+        raise
     gone, alive = psutil.wait_procs(descendants, timeout=15)
     assert alive == [], f"left behind: {[p.pid for p in alive]}"
     with pytest.raises(httpx.ConnectError):
