@@ -141,3 +141,28 @@ def test_kabinet_up_again_on_the_same_data_dir_comes_up_and_ctrl_c_forgets_the_b
         assert ready == 200, f"{run} run:\n{output}"
         state = data / "stack.json"
         assert not state.exists() or "broker_pid" not in state.read_text(), f"after the {run} run: {state.read_text()}"
+
+
+def test_kabinet_up_stops_everything_and_fails_when_a_service_dies(tmp_path: Path):
+    env = {**os.environ, "KABINET_DATA_DIR": str(tmp_path / "data"),
+           "KABINET_PG_PORT": str(free_port()), "KABINET_BROKER_PORT": str(free_port())}
+    env.pop("KABINET_DATABASE_URL", None)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    kabinet = Path(sys.executable).with_name("kabinet")
+    process = subprocess.Popen([str(kabinet), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    descendants: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and "Gateway:" not in (process.stdout.readline() or "Gateway:"):
+            pass
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        [ledger] = [child for child in descendants if "ledger.service:create_app" in " ".join(child.cmdline())]
+        ledger.kill()  # as an out-of-memory kill would
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0, output
+    assert "ledger exited; stopped everything" in output, output
+    gone, alive = psutil.wait_procs(descendants, timeout=15)
+    assert alive == [], f"left behind: {[p.pid for p in alive]}"

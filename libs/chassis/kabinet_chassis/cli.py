@@ -138,14 +138,16 @@ def up() -> None:
                     pass
                 time.sleep(0.3)
             else:
-                if not stopping["now"]:
-                    console.print(f"[yellow]not ready after {READY_TIMEOUT_S}s; see {log_dir}[/yellow]")
+                if not stopping["now"]:  # never "up" when it is not: stop it all and say where to look
+                    _fail(f"the gateway was not ready after {READY_TIMEOUT_S}s; see the logs in {log_dir}")
+        if stopping["now"]:
+            return
         console.print(f"Kabinet is up. Gateway: {gateway_url}  (OpenAPI: {gateway_url}/docs; logs: {log_dir})")
         console.print("Press Ctrl-C to stop.")
         while not stopping["now"]:
-            if any(c.poll() is not None for c in children):
-                console.print(f"[red]a service exited; stopping. See {log_dir}[/red]")
-                break
+            exited = [name for name, child in zip(ports, children, strict=True) if child.poll() is not None]
+            if exited:  # a failure, whatever its exit code: the bank is no longer whole
+                _fail(f"{', '.join(exited)} exited; stopped everything. See the logs in {log_dir}")
             time.sleep(0.5)
     finally:
         console.print("stopping…")
