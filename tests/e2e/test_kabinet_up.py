@@ -166,3 +166,14 @@ def test_kabinet_up_stops_everything_and_fails_when_a_service_dies(tmp_path: Pat
     assert "ledger exited; stopped everything" in output, output
     gone, alive = psutil.wait_procs(descendants, timeout=15)
     assert alive == [], f"left behind: {[p.pid for p in alive]}"
+
+
+def test_ledger_verify_with_no_database_to_read_says_so_in_one_line_and_no_verdict(tmp_path: Path):
+    env = {**os.environ, "KABINET_DATA_DIR": str(tmp_path / "data"),
+           "KABINET_DATABASE_URL": f"postgresql://kabinet@127.0.0.1:{free_port()}/postgres"}  # nothing listens
+    kabinet = Path(sys.executable).with_name("kabinet")
+    result = subprocess.run([str(kabinet), "ledger", "verify"], env=env, capture_output=True, text=True, timeout=60)
+    message = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2, message  # 1 would say a check failed: nothing was checked
+    assert "cannot reach the ledger's database" in message and "Traceback" not in message, message
+    assert "\n" not in message, message

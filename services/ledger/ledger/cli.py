@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
 from kabinet_chassis.devstack.stack import DevStack
 from kabinet_chassis.eventstore import event_store_env
 from kabinet_chassis.settings import ServiceSettings
@@ -30,12 +31,19 @@ def verify() -> None:
     from ledger.verify import verify as run_verify
 
     settings = ledger_settings()
-    ledger_app = LedgerApplication(env=event_store_env(settings))
     try:
-        with console.status("reading the event store…"):
-            report = asyncio.run(run_verify(ledger_app, settings.service_database_url))
-    finally:
-        ledger_app.close()
+        ledger_app = LedgerApplication(env=event_store_env(settings))
+        try:
+            with console.status("reading the event store…"):
+                report = asyncio.run(run_verify(ledger_app, settings.service_database_url))
+        finally:
+            ledger_app.close()
+    except DATABASE_DOWN_ERRORS as error:
+        # Not a verdict on the books (exit 1 means a check failed): the books were not read.
+        Console(stderr=True).print(
+            f"[red]error:[/red] cannot reach the ledger's database ({type(error).__name__}); is the bank"
+            " (`make run`) or its stack (`kabinet stack up`) running, or KABINET_DATABASE_URL set?", soft_wrap=True)
+        raise typer.Exit(2) from None
     table = Table(title=f"ledger verify — {report.events_read} events")
     table.add_column("check")
     table.add_column("result")
