@@ -23,30 +23,36 @@ pytestmark = pytest.mark.e2e
 START_TIMEOUT_S = 120
 
 
-def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: Path):
-    env = {
-        **os.environ,
-        "KABINET_DATA_DIR": str(tmp_path / "data"),
-        "KABINET_PG_PORT": str(free_port()),
-        "KABINET_BROKER_PORT": str(free_port()),
-    }
+def up_env(data_dir: Path) -> dict[str, str]:
+    """`kabinet up` on its own data dir and ports, with the embedded servers."""
+    env = {**os.environ, "KABINET_DATA_DIR": str(data_dir),
+           "KABINET_PG_PORT": str(free_port()), "KABINET_BROKER_PORT": str(free_port())}
     env.pop("KABINET_DATABASE_URL", None)
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    return env
+
+
+def start_up(env: dict[str, str]) -> tuple[subprocess.Popen, str | None, list[str]]:
+    """Start `kabinet up`; read its output until it announces the gateway (or ends): the
+    process, the gateway URL it announced, and the lines read."""
     kabinet = Path(sys.executable).with_name("kabinet")
     process = subprocess.Popen([str(kabinet), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if "Gateway:" in line:
+            return process, line.split("Gateway:")[1].split()[0], output
+    return process, None, output
+
+
+def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: Path):
+    process, gateway_url, output = start_up(up_env(tmp_path / "data"))
     descendants: list[psutil.Process] = []
     try:
-        gateway_url = None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        output = []
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if "Gateway:" in line:
-                gateway_url = line.split("Gateway:")[1].split()[0]
-                break
         assert gateway_url == f"http://127.0.0.1:{GATEWAY_PORT}", "".join(output)
         # Known before anything else can fail, so that a failing test stops them all too.
         descendants = psutil.Process(process.pid).children(recursive=True)
@@ -106,19 +112,11 @@ def test_a_taken_port_gives_one_line_saying_what_to_do(tmp_path: Path):
 
 def _up_until_ready_then_ctrl_c(env: dict[str, str]) -> tuple[int | None, str]:
     """Run `kabinet up`, ask /health/ready once the gateway is announced, then Ctrl-C it."""
-    kabinet = Path(sys.executable).with_name("kabinet")
-    process = subprocess.Popen([str(kabinet), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, ready = [], None
+    process, gateway_url, output = start_up(env)
+    ready = None
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if "Gateway:" in line:
-                ready = httpx.get(f"http://127.0.0.1:{GATEWAY_PORT}/health/ready", timeout=5).status_code
-                break
+        if gateway_url:
+            ready = httpx.get(f"{gateway_url}/health/ready", timeout=5).status_code
         process.send_signal(signal.SIGINT)
         output.append(process.communicate(timeout=60)[0])
     finally:
@@ -132,10 +130,7 @@ def test_kabinet_up_again_on_the_same_data_dir_comes_up_and_ctrl_c_forgets_the_b
     """Once `kabinet up` has stopped its broker, stack.json must not name it: the pid goes to
     another process, which a later `kabinet up` or `kabinet stack down` would trust."""
     data = tmp_path / "data"
-    env = {**os.environ, "KABINET_DATA_DIR": str(data),
-           "KABINET_PG_PORT": str(free_port()), "KABINET_BROKER_PORT": str(free_port())}
-    env.pop("KABINET_DATABASE_URL", None)
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    env = up_env(data)
     for run in ("first", "second"):
         ready, output = _up_until_ready_then_ctrl_c(env)
         assert ready == 200, f"{run} run:\n{output}"
@@ -144,26 +139,19 @@ def test_kabinet_up_again_on_the_same_data_dir_comes_up_and_ctrl_c_forgets_the_b
 
 
 def test_kabinet_up_stops_everything_and_fails_when_a_service_dies(tmp_path: Path):
-    env = {**os.environ, "KABINET_DATA_DIR": str(tmp_path / "data"),
-           "KABINET_PG_PORT": str(free_port()), "KABINET_BROKER_PORT": str(free_port())}
-    env.pop("KABINET_DATABASE_URL", None)
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    kabinet = Path(sys.executable).with_name("kabinet")
-    process = subprocess.Popen([str(kabinet), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, gateway_url, output = start_up(up_env(tmp_path / "data"))
     descendants: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and "Gateway:" not in (process.stdout.readline() or "Gateway:"):
-            pass
+        assert gateway_url, "".join(output)
         descendants = psutil.Process(process.pid).children(recursive=True)
         [ledger] = [child for child in descendants if "ledger.service:create_app" in " ".join(child.cmdline())]
         ledger.kill()  # as an out-of-memory kill would
-        output = process.communicate(timeout=60)[0]
+        rest = process.communicate(timeout=60)[0]
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode != 0, output
-    assert "ledger exited; stopped everything" in output, output
+    assert process.returncode != 0, rest
+    assert "ledger exited; stopped everything" in rest, rest
     gone, alive = psutil.wait_procs(descendants, timeout=15)
     assert alive == [], f"left behind: {[p.pid for p in alive]}"
 

@@ -17,6 +17,7 @@ import pytest
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 from ledger.integration import SOURCE as LEDGER_SOURCE
 from ledger.service import build
+from tests.integration.test_outbox_to_consumer import eventually
 from tests.support.notes import build_notes_service
 
 pytestmark = pytest.mark.integration
@@ -24,14 +25,8 @@ pytestmark = pytest.mark.integration
 WAIT_S = 20
 
 
-async def until(predicate, what: str, timeout_s: float = WAIT_S):
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+async def until(predicate, what: str):
+    return await eventually(predicate, WAIT_S, what)
 
 
 def client_of(app) -> httpx.AsyncClient:
