@@ -14,8 +14,8 @@ compare high watermarks: the embedded broker reports those unreliably.)
 
 The relay retries every error for ever, so its loop never dies and /health/live never
 names it. Instead it keeps how many rounds in a row failed, the last error and when it
-last made progress (recorded a page, or found nothing to publish); `check` is the
-service's readiness check, which fails once the relay is stuck (ARCHITECTURE.md §8).
+last made progress (recorded a page, or found nothing to publish); `check`, watched in
+the service's /health/ready, is down once the relay is stuck (ARCHITECTURE.md §8).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEven
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("kabinet.outbox")
 
-# A leading relay is stuck, and /health/ready says so, once more rounds than this failed
+# A leading relay is stuck, and /health/ready shows it, once more rounds than this failed
 # in a row (about 3 s of backoff: a broker or database blip does not count) ...
 RELAY_FAILED_ROUNDS_MAX = 5
 # ... or once it went this long without progress while events wait (a hang, no error).
@@ -142,7 +142,7 @@ class OutboxRelay:
                 await asyncio.sleep(backoff_s)
 
     async def check(self) -> str:
-        """The readiness check: raises RelayStuck, naming the last error and how long the
+        """The watched health check: raises RelayStuck, naming the last error and how long the
         relay has made no progress, once it failed more than `failed_rounds_max` rounds in
         a row or made no progress for `stall_max_s` (it counts finding nothing to publish
         as progress, so that means events wait). A standby relay is healthy."""
