@@ -19,6 +19,10 @@ _CONNECT_TIMEOUT_S = 10
 # waits as long for a free connection, and on release for a timed-out query's cancel (see
 # BoundedPool): a request against a hung database answers 503 within about twice this.
 DATABASE_COMMAND_TIMEOUT_S = 10
+# Schema changes at startup are not requests: they wait for another process's (a lock, as
+# in a rolling deploy) and may take long on big tables (an index, a backfill). Their
+# statements pass this instead.
+SCHEMA_CHANGE_TIMEOUT_S = 3600
 
 # What a database that is down, restarting or failing over looks like, through asyncpg and
 # through eventsourcing's recorder (psycopg): a request answers 503 with Retry-After, a

@@ -28,6 +28,7 @@ import asyncpg
 from fastapi import Header
 from fastapi.responses import JSONResponse
 
+from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
 from kabinet_chassis.errors import PROBLEM_JSON, Problem, domain_problem
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,9 @@ def idempotency_key(idempotency_key: str | None = Header(default=None, alias="Id
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as connection:
-        await connection.execute(SCHEMA)
-        await connection.execute("CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at)")
+        await connection.execute(SCHEMA, timeout=SCHEMA_CHANGE_TIMEOUT_S)
+        await connection.execute("CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at)",
+                                 timeout=SCHEMA_CHANGE_TIMEOUT_S)
 
 
 async def purge_expired(pool: asyncpg.Pool, retention_s: float = KEY_RETENTION_S) -> int:

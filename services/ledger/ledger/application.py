@@ -14,6 +14,7 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg.sql import SQL, Identifier
 
+from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
 from kabinet_chassis.eventstore import events_table
 from ledger.domain.balance import Balance
 
@@ -153,17 +154,18 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
                                             clock_ahead_max_s=CLOCK_AHEAD_MAX_S, clock_ahead_sqlstate=CLOCK_AHEAD_SQLSTATE)
     async with pool.acquire() as connection, connection.transaction():
         # CREATE OR REPLACE FUNCTION is not safe against itself in another starting process.
-        await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")
+        wait_s = SCHEMA_CHANGE_TIMEOUT_S  # another process may hold the lock while it upgrades a big ledger
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))", timeout=wait_s)
         balances_exist = await connection.fetchval("SELECT to_regclass('ledger_balances') IS NOT NULL")
         upgrading = balances_exist and not await connection.fetchval(HAS_INCOMING_HELD)
-        await connection.execute(BALANCES_TABLE)
-        await connection.execute(STORE_BEFORE_NOW)
+        await connection.execute(BALANCES_TABLE, timeout=wait_s)
+        await connection.execute(STORE_BEFORE_NOW, timeout=wait_s)
         if upgrading:
             incoming = await anyio.to_thread.run_sync(incoming_held_by_account, app)
             await connection.executemany("UPDATE ledger_balances SET incoming_held_minor = $2 WHERE account_id = $1",
-                                         list(incoming.items()))
-        await connection.execute(POSTING_CLOCK_TABLE)
-        await connection.execute(function)
+                                         list(incoming.items()), timeout=wait_s)
+        await connection.execute(POSTING_CLOCK_TABLE, timeout=wait_s)
+        await connection.execute(function, timeout=wait_s)
 
 
 HOLD_TOPICS = tuple(f"ledger.domain.hold:Hold.{kind}" for kind in ("Placed", "Captured", "Voided", "Expired"))

@@ -16,6 +16,8 @@ from uuid import UUID
 
 import asyncpg
 
+from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger_accounts (
     account_id uuid PRIMARY KEY,
@@ -75,7 +77,7 @@ class UnknownCursor(ValueError):
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as connection:
-        await connection.execute(SCHEMA)
+        await connection.execute(SCHEMA, timeout=SCHEMA_CHANGE_TIMEOUT_S)  # a new index on a big table takes long
 
 
 def _kind(event: Any) -> str:

@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from kabinet_chassis.eventstore import events_table
-from ledger.application import ensure_store_schema
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, create_pool, ensure_database
+from kabinet_chassis.eventstore import event_store_env, events_table
+from ledger.application import LedgerApplication, ensure_store_schema
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountClosed, AccountFrozen, AccountNotEmpty, IdempotencyConflict, InsufficientFunds
 from ledger.service import build
@@ -317,3 +318,29 @@ async def test_after_an_upgrade_the_payee_of_an_earlier_hold_closes_once_the_hol
         "SELECT incoming_held_minor FROM ledger_balances WHERE account_id = $1", shop)
     assert incoming == 0
     assert (await writer.submit(c.CloseAccount(shop))).state == "closed"
+
+
+async def test_a_ledger_starting_while_another_upgrades_the_store_waits_for_it_past_the_query_limit(stack, unique_name):
+    # As in a rolling deploy: the other process holds the store's schema lock through its upgrade.
+    settings = stack.service_settings(f"ledger_{unique_name}")
+    await ensure_database(stack.database_url, settings.service_name)
+    holder = await asyncpg.connect(settings.service_database_url)
+    app = LedgerApplication(env=event_store_env(settings))
+    pool = await create_pool(settings.service_database_url, max_size=2)
+    try:
+        # The other process: inside its schema transaction for a while (its upgrade scan).
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")
+
+        async def finish_upgrade_later():
+            await asyncio.sleep(DATABASE_COMMAND_TIMEOUT_S + 2)
+            await transaction.commit()
+
+        other = asyncio.create_task(finish_upgrade_later())
+        await ensure_store_schema(pool, app)  # this process starts once the other is done
+        await other
+    finally:
+        await pool.close()
+        await holder.close()
+        app.close()
