@@ -22,6 +22,7 @@ from rich.console import Console
 from kabinet_chassis.devstack.errors import StackError
 from kabinet_chassis.devstack.ports import LOOPBACK, port_is_free
 from kabinet_chassis.devstack.stack import DevStack
+from kabinet_chassis.health import GATING_CHECK_BUDGET_S
 from kabinet_chassis.topology import GATEWAY_PORT, SERVICE_PORTS
 
 console = Console()
@@ -132,7 +133,8 @@ def up() -> None:
                     _stop_children(children)
                     _fail(f"a service exited during start; see the logs in {log_dir}")
                 try:
-                    if httpx.get(f"{gateway_url}/health/ready", timeout=1.0).status_code == 200:
+                    # Longer than the gateway's slowest readiness answer (health.GATING_CHECK_BUDGET_S).
+                    if httpx.get(f"{gateway_url}/health/ready", timeout=GATING_CHECK_BUDGET_S + 1).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass

@@ -11,7 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from gateway.routes import LedgerClient, build_router
 from kabinet_chassis.auth import TokenVerifier, dev_signing_key, public_pem
-from kabinet_chassis.health import Check, database_check
+from kabinet_chassis.health import CHECK_TIMEOUT_S, Check, database_check
 from kabinet_chassis.service import Service
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_chassis.topology import GATEWAY_PORT, SERVICE_PORTS, service_url
@@ -30,7 +30,8 @@ class GatewaySettings(ServiceSettings):
 
 def backend_check(name: str, base_url: str) -> Check:
     async def check() -> str:
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        # Above a service's own worst readiness answer (CHECK_TIMEOUT_S), within the gateway's gating budget.
+        async with httpx.AsyncClient(timeout=CHECK_TIMEOUT_S + 1.0) as client:
             response = await client.get(f"{base_url}/health/ready")
         response.raise_for_status()
         return f"{name} ready at {base_url}"
