@@ -67,6 +67,8 @@ CREATE INDEX IF NOT EXISTS ledger_holds_expiry ON ledger_holds (expires_at) WHER
 """
 
 PAGE_SIZE_MAX = 200
+# The most entries one history page reads to find its lines (see `history`).
+HISTORY_SCAN_ROWS_MAX = 20_000
 # The bank itself, or a business customer, may own any number of accounts: a list of them comes in pages.
 ACCOUNTS_PAGE_SIZE_MAX = 100
 
@@ -250,9 +252,15 @@ async def history(
     after: tuple[int, int] | None = None,
     limit: int = 50,
 ) -> tuple[list[dict], tuple[int, int] | None]:
-    """Newest first; `after` is the (position, seq) cursor of the last line of the previous page."""
+    """Newest first; `after` is the (position, seq) cursor of the last line of the previous page.
+
+    A page reads at most HISTORY_SCAN_ROWS_MAX of the account's entries: a filter that
+    matches rarely (a counterparty, an amount) on a bank account with millions of entries
+    must not read them all for one page. So a page may hold fewer lines than asked, even
+    none, with a `next_cursor` to go on from where it stopped; no cursor means the end."""
     limit = max(1, min(limit, PAGE_SIZE_MAX))
-    conditions = ["e.account_id = $1"]
+    scanned = ["e.account_id = $1"]  # which entries a page reads: the account's, in the period, past the cursor
+    matched: list[str] = []  # which of those it shows
     args: list[Any] = [account_id]
 
     def arg(value: Any) -> str:
@@ -260,29 +268,48 @@ async def history(
         return f"${len(args)}"
 
     if since is not None:
-        conditions.append(f"e.occurred_at >= {arg(since)}")
+        scanned.append(f"e.occurred_at >= {arg(since)}")
     if until is not None:
-        conditions.append(f"e.occurred_at < {arg(until)}")
+        scanned.append(f"e.occurred_at < {arg(until)}")
+    if after is not None:
+        scanned.append(f"(e.position, e.seq) < ({arg(after[0])}, {arg(after[1])})")
     if amount_min_minor is not None:
-        conditions.append(f"abs(e.amount_minor) >= {arg(amount_min_minor)}")
+        matched.append(f"abs(e.amount_minor) >= {arg(amount_min_minor)}")
     if amount_max_minor is not None:
-        conditions.append(f"abs(e.amount_minor) <= {arg(amount_max_minor)}")
+        matched.append(f"abs(e.amount_minor) <= {arg(amount_max_minor)}")
     if code is not None:
-        conditions.append(f"e.code = {arg(code)}")
+        matched.append(f"e.code = {arg(code)}")
     if counterparty_account_id is not None:
-        conditions.append(
+        matched.append(
             "EXISTS (SELECT 1 FROM jsonb_array_elements(t.legs) leg"
             f" WHERE leg->>'account_id' = {arg(counterparty_account_id)} AND leg->>'account_id' <> e.account_id::text)"
         )
-    if after is not None:
-        conditions.append(f"(e.position, e.seq) < ({arg(after[0])}, {arg(after[1])})")
+    if not matched:  # every entry read is shown: the page reads limit + 1 of them, no more
+        rows = await pool.fetch(
+            "SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
+            f" WHERE {' AND '.join(scanned)} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}",
+            *args,
+        )
+        return [_line(row) for row in rows[:limit]], _next_after(rows, limit)
+    # One statement, so that the window read, the lines found in it and where it stopped
+    # agree (a second would see newer entries and shift the window).
     rows = await pool.fetch(
-        f"SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
-        f" WHERE {' AND '.join(conditions)} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}",
+        f"WITH window_read AS (SELECT e.* FROM ledger_entries e WHERE {' AND '.join(scanned)}"
+        f"  ORDER BY e.position DESC, e.seq DESC LIMIT {arg(HISTORY_SCAN_ROWS_MAX)}),"
+        " edge AS (SELECT count(*) AS read_count, min(position) AS position FROM window_read),"
+        " edge_seq AS (SELECT min(w.seq) AS seq FROM window_read w, edge WHERE w.position = edge.position)"
+        " SELECT edge.read_count, edge.position AS edge_position, edge_seq.seq AS edge_seq, page.*"
+        " FROM edge CROSS JOIN edge_seq LEFT JOIN LATERAL ("
+        "  SELECT e.*, t.legs, t.external_ref FROM window_read e LEFT JOIN ledger_transfers t USING (transfer_id)"
+        f"  WHERE {' AND '.join(matched) or 'true'} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}"
+        " ) page ON true",
         *args,
     )
-    lines = [_line(row) for row in rows[:limit]]
-    cursor = _next_after(rows, limit)
+    found = [row for row in rows if row["position"] is not None]
+    lines = [_line(row) for row in found[:limit]]
+    cursor = _next_after(found, limit)
+    if cursor is None and rows and rows[0]["read_count"] == HISTORY_SCAN_ROWS_MAX:
+        cursor = (rows[0]["edge_position"], rows[0]["edge_seq"])  # the page stopped reading here: go on from it
     return lines, cursor
 
 

@@ -91,6 +91,42 @@ async def test_a_closed_credit_card_shows_no_money_available(ledger):
     assert balances["available"]["amount_minor"] == 0 and balances["posted"]["amount_minor"] == 0
 
 
+async def test_a_rarely_matching_history_filter_reads_a_bounded_window_per_page_and_still_finds_every_line(
+        ledger, monkeypatch):
+    # On a bank account with millions of entries, one page must not read them all looking
+    # for a counterparty that paid once: it stops after a window and hands on a cursor.
+    monkeypatch.setattr(projections, "HISTORY_SCAN_ROWS_MAX", 5)
+    settlement = await open_account(ledger, "settlement")
+    fees = await open_account(ledger, "fee_income")
+    rare_payer = await open_account(ledger, "settlement")
+    tag = uuid.uuid4().hex[:8]
+    assert (await ledger.post("/transfers", json=transfer_body(f"rare-{tag}", (rare_payer, -7), (fees, 7)))).status_code == 201
+    for number in range(12):
+        response = await ledger.post("/transfers", json=transfer_body(f"fee-{tag}-{number}", (settlement, -1), (fees, 1)))
+        assert response.status_code == 201
+    await settled(ledger)
+
+    def pages(**filters):
+        async def read() -> list[list[dict]]:
+            found, cursor = [], None
+            for _ in range(20):  # bounded: 13 entries, 5 read a page
+                page = (await ledger.get(f"/accounts/{fees}/history", params={
+                    **filters, "limit": 2, **({"cursor": cursor} if cursor else {})})).json()
+                found.append(page["lines"])
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    return found
+            raise AssertionError("history pages never ended")
+        return read()
+
+    rare = await pages(counterparty_account_id=rare_payer)
+    assert [line["transfer_id"] for page in rare for line in page] == [f"rare-{tag}"]
+    assert len(rare) >= 3 and rare[0] == [], "the first page read its window, found nothing, and handed on a cursor"
+    small = await pages(amount_max_minor=1)
+    assert sorted(line["transfer_id"] for page in small for line in page) == sorted(f"fee-{tag}-{n}" for n in range(12))
+    assert all(len(page) <= 2 for page in small)
+
+
 async def test_a_bank_accounts_statement_totals_more_than_a_bigint_of_turnover_without_a_server_error(ledger):
     # A settlement account's balance stays within what the ledger can hold, but what flows
     # through it over a long period (a year, or "since opening" for an auditor) need not.
