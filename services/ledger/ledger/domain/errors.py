@@ -92,14 +92,21 @@ class CaptureExceedsHold(LedgerError):
     code, status = "capture_exceeds_hold", 409
 
 
-def refusal_for(code: str, detail: str) -> LedgerError:
-    """The refusal a stored `code` names, with its first message (a repeat gets the same answer)."""
+def _by_code() -> dict[str, type[LedgerError]]:
     by_code: dict[str, type[LedgerError]] = {}
-    kinds = [LedgerError]
+    kinds: list[type[LedgerError]] = [LedgerError]
     for _ in range(100):  # the tree is small; bounded all the same
         if not kinds:
             break
         kind = kinds.pop()
         by_code[kind.code] = kind
         kinds.extend(kind.__subclasses__())
-    return by_code.get(code, LedgerError)(detail)
+    return by_code
+
+
+_REFUSALS_BY_CODE = _by_code()  # once, the tree being complete above
+
+
+def refusal_for(code: str, detail: str) -> LedgerError:
+    """The refusal a stored `code` names, with its first message (a repeat gets the same answer)."""
+    return _REFUSALS_BY_CODE.get(code, LedgerError)(detail)
