@@ -88,6 +88,9 @@ def _kind(event: Any) -> str:
 
 # A page's transfers and their entries in one statement: each entry's running balance is
 # the account's last entry before the page plus the page's legs up to it, in log order.
+# "Before the page", not the account's last entry: a page replayed over the read model
+# (rebuilt from the start) may reach past what it holds, and its new entries must not count
+# the legs already there twice; those it holds already are kept as they are.
 _POST_TRANSFERS = """
 WITH transfers AS (
     INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)
@@ -100,9 +103,9 @@ WITH transfers AS (
     SELECT * FROM unnest($8::uuid[], $9::bigint[], $10::integer[], $11::integer[], $12::bigint[])
         AS leg(account_id, position, seq, transfer_index, amount_minor)
 ), opening AS (
-    SELECT account_id, coalesce((SELECT balance_after_minor FROM ledger_entries e WHERE e.account_id = accounts.account_id
-                                 ORDER BY position DESC, seq DESC LIMIT 1), 0) AS balance_minor
-    FROM (SELECT DISTINCT account_id FROM legs) AS accounts
+    SELECT account_id, coalesce((SELECT balance_after_minor FROM ledger_entries e WHERE e.account_id = first.account_id
+                                 AND e.position < first.position ORDER BY position DESC, seq DESC LIMIT 1), 0) AS balance_minor
+    FROM (SELECT account_id, min(position) AS position FROM legs GROUP BY account_id) AS first
 )
 INSERT INTO ledger_entries (account_id, position, seq, transfer_id, code, amount_minor, balance_after_minor, occurred_at)
 SELECT leg.account_id, leg.position, leg.seq, ($1::text[])[leg.transfer_index], ($2::text[])[leg.transfer_index],
@@ -110,6 +113,7 @@ SELECT leg.account_id, leg.position, leg.seq, ($1::text[])[leg.transfer_index], 
        opening.balance_minor + sum(leg.amount_minor) OVER (PARTITION BY leg.account_id ORDER BY leg.position, leg.seq),
        ($7::timestamptz[])[leg.transfer_index]
 FROM legs AS leg JOIN opening USING (account_id)
+ON CONFLICT DO NOTHING
 """
 
 
@@ -148,9 +152,12 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                                          strict=True):
                     column.append(value)
         elif kind == "Hold.Placed":
+            # A hold's row starts again from its placement: captures add to it, so a log
+            # replayed from the start over the read model would otherwise count them twice.
             await connection.execute(
                 "INSERT INTO ledger_holds (hold_id, debit_account_id, credit_account_id, amount_minor, captured_minor,"
-                " currency, state, expires_at, code) VALUES ($1, $2, $3, $4, 0, $5, 'active', $6, $7) ON CONFLICT DO NOTHING",
+                " currency, state, expires_at, code) VALUES ($1, $2, $3, $4, 0, $5, 'active', $6, $7)"
+                " ON CONFLICT (hold_id) DO UPDATE SET captured_minor = 0, state = 'active'",
                 event.client_hold_id, event.debit_account_id, event.credit_account_id, event.amount_minor,
                 event.currency, event.expires_at, event.code,
             )

@@ -1,0 +1,69 @@
+"""Rules of the ledger's read side (balances at an instant, history, statements, bad
+input, replay of the read model), on real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ledger.verify import verify
+from services.ledger.tests.integration.ledger_support import open_account, transfer_body
+
+pytestmark = pytest.mark.integration
+
+READ_MODEL_TABLES = {
+    "ledger_accounts": "account_id",
+    "ledger_entries": "account_id, position, seq",
+    "ledger_transfers": "transfer_id",
+    "ledger_holds": "hold_id",
+}
+
+
+async def settled(client) -> None:
+    await client.parts.projection.wait_for(client.parts.writer.last_position)
+
+
+async def read_model(pool) -> dict[str, list[dict]]:
+    return {table: [dict(row) for row in await pool.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
+            for table, order in READ_MODEL_TABLES.items()}
+
+
+def hold_body(hold_id, debit, credit, amount_minor):
+    return {"hold_id": hold_id, "debit_account_id": debit, "credit_account_id": credit, "amount_minor": amount_minor,
+            "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(days=7)).isoformat(), "code": "card_purchase"}
+
+
+async def test_replaying_the_read_model_from_the_start_changes_nothing(ledger):
+    settlement = await open_account(ledger, "settlement")
+    shop = await open_account(ledger, "settlement")
+    card = await open_account(ledger, limit=1_000)
+    for number, amount in enumerate((5_000, 700)):
+        response = await ledger.post("/transfers", json=transfer_body(f"in-{number}", (settlement, -amount), (card, amount)))
+        assert response.status_code == 201, response.text
+    assert (await ledger.post("/holds", json=hold_body("partly", card, shop, 900))).status_code == 201
+    assert (await ledger.post("/holds/partly/captures", json={"capture_id": "c1", "amount_minor": 400})).status_code == 201
+    assert (await ledger.post("/holds/partly/void")).status_code == 200
+    assert (await ledger.post("/holds", json=hold_body("whole", card, shop, 300))).status_code == 201
+    assert (await ledger.post("/holds/whole/captures", json={"capture_id": "c1", "amount_minor": 300})).status_code == 201
+    for action in ("freeze", "unfreeze"):
+        answer = await ledger.post(f"/accounts/{card}/{action}", headers={"Idempotency-Key": str(uuid.uuid4())})
+        assert answer.status_code == 200, answer.text
+    await settled(ledger)
+    pool, projection = ledger.parts.pool, ledger.parts.projection
+    before = await read_model(pool)
+
+    # An operator rebuilds the read model by replaying the whole log over it, while money keeps arriving.
+    await pool.execute("UPDATE projection_position SET position = 0 WHERE projection = $1", projection.name)
+    late = await ledger.post("/transfers", json=transfer_body("late", (settlement, -50), (card, 50)))
+    assert late.status_code == 201, late.text
+    await settled(ledger)
+
+    after = await read_model(pool)
+    for table, rows in before.items():
+        assert [row for row in after[table] if row in rows] == rows, f"{table} kept every row as it was"
+    late_entry = next(row for row in after["ledger_entries"] if row["transfer_id"] == "late" and str(row["account_id"]) == card)
+    assert late_entry["balance_after_minor"] == 5_000 + 700 - 400 - 300 + 50
+    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    assert report.ok, [check for check in report.checks if not check.ok]
