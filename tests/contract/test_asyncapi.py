@@ -54,8 +54,9 @@ def test_kabinet_docs_asyncapi_lists_every_ledger_event():
     assert channel["address"] == "ledger.events.v1"
     names = {document["components"]["messages"][m]["name"] for m in channel["messages"]}
     assert names == {
-        "ledger.account_opened", "ledger.account_frozen", "ledger.account_unfrozen", "ledger.account_closed",
-        "ledger.transfer_posted", "ledger.hold_placed", "ledger.hold_captured", "ledger.hold_voided", "ledger.hold_expired",
+        "ledger.account_opened", "ledger.account_credit_limit_set", "ledger.account_frozen", "ledger.account_unfrozen",
+        "ledger.account_closed", "ledger.transfer_posted", "ledger.hold_placed", "ledger.hold_captured", "ledger.hold_voided",
+        "ledger.hold_expired",
     }
     payload = document["components"]["schemas"]["ledger_transfer_posted_v1_payload"]
     assert "legs" in payload["properties"] and "transfer_id" in payload["required"]

@@ -31,6 +31,13 @@ class AccountOpened(_Payload):
     credit_limit_minor: int
 
 
+@register("ledger.account_credit_limit_set", 1, LEDGER_TOPIC,
+          "A customer account's credit limit (how far below zero it may go, in the account's currency) was set.")
+class AccountCreditLimitSet(_Payload):
+    account_id: str
+    credit_limit_minor: int
+
+
 @register("ledger.account_frozen", 1, LEDGER_TOPIC, "An account was frozen: no debits until unfrozen.")
 class AccountFrozen(_Payload):
     account_id: str

@@ -1,8 +1,8 @@
 """Domain events of the ledger -> its public integration events (kabinet_contracts.ledger).
 
-The public facts are accounts opening, freezing and closing, transfers and holds. A
-credit limit change is not published. Balances are not events of their own:
-subscribers add up transfer legs and holds, or ask the ledger's API.
+The public facts are accounts opening, their credit limits, freezing and closing,
+transfers and holds. Balances are not events of their own: subscribers add up transfer
+legs and holds (and the credit limit, for what may be spent), or ask the ledger's API.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
         payload = public.AccountOpened(account_id=str(event.originator_id), owner_id=event.owner_id, kind=event.kind,
                                        currency=event.currency, credit_limit_minor=event.credit_limit_minor)
         customer_id = _customer(event.owner_id)
+    elif kind == "Account.CreditLimitSet":
+        payload = public.AccountCreditLimitSet(account_id=str(event.originator_id),
+                                               credit_limit_minor=event.credit_limit_minor)
     elif kind == "Account.Frozen":
         payload = public.AccountFrozen(account_id=str(event.originator_id))
     elif kind == "Account.Unfrozen":
@@ -61,7 +64,8 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
     else:
         return None
     name = {
-        "Account.Opened": "ledger.account_opened", "Account.Frozen": "ledger.account_frozen",
+        "Account.Opened": "ledger.account_opened", "Account.CreditLimitSet": "ledger.account_credit_limit_set",
+        "Account.Frozen": "ledger.account_frozen",
         "Account.Unfrozen": "ledger.account_unfrozen", "Account.Closed": "ledger.account_closed",
         "Transfer.Posted": "ledger.transfer_posted", "Hold.Placed": "ledger.hold_placed",
         "Hold.Captured": "ledger.hold_captured", "Hold.Voided": "ledger.hold_voided", "Hold.Expired": "ledger.hold_expired",

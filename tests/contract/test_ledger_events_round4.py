@@ -1,0 +1,228 @@
+"""Rules of what the ledger publishes on ledger.events.v1, read back from the real broker:
+every message a subscriber (notifications, rewards, cards) or an analyst receives is one
+the published AsyncAPI document describes, names the customer it concerns, and says what
+it needs to know without asking the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from kabinet_contracts.asyncapi import asyncapi_document
+from kabinet_contracts.ledger import LEDGER_TOPIC
+from kabinet_contracts.registry import REGISTRY
+from ledger.domain.batch import capture_transfer_id
+from ledger.domain.hold import Hold
+from ledger.domain.transfer import Transfer
+from ledger.service import build
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 30
+HOLD_LIFETIME_S = 2
+DOCUMENT = asyncapi_document(REGISTRY)
+
+
+# A JSON Schema (draft 2020-12) check of the keywords the document uses; any other keyword
+# fails the test, so a schema this cannot read is never passed unread.
+_FORMATS = {
+    "uuid": re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"),
+    # RFC 3339 date-time: the offset is required.
+    "date-time": re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$"),
+}
+_TYPES = {"string": str, "object": dict, "array": list, "boolean": bool, "null": type(None)}
+_ANNOTATIONS = {"title", "description", "default"}
+
+
+def schema_errors(value, schema: dict, where: str = "$") -> list[str]:
+    if "$ref" in schema:
+        node = DOCUMENT
+        for part in schema["$ref"][2:].split("/"):
+            node = node[part]
+        return schema_errors(value, node, where)
+    errors: list[str] = []
+    for keyword, rule in schema.items():
+        if keyword in _ANNOTATIONS or keyword in ("properties", "additionalProperties"):
+            continue
+        if keyword == "type":
+            if rule == "integer":
+                ok = type(value) is int
+            elif rule == "number":
+                ok = type(value) in (int, float)
+            else:
+                ok = isinstance(value, _TYPES[rule]) and not (rule != "boolean" and isinstance(value, bool))
+            if not ok:
+                errors.append(f"{where}: {value!r} is not of type {rule}")
+        elif keyword == "required":
+            errors += [f"{where}: {name!r} is required" for name in rule if isinstance(value, dict) and name not in value]
+        elif keyword == "allOf":
+            for part in rule:
+                errors += schema_errors(value, part, where)
+        elif keyword == "anyOf":
+            if all(schema_errors(value, part, where) for part in rule):
+                errors.append(f"{where}: {value!r} matches none of {rule}")
+        elif keyword == "const":
+            if value != rule:
+                errors.append(f"{where}: {value!r} is not {rule!r}")
+        elif keyword == "items":
+            if isinstance(value, list):
+                for index, item in enumerate(value):
+                    errors += schema_errors(item, rule, f"{where}[{index}]")
+        elif keyword == "format":
+            if isinstance(value, str) and not _FORMATS[rule].match(value):
+                errors.append(f"{where}: {value!r} is not a {rule}")
+        elif keyword == "pattern":
+            if isinstance(value, str) and not re.search(rule, value):
+                errors.append(f"{where}: {value!r} does not match {rule}")
+        elif keyword == "maxLength":
+            if isinstance(value, str) and len(value) > rule:
+                errors.append(f"{where}: {value!r} is longer than {rule}")
+        elif keyword == "minimum":
+            if type(value) is int and value < rule:
+                errors.append(f"{where}: {value!r} is below {rule}")
+        else:
+            raise AssertionError(f"the document uses {keyword!r}, which this check does not know")
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        for name, item in value.items():
+            if name in properties:
+                errors += schema_errors(item, properties[name], f"{where}.{name}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where}: {name!r} is not in the schema")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += schema_errors(item, schema["additionalProperties"], f"{where}.{name}")
+    return errors
+
+
+def message_errors(record) -> list[str]:
+    """What the published AsyncAPI document says is wrong with one record of ledger.events.v1."""
+    channel = DOCUMENT["channels"][LEDGER_TOPIC.replace(".", "_")]
+    headers = {name: value.decode() for name, value in record.headers}
+    envelope = json.loads(record.value)
+    by_name = {DOCUMENT["components"]["messages"][ref.rsplit("/", 1)[1]]["name"]: ref.rsplit("/", 1)[1]
+               for ref in (m["$ref"] for m in channel["messages"].values())}
+    if envelope.get("type") not in by_name:
+        return [f"{envelope.get('type')!r} is not a message of {LEDGER_TOPIC} in the document"]
+    message = DOCUMENT["components"]["messages"][by_name[envelope["type"]]]
+    return schema_errors(headers, message["headers"], "headers") + schema_errors(envelope, message["payload"])
+
+
+@pytest.fixture
+async def ledger(stack, unique_name):
+    service, parts = build(stack.service_settings(f"ledger_{unique_name}"))
+    async with service.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http_app()),
+                                                     base_url="http://ledger/ledger/v1") as client:
+        client.parts = parts
+        yield client
+
+
+async def call(client, method: str, path: str, expected: int, **body) -> dict:
+    response = await client.request(method, path, json=body or None, headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert response.status_code == expected, response.text
+    return response.json()
+
+
+async def open_account(client, owner: str, kind: str = "card", limit: int = 0) -> str:
+    opened = await call(client, "POST", "/accounts", 201, owner_id=owner, kind=kind, currency="RUB",
+                        credit_limit_minor=limit)
+    return opened["account_id"]
+
+
+async def published(bootstrap: str, aggregate_ids: set[str], until, timeout_s: float = WAIT_S) -> list:
+    """The records of ledger.events.v1 about these aggregates, in partition order, once `until(envelopes)` holds."""
+    consumer = AIOKafkaConsumer(LEDGER_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    records: list = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline and not until([json.loads(r.value) for r in records]):
+            for partition_records in (await consumer.getmany(timeout_ms=500)).values():
+                records += [r for r in partition_records if r.key.decode() in aggregate_ids]
+    finally:
+        await consumer.stop()
+    return records
+
+
+def hold_aggregate_id(hold_id: str) -> str:
+    return str(Hold.id_for(hold_id))
+
+
+def transfer_aggregate_id(transfer_id: str) -> str:
+    return str(Transfer.id_for(transfer_id))
+
+
+async def a_day_at_the_bank(ledger) -> tuple[dict[str, str], set[str]]:
+    """Every kind of ledger event, about Alice's card: returns the ids used and every aggregate id."""
+    settlement = await open_account(ledger, "bank", "settlement")
+    card = await open_account(ledger, "alice")
+    shop = await open_account(ledger, "shop")
+    spare = await open_account(ledger, "alice", "savings")
+    await call(ledger, "PUT", f"/accounts/{card}/credit-limit", 200, credit_limit_minor=5_000)
+    top_up = f"top-up-{uuid.uuid4().hex}"
+    await call(ledger, "POST", "/transfers", 201, transfer_id=top_up, code="top_up", customer_ids=["alice"],
+               legs=[{"account_id": settlement, "amount_minor": -100_000, "currency": "RUB"},
+                     {"account_id": card, "amount_minor": 100_000, "currency": "RUB"}])
+    purchase, expiring = f"purchase-{uuid.uuid4().hex}", f"expiring-{uuid.uuid4().hex}"
+    await call(ledger, "POST", "/holds", 201, hold_id=purchase, debit_account_id=card, credit_account_id=shop,
+               amount_minor=50_000, currency="RUB", code="purchase",
+               expires_at=(datetime.now(UTC) + timedelta(days=7)).isoformat())
+    await call(ledger, "POST", f"/holds/{purchase}/captures", 201, capture_id="clearing-1", amount_minor=30_000)
+    await call(ledger, "POST", f"/holds/{purchase}/void", 200)
+    await call(ledger, "POST", "/holds", 201, hold_id=expiring, debit_account_id=card, credit_account_id=shop,
+               amount_minor=700, currency="RUB", code="purchase",
+               expires_at=(datetime.now(UTC) + timedelta(seconds=HOLD_LIFETIME_S)).isoformat())
+    # Refused for want of funds: kept in the ledger (a retry gets the same answer), never published.
+    refused = f"refused-{uuid.uuid4().hex}"
+    answer = await ledger.post("/transfers", json={"transfer_id": refused, "code": "p2p", "legs": [
+        {"account_id": spare, "amount_minor": -1, "currency": "RUB"}, {"account_id": card, "amount_minor": 1, "currency": "RUB"}]})
+    assert answer.status_code == 409, answer.text
+    await call(ledger, "POST", f"/accounts/{card}/freeze", 200)
+    await call(ledger, "POST", f"/accounts/{card}/unfreeze", 200)
+    await call(ledger, "POST", f"/accounts/{spare}/close", 200)
+    ids = {"settlement": settlement, "card": card, "shop": shop, "spare": spare, "top_up": top_up,
+           "purchase": purchase, "expiring": expiring, "refused": refused}
+    aggregates = {settlement, card, shop, spare, transfer_aggregate_id(top_up), transfer_aggregate_id(refused),
+                  hold_aggregate_id(purchase), hold_aggregate_id(expiring),
+                  transfer_aggregate_id(capture_transfer_id(purchase, "clearing-1"))}
+    return ids, aggregates
+
+
+EVERY_TYPE = {event_type.name for event_type in REGISTRY.all() if event_type.topic == LEDGER_TOPIC}
+
+
+def saw_every_type(envelopes: list[dict]) -> bool:
+    return {e["type"] for e in envelopes} >= EVERY_TYPE
+
+
+async def test_every_published_ledger_message_is_one_the_asyncapi_document_describes(ledger, stack):
+    _, aggregates = await a_day_at_the_bank(ledger)
+    records = await published(stack.bootstrap_servers, aggregates, saw_every_type)
+    assert saw_every_type([json.loads(r.value) for r in records]), "not every kind of ledger event was published"
+    problems = {f"{json.loads(r.value)['type']}@{json.loads(r.value)['position']}": message_errors(r) for r in records}
+    assert {where: errors for where, errors in problems.items() if errors} == {}
+
+
+
+def of_type(records, event_type: str) -> list[dict]:
+    return [e for e in (json.loads(r.value) for r in records) if e["type"] == event_type]
+
+
+async def test_a_credit_limit_change_is_published_so_subscribers_know_what_the_customer_may_spend(ledger, stack):
+    # Lending raises Alice's limit; cards shows what she may spend (balance + limit - holds)
+    # from events alone. The limit published at opening alone would be stale from now on.
+    card = await open_account(ledger, "alice", limit=1_000)
+    await call(ledger, "PUT", f"/accounts/{card}/credit-limit", 200, credit_limit_minor=5_000)
+    records = await published(stack.bootstrap_servers, {card},
+                              lambda envelopes: any(e["type"] != "ledger.account_opened" for e in envelopes), timeout_s=10)
+    [limit_set] = of_type(records, "ledger.account_credit_limit_set")
+    assert limit_set["payload"] == {"account_id": card, "credit_limit_minor": 5_000}
+    assert limit_set["aggregate_id"] == card and limit_set["aggregate_version"] == 2
+    assert [message_errors(r) for r in records] == [[], []]
