@@ -28,16 +28,29 @@ class LedgerClient:
             response = await self.client.get(f"/ledger/v1{path}", params=params, timeout=LEDGER_TIMEOUT_S)
         except httpx.HTTPError as error:
             raise DependencyUnavailable("ledger", str(error) or type(error).__name__) from None
-        if response.status_code >= 500:
+        if not (response.is_success or response.is_client_error):
             raise DependencyUnavailable("ledger", f"answered {response.status_code}")
         try:
             body = response.json()
         except ValueError:  # not the ledger speaking (a proxy's page, say)
             raise DependencyUnavailable("ledger", f"answered {response.status_code} without JSON") from None
-        if response.status_code >= 400:
-            raise Problem(response.status_code, body.get("code", "ledger_refused"), body.get("detail", ""),
-                          **{k: v for k, v in body.items() if k == "errors"})
+        # JSON, but not the ledger's API either (a broken deploy): the customer's request was fine.
+        if not isinstance(body, dict):
+            raise DependencyUnavailable("ledger", f"answered {response.status_code} with JSON that is not an object")
+        if response.is_client_error:
+            code, detail, errors = body.get("code"), body.get("detail", ""), body.get("errors")
+            if not isinstance(code, str) or not isinstance(detail, str):
+                raise DependencyUnavailable("ledger", f"answered {response.status_code} without a problem's code")
+            raise Problem(response.status_code, code, detail, **({"errors": errors} if isinstance(errors, list) else {}))
         return body
+
+
+def _expected(body: dict, name: str, kind: type) -> Any:
+    """A field of the ledger's answer the gateway relies on: without it, the answer is not the ledger's API."""
+    value = body.get(name)
+    if not isinstance(value, kind):
+        raise DependencyUnavailable("ledger", f"answered without {name}")
+    return value
 
 
 def _customer(principal):
@@ -65,7 +78,7 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
             if problem.status == 404:
                 raise Problem(404, "account_not_found", f"no account {account_id}") from None
             raise
-        if account["owner_id"] != me.customer_id:
+        if _expected(account, "owner_id", str) != me.customer_id:
             raise Problem(404, "account_not_found", f"no account {account_id}")
         return account
 
@@ -74,7 +87,9 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
         """The caller's accounts, a page at a time (the ledger's `cursor` and `limit`)."""
         paging = {name: request.query_params[name] for name in ("cursor", "limit") if name in request.query_params}
         found = await ledger.get("/accounts", {**paging, "owner_id": me.customer_id})  # a parameter, never a path
-        return {**found, "accounts": [account for account in found["accounts"] if account["owner_id"] == me.customer_id]}
+        mine = [account for account in _expected(found, "accounts", list)
+                if isinstance(account, dict) and account.get("owner_id") == me.customer_id]
+        return {**found, "accounts": mine}
 
     @router.get("/accounts/{account_id}")
     async def my_account(account_id: UUID, me: Principal = me_dependency) -> dict:

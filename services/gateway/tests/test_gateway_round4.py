@@ -1,0 +1,58 @@
+"""Rules of the gateway in front of the ledger: whatever the ledger does (answers garbage,
+trickles its answer, answers far too much), the customer gets a problem+json answer in
+bounded time; the cabinet's answers are never kept by a cache; a token is taken only as
+identity made it."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from gateway.service import GatewaySettings, build
+from kabinet_chassis.auth import dev_signing_key, issue_access_token
+
+pytestmark = pytest.mark.integration
+
+SOME_ACCOUNT = uuid.uuid4()
+
+
+def gateway_settings(stack, tmp_path, ledger_url: str) -> GatewaySettings:
+    return GatewaySettings(database_url=stack.database_url, kafka_bootstrap_servers=stack.bootstrap_servers,
+                           data_dir=tmp_path, ledger_url=ledger_url)
+
+
+def bearer(key, customer_id: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_access_token(key, customer_id)}"}
+
+
+async def ask_gateway(settings: GatewaySettings, path: str, customer_id: str = "alice",
+                      ledger_transport: httpx.AsyncBaseTransport | None = None) -> httpx.Response:
+    gateway = build(settings, ledger_transport=ledger_transport)
+    async with (
+        gateway.running(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.http_app()), base_url="http://gw") as client,
+    ):
+        return await client.get(path, headers=bearer(dev_signing_key(settings.data_dir), customer_id))
+
+
+def ledger_answering(status: int, body) -> httpx.MockTransport:
+    """A ledger that answers every request with this (a broken deploy, a proxy in between)."""
+    return httpx.MockTransport(lambda request: httpx.Response(status, json=body))
+
+
+@pytest.mark.parametrize(("status", "body"), [
+    (200, ["not", "an", "object"]),
+    (200, {"unexpected": "shape"}),
+    (404, ["not", "a", "problem"]),
+    (404, {"code": None, "detail": None}),
+], ids=["list", "object-without-fields", "refusal-as-list", "refusal-with-null-code"])
+@pytest.mark.parametrize("path", ["/v1/me/accounts", f"/v1/me/accounts/{SOME_ACCOUNT}"], ids=["list", "account"])
+async def test_a_ledger_answering_json_that_is_not_its_api_is_a_dependency_unavailable_not_an_internal_error(
+        stack, tmp_path, path, status, body):
+    answer = await ask_gateway(gateway_settings(stack, tmp_path, "http://ledger"), path,
+                               ledger_transport=ledger_answering(status, body))
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["code"] == "dependency_unavailable" and "Retry-After" in answer.headers
