@@ -14,7 +14,10 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from kabinet_chassis.telemetry import install_tracing
 from kabinet_contracts.asyncapi import asyncapi_document
 from kabinet_contracts.ledger import LEDGER_TOPIC
 from kabinet_contracts.registry import REGISTRY
@@ -226,3 +229,56 @@ async def test_a_credit_limit_change_is_published_so_subscribers_know_what_the_c
     assert limit_set["payload"] == {"account_id": card, "credit_limit_minor": 5_000}
     assert limit_set["aggregate_id"] == card and limit_set["aggregate_version"] == 2
     assert [message_errors(r) for r in records] == [[], []]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the batched writer turns events into stored events in its own task, outside the context of the request that"
+    " submitted the command, so TracingMapper finds no trace to keep (a writer.py change: see the round-4 report)"))
+async def test_a_published_ledger_event_continues_the_trace_of_the_request_that_caused_it(ledger, stack):
+    # One trace from the payment request, through ledger.events.v1, into notifications.
+    install_tracing("tests", exporter=InMemorySpanExporter())
+    with trace.get_tracer("tests").start_as_current_span("POST /payments") as request_span:
+        card = await open_account(ledger, "alice")
+    trace_id = format(request_span.get_span_context().trace_id, "032x")
+    [record] = await published(stack.bootstrap_servers, {card}, lambda envelopes: len(envelopes) >= 1)
+    traceparent = dict(record.headers).get("traceparent", b"").decode()
+    assert traceparent.split("-")[1:2] == [trace_id], f"traceparent {traceparent!r} is not of the request's trace"
+
+
+def about_alice(ids: dict[str, str], envelope: dict) -> bool:
+    """Whether an event concerns Alice: her accounts, or holds and payments from her card."""
+    payload = envelope["payload"]
+    if envelope["type"].startswith("ledger.account_"):
+        return payload["account_id"] in (ids["card"], ids["spare"])
+    if envelope["type"].startswith("ledger.hold_"):
+        return payload["hold_id"] in (ids["purchase"], ids["expiring"])
+    return any(leg["account_id"] == ids["card"] and leg["amount_minor"] < 0 for leg in payload["legs"])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "the domain events of a hold and of an account's later changes do not carry the owner, nor does a capture's"
+    " transfer name the payer, so integration.py has no customer to put in the envelope (a ledger/domain change:"
+    " see the round-4 report)"))
+async def test_every_event_about_a_customers_account_or_card_payment_names_the_customer(ledger, stack):
+    # Notifications tells Alice "a purchase of 500 RUB was authorised on your card" from
+    # ledger.hold_placed alone: it must not have to rebuild who owns which account first.
+    ids, aggregates = await a_day_at_the_bank(ledger)
+    records = await published(stack.bootstrap_servers, aggregates, saw_every_type)
+    hers = [e for e in (json.loads(r.value) for r in records) if about_alice(ids, e)]
+    assert {e["type"] for e in hers} == EVERY_TYPE
+    assert {(e["type"], e["position"]): e["customer_id"] for e in hers if e["customer_id"] != "alice"} == {}
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "a hold's Captured, Voided and Expired domain events carry no currency, so integration.py cannot publish one"
+    " (a ledger/domain change: see the round-4 report)"))
+async def test_every_amount_a_hold_event_publishes_names_its_currency(ledger, stack):
+    # Money on the wire is minor units and an ISO 4217 currency: "300.00 RUB captured",
+    # not "30000 of something" that a subscriber must join to the hold's placing to read.
+    _, aggregates = await a_day_at_the_bank(ledger)
+    records = await published(stack.bootstrap_servers, aggregates, saw_every_type)
+    amounts = {e["type"]: e["payload"] for e in (json.loads(r.value) for r in records) if e["type"].startswith("ledger.hold_")}
+    assert amounts["ledger.hold_placed"]["amount"]["currency"] == "RUB"
+    assert {event_type: payload.get("currency") for event_type, payload in amounts.items()
+            if event_type != "ledger.hold_placed"} == dict.fromkeys(
+        ("ledger.hold_captured", "ledger.hold_voided", "ledger.hold_expired"), "RUB")
