@@ -6,6 +6,7 @@ account answers 404, exactly like an account that does not exist.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from uuid import UUID
 
@@ -16,6 +17,8 @@ from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import DependencyUnavailable, Problem
 from kabinet_contracts.ledger import BANK_OWNER_ID
 
+# For the whole answer: httpx's own timeout limits each read, so a ledger sending a byte a
+# second (stuck mid-answer) would hold the customer for as long as it kept that up.
 LEDGER_TIMEOUT_S = 5.0
 
 
@@ -25,7 +28,10 @@ class LedgerClient:
 
     async def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         try:
-            response = await self.client.get(f"/ledger/v1{path}", params=params, timeout=LEDGER_TIMEOUT_S)
+            async with asyncio.timeout(LEDGER_TIMEOUT_S):
+                response = await self.client.get(f"/ledger/v1{path}", params=params, timeout=LEDGER_TIMEOUT_S)
+        except TimeoutError:
+            raise DependencyUnavailable("ledger", f"did not answer within {LEDGER_TIMEOUT_S:g} s") from None
         except httpx.HTTPError as error:
             raise DependencyUnavailable("ledger", str(error) or type(error).__name__) from None
         if not (response.is_success or response.is_client_error):

@@ -5,11 +5,14 @@ identity made it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import httpx
 import pytest
 
+from gateway import routes
 from gateway.service import GatewaySettings, build
 from kabinet_chassis.auth import dev_signing_key, issue_access_token
 
@@ -56,3 +59,34 @@ async def test_a_ledger_answering_json_that_is_not_its_api_is_a_dependency_unava
     assert answer.status_code == 503, answer.text
     assert answer.headers["content-type"] == "application/problem+json"
     assert answer.json()["code"] == "dependency_unavailable" and "Retry-After" in answer.headers
+
+
+async def trickling_ledger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A ledger that begins its answer and then sends one byte every 0.2 s (stuck mid-answer,
+    a saturated link): no single read ever waits long, the answer as a whole takes 20 s."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n")
+    try:
+        for _ in range(100):
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(b" ")
+    except ConnectionError:
+        pass  # the gateway gave up and hung up: what it should do
+    finally:
+        writer.close()
+
+
+async def test_a_ledger_trickling_its_answer_is_given_up_on_within_the_ledger_time_limit(
+        stack, tmp_path, monkeypatch):
+    monkeypatch.setattr(routes, "LEDGER_TIMEOUT_S", 1.0)
+    server = await asyncio.start_server(trickling_ledger, "127.0.0.1", 0)
+    async with server:
+        host, port = server.sockets[0].getsockname()[:2]
+        settings = gateway_settings(stack, tmp_path, f"http://{host}:{port}")
+        started = time.monotonic()
+        answer = await ask_gateway(settings, "/v1/me/accounts")
+        waited_s = time.monotonic() - started
+    assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable", answer.text
+    assert "Retry-After" in answer.headers
+    assert waited_s < routes.LEDGER_TIMEOUT_S + 2, f"the customer waited {waited_s:.1f} s"
