@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid5
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from kabinet_chassis.errors import Problem
@@ -52,6 +54,25 @@ def _after(cursor: str | None) -> tuple[int, ...] | None:
 
 def _cursor(after: tuple[int, ...] | None) -> str | None:
     return ".".join(map(str, after)) if after else None
+
+
+QUERY_ERRORS_SHOWN_MAX = 10  # a query of thousands of made-up names is answered in a few lines
+
+
+def _query_as_declared(request: Request) -> None:
+    """A read's query holds only the parameters its route declares, each once. Ignored, a
+    misspelt one (`date` for `at`, `amount_min` for `amount_min_minor`) or a second `code`
+    would get an answer that looks like the one asked for: today's balance, the whole history."""
+    declared = {param.alias for param in request.scope["route"].dependant.query_params}  # none come through dependencies
+    given = Counter(name for name, _ in request.query_params.multi_items())
+    errors = [{"loc": ("query", name), "type": "extra_forbidden", "msg": "not a parameter of this request"}
+              if name not in declared else {"loc": ("query", name), "type": "repeated", "msg": "given more than once"}
+              for name, count in given.items() if name not in declared or count > 1]
+    if errors:
+        raise RequestValidationError(errors[:QUERY_ERRORS_SHOWN_MAX])
+
+
+QUERY_AS_DECLARED = [Depends(_query_as_declared)]
 
 
 # An account opened without an id gets one derived from the request's Idempotency-Key:
@@ -193,14 +214,14 @@ def build_router(ledger: Ledger) -> APIRouter:
     async def void_hold(hold_id: HoldId) -> dict:
         return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id)))
 
-    @router.get("/accounts/{account_id}")
+    @router.get("/accounts/{account_id}", dependencies=QUERY_AS_DECLARED)
     async def get_account(account_id: UUID) -> dict:
         found = await projections.account(ledger.pool, account_id)
         if found is None:
             raise Problem(404, "account_not_found", f"no account {account_id}")
         return found
 
-    @router.get("/accounts")
+    @router.get("/accounts", dependencies=QUERY_AS_DECLARED)
     async def owner_accounts(
         # No NUL: PostgreSQL text cannot hold one (a 500, not "no such owner"), so no owner has one.
         owner_id: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[^\x00]+$")],
@@ -216,7 +237,7 @@ def build_router(ledger: Ledger) -> APIRouter:
             raise Problem(422, "invalid_cursor", str(unknown)) from None
         return {"accounts": accounts, "next_cursor": str(next_after) if next_after else None}
 
-    @router.get("/accounts/{account_id}/balance")
+    @router.get("/accounts/{account_id}/balance", dependencies=QUERY_AS_DECLARED)
     async def balance(account_id: UUID, at: Instant | None = None) -> dict:
         """Posted, pending and available now; or, with `at`, the posted balance as it stood
         just before that instant (what a statement from `at` opens with)."""
@@ -226,7 +247,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         amount = await projections.balance_at(ledger.pool, account_id, at)
         return {"at": at.isoformat(), "posted": {"amount_minor": amount, "currency": found["currency"]}}
 
-    @router.get("/accounts/{account_id}/history")
+    @router.get("/accounts/{account_id}/history", dependencies=QUERY_AS_DECLARED)
     async def history(
         account_id: UUID,
         since: Instant | None = None,
@@ -252,7 +273,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         )
         return {"lines": lines, "next_cursor": _cursor(next_after)}
 
-    @router.get("/accounts/{account_id}/statement")
+    @router.get("/accounts/{account_id}/statement", dependencies=QUERY_AS_DECLARED)
     async def statement(
         account_id: UUID,
         since: Instant,

@@ -67,3 +67,24 @@ async def test_replaying_the_read_model_from_the_start_changes_nothing(ledger):
     assert late_entry["balance_after_minor"] == 5_000 + 700 - 400 - 300 + 50
     report = await verify(ledger.parts.app, ledger.settings.service_database_url)
     assert report.ok, [check for check in report.checks if not check.ok]
+
+
+async def test_a_misspelt_or_repeated_query_parameter_is_refused_by_name_never_silently_ignored(ledger):
+    # Ignored, `date` would answer today's balance as if it were the one asked for, and
+    # `amount_min` the whole history as if it were the filtered one.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    assert (await ledger.post("/transfers", json=transfer_body("in", (settlement, -100), (card, 100)))).status_code == 201
+    await settled(ledger)
+    for path, params, field in (
+            (f"/accounts/{card}/balance", {"date": "2020-01-01T00:00:00Z"}, "date"),
+            (f"/accounts/{card}/history", {"amount_min": "1000"}, "amount_min"),
+            (f"/accounts/{card}/history", [("code", "top_up"), ("code", "p2p")], "code"),
+            (f"/accounts/{card}/statement", {"since": "2026-01-01T00:00:00Z", "until": "2026-02-01T00:00:00Z",
+                                             "page_size": "10"}, "page_size"),
+            (f"/accounts/{card}", {"at": "2020-01-01T00:00:00Z"}, "at"),
+            ("/accounts", {"owner_id": "alice", "owner": "bob"}, "owner")):
+        response = await ledger.get(path, params=params)
+        assert response.status_code == 422, (path, params, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert [error["field"] for error in response.json()["errors"]] == [field], (path, params, response.text)
