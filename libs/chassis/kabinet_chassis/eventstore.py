@@ -12,11 +12,14 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import anyio
+import psycopg
 from eventsourcing.persistence import Mapper, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
 from opentelemetry import propagate
+from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Identifier
 
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S
 from kabinet_chassis.settings import ServiceSettings
 
 T = TypeVar("T")
@@ -84,6 +87,60 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
         )
 
 
+# eventsourcing's PostgreSQL settings bound the wait for a pooled connection
+# (POSTGRES_CONNECT_TIMEOUT), the events table lock and idle transactions, never a statement:
+# against a database that hangs, a read or save through it waited for ever. This one (seconds)
+# bounds every statement, as DATABASE_COMMAND_TIMEOUT_S does for asyncpg (ARCHITECTURE.md §7).
+POSTGRES_STATEMENT_TIMEOUT = "POSTGRES_STATEMENT_TIMEOUT"
+# The server cancels a statement past the limit (statement_timeout), which also takes a lock
+# waiter out of the lock's queue; a server that answers nothing at all (stopped, frozen
+# storage, a dead network) is given up by the client this much later.
+NO_ANSWER_GRACE_S = 1.0
+
+
+class BoundedPostgresFactory(PostgresFactory):
+    """eventsourcing's PostgreSQL persistence, each statement bounded by POSTGRES_STATEMENT_TIMEOUT.
+
+    A statement past it raises eventsourcing's OperationalError (a transient error: a 503,
+    a consumer's retry), and the connection of one the server never answered is closed, so
+    work goes on on fresh connections once the database answers again."""
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        statement_timeout_s = float(self.env.get(POSTGRES_STATEMENT_TIMEOUT) or DATABASE_COMMAND_TIMEOUT_S)
+        pool = self.datastore.pool  # not opened yet: its connections are made with these
+        pool.connection_class = _BoundedConnection
+        pool.kwargs.update(
+            options=f"-c statement_timeout={round(statement_timeout_s * 1000)}",
+            # psycopg's own default (130 s) otherwise: the pool's waiter gives up sooner, its filler would not
+            connect_timeout=max(1, round(pool.timeout)),
+            answer_wait_max_s=statement_timeout_s + NO_ANSWER_GRACE_S,
+        )
+
+
+class _BoundedConnection(psycopg.Connection):
+    """A psycopg connection that waits at most `answer_wait_max_s` for the server's answer,
+    then closes itself: a conversation cut in the middle cannot be taken up again."""
+
+    answer_wait_max_s: float
+
+    @classmethod
+    def connect(cls, conninfo: str = "", *, answer_wait_max_s: float, **kwargs: Any) -> _BoundedConnection:
+        connection = super().connect(conninfo, **kwargs)
+        connection.answer_wait_max_s = answer_wait_max_s
+        return connection
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        try:
+            return super().wait(gen, interval, self.answer_wait_max_s if timeout is None else timeout)
+        except psycopg.OperationalError as error:
+            if self.pgconn.transaction_status != TransactionStatus.ACTIVE:
+                raise  # the server answered (a cancelled statement, say): the connection is still good
+            self.close()
+            raise psycopg.OperationalError(
+                f"the database did not answer within {self.answer_wait_max_s:g} s; connection closed") from error
+
+
 def events_table(recorder: PostgresApplicationRecorder) -> str:
     """The recorder's events table, schema-qualified and quoted, for plain SQL (asyncpg)."""
     return f"{_quoted(recorder.datastore.schema)}.{_quoted(recorder.events_table_name)}"
@@ -97,7 +154,7 @@ def event_store_env(settings: ServiceSettings, *, encrypted: bool = False) -> di
     """The environment an eventsourcing Application needs for this service's database."""
     url = urlsplit(settings.service_database_url)
     env = {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "PERSISTENCE_MODULE": "kabinet_chassis.eventstore:BoundedPostgresFactory",
         "POSTGRES_DBNAME": url.path.lstrip("/"),
         "POSTGRES_HOST": url.hostname or "127.0.0.1",
         "POSTGRES_PORT": str(url.port or 5432),
@@ -106,6 +163,7 @@ def event_store_env(settings: ServiceSettings, *, encrypted: bool = False) -> di
         "POSTGRES_POOL_SIZE": str(settings.worker_threads),
         "POSTGRES_MAX_OVERFLOW": "0",
         "POSTGRES_CONNECT_TIMEOUT": "10",
+        POSTGRES_STATEMENT_TIMEOUT: str(DATABASE_COMMAND_TIMEOUT_S),
         "CREATE_TABLE": "y",
         "MAPPER_TOPIC": "kabinet_chassis.eventstore:TracingMapper",
         "APPLICATION_RECORDER_TOPIC": "kabinet_chassis.eventstore:ArrayInsertRecorder",

@@ -61,9 +61,9 @@ CACHE_MAX_AGGREGATES = 200_000
 LEADERSHIP_POLL_S = 1.0  # how often a standby asks for the lead
 LEADERSHIP_CHECK_S = 5.0  # how often the leader checks that its lock's connection lives
 STANDBY_WAIT_S = 2.0  # a command waits this long for its process to lead, then gets 503
-# A command waits this long for its answer, then gets 503: a database that hangs (the
-# writer's look-ups have no timeout of their own) must not hold callers for ever. Its
-# outcome is then unknown; a retry with the same id gets the first answer.
+# A command waits this long for its answer, then gets 503: each of a batch's look-ups and
+# its commit is bounded (kabinet_chassis.eventstore, .databases), but one batch may make
+# several. Its outcome is then unknown; a retry with the same id gets the first answer.
 ANSWER_WAIT_MAX_S = 20.0
 SAVE_ATTEMPTS_MAX = 3
 
