@@ -7,6 +7,7 @@ account answers 404, exactly like an account that does not exist.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 from uuid import UUID
 
@@ -20,6 +21,9 @@ from kabinet_contracts.ledger import BANK_OWNER_ID
 # For the whole answer: httpx's own timeout limits each read, so a ledger sending a byte a
 # second (stuck mid-answer) would hold the customer for as long as it kept that up.
 LEDGER_TIMEOUT_S = 5.0
+# The most of a ledger answer the gateway reads: its largest page (a statement's 5,000
+# lines) is a few MB; whatever a runaway answer holds past this is not kept in memory.
+LEDGER_ANSWER_BYTES_MAX = 16 * 2**20
 
 
 class LedgerClient:
@@ -28,8 +32,15 @@ class LedgerClient:
 
     async def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         try:
-            async with asyncio.timeout(LEDGER_TIMEOUT_S):
-                response = await self.client.get(f"/ledger/v1{path}", params=params, timeout=LEDGER_TIMEOUT_S)
+            async with (
+                asyncio.timeout(LEDGER_TIMEOUT_S),
+                self.client.stream("GET", f"/ledger/v1{path}", params=params, timeout=LEDGER_TIMEOUT_S) as response,
+            ):
+                content = bytearray()
+                async for chunk in response.aiter_bytes():
+                    content += chunk
+                    if len(content) > LEDGER_ANSWER_BYTES_MAX:
+                        raise DependencyUnavailable("ledger", f"answered more than {LEDGER_ANSWER_BYTES_MAX} bytes")
         except TimeoutError:
             raise DependencyUnavailable("ledger", f"did not answer within {LEDGER_TIMEOUT_S:g} s") from None
         except httpx.HTTPError as error:
@@ -37,7 +48,7 @@ class LedgerClient:
         if not (response.is_success or response.is_client_error):
             raise DependencyUnavailable("ledger", f"answered {response.status_code}")
         try:
-            body = response.json()
+            body = json.loads(content)
         except ValueError:  # not the ledger speaking (a proxy's page, say)
             raise DependencyUnavailable("ledger", f"answered {response.status_code} without JSON") from None
         # JSON, but not the ledger's API either (a broken deploy): the customer's request was fine.

@@ -90,3 +90,40 @@ async def test_a_ledger_trickling_its_answer_is_given_up_on_within_the_ledger_ti
     assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable", answer.text
     assert "Retry-After" in answer.headers
     assert waited_s < routes.LEDGER_TIMEOUT_S + 2, f"the customer waited {waited_s:.1f} s"
+
+
+class FloodingLedger:
+    """A ledger that answers 64 MiB at full speed (a runaway page, a broken deploy), counting what it got to send."""
+
+    answer_bytes = 64 * 2**20
+
+    def __init__(self) -> None:
+        self.sent_bytes = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n" % self.answer_bytes)
+        chunk = b" " * 2**16
+        try:
+            while self.sent_bytes < self.answer_bytes:
+                writer.write(chunk)
+                await writer.drain()
+                self.sent_bytes += len(chunk)
+        except ConnectionError:
+            pass  # the gateway stopped reading and hung up: what it should do
+        finally:
+            writer.close()
+
+
+async def test_the_gateway_reads_no_more_of_a_ledger_answer_than_the_largest_the_ledger_gives(
+        stack, tmp_path, monkeypatch):
+    monkeypatch.setattr(routes, "LEDGER_ANSWER_BYTES_MAX", 2**20)
+    ledger = FloodingLedger()
+    server = await asyncio.start_server(ledger, "127.0.0.1", 0)
+    async with server:
+        host, port = server.sockets[0].getsockname()[:2]
+        answer = await ask_gateway(gateway_settings(stack, tmp_path, f"http://{host}:{port}"), "/v1/me/accounts")
+    assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable", answer.text
+    # What the gateway read, plus what the two sockets' buffers hold between the ledger and it.
+    assert ledger.sent_bytes < ledger.answer_bytes / 2, f"the gateway took in {ledger.sent_bytes} bytes"
