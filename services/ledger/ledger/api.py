@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID, uuid5
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 
 from kabinet_chassis.errors import Problem
 from kabinet_chassis.idempotency import idempotency_key, run_once
@@ -30,6 +31,23 @@ def _within_the_ledgers_calendar(instant: datetime) -> datetime:
 # An instant with a timezone, in the range the ledger stores (a far-off one would overflow
 # on its way to UTC and answer 500 instead of naming the field).
 Instant = Annotated[AwareDatetime, AfterValidator(_within_the_ledgers_calendar)]
+
+_BEYOND_MICROSECONDS = re.compile(r"\.\d{6}(\d+)")
+
+
+def _rounded_up_to_a_microsecond(value: Any, parse: ValidatorFunctionWrapHandler) -> datetime:
+    """The ledger keeps microseconds; a client may write nanoseconds (Go's RFC3339Nano,
+    Java's Instant), which parsing cuts off. Cut, 12:00:00.123456500 would fall before a
+    posting made at 12:00:00.123456. Rounded up, the entries before the microsecond used
+    are exactly those before the instant written, whichever side of a period it bounds."""
+    instant = parse(value)
+    beyond = _BEYOND_MICROSECONDS.search(value) if isinstance(value, str) else None
+    return instant + timedelta(microseconds=1) if beyond and beyond.group(1).strip("0") else instant
+
+
+# An instant a read is asked at or bounded by (`at`, `since`, `until`).
+BoundaryInstant = Annotated[AwareDatetime, WrapValidator(_rounded_up_to_a_microsecond),
+                            AfterValidator(_within_the_ledgers_calendar)]
 
 CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
@@ -238,7 +256,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         return {"accounts": accounts, "next_cursor": str(next_after) if next_after else None}
 
     @router.get("/accounts/{account_id}/balance", dependencies=QUERY_AS_DECLARED)
-    async def balance(account_id: UUID, at: Instant | None = None) -> dict:
+    async def balance(account_id: UUID, at: BoundaryInstant | None = None) -> dict:
         """Posted, pending and available now; or, with `at`, the posted balance as it stood
         just before that instant (what a statement from `at` opens with)."""
         found = await get_account(account_id)
@@ -250,8 +268,8 @@ def build_router(ledger: Ledger) -> APIRouter:
     @router.get("/accounts/{account_id}/history", dependencies=QUERY_AS_DECLARED)
     async def history(
         account_id: UUID,
-        since: Instant | None = None,
-        until: Instant | None = None,
+        since: BoundaryInstant | None = None,
+        until: BoundaryInstant | None = None,
         amount_min_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
         amount_max_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
         counterparty_account_id: UUID | None = None,
@@ -276,8 +294,8 @@ def build_router(ledger: Ledger) -> APIRouter:
     @router.get("/accounts/{account_id}/statement", dependencies=QUERY_AS_DECLARED)
     async def statement(
         account_id: UUID,
-        since: Instant,
-        until: Instant,
+        since: BoundaryInstant,
+        until: BoundaryInstant,
         cursor: StatementCursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.STATEMENT_PAGE_LINES_MAX)] = projections.STATEMENT_PAGE_LINES_MAX,
     ) -> dict:

@@ -88,3 +88,27 @@ async def test_a_misspelt_or_repeated_query_parameter_is_refused_by_name_never_s
         assert response.status_code == 422, (path, params, response.text)
         assert response.headers["content-type"].startswith("application/problem+json")
         assert [error["field"] for error in response.json()["errors"]] == [field], (path, params, response.text)
+
+
+async def test_an_instant_written_in_nanoseconds_counts_a_posting_made_before_it_within_its_microsecond(ledger):
+    # Go's RFC3339Nano and Java's Instant write nanoseconds; the ledger keeps microseconds.
+    # Cut to its microsecond, 12:00:00.123456500 would leave out a posting made at
+    # 12:00:00.123456, which came before it.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    posted_at = (datetime.now(UTC) + timedelta(seconds=30)).replace(microsecond=123_456)  # within the clock's tolerance
+    ledger.parts.writer.clock = lambda: posted_at
+    assert (await ledger.post("/transfers", json=transfer_body("in", (settlement, -100), (card, 100)))).status_code == 201
+    await settled(ledger)
+    just_after = posted_at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "500Z"
+
+    balance = (await ledger.get(f"/accounts/{card}/balance", params={"at": just_after})).json()
+    assert balance["posted"]["amount_minor"] == 100
+    earlier = {"since": (posted_at - timedelta(days=1)).isoformat(), "until": just_after}
+    assert [line["transfer_id"] for line in (await ledger.get(f"/accounts/{card}/history", params=earlier)).json()["lines"]] == [
+        "in"]
+    statement = (await ledger.get(f"/accounts/{card}/statement", params=earlier)).json()
+    assert statement["closing_balance_minor"] == 100 and [line["transfer_id"] for line in statement["lines"]] == ["in"]
+    later = (await ledger.get(f"/accounts/{card}/statement", params={
+        "since": just_after, "until": (posted_at + timedelta(days=1)).isoformat()})).json()
+    assert later["opening_balance_minor"] == 100 and later["lines"] == []
