@@ -12,7 +12,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import DependencyUnavailable, Problem
@@ -82,8 +82,13 @@ def _customer(principal):
     return customer
 
 
+def _not_stored(response: Response) -> None:
+    """A customer's accounts and money are kept by no cache (a shared computer's browser, a proxy)."""
+    response.headers["Cache-Control"] = "no-store"
+
+
 def build_router(ledger: LedgerClient, principal) -> APIRouter:
-    router = APIRouter(prefix="/v1/me", tags=["cabinet"])
+    router = APIRouter(prefix="/v1/me", tags=["cabinet"], dependencies=[Depends(_not_stored)])
     # A default rather than an Annotated alias: a local alias does not resolve under
     # postponed annotations.
     me_dependency = Depends(_customer(principal))

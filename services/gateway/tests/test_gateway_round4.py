@@ -15,6 +15,7 @@ import pytest
 from gateway import routes
 from gateway.service import GatewaySettings, build
 from kabinet_chassis.auth import dev_signing_key, issue_access_token
+from ledger.service import build as build_ledger
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +128,39 @@ async def test_the_gateway_reads_no_more_of_a_ledger_answer_than_the_largest_the
     assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable", answer.text
     # What the gateway read, plus what the two sockets' buffers hold between the ledger and it.
     assert ledger.sent_bytes < ledger.answer_bytes / 2, f"the gateway took in {ledger.sent_bytes} bytes"
+
+
+@pytest.fixture
+async def bank(stack, unique_name, tmp_path):
+    """The gateway in front of a real ledger; `bank.ledger` asks the ledger directly (as the bank's services do)."""
+    ledger_service, _ = build_ledger(stack.service_settings(f"ledger_{unique_name}"))
+    async with ledger_service.running():
+        ledger_transport = httpx.ASGITransport(app=ledger_service.http_app())
+        gateway = build(gateway_settings(stack, tmp_path, "http://ledger"), ledger_transport=ledger_transport)
+        async with (
+            gateway.running(),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.http_app()), base_url="http://gw") as client,
+            httpx.AsyncClient(transport=ledger_transport, base_url="http://ledger/ledger/v1") as ledger,
+        ):
+            client.ledger = ledger
+            client.key = dev_signing_key(tmp_path)
+            yield client
+
+
+async def open_card(bank, owner: str) -> str:
+    response = await bank.ledger.post("/accounts", json={"owner_id": owner, "kind": "card", "currency": "RUB"},
+                                      headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert response.status_code == 201, response.text
+    return response.json()["account_id"]
+
+
+async def test_no_cache_keeps_a_customers_accounts_balances_or_history(bank):
+    # A shared computer's browser, or a proxy between the app and the bank, must not keep them.
+    card = await open_card(bank, "alice")
+    period = {"since": "2020-01-01T00:00:00+00:00", "until": "2099-01-01T00:00:00+00:00"}
+    for path, params in (("/v1/me/accounts", {}), (f"/v1/me/accounts/{card}", {}),
+                         (f"/v1/me/accounts/{card}/balance", {}), (f"/v1/me/accounts/{card}/history", {}),
+                         (f"/v1/me/accounts/{card}/statement", period)):
+        answer = await bank.get(path, params=params, headers=bearer(bank.key, "alice"))
+        assert answer.status_code == 200, (path, answer.text)
+        assert answer.headers.get("cache-control") == "no-store", path
