@@ -84,7 +84,12 @@ class TokenVerifier:
         if not isinstance(subject, str) or not 1 <= len(subject) <= SUBJECT_LENGTH_MAX or "\x00" in subject:
             raise Problem(401, "invalid_token", f"the access token's subject is not a customer id (1 to"
                           f" {SUBJECT_LENGTH_MAX} characters, no NUL)", headers={"WWW-Authenticate": "Bearer"})
-        return Principal(customer_id=subject, roles=tuple(claims.get("roles", ())))
+        roles = claims.get("roles", [])
+        # Taken as identity made them, a list of role names: a string would be read as one role per letter.
+        if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
+            raise Problem(401, "invalid_token", "the access token's roles are not a list of role names",
+                          headers={"WWW-Authenticate": "Bearer"})
+        return Principal(customer_id=subject, roles=tuple(roles))
 
     def dependency(self):
         """FastAPI dependency giving the caller's Principal from `Authorization: Bearer …`."""

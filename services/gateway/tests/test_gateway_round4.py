@@ -10,11 +10,14 @@ import time
 import uuid
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway import routes
 from gateway.service import GatewaySettings, build
-from kabinet_chassis.auth import dev_signing_key, issue_access_token
+from kabinet_chassis.auth import AUDIENCE, ISSUER, TokenVerifier, dev_signing_key, issue_access_token, public_pem
+from kabinet_chassis.errors import Problem
 from ledger.service import build as build_ledger
 
 pytestmark = pytest.mark.integration
@@ -164,3 +167,15 @@ async def test_no_cache_keeps_a_customers_accounts_balances_or_history(bank):
         answer = await bank.get(path, params=params, headers=bearer(bank.key, "alice"))
         assert answer.status_code == 200, (path, answer.text)
         assert answer.headers.get("cache-control") == "no-store", path
+
+
+@pytest.mark.parametrize("roles", [5, "support", [["support"]], [None]], ids=["number", "string", "nested", "null"])
+def test_a_signed_token_whose_roles_are_not_a_list_of_names_is_an_invalid_token(roles):
+    # A role given as "support" must not become the roles s, u, p, p, o, r, t; a number must not be a 500.
+    key = Ed25519PrivateKey.generate()
+    now = int(time.time())
+    token = jwt.encode({"sub": "alice", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300, "roles": roles},
+                       key, algorithm="EdDSA")
+    with pytest.raises(Problem) as refused:
+        TokenVerifier(public_pem(key)).verify(token)
+    assert refused.value.status == 401 and refused.value.code == "invalid_token"
