@@ -145,6 +145,11 @@ class CaptureBody(_Body):
     amount_minor: int = Field(gt=0)
 
 
+# How long a read from the read model waits for it to show what was committed before the
+# read came (a moment, longer under load); within the 5 s the gateway gives the ledger.
+READ_MODEL_WAIT_S = 2.0
+
+
 class Ledger:
     """What the routes need; filled in when the service starts."""
 
@@ -160,10 +165,10 @@ class Ledger:
         except LedgerUnavailable as unavailable:
             raise Problem(503, "ledger_unavailable", str(unavailable), headers={"Retry-After": "5"}) from None
 
-    async def read_your_writes(self) -> None:
+    async def read_your_writes(self, timeout_s: float = 30.0) -> None:
         try:
-            await self.projection.wait_for(self.writer.last_position)
-        except TimeoutError as behind:  # committed, but not readable yet: the retry answers from the key
+            await self.projection.wait_for(self.writer.last_position, timeout_s)
+        except TimeoutError as behind:  # committed, but not readable yet: a command's retry answers from its key
             raise Problem(503, "read_model_behind", str(behind), headers={"Retry-After": "1"}) from None
 
 
@@ -262,6 +267,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         found = await get_account(account_id)
         if at is None:
             return found["balances"]
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # past balances come from the read model
         amount = await projections.balance_at(ledger.pool, account_id, at)
         return {"at": at.isoformat(), "posted": {"amount_minor": amount, "currency": found["currency"]}}
 
@@ -284,6 +290,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         if amount_min_minor is not None and amount_max_minor is not None and amount_max_minor < amount_min_minor:
             raise Problem(422, "invalid_amount_range", "`amount_max_minor` must not be below `amount_min_minor`")
         after = _after(cursor)
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)
         lines, next_after = await projections.history(
             ledger.pool, account_id, since=since, until=until, amount_min_minor=amount_min_minor,
             amount_max_minor=amount_max_minor, code=code, after=after, limit=limit,
@@ -305,6 +312,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         if until <= since:
             raise Problem(422, "invalid_period", "`until` must be after `since`")
         position, seq, as_of = _after(cursor) or (None, None, None)
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)
         body, next_after = await projections.statement(
             ledger.pool, account_id, since, until, after=(position, seq) if cursor else None, as_of=as_of, limit=limit,
         )

@@ -3,6 +3,7 @@ input, replay of the read model), on real PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -112,3 +113,32 @@ async def test_an_instant_written_in_nanoseconds_counts_a_posting_made_before_it
     later = (await ledger.get(f"/accounts/{card}/statement", params={
         "since": just_after, "until": (posted_at + timedelta(days=1)).isoformat()})).json()
     assert later["opening_balance_minor"] == 100 and later["lines"] == []
+
+
+async def test_a_payment_the_ledger_confirmed_is_in_every_read_asked_after_the_confirmation(ledger, monkeypatch):
+    # A transfer is answered from its commit; the read model that history, statements and
+    # past balances come from follows a moment later (longer under load). A read asked after
+    # the confirmation must not answer as if the payment had not happened.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    await settled(ledger)
+    projection = ledger.parts.projection
+    apply_page, caught_up = projection.apply_page, asyncio.Event()
+
+    async def slow_apply_page(connection, page):
+        await caught_up.wait()  # the read model falls behind here
+        await apply_page(connection, page)
+
+    monkeypatch.setattr(projection, "apply_page", slow_apply_page)
+    assert (await ledger.post("/transfers", json=transfer_body("paid", (settlement, -100), (card, 100)))).status_code == 201
+    confirmed = datetime.now(UTC)
+    asyncio.get_running_loop().call_later(0.3, caught_up.set)
+
+    balance, history, statement = await asyncio.gather(
+        ledger.get(f"/accounts/{card}/balance", params={"at": confirmed.isoformat()}),
+        ledger.get(f"/accounts/{card}/history"),
+        ledger.get(f"/accounts/{card}/statement", params={"since": start.isoformat(), "until": confirmed.isoformat()}))
+    assert balance.json()["posted"]["amount_minor"] == 100, balance.text
+    assert [line["transfer_id"] for line in history.json()["lines"]] == ["paid"], history.text
+    assert statement.json()["closing_balance_minor"] == 100, statement.text
