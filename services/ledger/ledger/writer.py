@@ -237,8 +237,9 @@ class BatchedWriter:
                 # Someone else wrote one of these aggregates or balances, or a later batch:
                 # reload and validate again.
                 self._forget(touched)
-                if attempt == SAVE_ATTEMPTS_MAX:
-                    raise
+                if attempt == SAVE_ATTEMPTS_MAX:  # nothing saved: the caller retries with the same ids (503)
+                    raise LedgerUnavailable(f"another ledger writer changed these accounts first {SAVE_ATTEMPTS_MAX}"
+                                            " times; nothing was posted, retry shortly") from None
                 self._last_posted_at = await last_posted_at(self.pool)
                 continue
             except BaseException as error:

@@ -139,3 +139,30 @@ async def test_a_writer_whose_database_hangs_fails_the_batch_in_bounded_time_and
             assert await saved_balance(writer.pool, card) == (900, 0)
     finally:
         postgres.stop(mode="immediate")
+
+
+async def test_a_batch_that_keeps_losing_the_race_to_another_writer_is_refused_as_retryable_and_saves_nothing(
+        ledger, monkeypatch):
+    # For the seconds before a lost lead is noticed two writers may post to the same account:
+    # each of this writer's saves finds the balance moved on and validates again, up to its
+    # limit. Then nothing is saved, and the caller must be told to retry (503), not get a 500.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    commit = writer_module.append_batch
+    async with uncached_writer(ledger.settings) as other:
+        racing = asyncio.Lock()
+
+        async def other_writer_gets_there_first(*args, **kwargs):
+            if not racing.locked():  # not the other writer's own commit
+                async with racing:
+                    await other.submit(spend(card, settlement, 1, f"other-{uuid.uuid4()}"))
+            return await commit(*args, **kwargs)
+
+        monkeypatch.setattr(writer_module, "append_batch", other_writer_gets_there_first)
+        outcome, _ = await outcome_within(writer.submit(spend(card, settlement, 100, "lost-race")), ANSWER_WAIT_MAX_S)
+        monkeypatch.setattr(writer_module, "append_batch", commit)
+    assert isinstance(outcome, writer_module.LedgerUnavailable), repr(outcome)
+    attempts = writer_module.SAVE_ATTEMPTS_MAX
+    assert await saved_balance(ledger.parts.pool, card) == (1_000 - attempts, 0)  # the other writer's only
+    posted = await writer.submit(spend(card, settlement, 100, "lost-race"))  # the retry goes through
+    assert not posted.replayed and await saved_balance(ledger.parts.pool, card) == (900 - attempts, 0)
