@@ -2,11 +2,13 @@
 
 Identity signs them (its own issue); until it runs, `kabinet` generates a clearly
 marked development key pair at first run under `.data/keys/` so the gateway and tests
-can work. Never ship that key: production passes KABINET_JWT_PUBLIC_KEY (PEM).
+can work. Never ship that key: production passes KABINET_JWT_PUBLIC_KEY (PEM; while identity
+rotates its key, the old and the new PEM one after the other).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,11 @@ CLOCK_SKEW_S = 5
 _DEV_KEY_FILE = "dev-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
 # The longest customer id an account can have (the ledger's owner_id, the events' customer_id).
 SUBJECT_LENGTH_MAX = 128
+# Trusted at once: the old and the new key of a rotation, with room for a rollback.
+PUBLIC_KEYS_MAX = 4
+_PEM_PUBLIC_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
+_DECODE_RULES = {"algorithms": ["EdDSA"], "audience": AUDIENCE, "issuer": ISSUER, "leeway": CLOCK_SKEW_S,
+                 "options": {"require": ["exp", "iat", "sub"]}}
 
 
 @dataclass(frozen=True)
@@ -63,15 +70,31 @@ def issue_access_token(key: Ed25519PrivateKey, customer_id: str, roles: tuple[st
 
 class TokenVerifier:
     def __init__(self, public_key_pem: str) -> None:
-        key = serialization.load_pem_public_key(public_key_pem.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("the token verification key must be an Ed25519 public key")
-        self.public_key = key
+        """`public_key_pem`: identity's public key, or while it rotates its signing key the old
+        and the new one, one PEM after the other (tokens signed by the old one live on for
+        their TTL)."""
+        blocks = _PEM_PUBLIC_KEY.findall(public_key_pem)
+        if not 1 <= len(blocks) <= PUBLIC_KEYS_MAX:
+            raise ValueError(f"give 1 to {PUBLIC_KEYS_MAX} PEM public keys to verify access tokens with")
+        keys = tuple(serialization.load_pem_public_key(block.encode()) for block in blocks)
+        if not all(isinstance(key, Ed25519PublicKey) for key in keys):
+            raise ValueError("the token verification keys must be Ed25519 public keys")
+        self.public_keys = keys
+
+    def _claims(self, token: str) -> dict:
+        """The token's claims, checked with whichever trusted key signed it (the signature is
+        checked before any claim, so a claim's error comes from the key that signed it)."""
+        *others, last = self.public_keys
+        for key in others:
+            try:
+                return jwt.decode(token, key, **_DECODE_RULES)
+            except jwt.InvalidSignatureError:
+                continue
+        return jwt.decode(token, last, **_DECODE_RULES)
 
     def verify(self, token: str) -> Principal:
         try:
-            claims = jwt.decode(token, self.public_key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER,
-                                leeway=CLOCK_SKEW_S, options={"require": ["exp", "iat", "sub"]})
+            claims = self._claims(token)
         except jwt.ExpiredSignatureError:
             raise Problem(401, "token_expired", "the access token has expired; refresh it",
                           headers={"WWW-Authenticate": "Bearer"}) from None

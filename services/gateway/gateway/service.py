@@ -23,7 +23,8 @@ class GatewaySettings(ServiceSettings):
     service_name: str = "gateway"
     http_port: int = GATEWAY_PORT
     ledger_url: str = Field(default_factory=lambda: service_url("ledger"))
-    # PEM of identity's Ed25519 public key; without it, the development key under data_dir.
+    # PEM of identity's Ed25519 public key (while it rotates keys, the old and the new one after
+    # each other); without it, the development key under data_dir.
     jwt_public_key: str | None = None
     data_dir: Path = Path(".data")
 

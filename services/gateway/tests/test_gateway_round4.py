@@ -179,3 +179,15 @@ def test_a_signed_token_whose_roles_are_not_a_list_of_names_is_an_invalid_token(
     with pytest.raises(Problem) as refused:
         TokenVerifier(public_pem(key)).verify(token)
     assert refused.value.status == 401 and refused.value.code == "invalid_token"
+
+
+def test_while_identity_rotates_its_signing_key_tokens_signed_by_the_old_and_the_new_key_are_both_accepted():
+    # The gateway is given both public keys (one PEM after the other) for as long as tokens
+    # signed by the old key live: a rotation logs no customer out, and a third key is still refused.
+    old, new, stranger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    verifier = TokenVerifier(public_pem(old) + public_pem(new))
+    for key in (old, new):
+        assert verifier.verify(issue_access_token(key, "alice")).customer_id == "alice"
+    with pytest.raises(Problem) as refused:
+        verifier.verify(issue_access_token(stranger, "alice"))
+    assert refused.value.status == 401 and refused.value.code == "invalid_token"
