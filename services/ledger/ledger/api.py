@@ -172,6 +172,15 @@ class Ledger:
             raise Problem(503, "read_model_behind", str(behind), headers={"Retry-After": "1"}) from None
 
 
+def _bad_parameter(code: str, field: str, message: str) -> Problem:
+    """Bad input that only a rule across parameters finds, named like any other (`errors[].field`)."""
+    return Problem(422, code, f"`{field}` {message}", errors=[{"field": field, "message": message, "type": code}])
+
+
+def _invalid_period() -> Problem:
+    return _bad_parameter("invalid_period", "until", "must be after `since`")
+
+
 def _result(result: Any) -> dict:
     return result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
 
@@ -286,9 +295,9 @@ def build_router(ledger: Ledger) -> APIRouter:
         await get_account(account_id)
         # An empty range is a mistake in the request, as for a statement, not an empty history.
         if since is not None and until is not None and until <= since:
-            raise Problem(422, "invalid_period", "`until` must be after `since`")
+            raise _invalid_period()
         if amount_min_minor is not None and amount_max_minor is not None and amount_max_minor < amount_min_minor:
-            raise Problem(422, "invalid_amount_range", "`amount_max_minor` must not be below `amount_min_minor`")
+            raise _bad_parameter("invalid_amount_range", "amount_max_minor", "must not be below `amount_min_minor`")
         after = _after(cursor)
         await ledger.read_your_writes(READ_MODEL_WAIT_S)
         lines, next_after = await projections.history(
@@ -310,7 +319,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         at a time (follow `next_cursor` until it is null), all as of the first page."""
         found = await get_account(account_id)
         if until <= since:
-            raise Problem(422, "invalid_period", "`until` must be after `since`")
+            raise _invalid_period()
         position, seq, as_of = _after(cursor) or (None, None, None)
         await ledger.read_your_writes(READ_MODEL_WAIT_S)
         body, next_after = await projections.statement(

@@ -142,3 +142,17 @@ async def test_a_payment_the_ledger_confirmed_is_in_every_read_asked_after_the_c
     assert balance.json()["posted"]["amount_minor"] == 100, balance.text
     assert [line["transfer_id"] for line in history.json()["lines"]] == ["paid"], history.text
     assert statement.json()["closing_balance_minor"] == 100, statement.text
+
+
+async def test_a_period_or_amount_range_the_wrong_way_round_names_the_parameter_like_every_other_bad_input(ledger):
+    # A client app marks the field to correct from `errors[].field`, as for every other refusal of bad input.
+    card = await open_account(ledger)
+    backwards = {"since": "2026-02-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}
+    for path, params, code, field in ((f"/accounts/{card}/statement", backwards, "invalid_period", "until"),
+                                      (f"/accounts/{card}/history", backwards, "invalid_period", "until"),
+                                      (f"/accounts/{card}/history", {"amount_min_minor": 500, "amount_max_minor": 100},
+                                       "invalid_amount_range", "amount_max_minor")):
+        response = await ledger.get(path, params=params)
+        assert response.status_code == 422 and response.json()["code"] == code, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert [error["field"] for error in response.json().get("errors", [])] == [field], response.text
