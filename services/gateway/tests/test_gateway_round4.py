@@ -191,3 +191,19 @@ def test_while_identity_rotates_its_signing_key_tokens_signed_by_the_old_and_the
     with pytest.raises(Problem) as refused:
         verifier.verify(issue_access_token(stranger, "alice"))
     assert refused.value.status == 401 and refused.value.code == "invalid_token"
+
+
+async def test_a_ledger_that_is_down_or_failing_is_a_503_with_retry_after_that_tells_nothing_of_its_insides(
+        stack, tmp_path):
+    failing = ledger_answering(500, {"code": "internal_error", "detail": "relation ledger_accounts: password=hunter2"})
+    answer = await ask_gateway(gateway_settings(stack, tmp_path, "http://ledger"), "/v1/me/accounts",
+                               ledger_transport=failing)
+    assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable"
+    assert "hunter2" not in answer.text and "ledger_accounts" not in answer.text
+    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    server.close()
+    await server.wait_closed()  # nothing listens there now
+    answer = await ask_gateway(gateway_settings(stack, tmp_path, f"http://{host}:{port}"), "/v1/me/accounts")
+    assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable", answer.text
+    assert int(answer.headers["Retry-After"]) > 0
