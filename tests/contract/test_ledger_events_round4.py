@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from kabinet_chassis.telemetry import install_tracing
 from kabinet_contracts.asyncapi import asyncapi_document
-from kabinet_contracts.ledger import LEDGER_TOPIC
+from kabinet_contracts.envelope import IntegrationEvent, event_id_for
+from kabinet_contracts.ledger import LEDGER_TOPIC, HoldPlaced, MoneyDTO
 from kabinet_contracts.registry import REGISTRY
 from ledger.domain.batch import capture_transfer_id
 from ledger.domain.hold import Hold
@@ -282,3 +283,16 @@ async def test_every_amount_a_hold_event_publishes_names_its_currency(ledger, st
     assert {event_type: payload.get("currency") for event_type, payload in amounts.items()
             if event_type != "ledger.hold_placed"} == dict.fromkeys(
         ("ledger.hold_captured", "ledger.hold_voided", "ledger.hold_expired"), "RUB")
+
+
+def test_an_event_whose_time_has_no_timezone_is_refused_at_its_source_not_published_ambiguous():
+    # The document promises an RFC 3339 date-time, which has an offset: "09:00" alone is a
+    # different instant in Moscow and in UTC, and an analyst's replay would have to guess.
+    naive = datetime(2026, 11, 25, 9, 0)
+    with pytest.raises(ValueError, match="timezone"):
+        IntegrationEvent(event_id=event_id_for("ledger", 1), type="ledger.account_frozen", schema_version=1,
+                         source="ledger", position=1, aggregate_id="a1", aggregate_version=2, occurred_at=naive,
+                         payload={"account_id": "a1"})
+    with pytest.raises(ValueError, match="timezone"):
+        HoldPlaced(hold_id="h1", debit_account_id="a1", credit_account_id="a2", code="purchase",
+                   amount=MoneyDTO(amount_minor=50_000, currency="RUB"), expires_at=naive)

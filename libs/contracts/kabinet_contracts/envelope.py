@@ -7,11 +7,10 @@ versioned, documented payload. No ciphertext and no Python class paths on the wi
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 # Event ids are derived, not random: republishing the same notification (after a
 # relay crash or a broker that lost its data) yields the same event_id.
@@ -49,7 +48,8 @@ class IntegrationEvent(BaseModel):
     position: int = Field(ge=1, description="notification id in the source's event log")
     aggregate_id: str = Field(max_length=128)
     aggregate_version: int = Field(ge=1)
-    occurred_at: datetime
+    # RFC 3339, as the published document says: a time without an offset names no instant.
+    occurred_at: AwareDatetime
     customer_id: str | None = Field(default=None, max_length=128)
     payload: dict[str, Any]
 

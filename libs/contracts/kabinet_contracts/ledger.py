@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from pydantic import BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from kabinet_contracts.registry import register, topic_for
 
@@ -76,7 +74,7 @@ class HoldPlaced(_Payload):
     debit_account_id: str
     credit_account_id: str
     amount: MoneyDTO
-    expires_at: datetime
+    expires_at: AwareDatetime
     code: str
 
 
