@@ -207,11 +207,21 @@ def saw_every_type(envelopes: list[dict]) -> bool:
 
 
 async def test_every_published_ledger_message_is_one_the_asyncapi_document_describes(ledger, stack):
-    _, aggregates = await a_day_at_the_bank(ledger)
+    ids, aggregates = await a_day_at_the_bank(ledger)
     records = await published(stack.bootstrap_servers, aggregates, saw_every_type)
     assert saw_every_type([json.loads(r.value) for r in records]), "not every kind of ledger event was published"
     problems = {f"{json.loads(r.value)['type']}@{json.loads(r.value)['position']}": message_errors(r) for r in records}
     assert {where: errors for where, errors in problems.items() if errors} == {}
+    # Keyed by aggregate id, so one aggregate's events reach a subscriber in the order they happened.
+    envelopes = [json.loads(r.value) for r in records]
+    assert all(r.key.decode() == e["aggregate_id"] for r, e in zip(records, envelopes, strict=True))
+    versions: dict[str, list[int]] = {}
+    for envelope in envelopes:
+        versions.setdefault(envelope["aggregate_id"], []).append(envelope["aggregate_version"])
+    assert {a: v for a, v in versions.items() if v != sorted(set(v))} == {}
+    # Private to the ledger: its class paths, request fingerprints, and refusals.
+    assert not [r.value for r in records if b"ledger.domain" in r.value or b"fingerprint" in r.value]
+    assert not [e for e in envelopes if ids["refused"] in json.dumps(e)], "a refused transfer was published"
 
 
 
