@@ -42,6 +42,9 @@ async def writer_with_statement_limit(settings: ServiceSettings):
     pool = await create_pool(settings.service_database_url, max_size=2)
     writer = BatchedWriter(app, pool, system_clock)
     await writer.start()
+    # Every connection of its event store open (as in a service that has run a while): a
+    # database stopped while one is still being made fails on the pool's wait instead.
+    await asyncio.to_thread(app.recorder.datastore.pool.wait, 30)
     task = asyncio.create_task(writer.run())
     try:
         yield writer
