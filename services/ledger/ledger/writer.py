@@ -43,7 +43,7 @@ import asyncpg
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import StoredEvent
 
-from kabinet_chassis.databases import wait_for_lead
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, wait_for_lead
 from kabinet_chassis.eventstore import events_table
 from ledger.application import CLOCK_AHEAD_SQLSTATE, LedgerApplication, append_batch, last_posted_at
 from ledger.domain.balance import Balance
@@ -60,6 +60,9 @@ BATCH_WAIT_MAX_S = 0.0
 CACHE_MAX_AGGREGATES = 200_000
 LEADERSHIP_POLL_S = 1.0  # how often a standby asks for the lead
 LEADERSHIP_CHECK_S = 5.0  # how often the leader checks that its lock's connection lives
+# A check unanswered this long may mean the lock is gone (its session frozen or cut off) and
+# another process leads: the writer stops writing and asks for the lead again.
+LEADERSHIP_CHECK_TIMEOUT_S = DATABASE_COMMAND_TIMEOUT_S
 STANDBY_WAIT_S = 2.0  # a command waits this long for its process to lead, then gets 503
 # A command waits this long for its answer, then gets 503: each of a batch's look-ups and
 # its commit is bounded (kabinet_chassis.eventstore, .databases), but one batch may make
@@ -146,14 +149,14 @@ class BatchedWriter:
         from saving over what it has not seen (ADR-0002)."""
         while True:
             try:
-                connection = await asyncpg.connect(database_url, timeout=10)
+                connection = await asyncpg.connect(database_url, timeout=10, command_timeout=LEADERSHIP_CHECK_TIMEOUT_S)
                 try:
                     await wait_for_lead(connection, "ledger_writer", LEADERSHIP_POLL_S)
                     await self.start()
                     log.info("this process is now the ledger's active writer")
                     while True:
                         await asyncio.sleep(LEADERSHIP_CHECK_S)
-                        await connection.fetchval("SELECT 1")
+                        await connection.fetchval("SELECT 1", timeout=LEADERSHIP_CHECK_TIMEOUT_S)
                 finally:
                     self._active.clear()
                     connection.terminate()

@@ -169,3 +169,30 @@ async def test_a_batch_that_keeps_losing_the_race_to_another_writer_is_refused_a
     assert await saved_balance(ledger.parts.pool, card) == (1_000 - attempts, 0)  # the other writer's only
     posted = await writer.submit(spend(card, settlement, 100, "lost-race"))  # the retry goes through
     assert not posted.replayed and await saved_balance(ledger.parts.pool, card) == (900 - attempts, 0)
+
+
+async def test_a_leader_that_cannot_confirm_its_lock_within_the_limit_stops_writing_and_leads_again_after(
+        ledger, monkeypatch):
+    # The lock lives with one connection. If that connection stops answering (its server
+    # process frozen, its network path dead) the lock may be gone, and another process
+    # leading: a writer that cannot tell must stop writing, not wait on the check for ever.
+    monkeypatch.setattr(writer_module, "LEADERSHIP_CHECK_S", 0.2)
+    monkeypatch.setattr(writer_module, "LEADERSHIP_CHECK_TIMEOUT_S", 1)
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await asyncio.sleep(writer_module.LEADERSHIP_CHECK_S * 2)  # one check with the short interval behind it
+    lock_holder = psutil.Process(await ledger.parts.pool.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid::int = hashtext('ledger_writer')"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"))
+    lock_holder.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(50):  # bounded: 5 s, far above the check's interval and limit
+            if not writer.is_active:
+                break
+            await asyncio.sleep(0.1)
+        stepped_down = not writer.is_active
+    finally:
+        lock_holder.send_signal(signal.SIGCONT)
+    assert stepped_down, "the writer kept writing with a lock it could not confirm"
+    posted = await writer.submit(spend(card, settlement, 100, "after-lead-back"))  # the lock is freed: it leads again
+    assert posted.transfer_id == "after-lead-back" and await saved_balance(ledger.parts.pool, card) == (900, 0)
