@@ -187,37 +187,54 @@ class BatchedWriter:
                                     " id, which gets the first answer if it was posted meanwhile") from None
 
     async def run(self) -> None:
-        while True:
-            first = await self.queue.get()
-            batch = [first]
-            deadline = asyncio.get_running_loop().time() + BATCH_WAIT_MAX_S
-            while len(batch) < BATCH_MAX_COMMANDS:
-                if self.queue.empty():
-                    remaining = deadline - asyncio.get_running_loop().time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        async with asyncio.timeout(remaining):
-                            batch.append(await self.queue.get())
-                    except TimeoutError:
-                        break
+        batch: list[_Request] = []
+        try:
+            while True:
+                first = await self.queue.get()
+                batch = [first]
+                deadline = asyncio.get_running_loop().time() + BATCH_WAIT_MAX_S
+                while len(batch) < BATCH_MAX_COMMANDS:
+                    if self.queue.empty():
+                        remaining = deadline - asyncio.get_running_loop().time()
+                        if remaining <= 0:
+                            break
+                        try:
+                            async with asyncio.timeout(remaining):
+                                batch.append(await self.queue.get())
+                        except TimeoutError:
+                            break
+                    else:
+                        batch.append(self.queue.get_nowait())
+                try:
+                    outcomes, committed = await self._write([r.command for r in batch])
+                except Exception as error:  # the store is down: every caller gets the error (a retry gets the first result)
+                    log.exception("ledger batch of %d failed to save", len(batch))
+                    outcomes = [error] * len(batch)
                 else:
-                    batch.append(self.queue.get_nowait())
-            try:
-                outcomes, committed = await self._write([r.command for r in batch])
-            except Exception as error:  # the store is down: every caller gets the error (a retry gets the first result)
-                log.exception("ledger batch of %d failed to save", len(batch))
-                outcomes = [error] * len(batch)
-            else:
-                if committed:
-                    self.on_saved(committed)
-            for request, outcome in zip(batch, outcomes, strict=True):
-                if request.future.done():
-                    continue  # the caller went away
-                if isinstance(outcome, BaseException):
-                    request.future.set_exception(outcome)
-                else:
-                    request.future.set_result(outcome)
+                    if committed:
+                        self.on_saved(committed)
+                for request, outcome in zip(batch, outcomes, strict=True):
+                    if request.future.done():
+                        continue  # the caller went away
+                    if isinstance(outcome, BaseException):
+                        request.future.set_exception(outcome)
+                    else:
+                        request.future.set_result(outcome)
+        finally:
+            self._refuse_waiting(batch)
+
+    def _refuse_waiting(self, taken: list[_Request]) -> None:
+        """The writer stops (its service does): the commands it took or still had queued are
+        answered now (503), not left to wait out ANSWER_WAIT_MAX_S. One being committed may
+        have been posted, so the retry uses the same id and gets the first answer."""
+        stopped = LedgerUnavailable("the ledger writer stopped; retry with the same id, which gets the first answer"
+                                    " if it was posted")
+        waiting = list(taken)
+        while not self.queue.empty():  # bounded by QUEUE_MAX
+            waiting.append(self.queue.get_nowait())
+        for request in waiting:
+            if not request.future.done():
+                request.future.set_exception(stopped)
 
     async def _write(self, commands: list[Any]) -> tuple[list[Any], list[tuple[int, Any]]]:
         """Each command's result or refusal, and the (notification id, event) pairs committed.

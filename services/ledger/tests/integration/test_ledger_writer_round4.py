@@ -196,3 +196,19 @@ async def test_a_leader_that_cannot_confirm_its_lock_within_the_limit_stops_writ
     assert stepped_down, "the writer kept writing with a lock it could not confirm"
     posted = await writer.submit(spend(card, settlement, 100, "after-lead-back"))  # the lock is freed: it leads again
     assert posted.transfer_id == "after-lead-back" and await saved_balance(ledger.parts.pool, card) == (900, 0)
+
+
+async def test_commands_waiting_when_the_writer_stops_are_told_at_once_to_retry(ledger, monkeypatch):
+    # A stopping service cancels its writer: the commands it took or still had queued get
+    # an answer then (503, retry with the same id), not silence until their answer wait ends.
+    monkeypatch.setattr(writer_module, "ANSWER_WAIT_MAX_S", ANSWER_WAIT_MAX_S)
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    async with uncached_writer(ledger.settings, running=False) as stopping:
+        waiting = [asyncio.create_task(stopping.submit(spend(card, settlement, 1, f"at-stop-{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)  # all three queued
+        run = asyncio.create_task(stopping.run())
+        await asyncio.sleep(0)  # it takes them as a batch
+        run.cancel()
+        outcomes = [await outcome_within(command, 1) for command in waiting]
+        await asyncio.gather(run, return_exceptions=True)
+    assert all(isinstance(outcome, writer_module.LedgerUnavailable) for outcome, _ in outcomes), outcomes
