@@ -171,7 +171,7 @@ async def test_refusals_repeat_alike_after_a_restart_and_the_ledger_still_verifi
 
 
 async def test_a_command_the_writer_cannot_answer_in_time_gets_503_and_its_retry_the_first_answer(ledger, monkeypatch):
-    # A writer stuck on a hung database (its look-ups have no timeout of their own) must not
+    # A writer slow to answer (each look-up is bounded, but a batch may make several) must not
     # hold its callers for ever; the command may still commit, so the retry uses the same id.
     monkeypatch.setattr(writer_module, "ANSWER_WAIT_MAX_S", 0.2)
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
