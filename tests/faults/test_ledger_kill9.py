@@ -17,6 +17,7 @@ from kabinet_chassis.devstack.ports import free_port
 from kabinet_chassis.eventstore import event_store_env
 from ledger.application import LedgerApplication
 from ledger.verify import verify
+from tests.support.tokens import ledger_poster
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -28,7 +29,7 @@ KILL_AFTER = 1_500
 
 def start_ledger(stack, service_name: str, port: int, log_path) -> subprocess.Popen:
     env = {**os.environ, "KABINET_SERVICE_NAME": service_name, "KABINET_DATABASE_URL": stack.database_url,
-           "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers}
+           "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers, "KABINET_DATA_DIR": str(stack.root)}
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "ledger.service:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--no-access-log"],
@@ -51,7 +52,7 @@ async def test_kill_9_mid_stream_then_retry_posts_each_transfer_exactly_once(sta
     base = f"http://127.0.0.1:{port}/ledger/v1"
     process = start_ledger(stack, service_name, port, tmp_path / "ledger.log")
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=10, headers=ledger_poster(stack.root)) as client:
             async def open_account(kind: str, owner: str) -> str:
                 response = await client.post("/accounts", json={"owner_id": owner, "kind": kind, "currency": "RUB"},
                                              headers={"Idempotency-Key": str(uuid.uuid4())})

@@ -17,6 +17,7 @@ from kabinet_chassis import idempotency
 from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 from ledger.service import build
+from tests.support.tokens import ledger_poster
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,8 @@ async def test_a_write_while_the_database_hangs_answers_503_in_bounded_time_and_
     with EphemeralStack(prefix="kabinet-hung-db-") as own:
         service, _ = build(own.service_settings(f"ledger_{unique_name}"))
         async with service.running(), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=service.http_app()), base_url="http://l/ledger/v1") as client:
+                transport=httpx.ASGITransport(app=service.http_app()), base_url="http://l/ledger/v1",
+                headers=ledger_poster(own.root)) as client:
             headers = {"Idempotency-Key": str(uuid.uuid4())}
             body = {"owner_id": "c-hung", "kind": "card", "currency": "RUB"}
             # Connections already open (as in any running service): a new one would time out on connecting.

@@ -19,6 +19,7 @@ from ledger.integration import SOURCE as LEDGER_SOURCE
 from ledger.service import build
 from tests.integration.test_outbox_to_consumer import eventually
 from tests.support.notes import build_notes_service
+from tests.support.tokens import ledger_poster
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +30,8 @@ async def until(predicate, what: str):
     return await eventually(predicate, WAIT_S, what)
 
 
-def client_of(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc")
+def client_of(app, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc", headers=headers)
 
 
 async def degraded(client: httpx.AsyncClient) -> httpx.Response | None:
@@ -43,7 +44,7 @@ async def test_a_relay_failing_on_every_round_shows_the_service_degraded_naming_
         stack, unique_name):
     service, parts = build(stack.service_settings(f"ledger_{unique_name}"))
     app = service.http_app()  # before the start, as uvicorn does: the relay's check is registered in on_start
-    async with service.running(), client_of(app) as client:
+    async with service.running(), client_of(app, ledger_poster(stack.root)) as client:
         ready = await client.get("/health/ready")
         assert ready.status_code == 200, ready.text
         assert ready.json()["watched"][f"outbox_relay:{LEDGER_SOURCE}"]["status"] == "up"
@@ -133,7 +134,7 @@ async def test_a_ledger_whose_broker_is_down_still_takes_payments_and_shows_degr
     with EphemeralStack(prefix="kabinet-no-broker-") as own:
         service, parts = build(own.service_settings(f"ledger_{unique_name}"))
         app = service.http_app()
-        async with service.running(), client_of(app) as client:
+        async with service.running(), client_of(app, ledger_poster(own.root)) as client:
             own.broker.stop()
             opened = await client.post("/ledger/v1/accounts", json={"owner_id": "c1", "kind": "card", "currency": "RUB"},
                                        headers={"Idempotency-Key": str(uuid.uuid4())})

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fastapi import Header
 
 from kabinet_chassis.errors import Problem
+from kabinet_chassis.settings import ServiceSettings
 
 ISSUER = "kabinet-identity"
 AUDIENCE = "kabinet"
@@ -66,6 +67,11 @@ def issue_access_token(key: Ed25519PrivateKey, customer_id: str, roles: tuple[st
     now = int(time.time())
     claims = {"sub": customer_id, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl_s, "roles": list(roles)}
     return jwt.encode(claims, key, algorithm="EdDSA")
+
+
+def verifier_for(settings: ServiceSettings) -> TokenVerifier:
+    """The verifier of a service: identity's public key(s) from its settings, or the development key."""
+    return TokenVerifier(settings.jwt_public_key or public_pem(dev_signing_key(settings.data_dir)))
 
 
 class TokenVerifier:

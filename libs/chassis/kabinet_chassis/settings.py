@@ -45,6 +45,11 @@ class ServiceSettings(BaseSettings):
     gc_young_threshold: int = Field(default=10_000, ge=700, le=1_000_000)
     # Base64 AES key for applications that hold PII (dev keys are generated at first run).
     cipher_key: str | None = None
+    # PEM of identity's Ed25519 public key, which every service checks access tokens with
+    # (while identity rotates its key, the old and the new one after each other); without
+    # it, the development key generated at first run under data_dir/keys.
+    jwt_public_key: str | None = None
+    data_dir: Path = Path(".data")
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT")
     )

@@ -1,7 +1,9 @@
 """The cabinet's customer routes: a customer reaches only their own accounts.
 
-The gateway checks the token and ownership, then asks the ledger. Someone else's
-account answers 404, exactly like an account that does not exist.
+The gateway checks the token and ownership, then asks the ledger with the customer's
+own token, which the ledger checks again (it too answers only the customer's accounts):
+the gateway holds no credential that reads every account. Someone else's account
+answers 404, exactly like an account that does not exist.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ class LedgerClient:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
 
-    async def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+    async def get(self, path: str, authorization: str, params: Any = None) -> Any:
+        """GET from the ledger as the customer (`authorization`: the customer's own header)."""
         try:
             async with (
                 asyncio.timeout(LEDGER_TIMEOUT_S),
-                self.client.stream("GET", f"/ledger/v1{path}", params=params, timeout=LEDGER_TIMEOUT_S) as response,
+                self.client.stream("GET", f"/ledger/v1{path}", params=params, headers={"Authorization": authorization},
+                                   timeout=LEDGER_TIMEOUT_S) as response,
             ):
                 content = bytearray()
                 async for chunk in response.aiter_bytes():
@@ -87,15 +91,21 @@ def _not_stored(response: Response) -> None:
     response.headers["Cache-Control"] = "no-store"
 
 
+def passed_on(request: Request) -> tuple[str, list[tuple[str, str]]]:
+    """The customer's token and query, as asked: a parameter given twice reaches the ledger
+    twice (which refuses it by name) rather than one of them quietly winning here."""
+    return request.headers["authorization"], request.query_params.multi_items()
+
+
 def build_router(ledger: LedgerClient, principal) -> APIRouter:
     router = APIRouter(prefix="/v1/me", tags=["cabinet"], dependencies=[Depends(_not_stored)])
     # A default rather than an Annotated alias: a local alias does not resolve under
     # postponed annotations.
     me_dependency = Depends(_customer(principal))
 
-    async def own_account(me: Principal, account_id: UUID) -> dict:
+    async def own_account(me: Principal, account_id: UUID, request: Request) -> dict:
         try:
-            account = await ledger.get(f"/accounts/{account_id}")
+            account = await ledger.get(f"/accounts/{account_id}", request.headers["authorization"])
         except Problem as problem:
             if problem.status == 404:
                 raise Problem(404, "account_not_found", f"no account {account_id}") from None
@@ -108,29 +118,30 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
     async def my_accounts(request: Request, me: Principal = me_dependency) -> dict:
         """The caller's accounts, a page at a time (the ledger's `cursor` and `limit`)."""
         paging = {name: request.query_params[name] for name in ("cursor", "limit") if name in request.query_params}
-        found = await ledger.get("/accounts", {**paging, "owner_id": me.customer_id})  # a parameter, never a path
+        found = await ledger.get("/accounts", request.headers["authorization"],
+                                 {**paging, "owner_id": me.customer_id})  # a parameter, never a path
         mine = [account for account in _expected(found, "accounts", list)
                 if isinstance(account, dict) and account.get("owner_id") == me.customer_id]
         return {**found, "accounts": mine}
 
     @router.get("/accounts/{account_id}")
-    async def my_account(account_id: UUID, me: Principal = me_dependency) -> dict:
-        return await own_account(me, account_id)
+    async def my_account(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
+        return await own_account(me, account_id, request)
 
     @router.get("/accounts/{account_id}/balance")
     async def my_balance(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
-        await own_account(me, account_id)
-        return await ledger.get(f"/accounts/{account_id}/balance", dict(request.query_params))
+        await own_account(me, account_id, request)
+        return await ledger.get(f"/accounts/{account_id}/balance", *passed_on(request))
 
     @router.get("/accounts/{account_id}/history")
     async def my_history(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
-        await own_account(me, account_id)
-        return await ledger.get(f"/accounts/{account_id}/history", dict(request.query_params))
+        await own_account(me, account_id, request)
+        return await ledger.get(f"/accounts/{account_id}/history", *passed_on(request))
 
     @router.get("/accounts/{account_id}/statement")
     async def my_statement(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
-        await own_account(me, account_id)
-        return await ledger.get(f"/accounts/{account_id}/statement", dict(request.query_params))
+        await own_account(me, account_id, request)
+        return await ledger.get(f"/accounts/{account_id}/statement", *passed_on(request))
 
     @router.get("/", include_in_schema=False)
     async def me_root(me: Principal = me_dependency) -> dict:

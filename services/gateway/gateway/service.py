@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 from fastapi import APIRouter
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from gateway.routes import LedgerClient, build_router
-from kabinet_chassis.auth import TokenVerifier, dev_signing_key, public_pem
+from kabinet_chassis.auth import verifier_for
 from kabinet_chassis.health import CHECK_TIMEOUT_S, Check, database_check
 from kabinet_chassis.service import Service
 from kabinet_chassis.settings import ServiceSettings
@@ -23,10 +21,6 @@ class GatewaySettings(ServiceSettings):
     service_name: str = "gateway"
     http_port: int = GATEWAY_PORT
     ledger_url: str = Field(default_factory=lambda: service_url("ledger"))
-    # PEM of identity's Ed25519 public key (while it rotates keys, the old and the new one after
-    # each other); without it, the development key under data_dir.
-    jwt_public_key: str | None = None
-    data_dir: Path = Path(".data")
 
 
 def backend_check(name: str, base_url: str) -> Check:
@@ -47,7 +41,7 @@ def build(settings: GatewaySettings, ledger_transport: httpx.AsyncBaseTransport 
     service.watched["database"] = database_check(settings.database_url)
     for name in SERVICE_PORTS:
         service.checks[name] = backend_check(name, getattr(settings, f"{name}_url"))
-    verifier = TokenVerifier(settings.jwt_public_key or public_pem(dev_signing_key(settings.data_dir)))
+    verifier = verifier_for(settings)
     ledger_http = httpx.AsyncClient(base_url=settings.ledger_url, transport=ledger_transport)
 
     @service.on_stop

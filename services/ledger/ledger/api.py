@@ -1,4 +1,11 @@
-"""The ledger's internal HTTP API, for other services (thin: parse, submit, answer)."""
+"""The ledger's internal HTTP API, for other services (thin: parse, submit, answer).
+
+Every call carries an access token (ARCHITECTURE.md §6: tokens are checked by the gateway
+and again by each service). Moving money or managing accounts needs the `ledger:post`
+role (a service's token); reading any account needs it or `ledger:read`. A customer's own
+token, which the gateway passes on, reads only the customer's accounts: another's answers
+404, exactly like an account that does not exist.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,11 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 
+from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import Problem
 from kabinet_chassis.idempotency import idempotency_key, run_once
+from kabinet_contracts.ledger import BANK_OWNER_ID
+from kabinet_contracts.roles import LEDGER_POST, LEDGER_READ
 from ledger import projections
 from ledger.domain import commands
 from ledger.domain.account import AccountKind
@@ -181,14 +191,48 @@ def _invalid_period() -> Problem:
     return _bad_parameter("invalid_period", "until", "must be after `since`")
 
 
+def _sees_every_account(me: Principal) -> bool:
+    return LEDGER_POST in me.roles or LEDGER_READ in me.roles
+
+
+def _access(principal):
+    """The two kinds of caller: one that may move money (its token has `ledger:post`), and
+    one that reads (`ledger:post`, `ledger:read`, or a customer's own token)."""
+
+    def poster(me: Principal = Depends(principal)) -> Principal:
+        if LEDGER_POST not in me.roles:
+            raise Problem(403, "forbidden", f"this access token may not move money or manage accounts in the ledger"
+                                            f" (it needs the role {LEDGER_POST})")
+        return me
+
+    def reader(me: Principal = Depends(principal)) -> Principal:
+        # The bank owns every internal account: a token naming it reads them only with a role.
+        if me.customer_id == BANK_OWNER_ID and not _sees_every_account(me):
+            raise Problem(403, "forbidden", f"this access token names the bank but has no ledger role ({LEDGER_READ})")
+        return me
+
+    return poster, reader
+
+
 def _result(result: Any) -> dict:
     return result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
 
 
-def build_router(ledger: Ledger) -> APIRouter:
+def build_router(ledger: Ledger, principal) -> APIRouter:
+    """`principal`: the dependency giving the caller's checked token (auth.TokenVerifier)."""
     router = APIRouter(prefix="/ledger/v1", tags=["ledger"])
+    poster, reader = _access(principal)
+    # Defaults rather than Annotated aliases: a local alias does not resolve under postponed annotations.
+    posts = [Depends(poster)]
+    reads = Depends(reader)
 
-    @router.post("/accounts", status_code=201)
+    async def visible_account(account_id: UUID, me: Principal) -> dict:
+        found = await projections.account(ledger.pool, account_id)
+        if found is None or not (_sees_every_account(me) or found["owner_id"] == me.customer_id):
+            raise Problem(404, "account_not_found", f"no account {account_id}")
+        return found
+
+    @router.post("/accounts", status_code=201, dependencies=posts)
     async def open_account(body: OpenAccountBody, key: Annotated[str, Depends(idempotency_key)]):
         async def operation():
             command = commands.OpenAccount(
@@ -205,9 +249,9 @@ def build_router(ledger: Ledger) -> APIRouter:
     for action, command_type in (("freeze", commands.FreezeAccount), ("unfreeze", commands.UnfreezeAccount),
                                  ("close", commands.CloseAccount)):
         router.add_api_route(f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type), methods=["POST"],
-                             name=f"{action}_account")
+                             name=f"{action}_account", dependencies=posts)
 
-    @router.put("/accounts/{account_id}/credit-limit")
+    @router.put("/accounts/{account_id}/credit-limit", dependencies=posts)
     async def set_credit_limit(account_id: UUID, body: CreditLimitBody, key: Annotated[str, Depends(idempotency_key)]):
         """A customer account's credit limit (lending sets it); refused below what is already used."""
         async def operation():
@@ -219,7 +263,7 @@ def build_router(ledger: Ledger) -> APIRouter:
                               body={"account_id": str(account_id), **body.model_dump(mode="json")},
                               operation=operation)
 
-    @router.post("/transfers", status_code=201)
+    @router.post("/transfers", status_code=201, dependencies=posts)
     async def post_transfer(body: TransferBody) -> dict:
         command = commands.PostTransfer(
             transfer_id=body.transfer_id,
@@ -229,7 +273,7 @@ def build_router(ledger: Ledger) -> APIRouter:
         )
         return _result(await ledger.submit(command))
 
-    @router.post("/holds", status_code=201)
+    @router.post("/holds", status_code=201, dependencies=posts)
     async def place_hold(body: PlaceHoldBody) -> dict:
         command = commands.PlaceHold(
             hold_id=body.hold_id, debit_account_id=body.debit_account_id, credit_account_id=body.credit_account_id,
@@ -237,21 +281,18 @@ def build_router(ledger: Ledger) -> APIRouter:
         )
         return _result(await ledger.submit(command))
 
-    @router.post("/holds/{hold_id}/captures", status_code=201)
+    @router.post("/holds/{hold_id}/captures", status_code=201, dependencies=posts)
     async def capture_hold(hold_id: HoldId, body: CaptureBody) -> dict:
         return _result(await ledger.submit(commands.CaptureHold(hold_id=hold_id, capture_id=body.capture_id,
                                                                 amount_minor=body.amount_minor)))
 
-    @router.post("/holds/{hold_id}/void")
+    @router.post("/holds/{hold_id}/void", dependencies=posts)
     async def void_hold(hold_id: HoldId) -> dict:
         return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id)))
 
     @router.get("/accounts/{account_id}", dependencies=QUERY_AS_DECLARED)
-    async def get_account(account_id: UUID) -> dict:
-        found = await projections.account(ledger.pool, account_id)
-        if found is None:
-            raise Problem(404, "account_not_found", f"no account {account_id}")
-        return found
+    async def get_account(account_id: UUID, me: Principal = reads) -> dict:
+        return await visible_account(account_id, me)
 
     @router.get("/accounts", dependencies=QUERY_AS_DECLARED)
     async def owner_accounts(
@@ -259,10 +300,13 @@ def build_router(ledger: Ledger) -> APIRouter:
         owner_id: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[^\x00]+$")],
         cursor: UUID | None = None,
         limit: Annotated[int, Query(ge=1, le=projections.ACCOUNTS_PAGE_SIZE_MAX)] = projections.ACCOUNTS_PAGE_SIZE_MAX,
+        me: Principal = reads,
     ) -> dict:
         """An owner's accounts, a page at a time (follow `next_cursor` until it is null). The
         owner is a query parameter, not a path segment: an id with '/' or '..' in it can
         never reach another route or another owner."""
+        if not _sees_every_account(me) and owner_id != me.customer_id:
+            raise Problem(403, "forbidden", "a customer's access token lists only the customer's own accounts")
         try:
             accounts, next_after = await projections.accounts_of(ledger.pool, owner_id, after=cursor, limit=limit)
         except projections.UnknownCursor as unknown:
@@ -270,10 +314,10 @@ def build_router(ledger: Ledger) -> APIRouter:
         return {"accounts": accounts, "next_cursor": str(next_after) if next_after else None}
 
     @router.get("/accounts/{account_id}/balance", dependencies=QUERY_AS_DECLARED)
-    async def balance(account_id: UUID, at: BoundaryInstant | None = None) -> dict:
+    async def balance(account_id: UUID, at: BoundaryInstant | None = None, me: Principal = reads) -> dict:
         """Posted, pending and available now; or, with `at`, the posted balance as it stood
         just before that instant (what a statement from `at` opens with)."""
-        found = await get_account(account_id)
+        found = await visible_account(account_id, me)
         if at is None:
             return found["balances"]
         await ledger.read_your_writes(READ_MODEL_WAIT_S)  # past balances come from the read model
@@ -291,8 +335,9 @@ def build_router(ledger: Ledger) -> APIRouter:
         code: Annotated[str | None, Query(pattern=CODE_PATTERN)] = None,
         cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
+        me: Principal = reads,
     ) -> dict:
-        await get_account(account_id)
+        await visible_account(account_id, me)
         # An empty range is a mistake in the request, as for a statement, not an empty history.
         if since is not None and until is not None and until <= since:
             raise _invalid_period()
@@ -314,10 +359,11 @@ def build_router(ledger: Ledger) -> APIRouter:
         until: BoundaryInstant,
         cursor: StatementCursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.STATEMENT_PAGE_LINES_MAX)] = projections.STATEMENT_PAGE_LINES_MAX,
+        me: Principal = reads,
     ) -> dict:
         """The period [since, until): balances and totals for the whole period, lines a page
         at a time (follow `next_cursor` until it is null), all as of the first page."""
-        found = await get_account(account_id)
+        found = await visible_account(account_id, me)
         if until <= since:
             raise _invalid_period()
         position, seq, as_of = _after(cursor) or (None, None, None)

@@ -7,6 +7,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+from kabinet_chassis.auth import verifier_for
 from kabinet_chassis.eventstore import event_store_env
 from kabinet_chassis.outbox import OutboxRelay, RelayConfig
 from kabinet_chassis.projection import LocalProjection
@@ -69,7 +70,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         if parts.app is not None:
             parts.app.close()
 
-    service.routers.append(build_router(parts))
+    service.routers.append(build_router(parts, verifier_for(settings).dependency()))
     return service, parts
 
 

@@ -51,12 +51,15 @@ class EphemeralStack:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def service_settings(self, service_name: str, **overrides) -> ServiceSettings:
-        return ServiceSettings(
-            service_name=service_name,
-            database_url=self.database_url,
-            kafka_bootstrap_servers=self.bootstrap_servers,
+        """Settings of a service on this stack. Every service on it shares the stack's data
+        dir, so they all trust the one development signing key (`dev_signing_key(root)`)."""
+        return ServiceSettings(**{
+            "service_name": service_name,
+            "database_url": self.database_url,
+            "kafka_bootstrap_servers": self.bootstrap_servers,
+            "data_dir": self.root,
             **overrides,
-        )
+        })
 
     def __enter__(self) -> EphemeralStack:
         try:
