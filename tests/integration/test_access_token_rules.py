@@ -9,9 +9,12 @@ import time
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner
 
-from kabinet_chassis.auth import AUDIENCE, CLOCK_SKEW_S, ISSUER, SUBJECT_LENGTH_MAX, TokenVerifier, public_pem
+from kabinet_chassis.auth import AUDIENCE, CLOCK_SKEW_S, ISSUER, SUBJECT_LENGTH_MAX, TokenVerifier, public_pem, verifier_for
+from kabinet_chassis.cli import app
 from kabinet_chassis.errors import Problem
+from kabinet_chassis.settings import ServiceSettings
 
 KEY = Ed25519PrivateKey.generate()
 VERIFIER = TokenVerifier(public_pem(KEY))
@@ -54,3 +57,21 @@ def test_a_signed_token_whose_subject_no_customer_can_have_is_an_invalid_token(s
 
 def test_a_subject_of_the_longest_customer_id_is_accepted():
     assert VERIFIER.verify(token_for("c" * SUBJECT_LENGTH_MAX)).customer_id == "c" * SUBJECT_LENGTH_MAX
+
+
+def test_a_developer_token_from_the_command_line_is_trusted_only_by_services_on_the_same_development_key(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("KABINET_DATA_DIR", str(tmp_path / "dev"))
+    printed = CliRunner().invoke(app, ["dev-token", "payments", "--role", "ledger:post", "--ttl-s", "60"])
+    assert printed.exit_code == 0, printed.output
+    token = printed.output.strip()
+
+    def settings(data_dir):
+        return ServiceSettings(service_name="ledger", database_url="postgresql://unused@127.0.0.1:1/postgres",
+                               kafka_bootstrap_servers="unused:9092", data_dir=data_dir)
+
+    me = verifier_for(settings(tmp_path / "dev")).verify(token)
+    assert me.customer_id == "payments" and me.roles == ("ledger:post",)
+    with pytest.raises(Problem) as refused:
+        verifier_for(settings(tmp_path / "elsewhere")).verify(token)
+    assert refused.value.status == 401

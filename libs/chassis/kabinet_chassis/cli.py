@@ -176,6 +176,24 @@ def docs_asyncapi(output: Path = typer.Option(None, help="write to this file ins
         print(text)
 
 
+DEV_TOKEN_TTL_S_MAX = 24 * 3600
+
+
+@app.command("dev-token")
+def dev_token(
+    subject: str = typer.Argument(help="a customer id, or the name of the service the token stands for"),
+    role: list[str] = typer.Option([], "--role", help="a role to grant, e.g. ledger:post (repeat for more)"),
+    ttl_s: int = typer.Option(3600, min=1, max=DEV_TOKEN_TTL_S_MAX, help="seconds the token is valid"),
+) -> None:
+    """An access token signed with the DEVELOPMENT key of the data dir (what `make run` trusts),
+    to call a service's API by hand: `curl -H "Authorization: Bearer $(kabinet dev-token payments --role
+    ledger:post)" …`. Production services trust identity's key, never this one."""
+    from kabinet_chassis.auth import dev_signing_key, issue_access_token
+    from kabinet_chassis.settings import StackSettings
+
+    print(issue_access_token(dev_signing_key(StackSettings().data_dir), subject, tuple(role), ttl_s=ttl_s))
+
+
 def _load_contracts() -> None:
     import importlib
     import pkgutil
