@@ -225,8 +225,9 @@ def _account(row: asyncpg.Record) -> dict:
         "balances": {
             "posted": {"amount_minor": posted, "currency": row["currency"]},
             "pending": {"amount_minor": held, "currency": row["currency"]},
-            # A closed account can never be debited again: its credit limit is no money to spend.
-            "available": {"amount_minor": 0 if row["state"] == "closed" else posted - held + limit,
+            # What may be spent now: a frozen account may not be debited (until unfrozen), a
+            # closed one ever again, so their money and credit limit are no money to spend.
+            "available": {"amount_minor": 0 if row["state"] in ("frozen", "closed") else posted - held + limit,
                           "currency": row["currency"]},
         },
         "opened_at": row["opened_at"].isoformat(),

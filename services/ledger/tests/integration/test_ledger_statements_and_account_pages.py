@@ -91,6 +91,23 @@ async def test_a_closed_credit_card_shows_no_money_available(ledger):
     assert balances["available"]["amount_minor"] == 0 and balances["posted"]["amount_minor"] == 0
 
 
+async def test_a_frozen_account_shows_no_money_available_until_it_is_unfrozen(ledger):
+    # Frozen, it can be neither debited nor held against (ledger rule): "available" is what
+    # may be spent now, so showing the posted money and the limit there would promise a payment
+    # the ledger refuses. The money itself stays in view as posted.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger, limit=50_000)
+    posted = await ledger.post("/transfers", json=transfer_body("salary-frozen", (settlement, -7_000), (card, 7_000)))
+    assert posted.status_code == 201, posted.text
+    frozen = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert frozen.status_code == 200 and frozen.json()["state"] == "frozen", frozen.text
+    balances = (await ledger.get(f"/accounts/{card}/balance")).json()
+    assert balances["available"]["amount_minor"] == 0 and balances["posted"]["amount_minor"] == 7_000
+    assert frozen.json()["balances"]["available"]["amount_minor"] == 0
+    await ledger.post(f"/accounts/{card}/unfreeze", headers={"Idempotency-Key": str(uuid.uuid4())})
+    assert (await ledger.get(f"/accounts/{card}/balance")).json()["available"]["amount_minor"] == 57_000
+
+
 async def test_a_rarely_matching_history_filter_reads_a_bounded_window_per_page_and_still_finds_every_line(
         ledger, monkeypatch):
     # On a bank account with millions of entries, one page must not read them all looking
