@@ -26,6 +26,7 @@ from ledger.domain.batch import capture_transfer_id
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from ledger.service import build
+from tests.support.tokens import ledger_poster
 
 pytestmark = pytest.mark.integration
 
@@ -120,9 +121,11 @@ def message_errors(record) -> list[str]:
 
 @pytest.fixture
 async def ledger(stack, unique_name):
-    service, parts = build(stack.service_settings(f"ledger_{unique_name}"))
+    settings = stack.service_settings(f"ledger_{unique_name}")
+    service, parts = build(settings)
     async with service.running(), httpx.AsyncClient(transport=httpx.ASGITransport(app=service.http_app()),
-                                                     base_url="http://ledger/ledger/v1") as client:
+                                                     base_url="http://ledger/ledger/v1",
+                                                     headers=ledger_poster(settings.data_dir)) as client:
         client.parts = parts
         yield client
 
@@ -266,10 +269,6 @@ def about_alice(ids: dict[str, str], envelope: dict) -> bool:
     return any(leg["account_id"] == ids["card"] and leg["amount_minor"] < 0 for leg in payload["legs"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the domain events of a hold and of an account's later changes do not carry the owner, nor does a capture's"
-    " transfer name the payer, so integration.py has no customer to put in the envelope (a ledger/domain change:"
-    " see the round-4 report)"))
 async def test_every_event_about_a_customers_account_or_card_payment_names_the_customer(ledger, stack):
     # Notifications tells Alice "a purchase of 500 RUB was authorised on your card" from
     # ledger.hold_placed alone: it must not have to rebuild who owns which account first.
@@ -280,9 +279,6 @@ async def test_every_event_about_a_customers_account_or_card_payment_names_the_c
     assert {(e["type"], e["position"]): e["customer_id"] for e in hers if e["customer_id"] != "alice"} == {}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a hold's Captured, Voided and Expired domain events carry no currency, so integration.py cannot publish one"
-    " (a ledger/domain change: see the round-4 report)"))
 async def test_every_amount_a_hold_event_publishes_names_its_currency(ledger, stack):
     # Money on the wire is minor units and an ISO 4217 currency: "300.00 RUB captured",
     # not "30000 of something" that a subscriber must join to the hold's placing to read.

@@ -84,15 +84,19 @@ class HoldCaptured(_Payload):
     capture_id: str
     amount_minor: int
     transfer_id: str
+    # ISO 4217, the hold's. Optional: holds captured before it was published have none.
+    currency: str | None = None
 
 
 @register("ledger.hold_voided", 1, LEDGER_TOPIC, "The remainder of a hold was released.")
 class HoldVoided(_Payload):
     hold_id: str
     released_minor: int
+    currency: str | None = None  # as in HoldCaptured
 
 
 @register("ledger.hold_expired", 1, LEDGER_TOPIC, "A hold reached its deadline; its remainder was released.")
 class HoldExpired(_Payload):
     hold_id: str
     released_minor: int
+    currency: str | None = None  # as in HoldCaptured

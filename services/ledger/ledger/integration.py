@@ -3,6 +3,8 @@
 The public facts are accounts opening, their credit limits, freezing and closing,
 transfers and holds. Balances are not events of their own: subscribers add up transfer
 legs and holds (and the credit limit, for what may be spent), or ask the ledger's API.
+Every event about a customer's account or payment names her in the envelope's
+customer_id; the bank, owner of the internal accounts, is never named there.
 """
 
 from __future__ import annotations
@@ -14,39 +16,62 @@ from kabinet_contracts.envelope import IntegrationEvent, event_id_for
 
 SOURCE = "ledger"
 
+_PUBLIC_NAMES = {
+    "Account.Opened": "ledger.account_opened", "Account.CreditLimitSet": "ledger.account_credit_limit_set",
+    "Account.Frozen": "ledger.account_frozen",
+    "Account.Unfrozen": "ledger.account_unfrozen", "Account.Closed": "ledger.account_closed",
+    "Transfer.Posted": "ledger.transfer_posted", "Hold.Placed": "ledger.hold_placed",
+    "Hold.Captured": "ledger.hold_captured", "Hold.Voided": "ledger.hold_voided", "Hold.Expired": "ledger.hold_expired",
+}
+
 
 def _customer(owner_id: str | None) -> str | None:
     return None if owner_id in (None, public.BANK_OWNER_ID) else owner_id
 
 
+def stored_later(event: Any, field: str) -> Any:
+    """A field added to a domain event after events of its kind were stored (the customer
+    of an account's or a hold's later events, a hold's currency): None on those. The
+    event store rebuilds an event from its stored fields without calling its class
+    (eventsourcing's Mapper.to_domain_event), so an event stored before has no such
+    attribute at all; the default on the method's parameter only serves its replay."""
+    return event.__dict__.get(field)
+
+
 def to_integration(event: Any, position: int) -> IntegrationEvent | None:
     kind = type(event).__qualname__
-    customer_id: str | None = None
+    name = _PUBLIC_NAMES.get(kind)
+    if name is None:
+        return None
     occurred_at = event.timestamp  # the writer's batch time (domain/account.py), as statements have it
     payload: Any
     if kind == "Account.Opened":
         payload = public.AccountOpened(account_id=str(event.originator_id), owner_id=event.owner_id, kind=event.kind,
                                        currency=event.currency, credit_limit_minor=event.credit_limit_minor)
         customer_id = _customer(event.owner_id)
-    elif kind == "Account.CreditLimitSet":
-        payload = public.AccountCreditLimitSet(account_id=str(event.originator_id),
-                                               credit_limit_minor=event.credit_limit_minor)
-    elif kind == "Account.Frozen":
-        payload = public.AccountFrozen(account_id=str(event.originator_id))
-    elif kind == "Account.Unfrozen":
-        payload = public.AccountUnfrozen(account_id=str(event.originator_id))
-    elif kind == "Account.Closed":
-        payload = public.AccountClosed(account_id=str(event.originator_id))
     elif kind == "Transfer.Posted":
         payload = public.TransferPosted(
             transfer_id=event.client_transfer_id, code=event.code, legs=[public.Leg(**leg) for leg in event.legs],
             external_ref=event.external_ref, customer_ids=list(event.customer_ids), metadata=dict(event.metadata),
             hold_id=event.hold_id,
         )
-        customer_id = event.customer_ids[0] if event.customer_ids else None
+        customer_id = next((c for c in map(_customer, event.customer_ids) if c is not None), None)
         # The posting time, which statements and balances at an instant read (the same as
         # the event's timestamp, which transfers stored before that rule did not have).
         occurred_at = event.posted_at
+    elif kind == "Account.CreditLimitSet":
+        payload = public.AccountCreditLimitSet(account_id=str(event.originator_id),
+                                               credit_limit_minor=event.credit_limit_minor)
+        customer_id = _customer(stored_later(event, "customer_id"))
+    elif kind == "Account.Frozen":
+        payload = public.AccountFrozen(account_id=str(event.originator_id))
+        customer_id = _customer(stored_later(event, "customer_id"))
+    elif kind == "Account.Unfrozen":
+        payload = public.AccountUnfrozen(account_id=str(event.originator_id))
+        customer_id = _customer(stored_later(event, "customer_id"))
+    elif kind == "Account.Closed":
+        payload = public.AccountClosed(account_id=str(event.originator_id))
+        customer_id = _customer(stored_later(event, "customer_id"))
     elif kind == "Hold.Placed":
         payload = public.HoldPlaced(
             hold_id=event.client_hold_id, debit_account_id=event.debit_account_id,
@@ -54,22 +79,20 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
             amount=public.MoneyDTO(amount_minor=event.amount_minor, currency=event.currency),
             expires_at=event.expires_at, code=event.code,
         )
+        customer_id = _customer(stored_later(event, "debit_customer_id"))
     elif kind == "Hold.Captured":
         payload = public.HoldCaptured(hold_id=event.client_hold_id, capture_id=event.capture_id,
-                                      amount_minor=event.amount_minor, transfer_id=event.transfer_id)
+                                      amount_minor=event.amount_minor, transfer_id=event.transfer_id,
+                                      currency=stored_later(event, "currency"))
+        customer_id = _customer(stored_later(event, "debit_customer_id"))
     elif kind == "Hold.Voided":
-        payload = public.HoldVoided(hold_id=event.client_hold_id, released_minor=event.released_minor)
-    elif kind == "Hold.Expired":
-        payload = public.HoldExpired(hold_id=event.client_hold_id, released_minor=event.released_minor)
-    else:
-        return None
-    name = {
-        "Account.Opened": "ledger.account_opened", "Account.CreditLimitSet": "ledger.account_credit_limit_set",
-        "Account.Frozen": "ledger.account_frozen",
-        "Account.Unfrozen": "ledger.account_unfrozen", "Account.Closed": "ledger.account_closed",
-        "Transfer.Posted": "ledger.transfer_posted", "Hold.Placed": "ledger.hold_placed",
-        "Hold.Captured": "ledger.hold_captured", "Hold.Voided": "ledger.hold_voided", "Hold.Expired": "ledger.hold_expired",
-    }[kind]
+        payload = public.HoldVoided(hold_id=event.client_hold_id, released_minor=event.released_minor,
+                                    currency=stored_later(event, "currency"))
+        customer_id = _customer(stored_later(event, "debit_customer_id"))
+    else:  # Hold.Expired
+        payload = public.HoldExpired(hold_id=event.client_hold_id, released_minor=event.released_minor,
+                                     currency=stored_later(event, "currency"))
+        customer_id = _customer(stored_later(event, "debit_customer_id"))
     return IntegrationEvent(
         event_id=event_id_for(SOURCE, position), type=name, schema_version=1, source=SOURCE, position=position,
         aggregate_id=str(event.originator_id), aggregate_version=event.originator_version, occurred_at=occurred_at,

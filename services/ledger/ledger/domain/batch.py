@@ -359,6 +359,7 @@ class Batch:
             client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
             amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
             code=command.code, request_fingerprint=request_fingerprint, timestamp=self.now,
+            debit_customer_id=debit.customer_id,
         )
         self._touch(hold)
         # The credit account's money does not move yet, but its balance row does (what holds
@@ -406,14 +407,17 @@ class Batch:
             {"account_id": str(credit.id), "amount_minor": command.amount_minor, "currency": hold.currency},
         ]
         transfer = Transfer(
-            client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None, customer_ids=[], metadata={},
+            # The payer is named, as a client names the customers of its transfers, so that
+            # the capture's transfer_posted reaches her like any payment from her card.
+            client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None,
+            customer_ids=[debit.customer_id] if debit.customer_id is not None else [], metadata={},
             request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now, hold_id=command.hold_id,
             capture_id=command.capture_id,
         )
         self._touch(transfer)
         self._touch(hold)
         hold.capture(client_hold_id=command.hold_id, capture_id=command.capture_id, amount_minor=command.amount_minor,
-                     transfer_id=transfer_id, at=self.now)
+                     transfer_id=transfer_id, debit_customer_id=debit.customer_id, at=self.now)
         self._reserve(debit, credit, -command.amount_minor)
         self._post(debit, -command.amount_minor)
         self._post(credit, command.amount_minor)
@@ -440,9 +444,11 @@ class Batch:
         released = hold.remaining_minor
         self._touch(hold)
         if expire:
-            hold.expire(client_hold_id=hold.client_hold_id, released_minor=released, at=self.now)
+            hold.expire(client_hold_id=hold.client_hold_id, released_minor=released, debit_customer_id=debit.customer_id,
+                        at=self.now)
         else:
-            hold.void(client_hold_id=hold.client_hold_id, released_minor=released, at=self.now)
+            hold.void(client_hold_id=hold.client_hold_id, released_minor=released, debit_customer_id=debit.customer_id,
+                      at=self.now)
         if released:
             self._reserve(debit, credit, -released)
 

@@ -289,7 +289,8 @@ def test_aggregates_guard_their_own_rules(world):
     world.one(hold("h1", card, settlement, 60))
     held = world.store[next(k for k, v in world.store.items() if getattr(v, "client_hold_id", None) == "h1")]
     with pytest.raises(CaptureExceedsHold):
-        held.capture(client_hold_id="h1", capture_id="x", amount_minor=61, transfer_id="t", at=world.now)
+        held.capture(client_hold_id="h1", capture_id="x", amount_minor=61, transfer_id="t", debit_customer_id="alice",
+                     at=world.now)
     assert held.pending_events == [] and held.remaining_minor == 60
 
 
