@@ -287,8 +287,10 @@ class OutboxRelay:
             if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:  # full: send it
                 deliveries.append((await producer.send_batch(batch, self.config.topic, partition=partition), positions))
                 batch, positions = producer.create_batch(), []
-                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                    raise ValueError(f"event at position {notification.id} is larger than a whole record batch")
+                # An empty batch takes its first record whatever its size (aiokafka's record
+                # builder). One past the broker's limit is refused there, not retried
+                # (MessageSizeTooLargeError): the round fails on every retry and `check` says stuck.
+                batch.append(timestamp=None, key=key, value=value, headers=headers)
             positions.append(notification.id)
             open_batches[partition] = (batch, positions)
         for partition, (batch, positions) in open_batches.items():
