@@ -337,7 +337,8 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
         me: Principal = reads,
     ) -> dict:
-        await visible_account(account_id, me)
+        """The account's lines, newest first; every amount in the account's `currency`."""
+        found = await visible_account(account_id, me)
         # An empty range is a mistake in the request, as for a statement, not an empty history.
         if since is not None and until is not None and until <= since:
             raise _invalid_period()
@@ -350,7 +351,8 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             amount_max_minor=amount_max_minor, code=code, after=after, limit=limit,
             counterparty_account_id=str(counterparty_account_id) if counterparty_account_id else None,
         )
-        return {"lines": lines, "next_cursor": _cursor(next_after)}
+        return {"account_id": str(account_id), "currency": found["currency"], "lines": lines,
+                "next_cursor": _cursor(next_after)}
 
     @router.get("/accounts/{account_id}/statement", dependencies=QUERY_AS_DECLARED)
     async def statement(

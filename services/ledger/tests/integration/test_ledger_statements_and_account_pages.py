@@ -108,6 +108,14 @@ async def test_a_frozen_account_shows_no_money_available_until_it_is_unfrozen(le
     assert (await ledger.get(f"/accounts/{card}/balance")).json()["available"]["amount_minor"] == 57_000
 
 
+async def test_a_history_page_names_the_currency_of_its_amounts_as_a_statement_does(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    assert (await ledger.post("/transfers", json=transfer_body("in-rub", (settlement, -700), (card, 700)))).status_code == 201
+    page = (await ledger.get(f"/accounts/{card}/history")).json()
+    assert page["currency"] == "RUB" and page["account_id"] == card and [line["amount_minor"] for line in page["lines"]] == [700]
+
+
 async def test_a_rarely_matching_history_filter_reads_a_bounded_window_per_page_and_still_finds_every_line(
         ledger, monkeypatch):
     # On a bank account with millions of entries, one page must not read them all looking
