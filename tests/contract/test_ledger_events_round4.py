@@ -22,6 +22,7 @@ from kabinet_contracts.asyncapi import asyncapi_document
 from kabinet_contracts.envelope import IntegrationEvent, event_id_for
 from kabinet_contracts.ledger import LEDGER_TOPIC, HoldPlaced, MoneyDTO
 from kabinet_contracts.registry import REGISTRY
+from ledger.domain import commands as c
 from ledger.domain.batch import capture_transfer_id
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
@@ -245,9 +246,6 @@ async def test_a_credit_limit_change_is_published_so_subscribers_know_what_the_c
     assert [message_errors(r) for r in records] == [[], []]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the batched writer turns events into stored events in its own task, outside the context of the request that"
-    " submitted the command, so TracingMapper finds no trace to keep (a writer.py change: see the round-4 report)"))
 async def test_a_published_ledger_event_continues_the_trace_of_the_request_that_caused_it(ledger, stack):
     # One trace from the payment request, through ledger.events.v1, into notifications.
     install_tracing("tests", exporter=InMemorySpanExporter())
@@ -302,3 +300,34 @@ def test_an_event_whose_time_has_no_timezone_is_refused_at_its_source_not_publis
     with pytest.raises(ValueError, match="timezone"):
         HoldPlaced(hold_id="h1", debit_account_id="a1", credit_account_id="a2", code="purchase",
                    amount=MoneyDTO(amount_minor=50_000, currency="RUB"), expires_at=naive)
+
+
+async def test_two_requests_whose_commands_share_a_writer_batch_and_a_hold_each_keep_their_own_trace(ledger, stack):
+    # A card authorisation and its clearing, a moment apart, saved in one batch: the hold's
+    # placed event belongs to the authorisation's trace, its capture to the clearing's.
+    install_tracing("tests", exporter=InMemorySpanExporter())
+    settlement = await open_account(ledger, "bank", kind="settlement")
+    card = await open_account(ledger, "alice")
+    await call(ledger, "POST", "/transfers", 201, transfer_id=f"fund-{card}", code="top_up", legs=[
+        {"account_id": settlement, "amount_minor": -1_000, "currency": "RUB"},
+        {"account_id": card, "amount_minor": 1_000, "currency": "RUB"}])
+    writer = ledger.parts.writer
+    hold_id = f"auth-{uuid.uuid4().hex[:8]}"
+    place = c.PlaceHold(hold_id, uuid.UUID(card), uuid.UUID(settlement), 300, "RUB",
+                        datetime.now(UTC) + timedelta(hours=1), "card_purchase")
+    capture = c.CaptureHold(hold_id, "clearing-1", 300)
+
+    async def in_a_trace(name: str, command) -> str:
+        with trace.get_tracer("tests").start_as_current_span(name) as span:
+            await writer.submit(command)
+        return format(span.get_span_context().trace_id, "032x")
+
+    batches_before = writer.batches_total
+    authorisation, clearing = await asyncio.gather(in_a_trace("authorise", place), in_a_trace("clear", capture))
+    assert writer.batches_total == batches_before + 1, "both commands were to share one batch"
+    capture_transfer = str(Transfer.id_for(capture_transfer_id(hold_id, "clearing-1")))
+    records = await published(stack.bootstrap_servers, {str(Hold.id_for(hold_id)), capture_transfer},
+                              lambda envelopes: len(envelopes) >= 3)
+    trace_of = {json.loads(r.value)["type"]: dict(r.headers)["traceparent"].decode().split("-")[1] for r in records}
+    assert trace_of == {"ledger.hold_placed": authorisation, "ledger.hold_captured": clearing,
+                        "ledger.transfer_posted": clearing}

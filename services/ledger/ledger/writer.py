@@ -42,6 +42,8 @@ import anyio
 import asyncpg
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import StoredEvent
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, wait_for_lead
 from kabinet_chassis.eventstore import events_table
@@ -95,6 +97,13 @@ class _Changes:
 class _Request:
     command: Any
     future: asyncio.Future = field(repr=False)
+    # The trace of the request that submitted the command (None outside any trace): its
+    # events are stored in it, so the relay's record continues that trace (TracingMapper).
+    trace: otel_context.Context | None = field(default=None, repr=False)
+
+
+def _current_trace() -> otel_context.Context | None:
+    return otel_context.get_current() if trace.get_current_span().get_span_context().is_valid else None
 
 
 class BatchedWriter:
@@ -176,7 +185,7 @@ class BatchedWriter:
                 raise LedgerUnavailable("another ledger process is the active writer; retry shortly") from None
         future = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait(_Request(command, future))
+            self.queue.put_nowait(_Request(command, future, _current_trace()))
         except asyncio.QueueFull:
             raise LedgerBusy(f"the ledger has {QUEUE_MAX} commands waiting; retry shortly") from None
         try:
@@ -206,7 +215,7 @@ class BatchedWriter:
                     else:
                         batch.append(self.queue.get_nowait())
                 try:
-                    outcomes, committed = await self._write([r.command for r in batch])
+                    outcomes, committed = await self._write([r.command for r in batch], [r.trace for r in batch])
                 except Exception as error:  # the store is down: every caller gets the error (a retry gets the first result)
                     log.exception("ledger batch of %d failed to save", len(batch))
                     outcomes = [error] * len(batch)
@@ -236,8 +245,10 @@ class BatchedWriter:
             if not request.future.done():
                 request.future.set_exception(stopped)
 
-    async def _write(self, commands: list[Any]) -> tuple[list[Any], list[tuple[int, Any]]]:
+    async def _write(self, commands: list[Any], traces: list[otel_context.Context | None]
+                     ) -> tuple[list[Any], list[tuple[int, Any]]]:
         """Each command's result or refusal, and the (notification id, event) pairs committed.
+        `traces`: each command's trace (or None), to store its events in.
 
         Validating may load aggregates through eventsourcing (blocking), so it runs in a
         worker thread; the commit is one asyncpg call on the event loop.
@@ -245,7 +256,7 @@ class BatchedWriter:
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
             # Never earlier than the last batch: running balances follow the log, statements follow time.
             now = self.clock() if self._last_posted_at is None else max(self.clock(), self._last_posted_at)
-            outcomes, changes = await anyio.to_thread.run_sync(self._validate, commands, now, attempt == 1)
+            outcomes, changes = await anyio.to_thread.run_sync(self._validate, commands, traces, now, attempt == 1)
             if changes is None:
                 return outcomes, []
             touched = [aggregate.id for aggregate in changes.aggregates] + [*changes.balances, *changes.versions_only_read]
@@ -284,22 +295,29 @@ class BatchedWriter:
             return outcomes, committed
         raise AssertionError("unreachable")
 
-    def _validate(self, commands: list[Any], now: datetime, first_attempt: bool) -> tuple[list[Any], _Changes | None]:
+    def _validate(self, commands: list[Any], traces: list[otel_context.Context | None], now: datetime,
+                  first_attempt: bool) -> tuple[list[Any], _Changes | None]:
         """Execute the batch in memory at `now`: each command's result or refusal, and what
         to commit (None when nothing changed)."""
         self._prefetch(commands, assume_new=first_attempt)
         batch = Batch(self._load, self._balance_of, now)
         outcomes: list[Any] = []
+        # (aggregate id, version) -> the trace of the command whose event that version is;
+        # kept only when some command of the batch came in a trace (never in the bench).
+        trace_of_event: dict[tuple[UUID, int], otel_context.Context | None] | None = (
+            {} if any(traces) else None)
         try:
-            for command in commands:
+            for command, command_trace in zip(commands, traces, strict=True):
                 try:
                     outcomes.append(batch.execute(command))
                 except LedgerError as refusal:
                     outcomes.append(refusal)
+                if trace_of_event is not None:
+                    _note_trace(trace_of_event, batch, command, command_trace)
             aggregates, balances = batch.finish()
             versions_only_read = batch.versions_only_read(balances)
             events = [event for aggregate in aggregates for event in aggregate.collect_events()]
-            stored_events = [self.app.mapper.to_stored_event(event) for event in events]
+            stored_events = [self._stored(event, trace_of_event) for event in events]
         except BaseException:
             # The store failed mid-batch (a load, say): cached aggregates the earlier
             # commands changed must not carry those unsaved changes into a later batch.
@@ -308,6 +326,18 @@ class BatchedWriter:
         if not aggregates:
             return outcomes, None
         return outcomes, _Changes(aggregates, balances, versions_only_read, events, stored_events)
+
+    def _stored(self, event: Any, trace_of_event: dict[tuple[UUID, int], otel_context.Context | None] | None
+                ) -> StoredEvent:
+        command_trace = None if trace_of_event is None else trace_of_event.get((event.originator_id,
+                                                                                event.originator_version))
+        if command_trace is None:
+            return self.app.mapper.to_stored_event(event)
+        token = otel_context.attach(command_trace)
+        try:
+            return self.app.mapper.to_stored_event(event)
+        finally:
+            otel_context.detach(token)
 
     def _prefetch(self, commands: list[Any], *, assume_new: bool) -> None:
         """Learn in one query which of the batch's uncached aggregates exist at all, and the
@@ -362,3 +392,14 @@ class BatchedWriter:
         for aggregate_id in aggregate_ids:
             self._cache.pop(aggregate_id, None)
             self._balances.pop(aggregate_id, None)
+
+
+def _note_trace(trace_of_event: dict[tuple[UUID, int], otel_context.Context | None], batch: Batch, command: Any,
+                command_trace: otel_context.Context | None) -> None:
+    """After `command` ran: the versions its aggregates are at now are its events, unless an
+    earlier command of the batch made them (the first to reach a version made it)."""
+    creates, needs = aggregate_ids_of(command)
+    for aggregate_id in (*creates, *needs):
+        aggregate = batch.touched(aggregate_id)
+        if aggregate is not None:
+            trace_of_event.setdefault((aggregate_id, aggregate.version), command_trace)

@@ -163,6 +163,10 @@ class Batch:
         }[type(command)]
         return handler(command)
 
+    def touched(self, aggregate_id: UUID) -> Any | None:
+        """The aggregate as this batch has changed it so far, or None if it has not."""
+        return self._touched.get(aggregate_id)
+
     @property
     def touched_ids(self) -> list[UUID]:
         """Every aggregate this batch has changed so far (to drop if it cannot be saved)."""
