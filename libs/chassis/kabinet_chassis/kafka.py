@@ -64,10 +64,24 @@ async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: i
         await admin.close()
 
 
+class BrokerDidNotAnswer(Exception):
+    """The broker holds a record asked for but did not hand it back in time: it may be
+    slow, not empty. The caller asks again later; it must not take the record for lost."""
+
+
+FETCH_POLL_MS = 200
+
+
 async def records_at(
     bootstrap_servers: str, topic: str, offsets: dict[int, int], timeout_s: float = 3.0
 ) -> dict[int, ConsumerRecord]:
-    """The record at the given offset of each partition, for those the broker still has."""
+    """The record at the given offset of each partition, for those the broker still has.
+
+    A partition is left out only when the broker shows the record gone: the offset is past
+    the partition's end or before its start, or the topic is unknown (as after a restart
+    that lost the data). A record within the partition not handed back within `timeout_s`
+    raises BrokerDidNotAnswer: that it was slow says nothing about the data.
+    """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, request_timeout_ms=_REQUEST_TIMEOUT_MS,
         enable_auto_commit=False, auto_offset_reset="none",
@@ -76,20 +90,32 @@ async def records_at(
     found: dict[int, ConsumerRecord] = {}
     try:
         partitions = [TopicPartition(topic, p) for p in offsets]
-        consumer.assign(partitions)
-        for tp in partitions:
+        try:
+            starts = await consumer.beginning_offsets(partitions)
+            ends = await consumer.end_offsets(partitions)
+        except UnknownTopicOrPartitionError:
+            return found
+        held = [tp for tp in partitions if starts[tp] <= offsets[tp.partition] < ends[tp]]
+        if not held:
+            return found
+        consumer.assign(held)
+        for tp in held:
             consumer.seek(tp, offsets[tp.partition])
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(found) < len(offsets) and asyncio.get_running_loop().time() < deadline:
+        while len(found) < len(held) and asyncio.get_running_loop().time() < deadline:
             try:
-                batch = await consumer.getmany(timeout_ms=200)
+                batch = await consumer.getmany(timeout_ms=FETCH_POLL_MS)
             except (OffsetOutOfRangeError, UnknownTopicOrPartitionError):
-                break
+                break  # changed since the offsets were asked: the next look will tell
             for tp, records in batch.items():
                 for record in records:
                     if record.offset == offsets[tp.partition]:
                         found[tp.partition] = record
                 consumer.pause(tp)
+        unanswered = sorted(tp.partition for tp in held if tp.partition not in found)
+        if unanswered:
+            raise BrokerDidNotAnswer(f"{topic}: the broker holds the records asked for on partitions {unanswered}"
+                                     f" but did not hand them back within {timeout_s:g} s")
     finally:
         await consumer.stop()
     return found
