@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ import psutil
 import pytest
 
 from kabinet_chassis.devstack.ports import free_port
-from kabinet_chassis.topology import GATEWAY_PORT
+from kabinet_chassis.topology import GATEWAY_PORT, service_url
 
 pytestmark = pytest.mark.e2e
 
@@ -49,8 +50,44 @@ def start_up(env: dict[str, str]) -> tuple[subprocess.Popen, str | None, list[st
     return process, None, output
 
 
+def dev_token(env: dict[str, str], subject: str, *roles: str) -> str:
+    kabinet = Path(sys.executable).with_name("kabinet")
+    role_options = [option for role in roles for option in ("--role", role)]
+    printed = subprocess.run([str(kabinet), "dev-token", subject, *role_options], env=env, capture_output=True,
+                             text=True, timeout=30, check=True)
+    return printed.stdout.strip()
+
+
+def a_customer_sees_her_money_through_the_gateway(gateway_url: str, env: dict[str, str]) -> None:
+    """Across the real processes: a service posts with its own token, the customer reads with hers."""
+    ledger = httpx.Client(base_url=f"{service_url('ledger')}/ledger/v1", timeout=10,
+                          headers={"Authorization": f"Bearer {dev_token(env, 'payments', 'ledger:post')}"})
+    with ledger:
+        def open_account(owner: str, kind: str) -> str:
+            opened = ledger.post("/accounts", json={"owner_id": owner, "kind": kind, "currency": "RUB"},
+                                 headers={"Idempotency-Key": str(uuid.uuid4())})
+            assert opened.status_code == 201, opened.text
+            return opened.json()["account_id"]
+
+        settlement, card = open_account("bank", "settlement"), open_account("alice", "card")
+        posted = ledger.post("/transfers", json={"transfer_id": f"salary-{card}", "code": "top_up", "legs": [
+            {"account_id": settlement, "amount_minor": -12_345, "currency": "RUB"},
+            {"account_id": card, "amount_minor": 12_345, "currency": "RUB"}]})
+        assert posted.status_code == 201, posted.text
+    alice = {"Authorization": f"Bearer {dev_token(env, 'alice')}"}
+    mine = httpx.get(f"{gateway_url}/v1/me/accounts", headers=alice, timeout=10)
+    assert mine.status_code == 200 and [a["account_id"] for a in mine.json()["accounts"]] == [card], mine.text
+    balance = httpx.get(f"{gateway_url}/v1/me/accounts/{card}/balance", headers=alice, timeout=10)
+    assert balance.json()["posted"] == {"amount_minor": 12_345, "currency": "RUB"}, balance.text
+    history = httpx.get(f"{gateway_url}/v1/me/accounts/{card}/history", headers=alice, timeout=10)
+    assert [line["transfer_id"] for line in history.json()["lines"]] == [f"salary-{card}"], history.text
+    bob = {"Authorization": f"Bearer {dev_token(env, 'bob')}"}
+    assert httpx.get(f"{gateway_url}/v1/me/accounts/{card}", headers=bob, timeout=10).status_code == 404
+
+
 def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: Path):
-    process, gateway_url, output = start_up(up_env(tmp_path / "data"))
+    env = up_env(tmp_path / "data")
+    process, gateway_url, output = start_up(env)
     descendants: list[psutil.Process] = []
     try:
         assert gateway_url == f"http://127.0.0.1:{GATEWAY_PORT}", "".join(output)
@@ -67,6 +104,7 @@ def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: 
         assert watched["broker"]["status"] == "up"
         assert httpx.get(f"{gateway_url}/docs", timeout=5).status_code == 200
         assert len(descendants) >= 4, "the broker, the gateway and the ledger run as their own processes, beside PostgreSQL"
+        a_customer_sees_her_money_through_the_gateway(gateway_url, env)
 
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
