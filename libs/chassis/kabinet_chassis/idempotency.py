@@ -59,6 +59,20 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 """
 
 
+async def callers_scope(pool: asyncpg.Pool, *, scope: str, caller: str, key: str) -> str:
+    """The scope `caller`'s `key` is kept under (pass it to run_once). A key is its caller's
+    own: callers pick their keys themselves, so two may pick the same one, and neither may be
+    given the other's answer (an account and its owner) or a 422 for the other's body.
+
+    A key first sent before keys named their caller stays under the bare `scope` it was
+    stored under then: a retry across that deploy gets its first answer, or takes over its
+    abandoned claim, instead of running again as a new request. Such keys are purged after
+    KEY_RETENTION_S like any other; until then they are shared by all callers, as they were."""
+    former = await pool.fetchval("SELECT true FROM idempotency_keys WHERE scope = $1 AND key = $2", scope, key)
+    # Scope names hold no space, so the caller's part (a token subject, any text) cannot make one scope look like another.
+    return scope if former else f"{scope} {caller}"
+
+
 def fingerprint(body: Any) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import Problem
-from kabinet_chassis.idempotency import idempotency_key, run_once
+from kabinet_chassis.idempotency import callers_scope, idempotency_key, run_once
 from kabinet_contracts.ledger import BANK_OWNER_ID
 from kabinet_contracts.roles import LEDGER_POST, LEDGER_READ
 from ledger import projections
@@ -103,10 +103,18 @@ def _query_as_declared(request: Request) -> None:
 QUERY_AS_DECLARED = [Depends(_query_as_declared)]
 
 
-# An account opened without an id gets one derived from the request's Idempotency-Key:
-# a retry after a failure that released the key (a 5xx after the commit) opens the same
-# account again, which the ledger answers as a replay, never a second account.
-_ACCOUNT_IDS_BY_KEY = UUID("3d7f2a10-5b7e-4c1d-8e2f-9a6b4c0d1e22")
+# An account opened without an id gets one derived from the request's Idempotency-Key, as
+# kept for its caller: a retry after a failure that released the key (a 5xx after the
+# commit) opens the same account again, which the ledger answers as a replay, never a
+# second account; another caller's same key derives another account.
+ACCOUNT_IDS_BY_KEY = UUID("3d7f2a10-5b7e-4c1d-8e2f-9a6b4c0d1e22")
+OPEN_ACCOUNT_SCOPE = "ledger.open_account"
+
+
+def _derived_account_id(kept_scope: str, key: str) -> UUID:
+    # A key kept under the bare scope was sent before keys named their caller, when the
+    # account was derived from the key alone: its retry must reach that same account.
+    return uuid5(ACCOUNT_IDS_BY_KEY, key if kept_scope == OPEN_ACCOUNT_SCOPE else f"{kept_scope}\n{key}")
 
 
 class _Body(BaseModel):
@@ -223,7 +231,11 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     router = APIRouter(prefix="/ledger/v1", tags=["ledger"])
     poster, reader = _access(principal)
     # Defaults rather than Annotated aliases: a local alias does not resolve under postponed annotations.
-    posts = [Depends(poster)]
+    # Each mutating route lists `posts` among its dependencies, which run before its parameters'
+    # (a customer's token is refused 403 before a missing Idempotency-Key is 400); one that
+    # needs the caller also takes `post`, which FastAPI then runs no second time.
+    post = Depends(poster)
+    posts = [post]
     reads = Depends(reader)
 
     async def visible_account(account_id: UUID, me: Principal) -> dict:
@@ -233,33 +245,37 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         return found
 
     @router.post("/accounts", status_code=201, dependencies=posts)
-    async def open_account(body: OpenAccountBody, key: Annotated[str, Depends(idempotency_key)]):
+    async def open_account(body: OpenAccountBody, key: Annotated[str, Depends(idempotency_key)], me: Principal = post):
+        kept_scope = await callers_scope(ledger.pool, scope=OPEN_ACCOUNT_SCOPE, caller=me.customer_id, key=key)
+
         async def operation():
             command = commands.OpenAccount(
-                account_id=body.account_id or uuid5(_ACCOUNT_IDS_BY_KEY, key), owner_id=body.owner_id, kind=body.kind.value,
-                currency=body.currency, credit_limit_minor=body.credit_limit_minor,
+                account_id=body.account_id or _derived_account_id(kept_scope, key), owner_id=body.owner_id,
+                kind=body.kind.value, currency=body.currency, credit_limit_minor=body.credit_limit_minor,
             )
             await ledger.submit(command)
             await ledger.read_your_writes()
             return 201, await projections.account(ledger.pool, command.account_id)
 
-        return await _run_once(ledger.pool, scope="ledger.open_account", key=key, body=body.model_dump(mode="json"),
+        return await _run_once(ledger.pool, scope=kept_scope, key=key, body=body.model_dump(mode="json"),
                               operation=operation)
 
     for action, command_type in (("freeze", commands.FreezeAccount), ("unfreeze", commands.UnfreezeAccount),
                                  ("close", commands.CloseAccount)):
-        router.add_api_route(f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type), methods=["POST"],
-                             name=f"{action}_account", dependencies=posts)
+        router.add_api_route(f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type, post),
+                             methods=["POST"], name=f"{action}_account", dependencies=posts)
 
     @router.put("/accounts/{account_id}/credit-limit", dependencies=posts)
-    async def set_credit_limit(account_id: UUID, body: CreditLimitBody, key: Annotated[str, Depends(idempotency_key)]):
+    async def set_credit_limit(account_id: UUID, body: CreditLimitBody, key: Annotated[str, Depends(idempotency_key)],
+                               me: Principal = post):
         """A customer account's credit limit (lending sets it); refused below what is already used."""
         async def operation():
             await ledger.submit(commands.SetCreditLimit(account_id=account_id, credit_limit_minor=body.credit_limit_minor))
             await ledger.read_your_writes()
             return 200, await projections.account(ledger.pool, account_id)
 
-        return await _run_once(ledger.pool, scope="ledger.set_credit_limit", key=key,
+        scope = await callers_scope(ledger.pool, scope="ledger.set_credit_limit", caller=me.customer_id, key=key)
+        return await _run_once(ledger.pool, scope=scope, key=key,
                               body={"account_id": str(account_id), **body.model_dump(mode="json")},
                               operation=operation)
 
@@ -379,14 +395,17 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     return router
 
 
-def _account_action(ledger: Ledger, command_type: type):
-    async def action(account_id: UUID, key: Annotated[str, Depends(idempotency_key)]):
+def _account_action(ledger: Ledger, command_type: type, post):
+    """`post`: the dependency giving a caller that may manage accounts."""
+
+    async def action(account_id: UUID, key: Annotated[str, Depends(idempotency_key)], me: Principal = post):
         async def operation():
             await ledger.submit(command_type(account_id=account_id))
             await ledger.read_your_writes()
             return 200, await projections.account(ledger.pool, account_id)
 
-        return await _run_once(ledger.pool, scope=f"ledger.{command_type.__name__}", key=key,
+        scope = await callers_scope(ledger.pool, scope=f"ledger.{command_type.__name__}", caller=me.customer_id, key=key)
+        return await _run_once(ledger.pool, scope=scope, key=key,
                               body={"account_id": str(account_id)}, operation=operation)
 
     return action
