@@ -62,8 +62,20 @@ class LedgerClient:
             code, detail, errors = body.get("code"), body.get("detail", ""), body.get("errors")
             if not isinstance(code, str) or not isinstance(detail, str):
                 raise DependencyUnavailable("ledger", f"answered {response.status_code} without a problem's code")
+            if response.status_code in (401, 403):
+                _refused_token(code)
             raise Problem(response.status_code, code, detail, **({"errors": errors} if isinstance(errors, list) else {}))
         return body
+
+
+def _refused_token(code: str) -> None:
+    """The ledger refused a token the gateway has just accepted and a request the gateway
+    allowed. Only its expiry in between is the customer's to cure (by a refresh); any other
+    refusal is the bank's fault (mid-rotation, the ledger not yet trusting identity's new
+    key), which a 401 would send her app to refresh for ever and a 403 would blame on her."""
+    if code == "token_expired":
+        raise Problem(401, code, "the access token has expired; refresh it", headers={"WWW-Authenticate": "Bearer"})
+    raise DependencyUnavailable("ledger", "refused the customer's access token")
 
 
 def _expected(body: dict, name: str, kind: type) -> Any:
