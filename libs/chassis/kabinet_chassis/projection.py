@@ -87,8 +87,10 @@ class LocalProjection:
         backoff_s = 0.05
         while True:
             try:
+                # Cleared before the attempt, not after it: a hand-over that arrives while the
+                # log is being read (and found empty) must still wake the wait below.
+                self._new_events.clear()
                 if not await self.catch_up_once():
-                    self._new_events.clear()
                     try:
                         async with asyncio.timeout(self.idle_poll_s):  # not wait_for: on 3.11 it can swallow a cancel
                             await self._new_events.wait()
