@@ -15,6 +15,7 @@ from uuid import UUID
 
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
+from opentelemetry import propagate
 
 from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import DependencyUnavailable, Problem
@@ -33,11 +34,14 @@ class LedgerClient:
         self.client = client
 
     async def get(self, path: str, authorization: str, params: Any = None) -> Any:
-        """GET from the ledger as the customer (`authorization`: the customer's own header)."""
+        """GET from the ledger as the customer (`authorization`: the customer's own header), in
+        the customer's request's trace (ARCHITECTURE §8: a trace spans HTTP -> Kafka -> consumers)."""
+        headers = {"Authorization": authorization}
+        propagate.inject(headers)
         try:
             async with (
                 asyncio.timeout(LEDGER_TIMEOUT_S),
-                self.client.stream("GET", f"/ledger/v1{path}", params=params, headers={"Authorization": authorization},
+                self.client.stream("GET", f"/ledger/v1{path}", params=params, headers=headers,
                                    timeout=LEDGER_TIMEOUT_S) as response,
             ):
                 content = bytearray()

@@ -61,3 +61,27 @@ async def test_a_ledger_forbidding_a_customer_what_the_gateway_allowed_her_is_a_
     answer = await ask_gateway(stack, tmp_path, path, forbidden)
     assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable", answer.text
     assert "ledger:post" not in answer.text  # the bank's roles are no business of the customer's
+
+
+async def test_the_customers_request_reaches_the_ledger_in_the_same_trace(stack, tmp_path):
+    # ARCHITECTURE §8: a trace spans HTTP -> Kafka -> consumers; one the gateway dropped would
+    # leave the ledger's work (and the events it caused) unlinked from the customer's request.
+    seen: list[httpx.Request] = []
+
+    def ledger(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"accounts": [], "next_cursor": None})
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    settings = GatewaySettings(database_url=stack.database_url, kafka_bootstrap_servers=stack.bootstrap_servers,
+                               data_dir=tmp_path, ledger_url="http://ledger")
+    gateway = build(settings, ledger_transport=httpx.MockTransport(ledger))
+    token = issue_access_token(dev_signing_key(tmp_path), "alice")
+    async with (
+        gateway.running(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.http_app()), base_url="http://gw") as client,
+    ):
+        answer = await client.get("/v1/me/accounts", headers={"Authorization": f"Bearer {token}",
+                                                              "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert answer.status_code == 200, answer.text
+    assert [request.headers.get("traceparent", "").split("-")[1:2] for request in seen] == [[trace_id]]
