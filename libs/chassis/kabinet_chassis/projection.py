@@ -11,12 +11,19 @@ when that page starts right after the projection's position and its ids run with
 a gap, no other event can sit in between, so it is applied as is, sparing a read and
 a decode of the log. Anything else (a gap, a restart, another writer) falls back to
 reading the log, which stays the one source of truth.
+
+An event it cannot apply stops it there: what follows must not be shown without it (a
+running balance would be wrong). It retries for ever, so its loop never dies and
+liveness never names it; `check` (for the service's watched health) says it is stuck,
+where and why, once it failed more than `failed_rounds_max` rounds in a row or went
+`stall_max_s` without progress (a page applied, or nothing new found).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -38,6 +45,18 @@ CREATE TABLE IF NOT EXISTS projection_position (
 # Applies one page of (notification id, domain event) pairs inside the given transaction.
 ApplyPage = Callable[[asyncpg.Connection, Sequence[tuple[int, Any]]], Awaitable[None]]
 HANDED_OVER_PAGES_MAX = 64  # beyond this the projection is far behind: it reads the log instead
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 5.0
+# Stuck, as `check` says, past this many failed rounds in a row (about 1.6 s of backoff:
+# a database blip does not count) ...
+PROJECTION_FAILED_ROUNDS_MAX = 5
+# ... or this long without progress and without an error (a hang).
+PROJECTION_STALL_MAX_S = 60.0
+ERROR_TEXT_MAX_CHARS = 200
+
+
+class ProjectionStuck(Exception):
+    """The read model cannot go on: an event it fails to apply, a database it cannot use."""
 
 
 class LocalProjection:
@@ -52,6 +71,8 @@ class LocalProjection:
         threads: WorkerThreads,
         page_size: int = 2000,
         idle_poll_s: float = 0.05,
+        failed_rounds_max: int = PROJECTION_FAILED_ROUNDS_MAX,
+        stall_max_s: float = PROJECTION_STALL_MAX_S,
     ) -> None:
         self.name = name
         self.pool = pool
@@ -62,6 +83,11 @@ class LocalProjection:
         self.page_size = page_size
         self.idle_poll_s = idle_poll_s
         self.position = 0
+        self.failed_rounds_max = failed_rounds_max
+        self.stall_max_s = stall_max_s
+        self.failed_rounds = 0  # rounds in a row that ended in an error; 0 again on progress
+        self.last_error: str | None = None  # of the last failed round, cut to ERROR_TEXT_MAX_CHARS
+        self.last_progress_at = time.monotonic()  # a page applied, or nothing new found
         self._advanced = asyncio.Event()
         self._new_events = asyncio.Event()
         self._handed_over: deque[Sequence[tuple[int, Any]]] = deque(maxlen=HANDED_OVER_PAGES_MAX)
@@ -84,25 +110,42 @@ class LocalProjection:
             self.position = await connection.fetchval("SELECT position FROM projection_position WHERE projection = $1", self.name)
 
     async def run(self) -> None:
-        backoff_s = 0.05
         while True:
             try:
                 # Cleared before the attempt, not after it: a hand-over that arrives while the
                 # log is being read (and found empty) must still wake the wait below.
                 self._new_events.clear()
-                if not await self.catch_up_once():
+                found_new = await self.catch_up_once()
+                self.failed_rounds = 0
+                self.last_error = None
+                self.last_progress_at = time.monotonic()
+                if not found_new:
                     try:
                         async with asyncio.timeout(self.idle_poll_s):  # not wait_for: on 3.11 it can swallow a cancel
                             await self._new_events.wait()
                     except TimeoutError:
                         pass
-                backoff_s = 0.05
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("projection %s failed; retrying in %.2fs", self.name, backoff_s)
+            except Exception as error:
+                self.failed_rounds += 1
+                self.last_error = f"{type(error).__name__}: {error}"[:ERROR_TEXT_MAX_CHARS]
+                backoff_s = min(BACKOFF_FIRST_S * 2 ** min(self.failed_rounds - 1, 10), BACKOFF_MAX_S)
+                log.exception("projection %s failed after position %d (%d rounds in a row); retrying in %.2fs",
+                              self.name, self.position, self.failed_rounds, backoff_s)
                 await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+
+    async def check(self) -> str:
+        """A watched health check: raises ProjectionStuck, naming the position it stopped at,
+        the last error and how long it has made no progress, once it failed more than
+        `failed_rounds_max` rounds in a row or made none for `stall_max_s`."""
+        stuck_s = time.monotonic() - self.last_progress_at
+        if self.failed_rounds > self.failed_rounds_max or stuck_s > self.stall_max_s:
+            raise ProjectionStuck(
+                f"read model {self.name} made no progress for {stuck_s:.0f}s at position {self.position},"
+                f" {self.failed_rounds} failed rounds in a row; last error: {self.last_error or 'none (hung?)'}"
+            )
+        return f"at position {self.position}"
 
     async def catch_up_once(self) -> bool:
         """Apply the next page; False when there was nothing new."""
