@@ -1,19 +1,22 @@
 """Rules of the readers of a service's own log (its outbox): the local read model applies
-what the writer committed as soon as it is told, and a read model that cannot go on says
-so in its health check instead of stalling in silence."""
+what the writer committed as soon as it is told, a read model that cannot go on says so
+in its health check instead of stalling in silence, and the relay never waits for ever
+on a database connection that answers nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from kabinet_chassis import projection as projection_module
 from kabinet_chassis.eventstore import event_store_env
+from kabinet_chassis.outbox import OutboxRelay, RelayConfig
 from kabinet_chassis.projection import LocalProjection
 from kabinet_chassis.service import Service
-from tests.support.notes import Note, Notes
+from tests.support.notes import Note, Notes, note_to_integration
 
 pytestmark = pytest.mark.integration
 
@@ -135,3 +138,91 @@ async def test_a_read_model_stuck_on_an_event_it_cannot_apply_says_so_in_its_che
             assert await stuck_reason(projection) is None
         assert await seen_texts(service) == ["before", "poison", "after"]
         app.close()
+
+
+class BlackHoleProxy:
+    """A TCP proxy to the database. `black_hole()` swallows everything sent either way on
+    the connections open so far, as a network black hole does, while new connections go
+    through; a connection's end still gets through (the server's session ends with it)."""
+
+    def __init__(self, target_url: str) -> None:
+        parts = urlsplit(target_url)
+        self._target = (parts.hostname, parts.port)
+        self._parts = parts
+        self._generation = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Starts listening; returns the database URL through the proxy."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        netloc = self._parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+        return urlunsplit(self._parts._replace(netloc=netloc))
+
+    def black_hole(self) -> None:
+        self._generation += 1
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(*self._target)
+        self._writers += [client_writer, server_writer]
+        generation = self._generation
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    if generation == self._generation:  # else swallowed
+                        writer.write(data)
+                        await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer),
+                             return_exceptions=True)
+
+
+RELAY_COMMAND_TIMEOUT_S = 1.0
+# A read that times out, the reconnection and a page sent: a few seconds, far from "never".
+RELAY_RECOVERS_WITHIN_S = 20.0
+
+
+async def _relay_reaches(relay: OutboxRelay, position: int, within_s: float) -> None:
+    async with asyncio.timeout(within_s):
+        while relay.position < position:
+            await asyncio.sleep(0.1)
+
+
+async def test_a_relay_whose_database_connection_fell_into_a_black_hole_reconnects_and_publishes_what_waits(
+        stack, unique_name):
+    """A connection that answers nothing (a network black hole, a dropped NAT entry) must
+    not hold the relay for ever: its statements are bounded, like every query of a service
+    (ARCHITECTURE.md §7), so it gives up, connects again and publishes what waits."""
+    settings = stack.service_settings(unique_name)
+    service = Service(settings, title="notes")
+    async with service.running():
+        app = Notes(env=event_store_env(settings))
+        proxy = BlackHoleProxy(settings.service_database_url)
+        relay = OutboxRelay(
+            RelayConfig(source=unique_name, topic=f"{unique_name}.notes", bootstrap_servers=settings.kafka_bootstrap_servers,
+                        database_command_timeout_s=RELAY_COMMAND_TIMEOUT_S),
+            recorder=app.recorder, mapper=app.mapper, to_integration=note_to_integration(unique_name),
+            database_url=await proxy.start(),
+        )
+        task = asyncio.create_task(relay.run())
+        try:
+            before = recorded_pairs(app, "published before the black hole")
+            await _relay_reaches(relay, before[-1][0], RELAY_RECOVERS_WITHIN_S)
+            proxy.black_hole()
+            waiting = recorded_pairs(app, "committed while the relay's connection answers nothing")
+            await _relay_reaches(relay, waiting[-1][0], RELAY_RECOVERS_WITHIN_S)
+        finally:
+            await proxy.close()  # first: a relay still stuck on its connection is freed to stop
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            app.close()

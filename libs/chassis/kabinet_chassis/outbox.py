@@ -21,6 +21,7 @@ the service's /health/ready, is down once the relay is stuck (ARCHITECTURE.md §
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from kabinet_chassis.databases import wait_for_lead
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, wait_for_lead
 from kabinet_chassis.eventstore import TracingMapper, events_table
 from kabinet_chassis.kafka import DEFAULT_PARTITIONS, ensure_topics, new_producer, partition_for_key, records_at
 from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
@@ -49,6 +50,7 @@ RELAY_FAILED_ROUNDS_MAX = 5
 # ... or once it went this long without progress while events wait (a hang, no error).
 RELAY_STALL_MAX_S = 60.0
 BACKOFF_FIRST_S = 0.1
+_CONNECT_TIMEOUT_S = 10
 ERROR_TEXT_MAX_CHARS = 200
 
 # Maps one stored domain event to its public form; None keeps an event private.
@@ -76,6 +78,10 @@ class RelayConfig:
     backoff_max_s: float = 5.0
     failed_rounds_max: int = RELAY_FAILED_ROUNDS_MAX
     stall_max_s: float = RELAY_STALL_MAX_S
+    # Bounds every statement on the relay's own connections, and their closing, as the
+    # service's pool bounds its queries (ARCHITECTURE.md §7): a connection that answers
+    # nothing (a network black hole) fails the round, and the next one connects afresh.
+    database_command_timeout_s: float = DATABASE_COMMAND_TIMEOUT_S
 
 
 class RelayStuck(Exception):
@@ -164,24 +170,34 @@ class OutboxRelay:
         self.last_progress_at = time.monotonic()
 
     async def _run_as_leader(self) -> None:
-        lock_connection = await asyncpg.connect(self.database_url, timeout=10)
+        lock_connection = await self._connect()
         try:
             await lock_connection.execute(_SCHEMA)
             await self._wait_for_lead(lock_connection)
             self.is_leader = True
             await self._load_position(lock_connection)
-            read_connection = await asyncpg.connect(self.database_url, timeout=10)
+            read_connection = await self._connect()
             producer = new_producer(self.config.bootstrap_servers, self.config.enable_idempotence)
             try:
                 await producer.start()
                 await self._relay_loop(lock_connection, read_connection, producer)
             finally:
                 await producer.stop()
-                await read_connection.close()
+                await self._close(read_connection)
         finally:
             self.is_leader = False
             self.relaying.clear()
-            await lock_connection.close()
+            await self._close(lock_connection)
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.database_url, timeout=_CONNECT_TIMEOUT_S,
+                                     command_timeout=self.config.database_command_timeout_s)
+
+    async def _close(self, connection: asyncpg.Connection) -> None:
+        """Closes politely, or drops the connection when the server does not answer in time
+        (asyncpg aborts it itself then): the round's own error is the one to report."""
+        with contextlib.suppress(Exception):
+            await connection.close(timeout=self.config.database_command_timeout_s)
 
     async def _wait_for_lead(self, connection: asyncpg.Connection) -> None:
         """Takes the relay's lock; while another process holds it, this relay is a standby.
