@@ -142,3 +142,26 @@ async def test_a_ledger_whose_broker_is_down_still_takes_payments_and_shows_degr
     assert opened.status_code == 201, opened.text
     assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
     assert ready.json()["watched"]["broker"]["status"] == "down" and ready.json()["checks"]["database"]["status"] == "up"
+
+
+async def test_a_ledger_whose_history_read_model_is_stuck_shows_degraded_naming_it_yet_ready_and_live(
+        stack, unique_name):
+    service, parts = build(stack.service_settings(f"ledger_{unique_name}"))
+    app = service.http_app()
+    async with service.running(), client_of(app, ledger_poster(stack.root)) as client:
+        ready = await client.get("/health/ready")
+        assert ready.json()["watched"]["projection:ledger_read_model"]["status"] == "up", ready.text
+
+        async def broken_apply_page(connection, page):  # a bug meeting one event: history must not skip it
+            raise ValueError("cannot apply this event")
+
+        parts.projection.apply_page = broken_apply_page
+        parts.projection.failed_rounds_max = 0
+        opened = await client.post("/ledger/v1/accounts", json={"owner_id": "c1", "kind": "card", "currency": "RUB"},
+                                   headers={"Idempotency-Key": str(uuid.uuid4())})
+        assert opened.status_code == 503 and opened.json()["code"] == "read_model_behind", opened.text
+        response = await until(lambda: degraded(client), "the read model to show as stuck")
+        live = await client.get("/health/live")
+    check = response.json()["watched"]["projection:ledger_read_model"]
+    assert check["status"] == "down" and "ValueError: cannot apply this event" in check["detail"], check
+    assert live.status_code == 200, "a restart would stop at the same event: liveness is not the signal"

@@ -25,6 +25,7 @@ from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_chassis.health import Check, broker_check, database_check, health_router
 from kabinet_chassis.kafka import ensure_topics
 from kabinet_chassis.outbox import OutboxRelay
+from kabinet_chassis.projection import LocalProjection
 from kabinet_chassis.runtime import tune_garbage_collector
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_chassis.telemetry import install_json_logging, install_tracing
@@ -84,12 +85,15 @@ class Service:
         """Long-running loops (the relay, the ledger writer) that live as long as the service.
         A function or a functools.partial of one: its name is the loop's in /health/live.
 
-        An outbox relay's loop (`relay.run`) retries every error for ever, so it never dies:
-        its own check is watched in /health/ready instead, down while the relay is stuck."""
+        An outbox relay's loop (`relay.run`) and a local projection's (`projection.run`) retry
+        every error for ever, so they never die: their own checks are watched in /health/ready
+        instead, down while they are stuck."""
         self._background.append(runner)
-        relay = getattr(runner, "__self__", None)
-        if isinstance(relay, OutboxRelay):
-            self.watched[f"outbox_relay:{relay.config.source}"] = relay.check
+        owner = getattr(runner, "__self__", None)
+        if isinstance(owner, OutboxRelay):
+            self.watched[f"outbox_relay:{owner.config.source}"] = owner.check
+        elif isinstance(owner, LocalProjection):
+            self.watched[f"projection:{owner.name}"] = owner.check
 
     def dead_loops(self) -> list[str]:
         """The background loops that ended while the service runs (they are meant to run for ever)."""
