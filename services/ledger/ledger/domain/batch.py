@@ -287,10 +287,23 @@ class Batch:
                 f" {what} needs {amount_minor}"
             )
 
-    def _check_fits(self, account: Account, amount_minor: int, error: type[LedgerError]) -> None:
-        """A balance the store (bigint) can hold: past it, the batch could not be saved at all."""
-        if abs(self.posted_minor(account) + amount_minor) > BALANCE_MINOR_MAX:
-            raise error(f"account {account.id} would pass {BALANCE_MINOR_MAX} minor units, the most a balance may hold")
+    def _check_fits(self, account: Account, posted_delta_minor: int, error: type[LedgerError], *,
+                    held_delta_minor: int = 0, incoming_held_delta_minor: int = 0) -> None:
+        """A balance the store (bigint) can hold, now and once every live hold on the account
+        is captured: past it, the batch could not be saved at all, or a hold the ledger
+        accepted (a promise to its payee) could never be captured. Checked on the side the
+        change moves the account towards."""
+        saved = self._balance(account.id)  # once: this runs for every leg of every transfer
+        posted_minor = saved.posted_minor + self._posted_delta.get(account.id, 0) + posted_delta_minor
+        if posted_delta_minor < 0 or held_delta_minor > 0:
+            held_minor = saved.held_minor + self._held_delta.get(account.id, 0) + held_delta_minor
+            fits = posted_minor - held_minor >= -BALANCE_MINOR_MAX
+        else:
+            incoming_minor = saved.incoming_held_minor + self._incoming_held_delta.get(account.id, 0)
+            fits = posted_minor + incoming_minor + incoming_held_delta_minor <= BALANCE_MINOR_MAX
+        if not fits:
+            raise error(f"account {account.id} would pass {BALANCE_MINOR_MAX} minor units, the most a balance may hold"
+                        " (its live holds captured)")
 
     def _check_held_fits(self, debit: Account, credit: Account, amount_minor: int) -> None:
         """Held amounts are bigints too; a bank-internal account reserves without a funds
@@ -359,6 +372,8 @@ class Batch:
                     f"hold {command.hold_id} would expire at {command.expires_at.isoformat()}, which has passed")
             self._check_debit(debit, command.amount_minor, "the hold")
             self._check_held_fits(debit, credit, command.amount_minor)
+            self._check_fits(debit, 0, InvalidHold, held_delta_minor=command.amount_minor)
+            self._check_fits(credit, 0, InvalidHold, incoming_held_delta_minor=command.amount_minor)
         hold = Hold(
             client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
             amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
@@ -404,8 +419,8 @@ class Batch:
                     raise AccountClosed(f"account {account.id} is closed")
             # No funds check and no freeze check on the debit: the money was reserved when
             # the hold was placed, and a capture only settles what was promised then.
-            self._check_fits(debit, -command.amount_minor, InvalidHold)
-            self._check_fits(credit, command.amount_minor, InvalidHold)
+            self._check_fits(debit, -command.amount_minor, InvalidHold, held_delta_minor=-command.amount_minor)
+            self._check_fits(credit, command.amount_minor, InvalidHold, incoming_held_delta_minor=-command.amount_minor)
         legs = [
             {"account_id": str(debit.id), "amount_minor": -command.amount_minor, "currency": hold.currency},
             {"account_id": str(credit.id), "amount_minor": command.amount_minor, "currency": hold.currency},
