@@ -290,7 +290,8 @@ async def history(
     if counterparty_account_id is not None:
         matched.append(
             "EXISTS (SELECT 1 FROM jsonb_array_elements(t.legs) leg"
-            f" WHERE leg->>'account_id' = {arg(counterparty_account_id)} AND leg->>'account_id' <> e.account_id::text)"
+            f" WHERE leg->>'account_id' = {arg(counterparty_account_id)}"
+            "  AND sign((leg->>'amount_minor')::bigint) <> sign(e.amount_minor))"  # the other side only, as _counterparties
         )
     if not matched:  # every entry read is shown: the page reads limit + 1 of them, no more
         rows = await pool.fetch(
@@ -326,8 +327,13 @@ def _next_after(rows: Sequence[asyncpg.Record], limit: int) -> tuple[int, int] |
     return (rows[limit - 1]["position"], rows[limit - 1]["seq"]) if len(rows) > limit else None
 
 
+def _counterparties(legs: list[dict], amount_minor: int) -> list[str]:
+    """Who was on the other side of a line: the accounts its money came from (a credit) or
+    went to (a debit). Not every other leg: one payroll would show each employee the others'."""
+    return sorted({leg["account_id"] for leg in legs if (leg["amount_minor"] > 0) != (amount_minor > 0)})
+
+
 def _line(row: asyncpg.Record) -> dict:
-    account_id = str(row["account_id"])
     legs = json.loads(row["legs"]) if row["legs"] else []
     return {
         "transfer_id": row["transfer_id"],
@@ -335,7 +341,7 @@ def _line(row: asyncpg.Record) -> dict:
         "amount_minor": row["amount_minor"],
         "balance_after_minor": row["balance_after_minor"],
         "occurred_at": row["occurred_at"].isoformat(),
-        "counterparty_account_ids": sorted({leg["account_id"] for leg in legs} - {account_id}),
+        "counterparty_account_ids": _counterparties(legs, row["amount_minor"]),
         "external_ref": row["external_ref"],
     }
 

@@ -85,8 +85,6 @@ async def test_a_retry_across_the_deploy_that_made_keys_the_callers_own_opens_no
         [] if answered else [retried.json()])  # the answered one was stored only, never opened here
 
 
-@pytest.mark.xfail(strict=True, reason="a line's counterparties are every other leg of its transfer"
-                                       " (ledger.projections._line and the history counterparty filter): out of this change's scope")
 async def test_a_customers_line_of_a_transfer_paying_many_names_the_payer_not_the_other_customers_paid(ledger):
     payroll = await open_account(ledger, "settlement")
     alices, bobs, carols = [await open_account(ledger, owner=owner) for owner in ("alice", "bob", "carol")]
@@ -96,3 +94,10 @@ async def test_a_customers_line_of_a_transfer_paying_many_names_the_payer_not_th
     history = await ledger.get(f"/accounts/{alices}/history", headers=alice)
     assert history.status_code == 200, history.text
     assert [line["counterparty_account_ids"] for line in history.json()["lines"]] == [[payroll]]
+    paid_by_bob = await ledger.get(f"/accounts/{alices}/history", params={"counterparty_account_id": bobs}, headers=alice)
+    assert paid_by_bob.json()["lines"] == [], "Bob neither paid Alice nor was paid by her"
+    assert len((await ledger.get(f"/accounts/{alices}/history", params={"counterparty_account_id": payroll},
+                                 headers=alice)).json()["lines"]) == 1
+    # The payer's own line names everyone it paid.
+    payer_lines = (await ledger.get(f"/accounts/{payroll}/history")).json()["lines"]
+    assert [line["counterparty_account_ids"] for line in payer_lines] == [sorted([alices, bobs, carols])]
