@@ -109,3 +109,21 @@ async def test_a_token_signed_by_another_key_is_refused_even_with_the_post_role(
     response = await ledger.post("/transfers", json=transfer_body("impostor-1", (card, -100), (card, 100)),
                                  headers=impostor)
     assert response.status_code == 401 and response.json()["code"] == "invalid_token"
+
+
+async def test_a_customers_line_of_a_transfer_paying_many_names_the_payer_not_the_other_customers_paid(ledger):
+    payroll = await open_account(ledger, "settlement")
+    alices, bobs, carols = [await open_account(ledger, owner=owner) for owner in ("alice", "bob", "carol")]
+    salaries = transfer_body("payroll-march", (payroll, -300), (alices, 100), (bobs, 100), (carols, 100), code="salary")
+    assert (await ledger.post("/transfers", json=salaries)).status_code == 201
+    alice = bearer(ledger.settings.data_dir, "alice")
+    history = await ledger.get(f"/accounts/{alices}/history", headers=alice)
+    assert history.status_code == 200, history.text
+    assert [line["counterparty_account_ids"] for line in history.json()["lines"]] == [[payroll]]
+    paid_by_bob = await ledger.get(f"/accounts/{alices}/history", params={"counterparty_account_id": bobs}, headers=alice)
+    assert paid_by_bob.json()["lines"] == [], "Bob neither paid Alice nor was paid by her"
+    assert len((await ledger.get(f"/accounts/{alices}/history", params={"counterparty_account_id": payroll},
+                                 headers=alice)).json()["lines"]) == 1
+    # The payer's own line names everyone it paid.
+    payer_lines = (await ledger.get(f"/accounts/{payroll}/history")).json()["lines"]
+    assert [line["counterparty_account_ids"] for line in payer_lines] == [sorted([alices, bobs, carols])]

@@ -1,4 +1,4 @@
-"""Rules of the gateway passing the customer's token on to the ledger, round 5: a refusal
+"""Rules of the gateway passing the customer's token on to the ledger: a refusal
 of a token the gateway itself accepted is the bank's fault, told as such."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Rules of the ledger found in review (round 5)."""
+"""Rules of the room a balance keeps for its live holds: a hold is placed, and a transfer
+posted, only if every balance still fits the store once every live hold is captured."""
 
 from __future__ import annotations
 
