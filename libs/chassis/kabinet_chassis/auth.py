@@ -16,7 +16,8 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from fastapi import Header
+from fastapi import Request
+from fastapi.security import HTTPBearer
 
 from kabinet_chassis.errors import Problem
 from kabinet_chassis.settings import ServiceSettings
@@ -120,15 +121,29 @@ class TokenVerifier:
                           headers={"WWW-Authenticate": "Bearer"})
         return Principal(customer_id=subject, roles=tuple(roles))
 
-    def dependency(self):
+    def dependency(self) -> BearerToken:
         """FastAPI dependency giving the caller's Principal from `Authorization: Bearer …`."""
+        return BearerToken(self)
 
-        def principal(authorization: str | None = Header(default=None)) -> Principal:
-            # RFC 9110 §11.1: the scheme is case-insensitive ("bearer" is "Bearer"); one or more spaces follow it.
-            scheme, _, token = (authorization or "").partition(" ")
-            if scheme.lower() != "bearer":
-                raise Problem(401, "unauthorized", "send an access token: Authorization: Bearer <token>",
-                              headers={"WWW-Authenticate": "Bearer"})
-            return self.verify(token.strip())
 
-        return principal
+class BearerToken(HTTPBearer):
+    """The access token, declared in the OpenAPI document as the bearer scheme (FastAPI's
+    HTTPBearer). Its check is ours: a missing or other header is our 401 `unauthorized`
+    problem, not HTTPBearer's bare error, and "Bearer " with no token an `invalid_token`."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        super().__init__(scheme_name="accessToken", bearerFormat="JWT",
+                         description="An access token from identity (EdDSA-signed JWT, minutes long)."
+                                     " Refused with a 401 problem: `unauthorized` (none sent), `invalid_token`,"
+                                     " `token_expired` (refresh it).")
+        self.verifier = verifier
+
+    # Not async, as HTTPBearer's is: verifying a signature is CPU work, kept off the event loop.
+    def __call__(self, request: Request) -> Principal:
+        authorization = request.headers.get("authorization")
+        # RFC 9110 §11.1: the scheme is case-insensitive ("bearer" is "Bearer"); one or more spaces follow it.
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
+            raise Problem(401, "unauthorized", "send an access token: Authorization: Bearer <token>",
+                          headers={"WWW-Authenticate": "Bearer"})
+        return self.verifier.verify(token.strip())

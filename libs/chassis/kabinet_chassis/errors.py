@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
@@ -59,6 +60,52 @@ class DependencyUnavailable(Problem):
             503, "dependency_unavailable", f"{dependency} is unavailable: {detail}",
             headers={"Retry-After": str(DEPENDENCY_RETRY_AFTER_S)}, dependency=dependency,
         )
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="the field as the request names it: `legs[0].amount_minor`, `until`")
+    message: str
+    type: str = Field(description="what is wrong with it, as a code: `missing`, `extra_forbidden`, `invalid_period`…")
+
+
+class ProblemDocument(BaseModel):
+    """The body of every error answer, as `Problem.body` writes it (RFC 9457), for the OpenAPI
+    documents: the answers themselves are written by `problem_response`."""
+
+    # Some problems carry more members (a 503 `dependency_unavailable` names the `dependency`).
+    model_config = ConfigDict(title="Problem", extra="allow")
+
+    type: str = Field(description="a URI naming the problem: https://kabinet.dev/problems/<code>")
+    title: str
+    status: int = Field(description="the HTTP status of the answer")
+    code: str = Field(description="stable, for programs to act on: `insufficient_funds`, `token_expired`…")
+    detail: str = Field(description="for people to read; its wording may change")
+    instance: str | None = Field(default=None, description="the path of the request answered")
+    errors: list[FieldProblem] | None = Field(default=None, description="with a 422: each field that is wrong")
+
+
+PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"
+# The headers some problems come with: how to authenticate, when to try again.
+_PROBLEM_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`: send an access token", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}},
+}
+
+
+def problem_responses(answers: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=` for the problems it answers: {status: which codes, and when}.
+    The schema they refer to is among `problem_schemas()`, which the document must hold."""
+    return {status: {"description": description,
+                     "content": {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_SCHEMA_REF}}},
+                     **({"headers": _PROBLEM_HEADERS[status]} if status in _PROBLEM_HEADERS else {})}
+            for status, description in answers.items()}
+
+
+def problem_schemas() -> dict[str, dict[str, Any]]:
+    """The OpenAPI components `problem_responses` refer to (FastAPI puts a model given to
+    `responses=` under application/json only, so the routes refer to these by hand)."""
+    problem = ProblemDocument.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {**problem.pop("$defs"), PROBLEM_SCHEMA_REF.rsplit("/", 1)[1]: problem}
 
 
 def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -20,7 +21,7 @@ from faststream.kafka import KafkaBroker
 
 from kabinet_chassis import consumers, idempotency
 from kabinet_chassis.databases import create_pool, ensure_database
-from kabinet_chassis.errors import install_problem_handlers
+from kabinet_chassis.errors import install_problem_handlers, problem_schemas
 from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_chassis.health import Check, broker_check, database_check, health_router
 from kabinet_chassis.kafka import ensure_topics
@@ -148,7 +149,11 @@ class Service:
             async with self.running():
                 yield
 
-        app = FastAPI(title=self.title, lifespan=lifespan)
+        # An operation is known by its route's name (`open_account`, `my_balance`): stable
+        # across changes of path, unlike FastAPI's default built from path and method.
+        app = FastAPI(title=self.title, version=importlib.metadata.version("kabinet"), lifespan=lifespan,
+                      generate_unique_id_function=lambda route: route.name)
+        app.openapi = functools.partial(_openapi_document, app, app.openapi)
         install_problem_handlers(app, self.domain_errors)
         app.include_router(health_router(self.checks, self.watched, self.dead_loops))
         for router in self.routers:
@@ -157,6 +162,24 @@ class Service:
 
         FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*")
         return app
+
+
+def _openapi_document(app: FastAPI, build_document: Callable[[], dict]) -> dict:
+    """FastAPI's document, completed with what it cannot see: the Problem schema the routes'
+    problem responses refer to, and that an Idempotency-Key is required where it is taken
+    (`idempotency_key` refuses a missing one itself, a 400, so FastAPI sees an optional header)."""
+    if app.openapi_schema is None:
+        document = build_document()  # kept by FastAPI as app.openapi_schema
+        document.setdefault("components", {}).setdefault("schemas", {}).update(problem_schemas())
+        for operation in (operation for path in document["paths"].values() for operation in path.values()):
+            for parameter in operation.get("parameters", ()):
+                if parameter["in"] == "header" and parameter["name"] == "Idempotency-Key":
+                    parameter.update(required=True, schema={"type": "string", "minLength": 1,
+                                                            "maxLength": idempotency.MAX_KEY_LENGTH},
+                                     description="The caller's own key for this request: a retry with the same key"
+                                                 " and body gets the first answer (header `Idempotent-Replayed`),"
+                                                 " the same key with another body a 422 `idempotency_key_reused`.")
+    return app.openapi_schema
 
 
 def _loop_name(runner: Callable[[], Awaitable[None]]) -> str:

@@ -16,9 +16,11 @@ from uuid import UUID
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
 from opentelemetry import propagate
+from pydantic import BaseModel
 
 from kabinet_chassis.auth import Principal
-from kabinet_chassis.errors import DependencyUnavailable, Problem
+from kabinet_chassis.errors import DependencyUnavailable, Problem, problem_responses
+from kabinet_contracts import ledger_api
 from kabinet_contracts.ledger import BANK_OWNER_ID
 
 # For the whole answer: httpx's own timeout limits each read, so a ledger sending a byte a
@@ -113,6 +115,36 @@ def passed_on(request: Request) -> tuple[str, list[tuple[str, str]]]:
     return request.headers["authorization"], request.query_params.multi_items()
 
 
+# The problems the customer routes answer (the ledger's refusals of a request are passed on as they are).
+_PROBLEMS = {
+    401: "No valid access token: `unauthorized` (none sent), `invalid_token`, `token_expired` (refresh it).",
+    403: "`not_a_customer`: the token names the bank.",
+    404: "`account_not_found`: no such account, or not the caller's.",
+    422: "`validation_error` (each field in `errors`), `invalid_cursor`, `invalid_period`, `invalid_amount_range`.",
+    503: "`dependency_unavailable`: the ledger did not answer, or refused the customer's token; try again after"
+         " `Retry-After`.",
+}
+
+
+def _documented(summary: str, body: Any, query: type[BaseModel] | None = None, *, lists: bool = False) -> dict:
+    """A route's OpenAPI operation: its success body and problems, and the query parameters it
+    passes on to the ledger, which checks them (declared here, the gateway would check them
+    first and answer before knowing whose the account is)."""
+    problems = {status: text for status, text in _PROBLEMS.items() if not (lists and status == 404)}
+    documented = {"summary": summary, "response_model": None,
+                  "responses": {200: {"model": body}, **problem_responses(problems)}}
+    if query is not None:
+        documented["openapi_extra"] = {"parameters": _query_parameters(query)}
+    return documented
+
+
+def _query_parameters(query: type[BaseModel]) -> list[dict]:
+    schema = query.model_json_schema()
+    return [{"name": name, "in": "query", "required": name in schema.get("required", ()),
+             "description": field.pop("description"), "schema": field}
+            for name, field in schema["properties"].items()]
+
+
 def build_router(ledger: LedgerClient, principal) -> APIRouter:
     router = APIRouter(prefix="/v1/me", tags=["cabinet"], dependencies=[Depends(_not_stored)])
     # A default rather than an Annotated alias: a local alias does not resolve under
@@ -130,9 +162,10 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
             raise Problem(404, "account_not_found", f"no account {account_id}")
         return account
 
-    @router.get("/accounts")
-    async def my_accounts(request: Request, me: Principal = me_dependency) -> dict:
-        """The caller's accounts, a page at a time (the ledger's `cursor` and `limit`)."""
+    @router.get("/accounts", **_documented("My accounts, a page at a time", ledger_api.AccountsPage,
+                                           ledger_api.AccountsQuery, lists=True))
+    async def my_accounts(request: Request, me: Principal = me_dependency):
+        """The caller's accounts, a page at a time (follow `next_cursor` until it is null)."""
         paging = {name: request.query_params[name] for name in ("cursor", "limit") if name in request.query_params}
         found = await ledger.get("/accounts", request.headers["authorization"],
                                  {**paging, "owner_id": me.customer_id})  # a parameter, never a path
@@ -140,22 +173,32 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
                 if isinstance(account, dict) and account.get("owner_id") == me.customer_id]
         return {**found, "accounts": mine}
 
-    @router.get("/accounts/{account_id}")
-    async def my_account(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
+    @router.get("/accounts/{account_id}", **_documented("One of my accounts and its balances", ledger_api.Account))
+    async def my_account(account_id: UUID, request: Request, me: Principal = me_dependency):
         return await own_account(me, account_id, request)
 
-    @router.get("/accounts/{account_id}/balance")
-    async def my_balance(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
+    @router.get("/accounts/{account_id}/balance", **_documented(
+        "My account's balance", ledger_api.Balances | ledger_api.BalanceAt, ledger_api.BalanceQuery))
+    async def my_balance(account_id: UUID, request: Request, me: Principal = me_dependency):
+        """Posted, pending and available now; or, with `at`, the posted balance as it stood just
+        before that instant (what a statement from `at` opens with)."""
         await own_account(me, account_id, request)
         return await ledger.get(f"/accounts/{account_id}/balance", *passed_on(request))
 
-    @router.get("/accounts/{account_id}/history")
-    async def my_history(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
+    @router.get("/accounts/{account_id}/history", **_documented(
+        "My account's history, a page at a time", ledger_api.HistoryPage, ledger_api.HistoryQuery))
+    async def my_history(account_id: UUID, request: Request, me: Principal = me_dependency):
+        """The account's lines, newest first (follow `next_cursor` until it is null). A filtered
+        page reads at most 20,000 entries, so with a rarely matching filter it may hold fewer
+        lines than `limit`, even none, and still have a `next_cursor`."""
         await own_account(me, account_id, request)
         return await ledger.get(f"/accounts/{account_id}/history", *passed_on(request))
 
-    @router.get("/accounts/{account_id}/statement")
-    async def my_statement(account_id: UUID, request: Request, me: Principal = me_dependency) -> dict:
+    @router.get("/accounts/{account_id}/statement", **_documented(
+        "My account's statement for a period, a page at a time", ledger_api.StatementPage, ledger_api.StatementQuery))
+    async def my_statement(account_id: UUID, request: Request, me: Principal = me_dependency):
+        """The period [since, until): balances and totals for the whole period, lines a page at
+        a time (follow `next_cursor` until it is null), every page as the period stood at the first."""
         await own_account(me, account_id, request)
         return await ledger.get(f"/accounts/{account_id}/statement", *passed_on(request))
 

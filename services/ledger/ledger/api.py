@@ -21,8 +21,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 
 from kabinet_chassis.auth import Principal
-from kabinet_chassis.errors import Problem
+from kabinet_chassis.errors import Problem, problem_responses
 from kabinet_chassis.idempotency import callers_scope, idempotency_key, run_once
+from kabinet_contracts import ledger_api
 from kabinet_contracts.ledger import BANK_OWNER_ID
 from kabinet_contracts.roles import LEDGER_POST, LEDGER_READ
 from ledger import projections
@@ -226,6 +227,29 @@ def _result(result: Any) -> dict:
     return result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
 
 
+# The problems each route answers, for its OpenAPI operation (who may call it is in its description).
+_REFUSED_TOKEN = {401: "No valid access token: `unauthorized` (none sent), `invalid_token`, `token_expired`."}
+_TRY_AGAIN = "Try again after `Retry-After`:"
+_POSTER = {**_REFUSED_TOKEN, 403: f"`forbidden`: the token has no role `{LEDGER_POST}`.",
+           503: f"{_TRY_AGAIN} `ledger_busy`, `ledger_unavailable`, `dependency_unavailable`."}
+# The account routes: keyed, and answering the account as the read model then shows it.
+_KEYED = {**_POSTER, 400: "`idempotency_key_required`, `idempotency_key_invalid` (longer than 255 characters).",
+          503: f"{_TRY_AGAIN} `ledger_busy`, `ledger_unavailable`, `read_model_behind`, `dependency_unavailable`."}
+_KEY_REFUSALS = "`request_in_progress` (a request with this Idempotency-Key is still running; try again)"
+_INVALID = "`validation_error` (each field in `errors`)"
+_REUSED = "`idempotency_key_reused` (another body with this key)"
+_READER = {**_REFUSED_TOKEN, 403: "`forbidden`: the token names the bank but has no ledger role.",
+           503: f"{_TRY_AGAIN} `read_model_behind`, `dependency_unavailable`."}
+_NO_ACCOUNT = {404: "`account_not_found`."}
+_ACCOUNT_READ = problem_responses({**_READER, **_NO_ACCOUNT, 422: _INVALID})
+
+
+def _answers(status: int, body: Any, problems: dict) -> dict:
+    """A route's documented answers: its success body (written by the route, so documented
+    rather than a response_model that would rewrite it) and its problems."""
+    return {status: {"model": body}, **problems}
+
+
 def build_router(ledger: Ledger, principal) -> APIRouter:
     """`principal`: the dependency giving the caller's checked token (auth.TokenVerifier)."""
     router = APIRouter(prefix="/ledger/v1", tags=["ledger"])
@@ -244,8 +268,13 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             raise Problem(404, "account_not_found", f"no account {account_id}")
         return found
 
-    @router.post("/accounts", status_code=201, dependencies=posts)
+    @router.post("/accounts", status_code=201, dependencies=posts, summary="Open an account", response_model=None,
+                 responses=_answers(201, ledger_api.Account, problem_responses({
+                     **_KEYED, 409: f"{_KEY_REFUSALS}, `idempotency_conflict` (`account_id` exists with other"
+                                    " attributes).", 422: f"{_INVALID}, `invalid_account`, {_REUSED}."})))
     async def open_account(body: OpenAccountBody, key: Annotated[str, Depends(idempotency_key)], me: Principal = post):
+        """A customer or bank-internal account; without `account_id`, one is derived from the
+        Idempotency-Key, so a retry opens no second account. Needs the role `ledger:post`."""
         kept_scope = await callers_scope(ledger.pool, scope=OPEN_ACCOUNT_SCOPE, caller=me.customer_id, key=key)
 
         async def operation():
@@ -260,15 +289,27 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         return await _run_once(ledger.pool, scope=kept_scope, key=key, body=body.model_dump(mode="json"),
                               operation=operation)
 
-    for action, command_type in (("freeze", commands.FreezeAccount), ("unfreeze", commands.UnfreezeAccount),
-                                 ("close", commands.CloseAccount)):
-        router.add_api_route(f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type, post),
-                             methods=["POST"], name=f"{action}_account", dependencies=posts)
+    for action, command_type, summary, refusals in (
+            ("freeze", commands.FreezeAccount, "Freeze an account: no debits until unfrozen", "`account_closed`"),
+            ("unfreeze", commands.UnfreezeAccount, "Unfreeze an account", "`account_closed`"),
+            ("close", commands.CloseAccount, "Close an account for good",
+             "`account_not_empty` (money or live holds left on it)")):
+        router.add_api_route(
+            f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type, post), methods=["POST"],
+            name=f"{action}_account", dependencies=posts, summary=summary, response_model=None,
+            description=f"{summary}; the account as it then stands. Needs the role `{LEDGER_POST}`.",
+            responses=_answers(200, ledger_api.Account, problem_responses({
+                **_KEYED, **_NO_ACCOUNT, 409: f"{_KEY_REFUSALS}, {refusals}.", 422: f"{_INVALID}, {_REUSED}."})))
 
-    @router.put("/accounts/{account_id}/credit-limit", dependencies=posts)
+    @router.put("/accounts/{account_id}/credit-limit", dependencies=posts, summary="Set an account's credit limit",
+                response_model=None, responses=_answers(200, ledger_api.Account, problem_responses({
+                    **_KEYED, **_NO_ACCOUNT,
+                    409: f"{_KEY_REFUSALS}, `account_closed`, `insufficient_funds` (below what is already used).",
+                    422: f"{_INVALID}, `invalid_account` (a bank-internal account), {_REUSED}."})))
     async def set_credit_limit(account_id: UUID, body: CreditLimitBody, key: Annotated[str, Depends(idempotency_key)],
                                me: Principal = post):
-        """A customer account's credit limit (lending sets it); refused below what is already used."""
+        """A customer account's credit limit (lending sets it); refused below what is already used.
+        Needs the role `ledger:post`."""
         async def operation():
             await ledger.submit(commands.SetCreditLimit(account_id=account_id, credit_limit_minor=body.credit_limit_minor))
             await ledger.read_your_writes()
@@ -279,8 +320,16 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                               body={"account_id": str(account_id), **body.model_dump(mode="json")},
                               operation=operation)
 
-    @router.post("/transfers", status_code=201, dependencies=posts)
-    async def post_transfer(body: TransferBody) -> dict:
+    @router.post("/transfers", status_code=201, dependencies=posts, summary="Post a transfer", response_model=None,
+                 responses=_answers(201, ledger_api.TransferPosted, problem_responses({
+                     **_POSTER, **_NO_ACCOUNT,
+                     409: "`insufficient_funds`, `account_frozen`, `account_closed`, `idempotency_conflict` (this"
+                          " `transfer_id` was posted with another body).",
+                     422: f"{_INVALID}, `unbalanced_transfer`, `currency_mismatch`, `invalid_transfer`."})))
+    async def post_transfer(body: TransferBody):
+        """Two or more legs summing to zero per currency, all posted or none. `transfer_id` is the
+        idempotency key: posted again with the same body, it answers as the first time
+        (`replayed`). Needs the role `ledger:post`."""
         command = commands.PostTransfer(
             transfer_id=body.transfer_id,
             legs=tuple(commands.Leg(leg.account_id, leg.amount_minor, leg.currency) for leg in body.legs),
@@ -289,38 +338,63 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         )
         return _result(await ledger.submit(command))
 
-    @router.post("/holds", status_code=201, dependencies=posts)
-    async def place_hold(body: PlaceHoldBody) -> dict:
+    @router.post("/holds", status_code=201, dependencies=posts, summary="Place a hold", response_model=None,
+                 responses=_answers(201, ledger_api.Hold, problem_responses({
+                     **_POSTER, **_NO_ACCOUNT,
+                     409: "`insufficient_funds`, `account_frozen`, `account_closed`, `idempotency_conflict` (this"
+                          " `hold_id` was placed with another body).",
+                     422: f"{_INVALID}, `currency_mismatch`, `invalid_hold`."})))
+    async def place_hold(body: PlaceHoldBody):
+        """Reserves money on the debit account for the credit account until captured, voided or
+        `expires_at`. `hold_id` is the idempotency key. Needs the role `ledger:post`."""
         command = commands.PlaceHold(
             hold_id=body.hold_id, debit_account_id=body.debit_account_id, credit_account_id=body.credit_account_id,
             amount_minor=body.amount_minor, currency=body.currency, expires_at=body.expires_at, code=body.code,
         )
         return _result(await ledger.submit(command))
 
-    @router.post("/holds/{hold_id}/captures", status_code=201, dependencies=posts)
-    async def capture_hold(hold_id: HoldId, body: CaptureBody) -> dict:
+    @router.post("/holds/{hold_id}/captures", status_code=201, dependencies=posts, summary="Capture a hold",
+                 response_model=None, responses=_answers(201, ledger_api.Hold, problem_responses({
+                     **_POSTER, 404: "`hold_not_found`.",
+                     409: "`hold_not_active`, `capture_exceeds_hold`, `account_closed`, `idempotency_conflict` (this"
+                          " `capture_id` with another amount).",
+                     422: _INVALID})))
+    async def capture_hold(hold_id: HoldId, body: CaptureBody):
+        """Moves all or part of what the hold reserves, once per `capture_id` (the idempotency
+        key); several captures may take up to the held amount. Needs the role `ledger:post`."""
         return _result(await ledger.submit(commands.CaptureHold(hold_id=hold_id, capture_id=body.capture_id,
                                                                 amount_minor=body.amount_minor)))
 
-    @router.post("/holds/{hold_id}/void", dependencies=posts)
-    async def void_hold(hold_id: HoldId) -> dict:
+    @router.post("/holds/{hold_id}/void", dependencies=posts, summary="Void a hold", response_model=None,
+                 responses=_answers(200, ledger_api.Hold, problem_responses({
+                     **_POSTER, 404: "`hold_not_found`.", 409: "`hold_not_active`.", 422: _INVALID})))
+    async def void_hold(hold_id: HoldId):
+        """Releases what the hold still reserves. Needs the role `ledger:post`."""
         return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id)))
 
-    @router.get("/accounts/{account_id}", dependencies=QUERY_AS_DECLARED)
-    async def get_account(account_id: UUID, me: Principal = reads) -> dict:
+    @router.get("/accounts/{account_id}", dependencies=QUERY_AS_DECLARED, summary="An account and its balances",
+                response_model=None, responses=_answers(200, ledger_api.Account, _ACCOUNT_READ))
+    async def get_account(account_id: UUID, me: Principal = reads):
+        """Needs the role `ledger:read` or `ledger:post`, or the owner's own token (another
+        customer's account answers 404, like one that does not exist)."""
         return await visible_account(account_id, me)
 
-    @router.get("/accounts", dependencies=QUERY_AS_DECLARED)
-    async def owner_accounts(
+    @router.get("/accounts", dependencies=QUERY_AS_DECLARED, summary="An owner's accounts, a page at a time",
+                response_model=None, responses=_answers(200, ledger_api.AccountsPage, problem_responses({
+                    **_READER, 403: "`forbidden`: a customer's token names another owner, or the token names the"
+                                    " bank but has no ledger role.",
+                    422: f"{_INVALID}, `invalid_cursor` (not one of this owner's accounts)."})))
+    async def list_accounts(
         # No NUL: PostgreSQL text cannot hold one (a 500, not "no such owner"), so no owner has one.
         owner_id: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[^\x00]+$")],
         cursor: UUID | None = None,
         limit: Annotated[int, Query(ge=1, le=projections.ACCOUNTS_PAGE_SIZE_MAX)] = projections.ACCOUNTS_PAGE_SIZE_MAX,
         me: Principal = reads,
-    ) -> dict:
+    ):
         """An owner's accounts, a page at a time (follow `next_cursor` until it is null). The
         owner is a query parameter, not a path segment: an id with '/' or '..' in it can
-        never reach another route or another owner."""
+        never reach another route or another owner. Needs the role `ledger:read` or
+        `ledger:post`, or the owner's own token."""
         if not _sees_every_account(me) and owner_id != me.customer_id:
             raise Problem(403, "forbidden", "a customer's access token lists only the customer's own accounts")
         try:
@@ -329,10 +403,13 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             raise Problem(422, "invalid_cursor", str(unknown)) from None
         return {"accounts": accounts, "next_cursor": str(next_after) if next_after else None}
 
-    @router.get("/accounts/{account_id}/balance", dependencies=QUERY_AS_DECLARED)
-    async def balance(account_id: UUID, at: BoundaryInstant | None = None, me: Principal = reads) -> dict:
+    @router.get("/accounts/{account_id}/balance", dependencies=QUERY_AS_DECLARED, summary="An account's balance",
+                response_model=None,
+                responses=_answers(200, ledger_api.Balances | ledger_api.BalanceAt, _ACCOUNT_READ))
+    async def get_balance(account_id: UUID, at: BoundaryInstant | None = None, me: Principal = reads):
         """Posted, pending and available now; or, with `at`, the posted balance as it stood
-        just before that instant (what a statement from `at` opens with)."""
+        just before that instant (what a statement from `at` opens with). Needs the role
+        `ledger:read` or `ledger:post`, or the owner's own token."""
         found = await visible_account(account_id, me)
         if at is None:
             return found["balances"]
@@ -340,8 +417,12 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         amount = await projections.balance_at(ledger.pool, account_id, at)
         return {"at": at.isoformat(), "posted": {"amount_minor": amount, "currency": found["currency"]}}
 
-    @router.get("/accounts/{account_id}/history", dependencies=QUERY_AS_DECLARED)
-    async def history(
+    @router.get("/accounts/{account_id}/history", dependencies=QUERY_AS_DECLARED,
+                summary="An account's history, a page at a time", response_model=None,
+                responses=_answers(200, ledger_api.HistoryPage, problem_responses({
+                    **_READER, **_NO_ACCOUNT, 422: f"{_INVALID}, `invalid_period` (`until` not after `since`),"
+                                                  " `invalid_amount_range`."})))
+    async def get_history(
         account_id: UUID,
         since: BoundaryInstant | None = None,
         until: BoundaryInstant | None = None,
@@ -352,8 +433,11 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         cursor: Cursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
         me: Principal = reads,
-    ) -> dict:
-        """The account's lines, newest first; every amount in the account's `currency`."""
+    ):
+        """The account's lines, newest first (follow `next_cursor` until it is null), filtered
+        by period, amount, counterparty and code; every amount in the account's `currency`. A
+        filtered page reads at most 20,000 entries, so it may hold fewer lines than `limit`.
+        Needs the role `ledger:read` or `ledger:post`, or the owner's own token."""
         found = await visible_account(account_id, me)
         # An empty range is a mistake in the request, as for a statement, not an empty history.
         if since is not None and until is not None and until <= since:
@@ -370,17 +454,21 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         return {"account_id": str(account_id), "currency": found["currency"], "lines": lines,
                 "next_cursor": _cursor(next_after)}
 
-    @router.get("/accounts/{account_id}/statement", dependencies=QUERY_AS_DECLARED)
-    async def statement(
+    @router.get("/accounts/{account_id}/statement", dependencies=QUERY_AS_DECLARED,
+                summary="An account's statement for a period, a page at a time", response_model=None,
+                responses=_answers(200, ledger_api.StatementPage, problem_responses({
+                    **_READER, **_NO_ACCOUNT, 422: f"{_INVALID}, `invalid_period` (`until` not after `since`)."})))
+    async def get_statement(
         account_id: UUID,
         since: BoundaryInstant,
         until: BoundaryInstant,
         cursor: StatementCursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.STATEMENT_PAGE_LINES_MAX)] = projections.STATEMENT_PAGE_LINES_MAX,
         me: Principal = reads,
-    ) -> dict:
+    ):
         """The period [since, until): balances and totals for the whole period, lines a page
-        at a time (follow `next_cursor` until it is null), all as of the first page."""
+        at a time (follow `next_cursor` until it is null), all as of the first page. Needs
+        the role `ledger:read` or `ledger:post`, or the owner's own token."""
         found = await visible_account(account_id, me)
         if until <= since:
             raise _invalid_period()
