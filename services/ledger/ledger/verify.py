@@ -15,7 +15,19 @@ Everything is recomputed from the event store and compared with what the ledger 
    amount, running balance, time), every transfer (code, legs, references, customers,
    metadata, posting time) and every hold (accounts, amounts, state, deadline, which the
    expiry sweep acts on, code); and it reached the log's head as verify began;
-7. no customer account is below its credit limit.
+7. no customer account is below its credit limit;
+8. the events keep the order the writer writes them in: each stream's versions one by one
+   along the log, posting times never going back, transfers and holds under the ids their
+   client ids make (a copied or reordered event shows);
+9. holds add up: no capture takes more than is left, a void or expiry releases exactly what
+   is left, nothing follows a finished hold, each capture's transfer moves what its hold says;
+10. the log ends where the ledger last wrote: the posting clock is the newest event's time,
+   and no read model or relay position is past it (the newest event deleted shows).
+
+What no check can see without a keyed hash chain (ARCHITECTURE §6): an event changed or
+deleted together with everything derived from it, when it breaks none of the rules above
+(a plain transfer's amounts on both legs, a whole transfer from the middle of the log, the
+newest with the posting clock and positions put back too).
 
 Memory stays bounded by the number of accounts and holds, not of entries or transfers:
 the events are replayed a page at a time, and each page's entries and transfers are
@@ -40,6 +52,9 @@ import asyncpg
 from kabinet_chassis.eventstore import events_table
 from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger.application import LedgerApplication
+from ledger.domain.hold import Hold
+from ledger.domain.transfer import Transfer
+from ledger.integration import SOURCE
 
 PAGE_SIZE = 5000
 PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
@@ -151,7 +166,13 @@ class _Hold:
     expires_at: datetime
     code: str
     captured_minor: int = 0
+    released_minor: int = 0
     state: str = "active"
+    version: int = 1  # of the hold's own stream, as far as the replay has read it
+
+    @property
+    def left_minor(self) -> int:
+        return self.amount_minor - self.captured_minor - self.released_minor
 
     def as_read_model_shows_it(self) -> tuple:
         """In the order of _HOLD_COLUMNS."""
@@ -194,8 +215,15 @@ class _Replay:
         self.at_read_model: _ReadModelView | None = None
         self.unbalanced = Problems()
         self.broken = Problems()  # events that name what does not exist, or cannot be read
+        self.out_of_order = Problems()  # versions, times and ids that break the order the writer keeps
+        self.holds_off = Problems()  # hold events that contradict each other or their captures' transfers
         self.events_read = 0
+        self.newest: tuple[int, datetime] | None = None  # position and time of the last event replayed
         self._last_position = 0
+        # A capture is two events of one batch (the hold's and its transfer's), in either
+        # order: each waits here for the other, so a few at a time, not one per capture.
+        self._captures_waiting: dict[str, tuple[int, tuple]] = {}  # transfer id: position, the move the hold says
+        self._capture_transfers_waiting: dict[str, tuple[int, tuple]] = {}  # transfer id: position, what it moves
 
     def _view(self) -> _ReadModelView:
         return _ReadModelView(
@@ -239,8 +267,80 @@ class _Replay:
                                " places before it")
         return hold
 
+    def finish(self) -> None:
+        """After the last page: a capture and its transfer that never met."""
+        self.holds_off.extend(
+            f"position {position}: hold {hold_id}'s capture {capture_id} names transfer {transfer_id},"
+            " which the event store does not hold"
+            for transfer_id, (position, (hold_id, capture_id, *_)) in self._captures_waiting.items())
+        self.holds_off.extend(
+            f"position {position}: transfer {transfer_id} says it captures hold {hold_id} (capture {capture_id}),"
+            " which no Hold.Captured records"
+            for transfer_id, (position, (hold_id, capture_id, *_)) in self._capture_transfers_waiting.items())
+
+    def _check_order(self, position: int, kind: str, event: Any) -> None:
+        """The order the writer keeps: ids made from client ids, each stream's versions one
+        by one along the log, batch times that never go back along it."""
+        version = event.originator_version
+        if kind == "Transfer.Posted" or kind.startswith("Hold."):
+            client_id = event.client_transfer_id if kind == "Transfer.Posted" else event.client_hold_id
+            made = Transfer.id_for(client_id) if kind == "Transfer.Posted" else Hold.id_for(client_id)
+            if event.originator_id != made:
+                self.out_of_order.append(f"position {position}: {kind} {client_id} is stored as {event.originator_id},"
+                                         f" not as {made}, the id its client id makes")
+        if kind.startswith("Account.") or (kind.startswith("Hold.") and kind != "Hold.Placed"):
+            stream: _Account | _Hold | None
+            if kind.startswith("Account."):
+                stream = self.accounts.setdefault(event.originator_id, _Account())  # unopened: "events replay" says so
+                named = f"account {event.originator_id}"
+            else:
+                stream = self.holds.get(event.client_hold_id)  # None: unplaced, "events replay" says so
+                named = f"hold {event.client_hold_id} ({event.originator_id})"
+            last = stream.version if stream is not None else 0
+            if version != last + 1:
+                self.out_of_order.append(f"position {position}: {kind} is version {version} of {named},"
+                                         f" after version {last}")
+            if stream is not None:
+                stream.version = max(last, version)  # the stream's head: what the writer rebuilds it at
+        elif version != 1:  # a transfer, a hold's placing or a refusal: the first event of its stream
+            self.out_of_order.append(f"position {position}: {kind} is version {version} of {event.originator_id},"
+                                     " which only a stream's first event may be")
+        if kind == "Transfer.Posted" and event.posted_at != event.timestamp:
+            self.out_of_order.append(f"position {position}: Transfer.Posted {event.client_transfer_id} says it was"
+                                     f" posted at {_shown(event.posted_at)} but is stamped {_shown(event.timestamp)}")
+        if self.newest is not None and event.timestamp < self.newest[1]:
+            what = f"Transfer.Posted {event.client_transfer_id}" if kind == "Transfer.Posted" else kind
+            self.out_of_order.append(
+                f"position {position}: {what} was posted at {_shown(event.timestamp)}, before the event before it"
+                f" (position {self.newest[0]}, {_shown(self.newest[1])})")
+        self.newest = (position, event.timestamp)
+
+    def _capture_met(self, transfer_id: str, position: int, said: tuple, moved: tuple) -> None:
+        """A capture's transfer (at `position`) against its hold's event: the same hold and
+        capture, and two legs moving what the hold says from its debit to its credit account."""
+        hold_id, capture_id, amount_minor, currency, debit, credit = said
+        legs = [{"account_id": str(debit), "amount_minor": -amount_minor, "currency": currency},
+                {"account_id": str(credit), "amount_minor": amount_minor, "currency": currency}]
+        if moved == (hold_id, capture_id, legs):
+            return
+        got = moved[2]
+        shown = (f"{got[1]['amount_minor']} {got[1]['currency']} from {got[0]['account_id']} to {got[1]['account_id']}"
+                 if len(got) == 2 else f"legs {_shown(got)}")
+        self.holds_off.append(
+            f"position {position}: transfer {transfer_id} moves {shown} (for hold {moved[0]}, capture {moved[1]}),"
+            f" but hold {hold_id}'s capture {capture_id} took {amount_minor} {currency} from {debit} to {credit}")
+
+    def _capture_transfer(self, position: int, event: Any) -> None:
+        moved = (event.hold_id, event.capture_id, event.legs)
+        said = self._captures_waiting.pop(event.client_transfer_id, None)
+        if said is None:
+            self._capture_transfers_waiting[event.client_transfer_id] = (position, moved)
+        else:
+            self._capture_met(event.client_transfer_id, position, said[1], moved)
+
     def _apply(self, position: int, event: Any, page: _Page | None) -> None:
         kind = type(event).__qualname__
+        self._check_order(position, kind, event)
         if kind == "Account.Opened":
             account = self.accounts.setdefault(event.originator_id, _Account())
             account.opened = True
@@ -266,22 +366,41 @@ class _Replay:
             credit.incoming_held_minor += event.amount_minor
             self.holds[event.client_hold_id] = _Hold(UUID(event.debit_account_id), UUID(event.credit_account_id),
                                                      event.amount_minor, event.currency, event.expires_at, event.code)
-        elif kind == "Hold.Captured":
+        elif kind in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
             hold = self._hold(event.client_hold_id, position, kind)
             if hold is not None:
-                self.accounts[hold.debit_account_id].held_minor -= event.amount_minor
-                self.accounts[hold.credit_account_id].incoming_held_minor -= event.amount_minor
-                hold.captured_minor += event.amount_minor
-                if hold.captured_minor >= hold.amount_minor:
-                    hold.state = "captured"
-        elif kind in ("Hold.Voided", "Hold.Expired"):
-            hold = self._hold(event.client_hold_id, position, kind)
-            if hold is not None:
-                self.accounts[hold.debit_account_id].held_minor -= event.released_minor
-                self.accounts[hold.credit_account_id].incoming_held_minor -= event.released_minor
-                hold.state = "voided" if kind == "Hold.Voided" else "expired"
-        if kind.startswith("Account."):
-            self.accounts[event.originator_id].version = event.originator_version
+                self._finish_hold(position, kind, event, hold)
+
+    def _finish_hold(self, position: int, kind: str, event: Any, hold: _Hold) -> None:
+        """A capture takes at most what is left, a void or an expiry releases exactly that,
+        and nothing follows once a hold is finished: what the writer checks before it posts."""
+        hold_id, currency = event.client_hold_id, hold.currency
+        capture = kind == "Hold.Captured"
+        minor = event.amount_minor if capture else event.released_minor
+        what = f"capture {event.capture_id}" if capture else {"Hold.Voided": "voided", "Hold.Expired": "expired"}[kind]
+        if hold.state != "active":
+            self.holds_off.append(f"hold {hold_id}: {what} at position {position} after the hold was {hold.state}")
+        elif capture and minor > hold.left_minor:
+            self.holds_off.append(f"hold {hold_id}: {what} at position {position} takes {minor} {currency}"
+                                  f" where {hold.left_minor} {currency} was left")
+        elif not capture and minor != hold.left_minor:
+            self.holds_off.append(f"hold {hold_id}: {what} at position {position} releasing {minor} {currency}"
+                                  f" where {hold.left_minor} {currency} was left")
+        self.accounts[hold.debit_account_id].held_minor -= minor
+        self.accounts[hold.credit_account_id].incoming_held_minor -= minor
+        if capture:
+            hold.captured_minor += minor
+            if hold.captured_minor >= hold.amount_minor:
+                hold.state = "captured"
+            said = (hold_id, event.capture_id, minor, currency, hold.debit_account_id, hold.credit_account_id)
+            waiting = self._capture_transfers_waiting.pop(event.transfer_id, None)
+            if waiting is None:
+                self._captures_waiting[event.transfer_id] = (position, said)
+            else:
+                self._capture_met(event.transfer_id, waiting[0], said, waiting[1])
+        else:
+            hold.released_minor += minor
+            hold.state = "voided" if kind == "Hold.Voided" else "expired"
 
     def _post(self, position: int, event: Any, page: _Page | None) -> None:
         self.transfers += 1
@@ -300,6 +419,8 @@ class _Replay:
                     event.client_transfer_id, event.code, leg["amount_minor"], account.legs_minor, event.posted_at)
         if any(sums.values()):
             self.unbalanced.append(f"transfer {event.client_transfer_id} is off by {dict(sums)}")
+        if event.hold_id is not None:
+            self._capture_transfer(position, event)
         if page is not None:
             # As the projection stores them: legs and metadata through JSON, customers as a list.
             page.transfers[event.client_transfer_id] = (
@@ -399,6 +520,30 @@ async def _wait_for_read_model(connection: asyncpg.Connection, position: int) ->
         await asyncio.sleep(CATCH_UP_POLL_S)
 
 
+def _log_head_problems(newest: tuple[int, datetime] | None, posting_clock: datetime | None, read_model_at: int,
+                       relayed: int | None) -> Problems:
+    """What still remembers the newest event after it is deleted: the time the writer saved
+    with it (every batch stamps its events with the time it saves as the posting clock), and
+    the positions that read models and the relay recorded once they had passed it."""
+    problems = Problems()
+    head = newest[0] if newest is not None else 0
+    if posting_clock is None and newest is not None:
+        problems.append(f"no posting clock is saved, though the log holds events up to position {head}")
+    elif posting_clock is not None and newest is None:
+        problems.append(f"the posting clock says the last batch was posted at {_shown(posting_clock)}, but the log"
+                        " holds no event: its events were removed")
+    elif posting_clock is not None and newest is not None and posting_clock != newest[1]:
+        why = ("events after it are missing, or the clock was set ahead" if posting_clock > newest[1]
+               else "the clock was set back, and the next batch may post before the newest event")
+        problems.append(f"the posting clock says the last batch was posted at {_shown(posting_clock)}, but the"
+                        f" newest event (position {head}) at {_shown(newest[1])}: {why}")
+    for who, at in (("the read model has", read_model_at), ("the outbox relay has", relayed)):
+        if at is not None and at > head:
+            problems.append(f"{who} applied events up to position {at}, past the newest event {head}:"
+                            " events were removed from the end of the log")
+    return problems
+
+
 async def verify(app: LedgerApplication, database_url: str) -> Report:
     import anyio
 
@@ -423,6 +568,10 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
             account_rows = await connection.fetch(f"SELECT account_id, {', '.join(_ACCOUNT_COLUMNS)} FROM ledger_accounts")
             hold_rows = await connection.fetch(f"SELECT hold_id, {', '.join(_HOLD_COLUMNS)} FROM ledger_holds")
             transfers_shown = await connection.fetchval("SELECT count(*) FROM ledger_transfers")
+            posting_clock = await connection.fetchval("SELECT posted_at FROM ledger_posting_clock")
+            relayed = await connection.fetchval(  # a ledger that never ran its relay has no table for it
+                "SELECT max(position) FROM outbox_relay_position WHERE source = $1", SOURCE
+            ) if await connection.fetchval("SELECT to_regclass('outbox_relay_position') IS NOT NULL") else None
 
             replay = _Replay(app, up_to, position)
             compared = _ReadModelComparison(connection, position)
@@ -439,6 +588,7 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
             finally:
                 replaying.cancel()
             await compared.finish()
+            replay.finish()
     finally:
         await connection.close()
     report.events_read = replay.events_read
@@ -447,6 +597,14 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     report.add("events replay", replay.broken,
                "every leg and hold names an opened account in its currency, every hold event a placed hold")
     report.add("transfers balance", replay.unbalanced, "every transfer's legs sum to zero per currency")
+    report.add("event order", replay.out_of_order,
+               "each stream's versions follow the log one by one, posting times never go back, transfers and holds"
+               " stored under the ids their client ids make")
+    report.add("holds add up", replay.holds_off,
+               f"{len(replay.holds)} holds: no capture takes more than is left, every void and expiry releases what"
+               " is left, every capture's transfer moves what its hold says")
+    report.add("log head", _log_head_problems(replay.newest, posting_clock, position, relayed),
+               f"the posting clock is the newest event's time (position {up_to}), and no position recorded is past it")
 
     totals: dict[str, int] = defaultdict(int)
     for account in accounts.values():

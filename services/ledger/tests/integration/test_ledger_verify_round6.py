@@ -1,0 +1,291 @@
+"""`kabinet ledger verify` holds the event store to the rules it was written by.
+
+A forger with the database's password can change, delete or reorder events, then make
+everything derived from them agree: the read model rebuilt from the changed events, the
+saved balances recomputed, the read model's position moved (`cover_up`). What is left to
+catch him is what the events themselves promise: a capture moves what its hold says, a
+finished hold holds nothing, a stream's versions follow the log one by one, posting times
+never go back, and the posting clock is the time of the newest event. Each rule below
+tampers in one of these ways and expects a failed check naming what and where.
+
+What no rule can catch without a keyed hash chain (ARCHITECTURE §6, not here): a plain
+transfer's amounts changed on both sides, a whole transfer deleted from the middle, or the
+newest deleted with the posting clock put back too."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from kabinet_chassis.eventstore import events_table
+from ledger.domain import commands as c
+from ledger.domain.hold import Hold
+from ledger.domain.transfer import Transfer
+from ledger.projections import apply_page
+from ledger.verify import verify
+from services.ledger.tests.integration.ledger_support import funded_card
+
+pytestmark = pytest.mark.integration
+
+EVENTS_AT_MOST = 10_000  # what a test's ledger holds: the forger reads it all at once
+
+
+async def failed_checks(ledger) -> dict[str, str]:
+    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    return {check.name: check.detail for check in report.checks if not check.ok}
+
+
+async def settled(ledger) -> None:
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    assert await failed_checks(ledger) == {}
+
+
+# ---- the forger ------------------------------------------------------------------------------
+
+
+async def rewrite_event(ledger, originator_id, version, change) -> None:
+    """Rewrite one stored event's JSON state in place: `change(state)` edits the dict."""
+    table = events_table(ledger.parts.app.recorder)
+    state = await ledger.parts.pool.fetchval(
+        f"SELECT state FROM {table} WHERE originator_id = $1 AND originator_version = $2", originator_id, version)
+    state = json.loads(state)
+    change(state)
+    await ledger.parts.pool.execute(
+        f"UPDATE {table} SET state = $3 WHERE originator_id = $1 AND originator_version = $2",
+        originator_id, version, json.dumps(state).encode())
+
+
+async def delete_event(ledger, originator_id, version) -> None:
+    table = events_table(ledger.parts.app.recorder)
+    await ledger.parts.pool.execute(f"DELETE FROM {table} WHERE originator_id = $1 AND originator_version = $2",
+                                    originator_id, version)
+
+
+def at(state_time: dict) -> datetime:
+    return datetime.fromisoformat(state_time["_data_"])
+
+
+def moved(state_time: dict, by: timedelta) -> dict:
+    return {**state_time, "_data_": (at(state_time) + by).isoformat()}
+
+
+async def cover_up(ledger) -> None:
+    """Make everything derived agree with the events as they now stand: the read model
+    rebuilt from them, its position at their head, the saved balances their sums."""
+    app, pool = ledger.parts.app, ledger.parts.pool
+    notifications = app.recorder.select_notifications(start=0, limit=EVENTS_AT_MOST)
+    assert len(notifications) < EVENTS_AT_MOST
+    page = [(notification.id, app.mapper.to_domain_event(notification)) for notification in notifications]
+    posted, held, incoming = defaultdict(int), defaultdict(int), defaultdict(int)
+    holds = {}
+    for _, event in page:
+        kind = type(event).__qualname__
+        if kind == "Transfer.Posted":
+            for leg in event.legs:
+                posted[uuid.UUID(leg["account_id"])] += leg["amount_minor"]
+        elif kind == "Hold.Placed":
+            holds[event.client_hold_id] = (uuid.UUID(event.debit_account_id), uuid.UUID(event.credit_account_id))
+            debit, credit = holds[event.client_hold_id]
+            held[debit] += event.amount_minor
+            incoming[credit] += event.amount_minor
+        elif kind in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
+            debit, credit = holds[event.client_hold_id]
+            minor = event.amount_minor if kind == "Hold.Captured" else event.released_minor
+            held[debit] -= minor
+            incoming[credit] -= minor
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("TRUNCATE ledger_accounts, ledger_entries, ledger_transfers, ledger_holds")
+        await apply_page(connection, page)
+        await connection.execute("UPDATE projection_position SET position = $1 WHERE projection = 'ledger_read_model'",
+                                 page[-1][0])
+        await connection.execute("UPDATE ledger_balances SET posted_minor = 0, held_minor = 0, incoming_held_minor = 0")
+        for account_id in {*posted, *held, *incoming}:
+            await connection.execute(
+                "UPDATE ledger_balances SET posted_minor = $2, held_minor = $3, incoming_held_minor = $4"
+                " WHERE account_id = $1", account_id, posted[account_id], held[account_id], incoming[account_id])
+
+
+# ---- the rules -------------------------------------------------------------------------------
+
+
+async def test_the_forgers_cover_up_alone_leaves_the_books_verified(ledger):
+    # The rules below fail only for what the forger changed, not for his tools.
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await settled(ledger)
+    await cover_up(ledger)
+    assert await failed_checks(ledger) == {}
+
+
+async def test_a_capture_moves_exactly_what_its_hold_says_was_captured(ledger):
+    # The capture's transfer rewritten on both legs (the trial balance still holds): the
+    # card pays the shop 250 where the hold's events say 100 was captured.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
+                                    "card_purchase"))
+    await writer.submit(c.CaptureHold("auth", "c1", 100))
+    await settled(ledger)
+
+    def inflate(state):
+        for leg in state["legs"]:
+            leg["amount_minor"] = 250 if leg["amount_minor"] > 0 else -250
+    await rewrite_event(ledger, Transfer.id_for("auth:capture:c1"), 1, inflate)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["holds add up"]
+    assert f"transfer auth:capture:c1 moves 250 RUB from {card} to {settlement}" in failed["holds add up"]
+    assert f"hold auth's capture c1 took 100 RUB from {card} to {settlement}" in failed["holds add up"]
+
+
+async def voided_hold(ledger):
+    """Alice's card funded with 1,000; hold 'auth' of 300 to the settlement account,
+    100 captured, the rest voided; verify passes."""
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
+                                    "card_purchase"))
+    await writer.submit(c.CaptureHold("auth", "c1", 100))
+    await writer.submit(c.VoidHold("auth"))
+    await settled(ledger)
+    return settlement, card
+
+
+async def test_a_voided_hold_releases_all_it_had_left(ledger):
+    # The hold's amount raised after the fact: a voided hold that still reserves 200 of Alice's money.
+    await voided_hold(ledger)
+    await rewrite_event(ledger, Hold.id_for("auth"), 1, lambda state: state.update(amount_minor=500))
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["holds add up"]
+    assert "hold auth: voided at position" in failed["holds add up"]
+    assert "releasing 200 RUB where 400 RUB was left" in failed["holds add up"]
+
+
+async def test_a_capture_never_takes_more_than_its_hold_has_left(ledger):
+    await voided_hold(ledger)
+    await rewrite_event(ledger, Hold.id_for("auth"), 1, lambda state: state.update(amount_minor=50))
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert "holds add up" in failed
+    assert "capture c1 at position" in failed["holds add up"] and "takes 100 RUB where 50 RUB was left" \
+        in failed["holds add up"]
+
+
+async def test_a_streams_versions_follow_the_log_one_by_one_so_a_deleted_capture_shows(ledger):
+    # Hold 'auth' of 300 captured in two parts; the first capture (its event and its
+    # transfer) deleted: the hold now looks live with 100 left, and everything derived agrees.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
+                                    "card_purchase"))
+    await writer.submit(c.CaptureHold("auth", "c1", 100))
+    await writer.submit(c.CaptureHold("auth", "c2", 200))
+    await settled(ledger)
+    await delete_event(ledger, Hold.id_for("auth"), 2)
+    await delete_event(ledger, Transfer.id_for("auth:capture:c1"), 1)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["event order"]
+    assert f"Hold.Captured is version 3 of hold auth ({Hold.id_for('auth')}), after version 1" in failed["event order"]
+
+
+async def test_an_accounts_events_reordered_are_found_and_the_account_rebuilt_as_it_stands(ledger):
+    # Frozen (version 2) and Unfrozen (version 3) swapped: the read model, replayed in log
+    # order, shows the card open, while the writer rebuilds it frozen.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.FreezeAccount(card))
+    await writer.submit(c.UnfreezeAccount(card))
+    await settled(ledger)
+    table = events_table(ledger.parts.app.recorder)
+    for version_from, version_to in ((2, 99), (3, 2), (99, 3)):
+        await ledger.parts.pool.execute(
+            f"UPDATE {table} SET originator_version = $3 WHERE originator_id = $1 AND originator_version = $2",
+            card, version_from, version_to)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert f"Account.Unfrozen is version 2 of account {card}, after version 3" in failed["event order"]
+    assert f"account {card}: rebuilt frozen/0, events say open/0" in failed["aggregates rebuild"]
+
+
+async def test_a_transfer_copied_under_another_id_is_posted_twice_and_found(ledger):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await settled(ledger)
+    table = events_table(ledger.parts.app.recorder)
+    forged = uuid.uuid4()
+    await ledger.parts.pool.execute(
+        f"INSERT INTO {table} (originator_id, originator_version, topic, state)"
+        f" SELECT $2, 1, topic, state FROM {table} WHERE originator_id = $1", Transfer.id_for(f"fund-{card}"), forged)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert f"Transfer.Posted fund-{card} is stored as {forged}, not as {Transfer.id_for(f'fund-{card}')}" \
+        in failed["event order"]
+
+
+async def three_transfers(ledger):
+    """Alice's card funded, then two spends ('spend-a', 'spend-b'), each its own batch."""
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    for transfer_id in ("spend-a", "spend-b"):
+        await writer.submit(c.PostTransfer(transfer_id, (c.Leg(card, -100, "RUB"), c.Leg(settlement, 100, "RUB")),
+                                           "card_purchase"))
+    await settled(ledger)
+    return settlement, card
+
+
+async def test_posting_times_never_go_back_along_the_log(ledger):
+    # spend-a dated a day back, in its event and everywhere derived: statements would show
+    # it a day before the funding it spent.
+    await three_transfers(ledger)
+
+    def backdate(state):
+        state["timestamp"] = moved(state["timestamp"], -timedelta(days=1))
+        state["posted_at"] = moved(state["posted_at"], -timedelta(days=1))
+    await rewrite_event(ledger, Transfer.id_for("spend-a"), 1, backdate)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["event order"]
+    assert "Transfer.Posted spend-a was posted at" in failed["event order"]
+    assert "before the event before it" in failed["event order"]
+
+
+async def test_the_newest_event_deleted_is_found_by_the_posting_clock(ledger):
+    await three_transfers(ledger)
+    await delete_event(ledger, Transfer.id_for("spend-b"), 1)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["log head"]
+    assert "the posting clock says the last batch was posted at" in failed["log head"]
+
+
+@pytest.mark.parametrize("change", ["- interval '1 hour'", "+ interval '1 second'"])
+async def test_the_posting_clock_is_the_time_of_the_newest_event(ledger, change):
+    # Set back, the next batch would post before the newest event; set ahead, it hides a deleted one.
+    await three_transfers(ledger)
+    await ledger.parts.pool.execute(f"UPDATE ledger_posting_clock SET posted_at = posted_at {change}")
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["log head"]
+    assert "the posting clock says the last batch was posted at" in failed["log head"]
+
+
+async def test_positions_recorded_past_the_newest_event_show_it_was_deleted(ledger):
+    # The forger deleted the newest event and put the posting clock back, but the read model
+    # and the outbox relay had already reached it.
+    await three_transfers(ledger)
+    table = events_table(ledger.parts.app.recorder)
+    head = await ledger.parts.pool.fetchval(f"SELECT max(notification_id) FROM {table}")
+    await delete_event(ledger, Transfer.id_for("spend-a"), 1)  # spend-a, not the newest: the clock stays right
+    await ledger.parts.pool.execute(f"UPDATE {table} SET notification_id = $1 WHERE notification_id = $2",
+                                    head + 5, head)
+    await cover_up(ledger)
+    await ledger.parts.pool.execute("UPDATE projection_position SET position = $1 WHERE projection = 'ledger_read_model'",
+                                    head + 7)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["log head"]
+    assert f"the read model has applied events up to position {head + 7}, past the newest event {head + 5}" \
+        in failed["log head"]
