@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
+import asyncpg
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
@@ -24,31 +27,56 @@ def ledger_settings() -> ServiceSettings:
                            kafka_bootstrap_servers=stack.settings.kafka_bootstrap_servers or "unused:9092")
 
 
+# The database answered, but not as a ledger's the auditor may read: a wrong database or
+# role, or one without the grants. No verdict on the books either (exit 2, not 1).
+DATABASE_UNREADABLE_ERRORS = (
+    asyncpg.InvalidCatalogNameError,  # no such database
+    asyncpg.InvalidAuthorizationSpecificationError,  # no such role, a wrong password
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.UndefinedTableError,  # not (yet) a ledger's database
+    asyncpg.UndefinedColumnError,
+)
+
+
 @app.command()
-def verify() -> None:
-    """Trial balance, balances against legs, projections against the event store."""
+def verify(
+    as_json: bool = typer.Option(False, "--json", help="The verdict as one JSON object, for auditors' tools."),
+) -> None:
+    """Trial balance, balances against legs, projections against the event store, the
+    events against the writer's rules. Exit 0: every check passed; 1: a check failed; 2:
+    the database could not be read."""
     from ledger.application import LedgerApplication
     from ledger.verify import verify as run_verify
 
     settings = ledger_settings()
+    errors = Console(stderr=True)  # progress and errors on stderr: stdout is the report alone
     try:
         ledger_app = LedgerApplication(env=event_store_env(settings))
         try:
-            with console.status("reading the event store…"):
+            with errors.status("reading the event store…"):
                 report = asyncio.run(run_verify(ledger_app, settings.service_database_url))
         finally:
             ledger_app.close()
     except DATABASE_DOWN_ERRORS as error:
         # Not a verdict on the books (exit 1 means a check failed): the books were not read.
-        Console(stderr=True).print(
+        errors.print(
             f"[red]error:[/red] cannot reach the ledger's database ({type(error).__name__}); is the bank"
             " (`make run`) or its stack (`kabinet stack up`) running, or KABINET_DATABASE_URL set?", soft_wrap=True)
         raise typer.Exit(2) from None
-    table = Table(title=f"ledger verify — {report.events_read} events")
-    table.add_column("check")
-    table.add_column("result")
-    table.add_column("detail", overflow="fold")
-    for check in report.checks:
-        table.add_row(check.name, "[green]ok[/green]" if check.ok else "[red]FAILED[/red]", check.detail)
-    console.print(table)
+    except DATABASE_UNREADABLE_ERRORS as error:
+        errors.print(f"[red]error:[/red] cannot read the ledger's database ({type(error).__name__}:"
+                     f" {escape(str(error))}); is KABINET_DATABASE_URL the ledger's, and may its role read every"
+                     " table?", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report.as_json()))
+    else:
+        table = Table(title=f"ledger verify — {report.events_read} events")
+        table.add_column("check")
+        table.add_column("result")
+        table.add_column("detail", overflow="fold")
+        for check in report.checks:
+            result = "[green]ok[/green]" if check.ok else f"[red]FAILED[/red] ({check.problems_count})"
+            table.add_row(check.name, result, escape(check.detail))
+        console.print(table)
     raise typer.Exit(0 if report.ok else 1)

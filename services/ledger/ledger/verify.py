@@ -68,7 +68,9 @@ VALUE_SHOWN_MAX = 200  # characters of one value in a problem line
 class Check:
     name: str
     ok: bool
-    detail: str
+    detail: str  # what passed, or the problems shown one a line and how many more
+    problems: list[str] = field(default_factory=list)  # the first PROBLEMS_SHOWN
+    problems_count: int = 0
 
 
 class Problems:
@@ -114,8 +116,16 @@ class Report:
         if not isinstance(problems, Problems):
             problems = Problems(problems)
         more = problems.count - len(problems.shown)
-        shown = "; ".join(problems.shown) + (f" (+{more} more)" if more else "")
-        self.checks.append(Check(name, not problems.count, shown if problems.count else passed))
+        shown = "\n".join(problems.shown) + (f" (+{more} more)" if more else "")
+        self.checks.append(Check(name, not problems.count, shown if problems.count else passed, problems.shown,
+                                 problems.count))
+
+    def as_json(self) -> dict[str, Any]:
+        """For auditors' tools: the verdict, and each check with its problems (the first
+        PROBLEMS_SHOWN of them, and how many there are)."""
+        return {"ok": self.ok, "events_read": self.events_read, "checks": [
+            {"name": check.name, "ok": check.ok, "detail": None if check.problems_count else check.detail,
+             "problems_count": check.problems_count, "problems": check.problems} for check in self.checks]}
 
 
 def _shown(value: Any) -> str:
@@ -536,7 +546,7 @@ def _log_head_problems(newest: tuple[int, datetime] | None, posting_clock: datet
         why = ("events after it are missing, or the clock was set ahead" if posting_clock > newest[1]
                else "the clock was set back, and the next batch may post before the newest event")
         problems.append(f"the posting clock says the last batch was posted at {_shown(posting_clock)}, but the"
-                        f" newest event (position {head}) at {_shown(newest[1])}: {why}")
+                        f" newest event (position {head}) was posted at {_shown(newest[1])}: {why}")
     for who, at in (("the read model has", read_model_at), ("the outbox relay has", relayed)):
         if at is not None and at > head:
             problems.append(f"{who} applied events up to position {at}, past the newest event {head}:"
@@ -617,7 +627,10 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
                     for aid in balances.keys() - accounts.keys())
     problems.extend(
         f"account {aid}: saved balance {'/'.join(map(str, balances[aid]))} (posted/held/incoming held),"
-        f" legs and holds say {a.legs_minor}/{a.held_minor}/{a.incoming_held_minor}"
+        f" legs and holds say {a.legs_minor}/{a.held_minor}/{a.incoming_held_minor} ({a.currency} minor units; "
+        + ", ".join(f"{what} off by {saved - said}" for what, saved, said in zip(
+            ("posted", "held", "incoming held"), balances[aid], (a.legs_minor, a.held_minor, a.incoming_held_minor),
+            strict=True) if saved != said) + ")"
         for aid, a in accounts.items()
         if aid in balances and balances[aid] != (a.legs_minor, a.held_minor, a.incoming_held_minor)
     )

@@ -19,9 +19,13 @@ import uuid
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from kabinet_chassis.eventstore import events_table
+from ledger import cli
 from ledger.domain import commands as c
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
@@ -289,3 +293,53 @@ async def test_positions_recorded_past_the_newest_event_show_it_was_deleted(ledg
     assert list(failed) == ["log head"]
     assert f"the read model has applied events up to position {head + 7}, past the newest event {head + 5}" \
         in failed["log head"]
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+
+async def run_cli(ledger, monkeypatch, *args: str):
+    """`kabinet ledger verify [args]` on this ledger's database (in a thread: it runs its own event loop)."""
+    monkeypatch.setattr("ledger.cli.ledger_settings", lambda: ledger.settings)
+    kabinet = typer.Typer()
+    kabinet.add_typer(cli.app, name="ledger")  # as the `kabinet.cli` entry point registers it
+    return await anyio.to_thread.run_sync(lambda: CliRunner().invoke(kabinet, ["ledger", "verify", *args]))
+
+
+async def test_an_auditors_tool_reads_the_verdict_as_json_with_every_check_and_its_problems(ledger, monkeypatch):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await settled(ledger)
+    result = await run_cli(ledger, monkeypatch, "--json")
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["ok"] is True and verdict["events_read"] == 3
+    assert {check["name"] for check in verdict["checks"]} >= {"trial balance", "log head", "read model equals event store"}
+    assert all(check["ok"] and check["problems_count"] == 0 for check in verdict["checks"])
+
+    await ledger.parts.pool.execute("UPDATE ledger_balances SET posted_minor = posted_minor + 5 WHERE account_id = $1", card)
+    result = await run_cli(ledger, monkeypatch, "--json")
+    assert result.exit_code == 1, result.output
+    failed = [check for check in json.loads(result.stdout)["checks"] if not check["ok"]]
+    assert [check["name"] for check in failed] == ["balances equal legs and holds"]
+    assert failed[0]["problems_count"] == 1 and str(card) in failed[0]["problems"][0]
+
+
+async def test_a_wrong_balance_says_by_how_much_and_in_what_currency(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await settled(ledger)
+    await ledger.parts.pool.execute("UPDATE ledger_balances SET posted_minor = posted_minor + 5 WHERE account_id = $1", card)
+    failed = await failed_checks(ledger)
+    assert f"account {card}: saved balance 1005/0/0 (posted/held/incoming held), legs and holds say 1000/0/0" \
+           " (RUB minor units; posted off by 5)" in failed["balances equal legs and holds"]
+
+
+async def test_a_database_verify_cannot_read_gives_no_verdict_exit_2_in_one_line(ledger, monkeypatch):
+    # A wrong database, or an auditor's role without the grants: nothing was checked, so not exit 1.
+    await settled(ledger)
+    await ledger.parts.pool.execute("ALTER TABLE ledger_entries RENAME TO ledger_entries_away")
+    try:
+        result = await run_cli(ledger, monkeypatch)
+    finally:
+        await ledger.parts.pool.execute("ALTER TABLE ledger_entries_away RENAME TO ledger_entries")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "cannot read the ledger's database" in result.output and "ledger_entries" in result.output
