@@ -52,6 +52,9 @@ BACKOFF_MAX_S = 5.0
 PROJECTION_FAILED_ROUNDS_MAX = 5
 # ... or this long without progress and without an error (a hang).
 PROJECTION_STALL_MAX_S = 60.0
+# While nothing new comes, how often it asks whether the database still has its position: a
+# server that crashed may have lost its last pages (committed without waiting for the flush).
+STORED_POSITION_CHECK_S = 1.0
 ERROR_TEXT_MAX_CHARS = 200
 
 
@@ -91,6 +94,7 @@ class LocalProjection:
         self._advanced = asyncio.Event()
         self._new_events = asyncio.Event()
         self._handed_over: deque[Sequence[tuple[int, Any]]] = deque(maxlen=HANDED_OVER_PAGES_MAX)
+        self._stored_position_checked_at = time.monotonic()
 
     def notify(self, committed: Sequence[tuple[int, Any]] = ()) -> None:
         """The writer committed new events: catch up now instead of at the next poll.
@@ -155,7 +159,7 @@ class LocalProjection:
                 lambda: self.recorder.select_notifications(start=self.position, limit=self.page_size, inclusive_of_start=False)
             )
             if not notifications:
-                return False
+                return await self._stored_position_went_back()
             page = [(n.id, self.mapper.to_domain_event(n)) for n in notifications]
         async with self.pool.acquire() as connection, connection.transaction():
             # A read model is derived data: if the server crashes before this commit
@@ -169,10 +173,7 @@ class LocalProjection:
                 # The server restarted and lost pages we committed without waiting for the
                 # flush: their rows and the position went back together. Start again from
                 # what it kept (this page would leave a hole), reading the log.
-                log.warning("projection %s: the database is back at %d, not %d; replaying from there",
-                            self.name, stored, self.position)
-                self.position = stored
-                self._handed_over.clear()
+                self._go_back_to(stored)
                 return True
             unapplied = [(position, event) for position, event in page if position > stored]
             if unapplied:
@@ -183,6 +184,26 @@ class LocalProjection:
         self.position = page[-1][0]
         self._advanced.set()
         return True
+
+    async def _stored_position_went_back(self) -> bool:
+        """Nothing new in the log: every STORED_POSITION_CHECK_S, whether the database lost pages
+        this projection applied (a crash before their flush). Waiting for the next event to find
+        out left the last ones missing from the read model, and verify failing, for as long as the
+        ledger was quiet. True when it went back (there is work to do again)."""
+        if time.monotonic() - self._stored_position_checked_at < STORED_POSITION_CHECK_S:
+            return False
+        stored = await self.pool.fetchval("SELECT position FROM projection_position WHERE projection = $1", self.name)
+        self._stored_position_checked_at = time.monotonic()
+        if stored is None or stored >= self.position:
+            return False
+        self._go_back_to(stored)
+        return True
+
+    def _go_back_to(self, stored: int) -> None:
+        log.warning("projection %s: the database is back at %d, not %d; replaying from there", self.name, stored,
+                    self.position)
+        self.position = stored
+        self._handed_over.clear()
 
     def _next_handed_over_page(self) -> list[tuple[int, Any]] | None:
         """The writer's pages joined up to page_size, if they follow on without a gap."""
