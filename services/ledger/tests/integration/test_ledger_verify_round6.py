@@ -14,6 +14,7 @@ newest deleted with the posting clock put back too."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections import defaultdict
@@ -343,3 +344,34 @@ async def test_a_database_verify_cannot_read_gives_no_verdict_exit_2_in_one_line
         await ledger.parts.pool.execute("ALTER TABLE ledger_entries_away RENAME TO ledger_entries")
     assert result.exit_code == 2, (result.output, result.exception)
     assert "cannot read the ledger's database" in result.output and "ledger_entries" in result.output
+
+
+async def test_verify_passes_while_holds_are_placed_captured_and_voided_under_it(ledger, monkeypatch):
+    # The rules on holds, captures and the log's head read one snapshot: a ledger that keeps
+    # writing, across many small pages, raises no false alarm.
+    monkeypatch.setattr("ledger.verify.PAGE_SIZE", 7)
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000_000)
+    stop = asyncio.Event()
+    soon = datetime.now(UTC) + timedelta(hours=1)
+
+    async def keep_writing() -> int:
+        for number in range(100_000):  # bounded; stopped long before
+            if stop.is_set():
+                return number
+            hold_id = f"auth-{number}"
+            await writer.submit(c.PlaceHold(hold_id, card, settlement, 30, "RUB", soon, "card_purchase"))
+            await asyncio.gather(writer.submit(c.CaptureHold(hold_id, "c1", 10)),
+                                 writer.submit(c.PostTransfer(f"p2p-{number}", (c.Leg(card, -1, "RUB"),
+                                                                                c.Leg(settlement, 1, "RUB")), "p2p")))
+            await writer.submit(c.CaptureHold(hold_id, "c2", 20) if number % 2 else c.VoidHold(hold_id))
+        return -1
+
+    traffic = asyncio.create_task(keep_writing())
+    try:
+        reports = [await verify(ledger.parts.app, ledger.settings.service_database_url) for _ in range(3)]
+    finally:
+        stop.set()
+    assert await traffic > 3  # the ledger really was writing while verify ran
+    for report in reports:
+        assert report.ok, [(check.name, check.detail) for check in report.checks if not check.ok]
