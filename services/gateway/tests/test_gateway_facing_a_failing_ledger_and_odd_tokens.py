@@ -18,8 +18,6 @@ from gateway import routes
 from gateway.service import GatewaySettings, build
 from kabinet_chassis.auth import AUDIENCE, ISSUER, TokenVerifier, dev_signing_key, issue_access_token, public_pem
 from kabinet_chassis.errors import Problem
-from ledger.service import build as build_ledger
-from tests.support.tokens import ledger_poster
 
 pytestmark = pytest.mark.integration
 
@@ -132,24 +130,6 @@ async def test_the_gateway_reads_no_more_of_a_ledger_answer_than_the_largest_the
     assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable", answer.text
     # What the gateway read, plus what the two sockets' buffers hold between the ledger and it.
     assert ledger.sent_bytes < ledger.answer_bytes / 2, f"the gateway took in {ledger.sent_bytes} bytes"
-
-
-@pytest.fixture
-async def bank(stack, unique_name, tmp_path):
-    """The gateway in front of a real ledger; `bank.ledger` asks the ledger directly (as the bank's services do)."""
-    ledger_service, _ = build_ledger(stack.service_settings(f"ledger_{unique_name}", data_dir=tmp_path))  # the gateway's key
-    async with ledger_service.running():
-        ledger_transport = httpx.ASGITransport(app=ledger_service.http_app())
-        gateway = build(gateway_settings(stack, tmp_path, "http://ledger"), ledger_transport=ledger_transport)
-        async with (
-            gateway.running(),
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.http_app()), base_url="http://gw") as client,
-            httpx.AsyncClient(transport=ledger_transport, base_url="http://ledger/ledger/v1",
-                              headers=ledger_poster(tmp_path)) as ledger,
-        ):
-            client.ledger = ledger
-            client.key = dev_signing_key(tmp_path)
-            yield client
 
 
 async def open_card(bank, owner: str) -> str:
