@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from kabinet_chassis import idempotency
-from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_DOWN_ERRORS
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 from ledger.service import build
 from tests.support.tokens import ledger_poster
@@ -70,3 +70,45 @@ async def test_a_write_while_the_database_hangs_answers_503_in_bounded_time_and_
             assert retried.status_code == 201, retried.text
             listed = (await client.get("/accounts", params={"owner_id": "c-hung"})).json()["accounts"]
             assert [account["account_id"] for account in listed] == [retried.json()["account_id"]]
+
+
+async def test_verify_against_a_database_that_hangs_gives_up_in_bounded_time_instead_of_waiting_for_ever(
+        unique_name, monkeypatch):
+    # An auditor's run (or a cron job) must end: a hung database is "could not read" (exit 2
+    # from the CLI), never a verify that waits for ever.
+    from kabinet_chassis.eventstore import event_store_env
+    from ledger import verify as verify_module
+    from ledger.application import LedgerApplication
+
+    monkeypatch.delenv("KABINET_DATABASE_URL", raising=False)  # a server of our own, to stop and resume
+    monkeypatch.setattr(verify_module, "VERIFY_STATEMENT_TIMEOUT_S", 2.0)
+    with EphemeralStack(prefix="kabinet-hung-verify-") as own:
+        settings = own.service_settings(f"ledger_{unique_name}")
+        service, _ = build(settings)
+        async with service.running():
+            pass  # made its database and tables
+        app = LedgerApplication(env=event_store_env(settings))
+        stopped: list[psutil.Process] = []
+        read_model_wait = verify_module._wait_for_read_model
+
+        async def database_hangs_once_connected(connection, position):
+            stopped.extend(server_processes(own))  # verify's own backends included: forked as it connected
+            for process in stopped:
+                process.send_signal(signal.SIGSTOP)
+            await read_model_wait(connection, position)
+
+        monkeypatch.setattr(verify_module, "_wait_for_read_model", database_hangs_once_connected)
+        try:
+            started = time.monotonic()
+            # Not wait_for: cancelling a verify stuck on the hung server would wait on it as well.
+            verifying = asyncio.ensure_future(verify_module.verify(app, settings.service_database_url))
+            done, _ = await asyncio.wait({verifying}, timeout=60)
+            gave_up_after_s = time.monotonic() - started
+            assert done, "verify was still waiting on the hung database after 60 s"
+            with pytest.raises(DATABASE_DOWN_ERRORS):
+                verifying.result()
+        finally:
+            for process in stopped:
+                process.send_signal(signal.SIGCONT)
+            app.close()
+    assert gave_up_after_s < 30, f"verify gave up only after {gave_up_after_s:.0f} s"

@@ -60,6 +60,10 @@ PAGE_SIZE = 5000
 PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
 CATCH_UP_WAIT_S = 30.0  # how long the read model may take to reach the head verify began at
 CATCH_UP_POLL_S = 0.05
+# The most one statement may take: far above the largest (a whole table of balances or
+# accounts read at once), so that only a database that hangs runs into it; verify then
+# ends as "could not read" instead of waiting for ever.
+VERIFY_STATEMENT_TIMEOUT_S = 600.0
 PROBLEMS_SHOWN = 10
 VALUE_SHOWN_MAX = 200  # characters of one value in a problem line
 
@@ -562,7 +566,7 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     # commit with their events, and the read model is compared at its own position, so a
     # ledger that keeps writing still verifies. The snapshot stays open while the events
     # are replayed: entries and transfers are compared page by page against it.
-    connection = await asyncpg.connect(database_url, timeout=10)
+    connection = await asyncpg.connect(database_url, timeout=10, command_timeout=VERIFY_STATEMENT_TIMEOUT_S)
     try:
         head_at_start = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
         await _wait_for_read_model(connection, head_at_start)
@@ -600,7 +604,9 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
             await compared.finish()
             replay.finish()
     finally:
-        await connection.close()
+        # A server that hangs would hold a polite close too (asyncpg cancels the timed-out
+        # statement first): drop the connection instead.
+        connection.terminate()
     report.events_read = replay.events_read
     accounts, at_read_model = replay.accounts, replay.read_model_view()
 
