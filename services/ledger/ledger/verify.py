@@ -603,10 +603,12 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
                 replaying.cancel()
             await compared.finish()
             replay.finish()
-    finally:
+    except BaseException:
         # A server that hangs would hold a polite close too (asyncpg cancels the timed-out
         # statement first): drop the connection instead.
         connection.terminate()
+        raise
+    await connection.close()
     report.events_read = replay.events_read
     accounts, at_read_model = replay.accounts, replay.read_model_view()
 
