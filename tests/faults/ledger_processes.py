@@ -119,6 +119,25 @@ async def open_account(client: httpx.AsyncClient, kind: str, owner: str) -> str:
     return response.json()["account_id"]
 
 
+class TopUpStream:
+    """The stream most fault tests post: top-up `i` pays i + 1 minor units from the bank's
+    settlement account to card i mod the card count, under the id `stream-{i}`."""
+
+    def __init__(self, settlement: str, cards: list[str]) -> None:
+        self.settlement = settlement
+        self.cards = cards
+
+    @classmethod
+    async def opened(cls, client: httpx.AsyncClient, card_count: int) -> TopUpStream:
+        settlement = await open_account(client, "settlement", "bank")
+        return cls(settlement, [await open_account(client, "card", f"customer-{i}") for i in range(card_count)])
+
+    def body(self, i: int) -> dict:
+        return {"transfer_id": f"stream-{i}", "code": "top_up", "legs": [
+            {"account_id": self.settlement, "amount_minor": -(i + 1), "currency": "RUB"},
+            {"account_id": self.cards[i % len(self.cards)], "amount_minor": i + 1, "currency": "RUB"}]}
+
+
 RETRYABLE_STATUSES = {409, 502, 503, 504}  # 409: request_in_progress (an Idempotency-Key still claimed)
 
 

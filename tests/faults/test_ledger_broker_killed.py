@@ -20,7 +20,7 @@ from kabinet_chassis.settings import ServiceSettings
 from kabinet_contracts.ledger import LEDGER_TOPIC
 from ledger.application import LedgerApplication
 from ledger.integration import to_integration
-from tests.faults.ledger_processes import LedgerProcess, open_account, poster_client, running, until_answered
+from tests.faults.ledger_processes import LedgerProcess, TopUpStream, poster_client, running, until_answered
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -74,8 +74,7 @@ async def test_every_committed_event_reaches_subscribers_after_the_broker_is_kil
         settings = stack.service_settings(f"ledger_{unique_name}", kafka_bootstrap_servers=broker.bootstrap_servers)
         with running(LedgerProcess(settings, tmp_path / "ledger.log")) as ledger:
             async with poster_client(ledger) as client:
-                settlement = await open_account(client, "settlement", "bank")
-                customers = [await open_account(client, "card", f"customer-{i}") for i in range(CUSTOMERS)]
+                stream_of = await TopUpStream.opened(client, CUSTOMERS)
                 numbers = itertools.count()
                 acknowledged = 0
                 stop = asyncio.Event()
@@ -84,10 +83,7 @@ async def test_every_committed_event_reaches_subscribers_after_the_broker_is_kil
                     nonlocal acknowledged
                     while not stop.is_set():
                         i = next(numbers)
-                        response = await until_answered(lambda i=i: client.post("/transfers", json={
-                            "transfer_id": f"stream-{i}", "code": "top_up", "legs": [
-                                {"account_id": settlement, "amount_minor": -(i + 1), "currency": "RUB"},
-                                {"account_id": customers[i % CUSTOMERS], "amount_minor": i + 1, "currency": "RUB"}]}))
+                        response = await until_answered(lambda i=i: client.post("/transfers", json=stream_of.body(i)))
                         assert response.status_code == 201, response.text  # posting needs no broker
                         acknowledged += 1
 

@@ -27,6 +27,7 @@ from ledger.application import LedgerApplication
 from ledger.domain.transfer import Transfer
 from tests.faults.ledger_processes import (
     LedgerProcess,
+    TopUpStream,
     events_head,
     failed_checks,
     open_account,
@@ -105,13 +106,8 @@ async def stream_through_a_database_crash(postgres: EmbeddedPostgres, settings: 
     with running(LedgerProcess(settings, tmp_path / "ledger.log")) as ledger:
         pid = ledger.process.pid
         async with poster_client(ledger, timeout_s=60) as client:
-            settlement = await open_account(client, "settlement", "bank")
-            customers = [await open_account(client, "card", f"customer-{i}") for i in range(CUSTOMERS)]
-
-            def body(i: int) -> dict:
-                return {"transfer_id": f"stream-{i}", "code": "top_up", "legs": [
-                    {"account_id": settlement, "amount_minor": -(i + 1), "currency": "RUB"},
-                    {"account_id": customers[i % CUSTOMERS], "amount_minor": i + 1, "currency": "RUB"}]}
+            stream_of = await TopUpStream.opened(client, CUSTOMERS)
+            body, customers = stream_of.body, stream_of.cards
 
             numbers = itertools.count()
             sent: set[int] = set()

@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.faults.ledger_processes import LedgerProcess, failed_checks, open_account, poster_client, running, verified
+from tests.faults.ledger_processes import LedgerProcess, TopUpStream, failed_checks, poster_client, running, verified
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -26,13 +26,8 @@ async def test_kill_9_mid_stream_then_retry_posts_each_transfer_exactly_once(sta
     ledger = LedgerProcess(settings, tmp_path / "ledger.log")
     with running(ledger):
         async with poster_client(ledger, timeout_s=10) as client:
-            settlement = await open_account(client, "settlement", "bank")
-            customers = [await open_account(client, "card", f"customer-{i}") for i in range(CUSTOMERS)]
-
-            def body(i: int) -> dict:
-                return {"transfer_id": f"stream-{i}", "code": "top_up", "legs": [
-                    {"account_id": settlement, "amount_minor": -(i + 1), "currency": "RUB"},
-                    {"account_id": customers[i % CUSTOMERS], "amount_minor": i + 1, "currency": "RUB"}]}
+            stream_of = await TopUpStream.opened(client, CUSTOMERS)
+            body, customers = stream_of.body, stream_of.cards
 
             accepted = {"count": 0}
             killed = asyncio.Event()
