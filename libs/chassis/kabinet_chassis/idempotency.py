@@ -6,8 +6,9 @@ while the first is still running gets 409. Server failures (5xx) are not stored,
 the client may retry them with the same key.
 
 Keys are kept KEY_RETENTION_S (a week) and then purged by every service in the background.
-A claim is a lease of CLAIM_LEASE_S: a request whose process died, or whose answer could
-not be stored, leaves a claim that a repeat takes over once the lease has run out, so a
+A claim names the process that took it (its `Claimant`): a repeat takes over at once a
+claim whose process died, and otherwise once the claim's lease of CLAIM_LEASE_S has run out
+(an attempt whose answer could not be stored, a process cut off from the database), so a
 key is never stuck on 409. The operation then runs again: it must be safe to repeat
 (the ledger's are: a command it already applied answers as a replay). A claim is known by
 the time it was taken (`created_at`): an attempt that outlived its lease neither stores
@@ -20,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -28,7 +30,7 @@ import asyncpg
 from fastapi import Header
 from fastapi.responses import JSONResponse
 
-from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_DOWN_ERRORS, SCHEMA_CHANGE_TIMEOUT_S
 from kabinet_chassis.errors import PROBLEM_JSON, Problem, domain_problem
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,13 @@ CLAIM_ATTEMPTS_MAX = 3
 PURGE_INTERVAL_S = 3600
 PURGE_BATCH_MAX = 10_000
 PURGE_BATCHES_MAX = 100  # per round: a backlog is worked off over several rounds
+# The first key of a claimant's two-key advisory lock (the second is its id): no other lock
+# in the services' databases uses two keys with this one.
+CLAIMANT_LOCK_CLASS = 0x4B414249  # "KABI"
+CLAIMANT_ID_MAX = 2**31 - 1  # an int4, kept positive: pg_locks shows it as an oid
+# How often a claimant makes sure it still holds its lock, and takes it back if not.
+CLAIMANT_CHECK_INTERVAL_S = 1.0
+CLAIMANT_ID_ATTEMPTS_MAX = 10  # ids drawn until one is free: a clash is already one in millions
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -57,6 +66,75 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     PRIMARY KEY (scope, key)
 )
 """
+# Added after the first release: claims taken before it name no claimant and wait out their lease.
+CLAIMANT_COLUMN = "ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS claimant integer"
+
+
+class Claimant:
+    """This process, as the owner of the Idempotency-Key claims it takes.
+
+    It holds a session advisory lock (CLAIMANT_LOCK_CLASS, `id`) on a connection of its own
+    while it lives. A process killed mid-request (kill -9, a crash, an OOM kill) loses that
+    connection, and the server drops the lock at once: a repeat sent to any process then finds
+    the claim's claimant holds no lock and takes the key over, instead of answering 409 for
+    the rest of the lease. On a host that vanished without closing its connections, the lease
+    still frees the key.
+
+    While the lock's connection is lost (a database restart), this process's claims look dead
+    to the others, who may take them over: the operation is safe to repeat and the first
+    attempt's answer is then not stored (see `run_once`). Once a second it checks the lock and
+    takes it back, under the same id if it can.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.id: int | None = None
+        self._connection: asyncpg.Connection | None = None
+
+    async def start(self) -> None:
+        connection = await asyncpg.connect(self.database_url, timeout=DATABASE_COMMAND_TIMEOUT_S,
+                                           command_timeout=DATABASE_COMMAND_TIMEOUT_S)
+        try:
+            for candidate in [self.id, *(secrets.randbelow(CLAIMANT_ID_MAX) + 1 for _ in range(CLAIMANT_ID_ATTEMPTS_MAX))]:
+                if candidate is not None and await connection.fetchval(
+                        "SELECT pg_try_advisory_lock($1, $2)", CLAIMANT_LOCK_CLASS, candidate):
+                    self._connection, self.id = connection, candidate
+                    return
+            raise RuntimeError(f"no free idempotency claimant id in {CLAIMANT_ID_ATTEMPTS_MAX} draws")
+        except BaseException:
+            connection.terminate()
+            raise
+
+    async def hold_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CLAIMANT_CHECK_INTERVAL_S)
+            try:
+                if self._connection is None or self._connection.is_closed():
+                    self._connection = None
+                    await self.start()
+                    log.info("idempotency claimant %s holds its lock again", self.id)
+                else:
+                    await self._connection.fetchval("SELECT 1")
+            except DATABASE_DOWN_ERRORS:
+                if self._connection is not None:
+                    log.warning("idempotency claimant %s lost its lock's connection; its claims may be taken over",
+                                self.id)
+                    self._connection.terminate()
+                    self._connection = None
+
+    async def stop(self) -> None:
+        """Let the lock go: this process's claims that are still open may be taken over now."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                await connection.close(timeout=DATABASE_COMMAND_TIMEOUT_S)
+            except DATABASE_DOWN_ERRORS:
+                connection.terminate()  # the server drops the lock with the connection
+
+    @property
+    def holds_lock(self) -> bool:
+        """Whether claims taken now name this process: without its lock they would look dead."""
+        return self._connection is not None and not self._connection.is_closed()
 
 
 async def callers_scope(pool: asyncpg.Pool, *, scope: str, caller: str, key: str) -> str:
@@ -90,6 +168,7 @@ def idempotency_key(idempotency_key: str | None = Header(default=None, alias="Id
 async def ensure_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as connection:
         await connection.execute(SCHEMA, timeout=SCHEMA_CHANGE_TIMEOUT_S)
+        await connection.execute(CLAIMANT_COLUMN, timeout=SCHEMA_CHANGE_TIMEOUT_S)
         await connection.execute("CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at)",
                                  timeout=SCHEMA_CHANGE_TIMEOUT_S)
 
@@ -122,6 +201,7 @@ async def purge_expired_forever(pool: asyncpg.Pool) -> None:
 
 async def run_once(
     pool: asyncpg.Pool,
+    claimant: Claimant,
     *,
     scope: str,
     key: str,
@@ -132,12 +212,13 @@ async def run_once(
     """Run `operation` (returning status and JSON body) at most once per (scope, key).
     `refusals`: the service's domain errors, answered and stored as problems."""
     request_fingerprint = fingerprint(body)
+    claimant_id = claimant.id if claimant.holds_lock else None  # without its lock, a claim waits out its lease
     async with pool.acquire() as connection:
         for _ in range(CLAIM_ATTEMPTS_MAX):
             claimed_at = await connection.fetchval(
-                "INSERT INTO idempotency_keys (scope, key, request_fingerprint) VALUES ($1, $2, $3)"
+                "INSERT INTO idempotency_keys (scope, key, request_fingerprint, claimant) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT DO NOTHING RETURNING created_at",
-                scope, key, request_fingerprint,
+                scope, key, request_fingerprint, claimant_id,
             )
             if claimed_at is not None:
                 break
@@ -154,12 +235,16 @@ async def run_once(
             if row["status_code"] is not None:
                 return _response(row["status_code"], json.loads(row["response"]), replayed=True)
             claimed_at = await connection.fetchval(
-                "UPDATE idempotency_keys SET created_at = now() WHERE scope = $1 AND key = $2"
-                " AND status_code IS NULL AND created_at < now() - make_interval(secs => $3) RETURNING created_at",
-                scope, key, float(CLAIM_LEASE_S),
+                "UPDATE idempotency_keys SET created_at = now(), claimant = $4 WHERE scope = $1 AND key = $2"
+                " AND status_code IS NULL AND (created_at < now() - make_interval(secs => $3)"
+                "  OR (claimant IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                "   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                "   AND classid = $5::bigint::oid AND objid = claimant::bigint::oid AND objsubid = 2 AND granted)))"
+                " RETURNING created_at",
+                scope, key, float(CLAIM_LEASE_S), claimant_id, CLAIMANT_LOCK_CLASS,
             )
             if claimed_at is not None:
-                break  # taken over: the first attempt's lease ran out
+                break  # taken over: the first attempt's process died, or its lease ran out
             raise _in_progress()
         else:
             raise _in_progress()  # claimed and let go by others every time: still busy, retry later

@@ -54,6 +54,7 @@ class Service:
         )
         self.dead_letters = consumers.DeadLetters(self.broker)
         self.pool: asyncpg.Pool | None = None
+        self.claimant: idempotency.Claimant | None = None  # this process, as the owner of its Idempotency-Key claims
         self.routers: list[APIRouter] = []
         self.domain_errors: tuple[type[Exception], ...] = ()
         # /health/ready: `checks` gate readiness (what serving the API needs); `watched` are
@@ -111,6 +112,9 @@ class Service:
             await consumers.ensure_tracking_table(self.pool)
             await idempotency.ensure_schema(self.pool)
         try:
+            if self.pool is not None:
+                self.claimant = idempotency.Claimant(self.settings.service_database_url)
+                await self.claimant.start()
             for hook in self._on_start:
                 await hook(self)
             if self.topics_consumed:
@@ -118,8 +122,8 @@ class Service:
                 # request lets the broker auto-create them with its own.
                 await ensure_topics(self.settings.kafka_bootstrap_servers, self.topics_consumed)
             await self.broker.start()
-            runners = [*self._background, *([functools.partial(idempotency.purge_expired_forever, self.pool)]
-                                            if self.pool else [])]
+            runners = [*self._background, *([functools.partial(idempotency.purge_expired_forever, self.pool),
+                                             self.claimant.hold_forever] if self.pool else [])]
             self._tasks = [asyncio.create_task(runner(), name=_loop_name(runner)) for runner in runners]
             for task in self._tasks:
                 task.add_done_callback(_report_if_died)
@@ -132,6 +136,9 @@ class Service:
             await self.broker.stop()
             for hook in reversed(self._on_stop):
                 await hook(self)
+            if self.claimant is not None:
+                await self.claimant.stop()
+                self.claimant = None
             if self.pool is not None:
                 await self.pool.close()
                 self.pool = None

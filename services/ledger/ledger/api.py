@@ -174,6 +174,7 @@ class Ledger:
 
     writer: Any = None
     pool: Any = None
+    claimant: Any = None  # this process, as the owner of its Idempotency-Key claims
     projection: Any = None
 
     async def submit(self, command: Any) -> Any:
@@ -286,7 +287,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             await ledger.read_your_writes()
             return 201, await projections.account(ledger.pool, command.account_id)
 
-        return await _run_once(ledger.pool, scope=kept_scope, key=key, body=body.model_dump(mode="json"),
+        return await _run_once(ledger.pool, ledger.claimant, scope=kept_scope, key=key, body=body.model_dump(mode="json"),
                               operation=operation)
 
     for action, command_type, summary, refusals in (
@@ -316,7 +317,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             return 200, await projections.account(ledger.pool, account_id)
 
         scope = await callers_scope(ledger.pool, scope="ledger.set_credit_limit", caller=me.customer_id, key=key)
-        return await _run_once(ledger.pool, scope=scope, key=key,
+        return await _run_once(ledger.pool, ledger.claimant, scope=scope, key=key,
                               body={"account_id": str(account_id), **body.model_dump(mode="json")},
                               operation=operation)
 
@@ -493,7 +494,7 @@ def _account_action(ledger: Ledger, command_type: type, post):
             return 200, await projections.account(ledger.pool, account_id)
 
         scope = await callers_scope(ledger.pool, scope=f"ledger.{command_type.__name__}", caller=me.customer_id, key=key)
-        return await _run_once(ledger.pool, scope=scope, key=key,
+        return await _run_once(ledger.pool, ledger.claimant, scope=scope, key=key,
                               body={"account_id": str(account_id)}, operation=operation)
 
     return action

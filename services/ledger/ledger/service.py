@@ -45,6 +45,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         app = LedgerApplication(env=event_store_env(settings))
         parts.app = app
         parts.pool = svc.pool
+        parts.claimant = svc.claimant
         await ensure_store_schema(svc.pool, app)
         await projections.ensure_schema(svc.pool)
         parts.projection = LocalProjection(
