@@ -24,7 +24,8 @@ is validated again with every id looked up, which answers the retry with its fir
 result. So a batch of new transfers costs no look-up round trip. That holds for a retry
 the batch refuses too (a transfer that emptied the account would now find no funds): a
 refusal under a new id is kept under that id (domain/refusal.py), so it fails the save
-just the same.
+just the same. An id that another command of the batch needs to exist (an account a
+transfer pays into, a hold a capture settles) is looked up instead, in the same query.
 """
 
 from __future__ import annotations
@@ -342,7 +343,12 @@ class BatchedWriter:
     def _prefetch(self, commands: list[Any], *, assume_new: bool) -> None:
         """Learn in one query which of the batch's uncached aggregates exist at all, and the
         balances of those that are accounts. With `assume_new`, uncached ids the commands
-        would create are taken to be new (see the module's docstring)."""
+        would create are taken to be new (see the module's docstring), unless a command of
+        the batch needs one to exist: the assumption is checked only by the save of what
+        the creating command makes, and a creating command refused for its shape makes
+        nothing. Taken as new, an existing account or hold that a malformed opening or
+        hold repeat named would be "not found" for every other command of the batch, and
+        a payment or capture refused for good (its refusal kept, and saved)."""
         created: set[UUID] = set()
         needed: set[UUID] = set()
         for command in commands:
@@ -350,7 +356,9 @@ class BatchedWriter:
             created.update(creates)
             needed.update(needs)
         cache = self._cache
-        new = {aggregate_id for aggregate_id in created if aggregate_id not in cache} if assume_new else set()
+        # Ids both created and needed join the one look-up query below: no extra round trip.
+        new = {aggregate_id for aggregate_id in created
+               if aggregate_id not in cache and aggregate_id not in needed} if assume_new else set()
         unknown = {aggregate_id for aggregate_id in created | needed if aggregate_id not in cache} - new  # O(batch)
         existing, self._fetched = self.app.look_up(unknown) if unknown else (set(), {})
         self._absent = new | (unknown - existing)

@@ -1,0 +1,59 @@
+"""Rules of one writer batch on real PostgreSQL: a command refused in a batch leaves its
+neighbours judged exactly as they would be alone, also when it names the same id as they do."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ledger.domain import commands as c
+from ledger.domain.errors import InvalidAccount, InvalidHold
+from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
+
+pytestmark = pytest.mark.integration
+
+
+async def one_batch(writer, *commands_in_order):
+    """Submit the commands to a writer that is not running yet, so they wait in its queue
+    and are taken as one batch; each one's result or refusal, in order."""
+    submitted = [asyncio.create_task(writer.submit(command)) for command in commands_in_order]
+    for _ in range(100):  # bounded: the tasks only have to reach the queue
+        if writer.queue.qsize() == len(commands_in_order):
+            break
+        await asyncio.sleep(0.01)
+    assert writer.queue.qsize() == len(commands_in_order)
+    writer.tasks.append(asyncio.create_task(writer.run()))
+    return await asyncio.gather(*submitted, return_exceptions=True)
+
+
+async def test_a_malformed_repeat_of_a_hold_does_not_make_a_capture_in_its_batch_refused_for_good(ledger):
+    # Clearing captures a card hold while a buggy client repeats the authorisation with a bad
+    # amount. The hold exists; a restarted writer has not loaded it yet.
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    hold = c.PlaceHold("auth-1", card, settlement, 400, "RUB", datetime.now(UTC) + timedelta(hours=1),
+                       "card_authorisation")
+    await ledger.parts.writer.submit(hold)
+    malformed_repeat = c.PlaceHold("auth-1", card, settlement, 10**16, "RUB", hold.expires_at, "card_authorisation")
+    capture = c.CaptureHold("auth-1", "clearing-1", 400)
+    async with uncached_writer(ledger.settings, running=False) as restarted:
+        refused, captured = await one_batch(restarted, malformed_repeat, capture)
+        assert isinstance(refused, InvalidHold)
+        assert captured.state == "captured", captured  # not hold_not_found
+        again = await restarted.submit(capture)  # and its retry is answered with it, not with a refusal
+        assert again.replayed and again.state == "captured"
+    assert await saved_balance(ledger.parts.pool, card) == (600, 0)
+
+
+async def test_a_malformed_opening_of_an_existing_account_does_not_make_a_payment_to_it_refused_for_good(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    malformed_opening = c.OpenAccount(card, "alice", "card", "RUB", credit_limit_minor=10**14)
+    top_up = c.PostTransfer("salary-1", (c.Leg(settlement, -500, "RUB"), c.Leg(card, 500, "RUB")), "top_up")
+    async with uncached_writer(ledger.settings, running=False) as restarted:
+        refused, paid = await one_batch(restarted, malformed_opening, top_up)
+        assert isinstance(refused, InvalidAccount)
+        assert not isinstance(paid, Exception), paid  # not account_not_found
+        again = await restarted.submit(top_up)
+        assert again.replayed
+    assert await saved_balance(ledger.parts.pool, card) == (1_500, 0)
