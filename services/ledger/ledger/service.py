@@ -7,8 +7,9 @@ import functools
 import logging
 from dataclasses import dataclass
 
+from kabinet_chassis import append_only
 from kabinet_chassis.auth import verifier_for
-from kabinet_chassis.eventstore import event_store_env
+from kabinet_chassis.eventstore import event_store_env, events_table
 from kabinet_chassis.outbox import OutboxRelay, RelayConfig
 from kabinet_chassis.projection import LocalProjection
 from kabinet_chassis.service import Service
@@ -47,6 +48,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         parts.pool = svc.pool
         parts.claimant = svc.claimant
         await ensure_store_schema(svc.pool, app)
+        await append_only.guard(svc.pool, events_table(app.recorder))
         await projections.ensure_schema(svc.pool)
         parts.projection = LocalProjection(
             "ledger_read_model", pool=svc.pool, recorder=app.recorder, mapper=app.mapper,

@@ -22,7 +22,9 @@ Everything is recomputed from the event store and compared with what the ledger 
 9. holds add up: no capture takes more than is left, a void or expiry releases exactly what
    is left, nothing follows a finished hold, each capture's transfer moves what its hold says;
 10. the log ends where the ledger last wrote: the posting clock is the newest event's time,
-   and no read model or relay position is past it (the newest event deleted shows).
+   and no read model or relay position is past it (the newest event deleted shows);
+11. the events table is append-only: its guards refuse every UPDATE, DELETE and TRUNCATE,
+   always (kabinet_chassis.append_only).
 
 What no check can see without a keyed hash chain (ARCHITECTURE §6): an event changed or
 deleted together with everything derived from it, when it breaks none of the rules above
@@ -49,6 +51,7 @@ from uuid import UUID
 
 import asyncpg
 
+from kabinet_chassis import append_only
 from kabinet_chassis.eventstore import events_table
 from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger.application import LedgerApplication
@@ -569,6 +572,7 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     connection = await asyncpg.connect(database_url, timeout=10, command_timeout=VERIFY_STATEMENT_TIMEOUT_S)
     try:
         head_at_start = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
+        guards_off = await append_only.missing_guards(connection, events_table(app.recorder))
         await _wait_for_read_model(connection, head_at_start)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             up_to = await connection.fetchval(
@@ -627,6 +631,11 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     totals: dict[str, int] = defaultdict(int)
     for account in accounts.values():
         totals[account.currency] += account.legs_minor
+    report.add("event history is append-only", [
+        f"guard {guard} of {events_table(app.recorder)} is missing or does not always fire: its events can be changed"
+        " or deleted (a ledger process recreates it when it starts)" for guard in guards_off],
+        "UPDATE, DELETE and TRUNCATE of the events are refused by triggers that always fire")
+
     report.add("trial balance", [f"{cur} off by {total}" for cur, total in totals.items() if total],
                "zero in " + (", ".join(sorted(totals)) or "no currency"))
 

@@ -1,5 +1,6 @@
 """What the ledger's integration tests share: opening accounts and posting through the
-HTTP API, a funded card, a second writer with nothing cached, and saved balances."""
+HTTP API, a funded card, a second writer with nothing cached, saved balances, and a
+forger's hand on the event history."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from kabinet_chassis.eventstore import event_store_env
+from kabinet_chassis import append_only
+from kabinet_chassis.eventstore import event_store_env, events_table
 from ledger.application import LedgerApplication
 from ledger.clock import system_clock
 from ledger.domain import commands as c
@@ -64,3 +66,16 @@ async def saved_balance(pool, account_id) -> tuple[int, int]:
     """The account's (posted, held) minor units, read straight from the store."""
     row = await pool.fetchrow("SELECT posted_minor, held_minor FROM ledger_balances WHERE account_id = $1", account_id)
     return row["posted_minor"], row["held_minor"]
+
+
+async def forge_history(ledger, statement: str, *args) -> None:
+    """Change the event history as only the events table's owner can: switch its append-only
+    guard off, change it, and switch the guard back on, covering the tracks. What verify must
+    find then is in the events themselves. `statement` names the table `{table}`."""
+    table = events_table(ledger.parts.app.recorder)
+    async with ledger.parts.pool.acquire() as connection, connection.transaction():
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {table} DISABLE TRIGGER {guard}")
+        await connection.execute(statement.format(table=table), *args)
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {guard}")

@@ -12,11 +12,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from kabinet_chassis.eventstore import events_table
 from ledger.domain import commands as c
 from ledger.domain.hold import Hold
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import funded_card
+from services.ledger.tests.integration.ledger_support import forge_history, funded_card
 
 pytestmark = pytest.mark.integration
 
@@ -135,9 +134,8 @@ async def test_a_hold_whose_placing_event_is_gone_is_reported_not_crashed_on(led
     await writer.submit(c.CaptureHold("h-captured", "c1", 100))
     await writer.submit(c.VoidHold("h-voided"))
     await ledger.parts.projection.wait_for(writer.last_position)
-    table = events_table(ledger.parts.app.recorder)
-    await ledger.parts.pool.execute(f"DELETE FROM {table} WHERE originator_id = ANY($1::uuid[]) AND originator_version = 1",
-                                    [Hold.id_for("h-captured"), Hold.id_for("h-voided")])
+    await forge_history(ledger, "DELETE FROM {table} WHERE originator_id = ANY($1::uuid[]) AND originator_version = 1",
+                        [Hold.id_for("h-captured"), Hold.id_for("h-voided")])
     failed = await failed_checks(ledger)  # must not raise
     replay = failed["events replay"]
     assert "Hold.Captured names hold h-captured, which no Hold.Placed places before it" in replay
@@ -152,8 +150,7 @@ async def test_legs_and_holds_on_an_account_never_opened_are_reported_not_crashe
                                     "card_authorisation"))
     await writer.submit(c.FreezeAccount(card))  # the card's stream goes on after its opening
     await ledger.parts.projection.wait_for(writer.last_position)
-    table = events_table(ledger.parts.app.recorder)
-    await ledger.parts.pool.execute(f"DELETE FROM {table} WHERE originator_id = $1 AND originator_version = 1", card)
+    await forge_history(ledger, "DELETE FROM {table} WHERE originator_id = $1 AND originator_version = 1", card)
     failed = await failed_checks(ledger)  # must not raise
     replay = failed["events replay"]
     assert f"Transfer.Posted fund-{card} names account {card}, which no Account.Opened opens before it" in replay

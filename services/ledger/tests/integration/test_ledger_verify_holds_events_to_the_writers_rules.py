@@ -32,7 +32,7 @@ from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from ledger.projections import apply_page
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import funded_card
+from services.ledger.tests.integration.ledger_support import forge_history, funded_card
 
 pytestmark = pytest.mark.integration
 
@@ -59,15 +59,13 @@ async def rewrite_event(ledger, originator_id, version, change) -> None:
         f"SELECT state FROM {table} WHERE originator_id = $1 AND originator_version = $2", originator_id, version)
     state = json.loads(state)
     change(state)
-    await ledger.parts.pool.execute(
-        f"UPDATE {table} SET state = $3 WHERE originator_id = $1 AND originator_version = $2",
-        originator_id, version, json.dumps(state).encode())
+    await forge_history(ledger, "UPDATE {table} SET state = $3 WHERE originator_id = $1 AND originator_version = $2",
+                        originator_id, version, json.dumps(state).encode())
 
 
 async def delete_event(ledger, originator_id, version) -> None:
-    table = events_table(ledger.parts.app.recorder)
-    await ledger.parts.pool.execute(f"DELETE FROM {table} WHERE originator_id = $1 AND originator_version = $2",
-                                    originator_id, version)
+    await forge_history(ledger, "DELETE FROM {table} WHERE originator_id = $1 AND originator_version = $2",
+                        originator_id, version)
 
 
 def at(state_time: dict) -> datetime:
@@ -206,10 +204,9 @@ async def test_an_accounts_events_reordered_are_found_and_the_account_rebuilt_as
     await writer.submit(c.FreezeAccount(card))
     await writer.submit(c.UnfreezeAccount(card))
     await settled(ledger)
-    table = events_table(ledger.parts.app.recorder)
     for version_from, version_to in ((2, 99), (3, 2), (99, 3)):
-        await ledger.parts.pool.execute(
-            f"UPDATE {table} SET originator_version = $3 WHERE originator_id = $1 AND originator_version = $2",
+        await forge_history(
+            ledger, "UPDATE {table} SET originator_version = $3 WHERE originator_id = $1 AND originator_version = $2",
             card, version_from, version_to)
     await cover_up(ledger)
     failed = await failed_checks(ledger)
@@ -285,8 +282,7 @@ async def test_positions_recorded_past_the_newest_event_show_it_was_deleted(ledg
     table = events_table(ledger.parts.app.recorder)
     head = await ledger.parts.pool.fetchval(f"SELECT max(notification_id) FROM {table}")
     await delete_event(ledger, Transfer.id_for("spend-a"), 1)  # spend-a, not the newest: the clock stays right
-    await ledger.parts.pool.execute(f"UPDATE {table} SET notification_id = $1 WHERE notification_id = $2",
-                                    head + 5, head)
+    await forge_history(ledger, "UPDATE {table} SET notification_id = $1 WHERE notification_id = $2", head + 5, head)
     await cover_up(ledger)
     await ledger.parts.pool.execute("UPDATE projection_position SET position = $1 WHERE projection = 'ledger_read_model'",
                                     head + 7)
