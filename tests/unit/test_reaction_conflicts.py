@@ -7,10 +7,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from uuid import NAMESPACE_URL, uuid5
 
+import psycopg
+import pytest
 from aiokafka import ConsumerRecord
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
-from eventsourcing.persistence import ProcessRecorder
+from eventsourcing.persistence import InternalError, ProcessRecorder
 
 from kabinet_chassis.consumers import REACTION_ATTEMPTS_MAX, ReactionConsumer
 from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent, event_id_for
@@ -98,3 +100,25 @@ async def test_a_reaction_that_conflicts_every_time_is_dead_lettered_once_and_th
     assert dead_letters.errors[0].startswith("IntegrityError")
     await consumer.handle([upstream_record(2)])  # follows the dead-lettered one: no gap
     assert consumer.applied_total == 1 and dead_letters.errors[1:] == []
+
+
+async def test_a_reaction_whose_event_store_is_a_standby_is_redelivered_not_dead_lettered():
+    """Right after a failover the database may answer as a read-only standby: eventsourcing
+    raises its InternalError from psycopg's ReadOnlySqlTransaction. That is an outage to wait
+    out; a dead-lettered event would be tracked, and gone for this reaction."""
+    app, counter, _ = counters_with(saves_meanwhile=0)
+
+    def react_on_a_standby(_: IntegrationEvent) -> list[Counter]:
+        try:
+            raise psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction")
+        except psycopg.Error as error:
+            raise InternalError(str(error)) from error
+
+    dead_letters = DeadLettersSeen()
+    consumer = ReactionConsumer("counters", app, react_on_a_standby, dead_letters, InlineThreads())
+    with pytest.raises(InternalError):  # the subscriber backs off and redelivers
+        await consumer.handle([upstream_record(1)])
+    assert dead_letters.errors == []
+    consumer.react = app.react  # the primary is back
+    await consumer.handle([upstream_record(1)])
+    assert consumer.applied_total == 1 and app.repository.get(counter.id).count == 1

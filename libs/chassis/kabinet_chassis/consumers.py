@@ -102,6 +102,36 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.LockNotAvailableError,
     asyncpg.QueryCanceledError,
 )
+# SQLSTATE classes of a database that cannot work now but will, whatever the driver calls
+# the error: 08 connection exception, 53 insufficient resources (disk full, out of memory,
+# too many connections), 57 operator intervention (shutdown, a cancelled statement), 58
+# system error (I/O). Before these were classified, a full disk dead-lettered (and so
+# tracked, and lost for this consumer) every event that arrived until it was freed.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "58"})
+# Single states to wait out: a read-only transaction (a standby answering, as right after a
+# failover), serialization failures and deadlocks, a lock or an object in use.
+TRANSIENT_SQLSTATES = frozenset({"25006", "40001", "40P01", "55P03", "55006"})
+_CAUSES_LOOKED_AT_MAX = 4  # eventsourcing wraps psycopg's error once ("raise ... from e")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether to wait the error out (redeliver) rather than dead-letter the event: one of
+    TRANSIENT_ERRORS, or a database error, or one it was raised from, whose SQLSTATE says
+    the database cannot work now (asyncpg's and psycopg's errors both carry `sqlstate`).
+    Only called on the error path."""
+    cause: BaseException | None = error
+    for _ in range(_CAUSES_LOOKED_AT_MAX):
+        if cause is None:
+            return False
+        if isinstance(cause, TRANSIENT_ERRORS):
+            return True
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and (sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 # A reaction that lost an optimistic-concurrency race (another command of its service saved
 # one of its aggregates meanwhile) reacts again on fresh state, this many times in all; one
 # that conflicts every time is poison.
@@ -204,16 +234,21 @@ class ReadModelConsumer:
             return
         try:
             await self._apply_in_one_transaction(good_records, events)
-        except (PartitionGap, *TRANSIENT_ERRORS):
+        except PartitionGap:
             raise
-        except Exception as error:  # one of them is poison: find it, apply the rest
+        except Exception as error:
+            if is_transient(error):
+                raise
+            # One of them is poison: find it, apply the rest.
             log.warning("batch of %d for %s failed (%s); applying one by one", len(events), self.name, error)
             for record, event in zip(good_records, events, strict=True):
                 try:
                     await self._apply_in_one_transaction([record], [event])
-                except (PartitionGap, *TRANSIENT_ERRORS):
+                except PartitionGap:
                     raise
                 except Exception as single_error:
+                    if is_transient(single_error):
+                        raise
                     await self.dead_letters.send(record, self.name, f"{type(single_error).__name__}: {single_error}")
                     await self._track_dead_lettered(record, event)
 
@@ -332,9 +367,11 @@ class ReactionConsumer:
                 continue
             try:
                 applied = await self.threads.run(self._apply_one, record, parsed)
-            except (PartitionGap, *TRANSIENT_ERRORS):
+            except PartitionGap:
                 raise
             except Exception as error:
+                if is_transient(error):
+                    raise
                 await self.dead_letters.send(record, self.name, f"{type(error).__name__}: {error}")
                 # Tracked like an applied event (see the module's docstring): the chain goes on.
                 await self.threads.run(self._track_dead_lettered, record, parsed)
@@ -482,7 +519,11 @@ def subscribe(
             await asyncio.sleep(backoff["s"])  # a gap the whole partition cannot fill must not spin
             backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
             return
-        except TRANSIENT_ERRORS as error:
+        except Exception as error:
+            if not is_transient(error):
+                # Where the next read starts is now unknown: a gap must send it back to the start.
+                consumer.read_again.clear()
+                raise
             log.warning("%s: transient error %r; redelivering in %.1fs", consumer.name, error, backoff["s"])
             await asyncio.sleep(backoff["s"])
             backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
