@@ -15,7 +15,8 @@ Decisions the writer and callers rely on:
   `capture_transfer_id(hold_id, capture_id)` = "<hold_id>:capture:<capture_id>" (the
   infix is refused in client transfer and hold ids).
 - a capture needs no funds check and ignores a freeze of the debit account: the money
-  was reserved when the hold was placed. A closed account refuses it (cannot happen to
+  was reserved when the hold was placed. A hold takes at most CAPTURES_PER_HOLD_MAX
+  captures (hold.py); a capture past them is refused like one past the held amount. A closed account refuses it (cannot happen to
   the debit account, which cannot close while holding).
 - `ExpireHold` uses the batch's `now`; before `expires_at` it changes nothing and
   answers `replayed=True`. A capture at or after `expires_at` is refused even before
@@ -409,6 +410,7 @@ class Batch:
                     f"capture of {command.amount_minor} exceeds the {hold.remaining_minor} {hold.currency} (minor units)"
                     f" left on hold {command.hold_id}"
                 )
+            hold.check_room_for_a_capture()
             if earlier is not None:
                 # Cannot happen for ids checked by the shape rules; kept so that an old id never breaks a whole batch.
                 raise IdempotencyConflict(f"transfer {transfer_id} exists already; use another capture_id")

@@ -12,6 +12,11 @@ from eventsourcing.domain import Aggregate, event
 from ledger.domain.errors import CaptureExceedsHold, HoldNotActive, IdempotencyConflict, InvalidHold
 
 IDS_CACHED_MAX = 4096
+# A hold is settled in at most this many captures. Each capture is an event on the hold's
+# stream, which the one writer replays whenever it loads the hold (there are no snapshots):
+# a client capturing a kopeck at a time would otherwise grow it without end and stall every
+# payment behind that load. Card networks split one purchase's clearing into far fewer parts.
+CAPTURES_PER_HOLD_MAX = 100
 _HOLD_IDS = UUID("5d2c1e7a-3b4f-4c6d-8e9f-0a1b2c3d4e02")
 
 
@@ -93,6 +98,7 @@ class Hold(Aggregate):
             )
         if capture_id in self.captures:
             raise IdempotencyConflict(f"capture {capture_id} of hold {self.client_hold_id} was recorded before")
+        self.check_room_for_a_capture()
         self._capture(client_hold_id=client_hold_id, capture_id=capture_id, amount_minor=amount_minor,
                       transfer_id=transfer_id, timestamp=at, currency=self.currency,
                       debit_customer_id=debit_customer_id)
@@ -106,6 +112,13 @@ class Hold(Aggregate):
         self._check_release(released_minor)
         self._expire(client_hold_id=client_hold_id, released_minor=released_minor, timestamp=at,
                      currency=self.currency, debit_customer_id=debit_customer_id)
+
+    def check_room_for_a_capture(self) -> None:
+        if len(self.captures) >= CAPTURES_PER_HOLD_MAX:
+            raise CaptureExceedsHold(
+                f"hold {self.client_hold_id} has had its {CAPTURES_PER_HOLD_MAX} captures, the most a hold takes;"
+                f" the {self.remaining_minor} {self.currency} (minor units) left are released by a void or at expiry"
+            )
 
     def _check_active(self) -> None:
         if self.state != HoldState.ACTIVE:

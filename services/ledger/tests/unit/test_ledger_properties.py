@@ -22,7 +22,7 @@ from ledger.domain import commands as c
 from ledger.domain.account import CREDIT_LIMIT_MINOR_MAX, Account, AccountState
 from ledger.domain.batch import capture_transfer_id
 from ledger.domain.errors import IdempotencyConflict, LedgerError
-from ledger.domain.hold import Hold, HoldState
+from ledger.domain.hold import CAPTURES_PER_HOLD_MAX, Hold, HoldState
 from ledger.domain.refusal import Refusal
 from ledger.domain.transfer import Transfer
 from services.ledger.tests.unit.ledger_world import World
@@ -215,7 +215,7 @@ def forbidden(world: World, command: Any) -> set[str]:
             return {"hold_not_found"}
         if hold.state != HoldState.ACTIVE or world.now >= hold.expires_at:
             reasons.add("hold_not_active")
-        elif command.amount_minor > hold.remaining_minor:
+        elif command.amount_minor > hold.remaining_minor or len(hold.captures) >= CAPTURES_PER_HOLD_MAX:
             reasons.add("capture_exceeds_hold")
         if accounts[UUID(hold.credit_account_id)].state == AccountState.CLOSED:
             reasons.add("account_closed")
