@@ -472,6 +472,21 @@ async def _parse_records_only(records: tuple[ConsumerRecord, ...], original_pars
     return message
 
 
+def rewind(aiokafka_consumer: Any, records: Sequence[ConsumerRecord]) -> None:
+    """Seeks each partition of the batch back to its first record there, so the batch is read
+    again. A partition no longer assigned (a rebalance while the batch was handled) is left
+    alone: its next owner starts at the committed offset, which never passed the batch.
+    (FastStream's nack stopped at the first such partition with IllegalStateError and left
+    the batch's other partitions past it.)"""
+    first_offsets: dict[TopicPartition, int] = {}
+    for record in records:  # a partition's records come in offset order
+        first_offsets.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+    assigned = aiokafka_consumer.assignment()
+    for topic_partition, offset in first_offsets.items():
+        if topic_partition in assigned:
+            aiokafka_consumer.seek(topic_partition, offset)
+
+
 def subscribe(
     broker: KafkaBroker,
     topic: str,
@@ -482,11 +497,12 @@ def subscribe(
 ) -> LostDataWatchdog:
     """Registers a FastStream batch subscriber with manual acknowledgement.
 
-    Transient errors seek back to the batch's first record (nack) after a growing
-    pause, so nothing is skipped; everything else has been dead-lettered by then.
+    A batch that fails, for whatever reason, is read again from its first record after a
+    growing pause, so nothing is skipped; poison has been dead-lettered by then.
     Returns the watchdog, whose `run` the service keeps in the background.
     """
     backoff = {"s": _BACKOFF_START_S}
+    failed_rounds = {"n": 0}  # batches in a row that failed
     watchdog = LostDataWatchdog(bootstrap_servers, topic)
 
     subscriber = broker.subscriber(
@@ -512,7 +528,7 @@ def subscribe(
             # Every partition goes back to its first record of the batch (what was applied
             # is tracked and will be skipped), the one with the gap to its beginning.
             log.warning("%s: %s; reading the partition again from the start", consumer.name, gap)
-            await message.nack()
+            rewind(subscriber.consumer, records)
             await subscriber.consumer.seek_to_beginning(TopicPartition(gap.topic, gap.partition))
             # If that read meets the gap again, what is missing comes later: pass over it then.
             consumer.read_again.add((gap.topic, gap.partition))
@@ -520,20 +536,29 @@ def subscribe(
             backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
             return
         except Exception as error:
-            if not is_transient(error):
-                # Where the next read starts is now unknown: a gap must send it back to the start.
-                consumer.read_again.clear()
-                raise
-            log.warning("%s: transient error %r; redelivering in %.1fs", consumer.name, error, backoff["s"])
+            # Whatever failed, the batch is read again after a pause. Passed over (as FastStream
+            # does with a handler's error under manual acknowledgement), the events after the
+            # failure were gone for this process, and for good on a partition where no later
+            # record shows the gap: a poison event whose dead letter could not be sent took its
+            # whole batch with it. A bug that fails every time stalls the consumer, visibly,
+            # rather than lose money events.
+            rewind(subscriber.consumer, records)
+            failed_rounds["n"] += 1
+            if is_transient(error):
+                log.warning("%s: transient error %r; redelivering in %.1fs", consumer.name, error, backoff["s"])
+            else:
+                # The traceback once per run of failures, then one line per round.
+                log.error("%s: batch failed (%d rounds in a row): %r; reading it again in %.1fs", consumer.name,
+                          failed_rounds["n"], error, backoff["s"], exc_info=error if failed_rounds["n"] == 1 else None)
             await asyncio.sleep(backoff["s"])
             backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
-            await message.nack()
             return
         except BaseException:
             # Where the next read starts is now unknown: a gap must send it back to the start.
             consumer.read_again.clear()
             raise
         backoff["s"] = _BACKOFF_START_S
+        failed_rounds["n"] = 0
         watchdog.saw(records)
         try:
             await message.ack()
