@@ -4,12 +4,14 @@ neighbours judged exactly as they would be alone, also when it names the same id
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from ledger.domain import commands as c
 from ledger.domain.errors import InvalidAccount, InvalidHold
+from ledger.writer import LedgerUnavailable
 from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
 
 pytestmark = pytest.mark.integration
@@ -57,3 +59,36 @@ async def test_a_malformed_opening_of_an_existing_account_does_not_make_a_paymen
         again = await restarted.submit(top_up)
         assert again.replayed
     assert await saved_balance(ledger.parts.pool, card) == (1_500, 0)
+
+
+async def test_a_batch_whose_save_is_refused_leaves_the_writer_judging_by_what_is_stored(ledger):
+    # Everything a batch did in memory (an account opened, a hold placed, a capture, a kept
+    # refusal, a freeze) is forgotten when its save fails: the next batch answers each
+    # command afresh, never as a replay of what was not saved nor with a refusal not kept.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    expires_at = datetime.now(UTC) + timedelta(hours=1)
+    await writer.submit(c.PlaceHold("auth-1", card, settlement, 300, "RUB", expires_at, "card_authorisation"))
+    bob = uuid.uuid4()
+    opening = c.OpenAccount(bob, "bob", "card", "RUB")
+    new_hold = c.PlaceHold("auth-2", card, settlement, 200, "RUB", expires_at, "card_authorisation")
+    capture = c.CaptureHold("auth-1", "clearing-1", 300)
+    too_big = c.PostTransfer("rent", (c.Leg(card, -900, "RUB"), c.Leg(settlement, 900, "RUB")), "p2p")
+    freeze = c.FreezeAccount(card)
+    real_clock, writer.clock = writer.clock, lambda: datetime.now(UTC) + timedelta(days=365)  # commits are refused
+    outcomes = await asyncio.gather(*(writer.submit(command) for command in (opening, new_hold, capture, too_big,
+                                                                             freeze)), return_exceptions=True)
+    assert all(isinstance(outcome, LedgerUnavailable) for outcome in outcomes), outcomes
+    writer.clock = real_clock
+
+    assert not (await writer.submit(opening)).replayed
+    placed = await writer.submit(new_hold)
+    assert not placed.replayed and placed.state == "active"
+    captured = await writer.submit(capture)
+    assert not captured.replayed and captured.state == "captured"
+    paid_in = c.PostTransfer("salary", (c.Leg(settlement, -500, "RUB"), c.Leg(card, 500, "RUB")), "top_up")
+    await writer.submit(paid_in)
+    rent = await writer.submit(too_big)  # its refusal was never kept: judged now, with the salary in
+    assert not rent.replayed
+    assert (await writer.submit(freeze)).state == "frozen"
+    assert await saved_balance(ledger.parts.pool, card) == (1_000 - 300 + 500 - 900, 200)
