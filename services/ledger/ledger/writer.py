@@ -24,8 +24,8 @@ is validated again with every id looked up, which answers the retry with its fir
 result. So a batch of new transfers costs no look-up round trip. That holds for a retry
 the batch refuses too (a transfer that emptied the account would now find no funds): a
 refusal under a new id is kept under that id (domain/refusal.py), so it fails the save
-just the same. An id that another command of the batch needs to exist (an account a
-transfer pays into, a hold a capture settles) is looked up instead, in the same query.
+just the same. Account ids, and ids another command of the batch needs to exist (a hold a
+capture settles), are looked up instead, in the same query (`_prefetch`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from kabinet_chassis.eventstore import events_table
 from ledger.application import CLOCK_AHEAD_SQLSTATE, LedgerApplication, append_batch, last_posted_at
 from ledger.domain.balance import Balance
 from ledger.domain.batch import Batch, aggregate_ids_of
+from ledger.domain.commands import OpenAccount
 from ledger.domain.errors import LedgerError
 
 log = logging.getLogger(__name__)
@@ -342,18 +343,24 @@ class BatchedWriter:
 
     def _prefetch(self, commands: list[Any], *, assume_new: bool) -> None:
         """Learn in one query which of the batch's uncached aggregates exist at all, and the
-        balances of those that are accounts. With `assume_new`, uncached ids the commands
-        would create are taken to be new (see the module's docstring), unless a command of
-        the batch needs one to exist: the assumption is checked only by the save of what
-        the creating command makes, and a creating command refused for its shape makes
-        nothing. Taken as new, an existing account or hold that a malformed opening or
-        hold repeat named would be "not found" for every other command of the batch, and
-        a payment or capture refused for good (its refusal kept, and saved)."""
+        balances of those that are accounts. With `assume_new`, uncached transfer and hold
+        ids the commands would create are taken to be new (see the module's docstring),
+        unless a command of the batch needs one to exist.
+
+        The assumption is checked only by the save of what the creating command makes, and
+        a creating command refused for its shape makes nothing. So an id taken as new must
+        be one no other command of the batch can reach: a hold named by a capture or void is
+        looked up, and so is every account to be opened (a capture or void reaches its
+        accounts through the hold, unnamed). Taken as new, an existing account or hold that
+        a malformed opening or hold repeat named was "not found" for every other command of
+        its batch, and a payment or capture refused for good (its refusal kept, and saved).
+        """
         created: set[UUID] = set()
         needed: set[UUID] = set()
         for command in commands:
             creates, needs = aggregate_ids_of(command)
-            created.update(creates)
+            # Openings are rare, so their ids are always looked up (in the batch's one look-up query).
+            (needed if type(command) is OpenAccount else created).update(creates)
             needed.update(needs)
         cache = self._cache
         # Ids both created and needed join the one look-up query below: no extra round trip.

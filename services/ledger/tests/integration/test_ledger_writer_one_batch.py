@@ -61,6 +61,23 @@ async def test_a_malformed_opening_of_an_existing_account_does_not_make_a_paymen
     assert await saved_balance(ledger.parts.pool, card) == (1_500, 0)
 
 
+async def test_a_malformed_opening_of_a_card_does_not_make_a_capture_or_void_of_its_hold_fail(ledger):
+    # The capture and the void reach the card only through the hold, not by naming it.
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    expires_at = datetime.now(UTC) + timedelta(hours=1)
+    for hold_id in ("auth-1", "auth-2"):
+        await ledger.parts.writer.submit(c.PlaceHold(hold_id, card, settlement, 400, "RUB", expires_at, "card_purchase"))
+    malformed_opening = c.OpenAccount(card, "alice", "card", "RUB", credit_limit_minor=10**14)
+    capture = c.CaptureHold("auth-1", "clearing-1", 400)
+    async with uncached_writer(ledger.settings, running=False) as restarted:
+        refused, captured, voided = await one_batch(restarted, malformed_opening, capture, c.VoidHold("auth-2"))
+        assert isinstance(refused, InvalidAccount)
+        assert not isinstance(captured, Exception) and captured.state == "captured", captured
+        assert not isinstance(voided, Exception) and voided.state == "voided", voided
+        again = await restarted.submit(capture)
+        assert again.replayed and again.state == "captured"
+    assert await saved_balance(ledger.parts.pool, card) == (600, 0)
+
 async def test_a_batch_whose_save_is_refused_leaves_the_writer_judging_by_what_is_stored(ledger):
     # Everything a batch did in memory (an account opened, a hold placed, a capture, a kept
     # refusal, a freeze) is forgotten when its save fails: the next batch answers each
