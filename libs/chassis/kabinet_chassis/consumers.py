@@ -25,7 +25,9 @@ error that is not transient, the batch is replayed one event at a time so that o
 poison event goes to the dead-letter topic and the others are applied. A dead-lettered
 event is then tracked like an applied one (with no effect): the record after it names its
 position as the previous one, and must not look like a gap; a redelivery of the poison is
-skipped instead of dead-lettered again.
+skipped instead of dead-lettered again. So a dead letter comes back only through
+`replay_dead_letters`, after the fix: it applies each of the consumer's dead letters once,
+recording the replay with its effects (its own table, or its own tracking name).
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ CREATE TABLE IF NOT EXISTS consumer_tracking (
     partition integer NOT NULL,
     position bigint NOT NULL,
     PRIMARY KEY (consumer, source, topic, partition)
+);
+-- Dead letters replayed into the consumer after a fix (replay_dead_letters): each once.
+CREATE TABLE IF NOT EXISTS consumer_dead_letters_replayed (
+    consumer text NOT NULL,
+    source text NOT NULL,
+    position bigint NOT NULL,
+    PRIMARY KEY (consumer, source, position)
 )
 """
 
@@ -179,6 +188,9 @@ def trace_parent(record: ConsumerRecord) -> dict[str, str]:
     return {name: value.decode() for name, value in (record.headers or ()) if name in ("traceparent", "tracestate")}
 
 
+DEAD_LETTER_CONSUMER_HEADER = "dlq-consumer"
+
+
 @dataclass
 class DeadLetters:
     """Publishes poison records to `<topic>.dlq` with the reason in a header."""
@@ -189,7 +201,7 @@ class DeadLetters:
     async def send(self, record: ConsumerRecord, consumer: str, error: str) -> None:
         headers = {
             "dlq-error": error[:2000],
-            "dlq-consumer": consumer,
+            DEAD_LETTER_CONSUMER_HEADER: consumer,
             "dlq-source-partition": str(record.partition),
             "dlq-source-offset": str(record.offset),
         }
@@ -315,6 +327,21 @@ class ReadModelConsumer:
         # It was applied as far as the chain goes: its partition follows on again.
         self.read_again.discard((topic, partition))
 
+    async def replay_dead_letter(self, event: IntegrationEvent) -> bool:
+        """Applies a dead-lettered event after a fix, ignoring the tracking that passed over it;
+        False when it was replayed before (then it changes nothing)."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            first_time = await connection.fetchval(
+                "INSERT INTO consumer_dead_letters_replayed (consumer, source, position) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                self.name, event.source, event.position,
+            )
+            if not first_time:
+                return False
+            await self.apply(connection, [event])
+        self.applied_total += 1
+        return True
+
     def _start_span(self, record: ConsumerRecord, event: IntegrationEvent):
         """A CONSUMER span in the producer's trace, covering the transaction that applies the event."""
         carrier = trace_parent(record)
@@ -408,6 +435,114 @@ class ReactionConsumer:
         if event.position <= (self.app.recorder.max_tracking_id(name) or 0):
             return  # already tracked at or past it; eventsourcing refuses to move tracking back
         self.app.recorder.insert_tracking(Tracking(application_name=name, notification_id=event.position))
+
+    async def replay_dead_letter(self, event: IntegrationEvent) -> bool:
+        """ReadModelConsumer's rule: applied once after a fix; False when replayed before."""
+        return await self.threads.run(self._replay_dead_letter, event)
+
+    def _replay_dead_letter(self, event: IntegrationEvent) -> bool:
+        # Its own tracking name per dead letter ("-" is in no source's name, so it never
+        # meets the partitions' names): the partition's tracking is already past it.
+        name = f"{self.name}|dead-letter|{event.source}|{event.position}"
+        for attempt in range(1, REACTION_ATTEMPTS_MAX + 1):
+            if self.app.recorder.max_tracking_id(name):
+                return False
+            aggregates = self.react(event)
+            events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
+            try:
+                self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
+            except IntegrityError:
+                if attempt == REACTION_ATTEMPTS_MAX:
+                    raise
+                continue  # a race with a command of this service, or with another replay: look again
+            self.applied_total += 1
+            return True
+        raise AssertionError("unreachable")
+
+
+REPLAY_RECORDS_MAX = 100_000  # dead-letter records read by one replay, this consumer's or not
+REPLAY_FETCH_MS = 200
+
+
+@dataclass
+class DeadLetterReplay:
+    """What a replay of a consumer's dead letters did."""
+
+    applied: int = 0
+    already_replayed: int = 0
+    # (position, error) of those that failed again (position 0: the envelope cannot be read);
+    # they stay on the dead-letter topic for the next replay.
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+async def replay_dead_letters(
+    consumer: ReadModelConsumer | ReactionConsumer,
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    records_max: int = REPLAY_RECORDS_MAX,
+    timeout_s: float = 300.0,
+) -> DeadLetterReplay:
+    """Applies the consumer's dead letters of `topic` (those on `<topic>.dlq` it sent there),
+    once each, after the fix that lets it apply them. Safe to run again: what was replayed is
+    recorded with its effects. They arrive out of order (after the events that followed them);
+    the fix must allow for that. A transient error stops the replay (run it again later).
+    Reads the dead-letter topic from its beginning to its end as the replay starts."""
+    from aiokafka import AIOKafkaConsumer
+
+    report = DeadLetterReplay()
+    dead_letters = dead_letter_topic(topic)
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                              auto_offset_reset="earliest")
+    await reader.start()
+    try:
+        partitions = sorted(reader.partitions_for_topic(dead_letters) or ()) if dead_letters in await reader.topics() else []
+        if not partitions:
+            return report
+        assigned = [TopicPartition(dead_letters, partition) for partition in partitions]
+        reader.assign(assigned)
+        await reader.seek_to_beginning(*assigned)
+        ends = await reader.end_offsets(assigned)
+        unread = {tp for tp in assigned if await reader.position(tp) < ends[tp]}
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        records_read = 0
+        while unread:
+            if records_read >= records_max or asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"replay of {dead_letters} for {consumer.name} stopped after {records_read} records"
+                                   f" ({report}); run it again")
+            batch = await reader.getmany(*unread, timeout_ms=REPLAY_FETCH_MS)
+            for tp, records in batch.items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        break
+                    records_read += 1
+                    if dict(record.headers or ()).get(DEAD_LETTER_CONSUMER_HEADER) == consumer.name.encode():
+                        await _replay_one(consumer, record, report)
+                if await reader.position(tp) >= ends[tp]:
+                    unread.discard(tp)
+    finally:
+        await reader.stop()
+    log.info("replayed the dead letters of %s for %s: %s", topic, consumer.name, report)
+    return report
+
+
+async def _replay_one(consumer: ReadModelConsumer | ReactionConsumer, record: ConsumerRecord,
+                      report: DeadLetterReplay) -> None:
+    parsed = parse(record)
+    if isinstance(parsed, str):
+        report.failed.append((0, parsed))
+        return
+    try:
+        applied = await consumer.replay_dead_letter(parsed)
+    except Exception as error:
+        if is_transient(error):
+            raise
+        report.failed.append((parsed.position, f"{type(error).__name__}: {error}"[:2000]))
+        return
+    if applied:
+        report.applied += 1
+    else:
+        report.already_replayed += 1
 
 
 class LostDataWatchdog:
