@@ -66,7 +66,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         svc.run_in_background(parts.writer.run)
         svc.run_in_background(parts.projection.run)
         svc.run_in_background(parts.relay.run)
-        svc.run_in_background(functools.partial(expire_holds_forever, parts, clock))
+        svc.run_in_background(functools.partial(expire_holds_forever, parts))
 
     @service.on_stop
     async def stop(svc: Service) -> None:
@@ -77,7 +77,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
     return service, parts
 
 
-async def expire_holds_forever(parts: LedgerParts, clock: Clock) -> None:
+async def expire_holds_forever(parts: LedgerParts) -> None:
     while True:
         await asyncio.sleep(EXPIRY_SWEEP_INTERVAL_S)
         if not parts.writer.is_active:
@@ -85,7 +85,9 @@ async def expire_holds_forever(parts: LedgerParts, clock: Clock) -> None:
         try:
             due = await parts.pool.fetch(
                 "SELECT hold_id FROM ledger_holds WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
-                clock(), EXPIRY_SWEEP_BATCH_MAX,
+                # The ledger's time, not the clock: a clock behind the last batch (stepped back,
+                # or another node's ahead) would leave holds no longer capturable still holding money.
+                parts.writer.ledger_time(), EXPIRY_SWEEP_BATCH_MAX,
             )
             await asyncio.gather(*(parts.writer.submit(commands.ExpireHold(row["hold_id"])) for row in due))
         except Exception:

@@ -146,6 +146,13 @@ class BatchedWriter:
         self._last_posted_at = await last_posted_at(self.pool)
         self._active.set()
 
+    def ledger_time(self) -> datetime:
+        """The time a batch taken now posts at: the clock, but never earlier than the last
+        batch committed (running balances follow the log, statements follow time). Holds
+        expire by it too: a capture is refused from its hold's deadline in this time, so
+        the expiry that frees the money must come by the same time, not by a clock behind it."""
+        return self.clock() if self._last_posted_at is None else max(self.clock(), self._last_posted_at)
+
     @property
     def is_active(self) -> bool:
         return self._active.is_set()
@@ -256,8 +263,7 @@ class BatchedWriter:
         worker thread; the commit is one asyncpg call on the event loop.
         """
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
-            # Never earlier than the last batch: running balances follow the log, statements follow time.
-            now = self.clock() if self._last_posted_at is None else max(self.clock(), self._last_posted_at)
+            now = self.ledger_time()
             outcomes, changes = await anyio.to_thread.run_sync(self._validate, commands, traces, now, attempt == 1)
             if changes is None:
                 return outcomes, []
