@@ -6,9 +6,12 @@ consumer: the read model would stay short of those events for good."""
 
 from __future__ import annotations
 
+import logging
+
 import asyncpg
 import pytest
 
+from kabinet_chassis.consumers import CONSUMER_FAILED_ROUNDS_MAX, ConsumerStuck
 from kabinet_chassis.databases import ensure_database
 from kabinet_chassis.kafka import ensure_topics
 from tests.integration.test_dead_letters_and_gaps import settled
@@ -88,5 +91,48 @@ async def test_a_read_model_waits_out_a_database_that_cannot_write_and_dead_lett
             }
             assert await tracked_position(board_service, consumer_name, topic) == 3
             assert consumer.dead_letters.sent_total == 0
+    finally:
+        await admin.close()
+
+
+async def test_a_consumer_waiting_out_a_database_says_so_in_its_health_check_and_logs_without_flooding(
+    stack, unique_name, caplog
+):
+    """Its loop never ends, so liveness never names it: its check (watched in /health/ready,
+    like the relay's) does, with the error and for how long, once a blip is ruled out. The
+    log says so at once, then about once a minute, not at every retry."""
+    caplog.set_level(logging.INFO, logger="kabinet_chassis.consumers")
+    topic = topic_for(unique_name)
+    await ensure_topics(stack.bootstrap_servers, [topic])
+    settings = stack.service_settings(f"{unique_name}_b")
+    await ensure_database(settings.database_url, settings.service_name)
+    admin = await asyncpg.connect(settings.service_database_url)
+    try:
+        await admin.execute(BOARD_SCHEMA)
+        await admin.execute(OUTAGE)
+        await admin.execute("INSERT INTO outage VALUES ('53100')")
+        await produce(stack.bootstrap_servers, topic, [(note_event(1, {"text": "salary"}), 0)])
+        board_service, parts = build_board_service(settings, topic)
+        async with board_service.running():
+            consumer = parts["consumer"]
+            rounds = CONSUMER_FAILED_ROUNDS_MAX + 2
+
+            async def failed_past_a_blip() -> bool:
+                return await admin.fetchval("SELECT last_value FROM refused_writes") >= rounds
+
+            assert await settled(failed_past_a_blip), "the consumer never tried to write"
+            with pytest.raises(ConsumerStuck, match="DiskFullError") as stuck:
+                await consumer.check()
+            assert consumer.name in str(stuck.value)
+            lines = [r for r in caplog.records if r.name == "kabinet_chassis.consumers" and r.levelno >= logging.WARNING]
+            assert 1 <= len(lines) <= 3, [r.getMessage() for r in lines]
+
+            await admin.execute("DELETE FROM outage")
+
+            async def applied() -> bool:
+                return len(await board(board_service)) == 1
+
+            assert await settled(applied), f"board {await board(board_service)}"
+            assert "stuck" not in await consumer.check()
     finally:
         await admin.close()

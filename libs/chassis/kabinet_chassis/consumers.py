@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,6 +148,50 @@ def is_transient(error: BaseException) -> bool:
 REACTION_ATTEMPTS_MAX = 3
 
 
+# A consumer is stuck, as its `check` says, past this many failed batches in a row (about
+# 3 s of backoff: a blip does not count). It never gives up on a batch (money events must
+# not be skipped), so only its check and the log show it waiting.
+CONSUMER_FAILED_ROUNDS_MAX = 5
+# While it keeps failing, the log says so at the first failures, then once per interval.
+FAILURE_LOG_FIRST = 2
+FAILURE_LOG_INTERVAL_S = 60.0
+ERROR_TEXT_MAX_CHARS = 200
+
+
+class ConsumerStuck(Exception):
+    """The consumer fails every batch: a database that is down, a bug, a dead-letter topic it cannot write."""
+
+
+@dataclass
+class ConsumerHealth:
+    failed_rounds: int = 0  # batches in a row that failed; 0 again once one goes through
+    last_error: str | None = None  # of the last failed batch, cut to ERROR_TEXT_MAX_CHARS
+    failing_since: float | None = None  # time.monotonic() of the first failure in a row
+    logged_at: float | None = None  # of the last log line about this run of failures
+
+    def failed(self, error: BaseException) -> bool:
+        """Counts a failed batch; True when the log should say so now."""
+        now = time.monotonic()
+        self.failed_rounds += 1
+        self.last_error = f"{type(error).__name__}: {error}"[:ERROR_TEXT_MAX_CHARS]
+        if self.failing_since is None:
+            self.failing_since = now
+        if self.failed_rounds <= FAILURE_LOG_FIRST or self.logged_at is None or now - self.logged_at >= FAILURE_LOG_INTERVAL_S:
+            self.logged_at = now
+            return True
+        return False
+
+    def went_through(self) -> None:
+        self.failed_rounds, self.last_error, self.failing_since, self.logged_at = 0, None, None, None
+
+    def check(self, name: str) -> str:
+        if self.failed_rounds > CONSUMER_FAILED_ROUNDS_MAX:
+            failing_s = time.monotonic() - (self.failing_since or time.monotonic())
+            raise ConsumerStuck(f"consumer {name} has failed {self.failed_rounds} batches in a row for {failing_s:.0f}s"
+                                f" and waits (nothing is skipped); last error: {self.last_error}")
+        return f"{self.failed_rounds} failed batches in a row" if self.failed_rounds else "consuming"
+
+
 def parse(record: ConsumerRecord) -> IntegrationEvent | str:
     """The record's envelope, or why the record is poison."""
     try:
@@ -229,6 +274,11 @@ class ReadModelConsumer:
     skipped_total: int = 0
     # (topic, partition) read again from the start because of a gap, not yet past it.
     read_again: set[tuple[str, int]] = field(default_factory=set)
+    health: ConsumerHealth = field(default_factory=ConsumerHealth)
+
+    async def check(self) -> str:
+        """A watched health check: raises ConsumerStuck past CONSUMER_FAILED_ROUNDS_MAX failed batches in a row."""
+        return self.health.check(self.name)
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         # Two parallel lists rather than an object per record: a batch's objects outlive
@@ -381,6 +431,11 @@ class ReactionConsumer:
     skipped_total: int = 0
     # (topic, partition) read again from the start because of a gap, not yet past it.
     read_again: set[tuple[str, int]] = field(default_factory=set)
+    health: ConsumerHealth = field(default_factory=ConsumerHealth)
+
+    async def check(self) -> str:
+        """A watched health check: raises ConsumerStuck past CONSUMER_FAILED_ROUNDS_MAX failed batches in a row."""
+        return self.health.check(self.name)
 
     def tracking_name(self, key: tuple[str, str, int]) -> str:
         source, topic, partition = key
@@ -637,7 +692,6 @@ def subscribe(
     Returns the watchdog, whose `run` the service keeps in the background.
     """
     backoff = {"s": _BACKOFF_START_S}
-    failed_rounds = {"n": 0}  # batches in a row that failed
     watchdog = LostDataWatchdog(bootstrap_servers, topic)
 
     subscriber = broker.subscriber(
@@ -678,13 +732,12 @@ def subscribe(
             # whole batch with it. A bug that fails every time stalls the consumer, visibly,
             # rather than lose money events.
             rewind(subscriber.consumer, records)
-            failed_rounds["n"] += 1
-            if is_transient(error):
-                log.warning("%s: transient error %r; redelivering in %.1fs", consumer.name, error, backoff["s"])
-            else:
-                # The traceback once per run of failures, then one line per round.
-                log.error("%s: batch failed (%d rounds in a row): %r; reading it again in %.1fs", consumer.name,
-                          failed_rounds["n"], error, backoff["s"], exc_info=error if failed_rounds["n"] == 1 else None)
+            health = consumer.health
+            if health.failed(error):  # not at every retry: a database down for hours must not flood the log
+                level = logging.WARNING if is_transient(error) else logging.ERROR
+                log.log(level, "%s: batch failed (%d in a row, for %.0fs): %r; reading it again in %.1fs",
+                        consumer.name, health.failed_rounds, time.monotonic() - (health.failing_since or 0.0), error,
+                        backoff["s"], exc_info=error if level == logging.ERROR and health.failed_rounds == 1 else None)
             await asyncio.sleep(backoff["s"])
             backoff["s"] = min(backoff["s"] * 2, _BACKOFF_MAX_S)
             return
@@ -693,7 +746,9 @@ def subscribe(
             consumer.read_again.clear()
             raise
         backoff["s"] = _BACKOFF_START_S
-        failed_rounds["n"] = 0
+        if consumer.health.failed_rounds:
+            log.info("%s: going on after %d failed batches in a row", consumer.name, consumer.health.failed_rounds)
+            consumer.health.went_through()
         watchdog.saw(records)
         try:
             await message.ack()
