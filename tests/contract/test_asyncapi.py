@@ -10,7 +10,9 @@ import pytest
 from pydantic import BaseModel, create_model
 
 from kabinet_contracts.asyncapi import asyncapi_document
-from kabinet_contracts.registry import EventRegistry, EventType
+from kabinet_contracts.ledger import LEDGER_TOPIC
+from kabinet_contracts.registry import REGISTRY, EventRegistry, EventType
+from ledger.integration import _PUBLIC_NAMES
 
 
 def published_document() -> dict:
@@ -101,3 +103,18 @@ def test_two_payloads_sharing_one_model_publish_it_once():
     document = asyncapi_document(_registry_of(FirstPayload, SecondPayload))
     assert document["components"]["schemas"]["Amount"] == Amount.model_json_schema()
     assert all(resolves(document, ref) for ref in refs(document))
+
+
+def test_the_ledger_publishes_exactly_the_event_types_its_asyncapi_channel_documents():
+    """What subscribers and analysts read off the document is what arrives: a domain event
+    mapped to a public type the document lacks, or a documented type nothing publishes,
+    fails here, whether or not an integration test happens to produce it."""
+    published = set(_PUBLIC_NAMES.values())
+    assert len(published) == len(_PUBLIC_NAMES), "two domain events are published as one type"
+    registered = {event_type.name for event_type in REGISTRY.all() if event_type.topic == LEDGER_TOPIC}
+    document = asyncapi_document(REGISTRY)
+    channel = document["channels"][LEDGER_TOPIC.replace(".", "_")]
+    documented = {document["components"]["messages"][name]["name"] for name in channel["messages"]}
+    assert published - documented == set(), "published, but not in the AsyncAPI document"
+    assert documented - published == set(), "in the AsyncAPI document, but no domain event is published as it"
+    assert registered == documented
