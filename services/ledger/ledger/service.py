@@ -63,6 +63,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
             database_url=settings.service_database_url,
         )
         svc.run_in_background(functools.partial(parts.writer.lead, settings.service_database_url))
+        svc.checks["writer"] = parts.writer.lead_check
         svc.run_in_background(parts.writer.run)
         svc.run_in_background(parts.projection.run)
         svc.run_in_background(parts.relay.run)

@@ -157,6 +157,14 @@ class BatchedWriter:
     def is_active(self) -> bool:
         return self._active.is_set()
 
+    async def lead_check(self) -> str:
+        """Readiness: only the active writer serves the ledger. A standby would answer every
+        write 503 after a wait, and its reads would not wait for what the active one has just
+        committed; out of load balancing, it takes over when the active one goes."""
+        if not self.is_active:
+            raise LedgerUnavailable("standby: another ledger process is the active writer")
+        return f"active writer, at position {self.last_position}"
+
     async def lead(self, database_url: str) -> None:
         """Run until cancelled: be the ledger's one active writer while this process holds
         the `ledger_writer` advisory lock, and a standby (writes answer 503) while another
