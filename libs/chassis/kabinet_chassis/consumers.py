@@ -316,13 +316,21 @@ class ReadModelConsumer:
 
     async def _apply_in_one_transaction(self, records: Sequence[ConsumerRecord], events: Sequence[IntegrationEvent]) -> None:
         async with self.pool.acquire() as connection, connection.transaction():
-            keys = {tracking_key(record, event) for record, event in zip(records, events, strict=True)}
-            # One round trip for every (source, topic, partition) of the batch; keys never seen have no row.
+            # Sorted, so that two transactions lock the rows in one order (no deadlock).
+            keys = sorted({tracking_key(record, event) for record, event in zip(records, events, strict=True)})
+            # One round trip locks the tracking row of every (source, topic, partition) of the
+            # batch and reads its position; a key never seen gets its row (position 0) first.
+            # A SELECT ... FOR UPDATE locked nothing for such a key: two instances of the
+            # consumer handling the same records during a rebalance both found no row and
+            # both applied the batch. The no-op update is what takes the lock on a row that
+            # exists, and a concurrent insert of the same key waits for the other to commit,
+            # then returns the position it committed.
             rows = await connection.fetch(
-                "SELECT t.source, t.topic, t.partition, t.position"
+                "INSERT INTO consumer_tracking (consumer, source, topic, partition, position)"
+                " SELECT $1, k.source, k.topic, k.partition, 0"
                 " FROM unnest($2::text[], $3::text[], $4::integer[]) AS k(source, topic, partition)"
-                " JOIN consumer_tracking t ON t.consumer = $1 AND t.source = k.source AND t.topic = k.topic"
-                " AND t.partition = k.partition FOR UPDATE OF t",
+                " ON CONFLICT (consumer, source, topic, partition) DO UPDATE SET position = consumer_tracking.position"
+                " RETURNING source, topic, partition, position",
                 self.name, *(list(column) for column in zip(*keys, strict=True)),
             )
             tracked = {(row["source"], row["topic"], row["partition"]): row["position"] for row in rows}
