@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,26 @@ CREATE TABLE IF NOT EXISTS consumer_dead_letters_replayed (
 
 class PoisonMessage(Exception):
     """The event can never be applied (malformed, unknown type, broken invariant)."""
+
+
+# The event types a consumer applies, each with the newest schema version it understands.
+# None (the default): every event goes to its apply or react, which must decide itself.
+Reads = Mapping[str, int]
+
+
+def is_read(event: IntegrationEvent, reads: Reads | None) -> bool:
+    """Whether the consumer applies the event: False for a type it does not read (it passes
+    by, tracked with no effect: producers add types); PoisonMessage for a schema version
+    newer than it understands (dead-lettered, to replay once it is upgraded), never applied
+    as the version it knows. A dict lookup per event."""
+    if reads is None:
+        return True
+    newest = reads.get(event.type)
+    if newest is None:
+        return False
+    if event.schema_version > newest:
+        raise PoisonMessage(f"{event.type} v{event.schema_version} is newer than this consumer reads (v{newest})")
+    return True
 
 
 class PartitionGap(Exception):
@@ -270,6 +290,7 @@ class ReadModelConsumer:
     pool: asyncpg.Pool
     apply: ApplyToReadModel
     dead_letters: DeadLetters
+    reads: Reads | None = None
     applied_total: int = 0
     skipped_total: int = 0
     # (topic, partition) read again from the start because of a gap, not yet past it.
@@ -342,9 +363,10 @@ class ReadModelConsumer:
                 applied_up_to = advanced.get(key, tracked.get(key, 0))
                 if event.position <= applied_up_to or not follows_on(record, applied_up_to, self.read_again):
                     continue
-                fresh_records.append(record)
-                fresh.append(event)
                 advanced[key] = event.position
+                if is_read(event, self.reads):
+                    fresh_records.append(record)
+                    fresh.append(event)
             if fresh:
                 # Started only once no gap can abort the batch, so every span is ended.
                 spans = [self._start_span(record, event) for record, event in zip(fresh_records, fresh, strict=True)]
@@ -354,6 +376,7 @@ class ReadModelConsumer:
                     for span in spans:
                         if span is not None:
                             span.end()
+            if advanced:  # events of types it does not read are tracked too: the chain goes on
                 await connection.executemany(
                     "INSERT INTO consumer_tracking (consumer, source, topic, partition, position)"
                     " VALUES ($1, $2, $3, $4, $5)"
@@ -396,6 +419,8 @@ class ReadModelConsumer:
             )
             if not first_time:
                 return False
+            if not is_read(event, self.reads):
+                return True  # a type it does not read: nothing to apply, and nothing left to replay
             await self.apply(connection, [event])
         self.applied_total += 1
         return True
@@ -435,6 +460,7 @@ class ReactionConsumer:
     react: React
     dead_letters: DeadLetters
     threads: WorkerThreads
+    reads: Reads | None = None
     applied_total: int = 0
     skipped_total: int = 0
     # (topic, partition) read again from the start because of a gap, not yet past it.
@@ -476,8 +502,9 @@ class ReactionConsumer:
         if event.position <= applied_up_to or not follows_on(record, applied_up_to, self.read_again):
             self.skipped_total += 1
             return False
+        read = is_read(event, self.reads)
         for attempt in range(1, REACTION_ATTEMPTS_MAX + 1):
-            aggregates = self.react(event)
+            aggregates = self.react(event) if read else ()  # a type it does not read: tracked, no effect
             events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
             try:
                 self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
@@ -488,8 +515,11 @@ class ReactionConsumer:
                     self.skipped_total += 1  # the race was with another copy of this consumer: applied there
                     return False
                 continue
-            self.applied_total += 1
-            return True
+            if read:
+                self.applied_total += 1
+            else:
+                self.skipped_total += 1
+            return True  # tracked: its partition follows on
         raise AssertionError("unreachable")
 
     def _track_dead_lettered(self, record: ConsumerRecord, event: IntegrationEvent) -> None:
@@ -510,7 +540,7 @@ class ReactionConsumer:
         for attempt in range(1, REACTION_ATTEMPTS_MAX + 1):
             if self.app.recorder.max_tracking_id(name):
                 return False
-            aggregates = self.react(event)
+            aggregates = self.react(event) if is_read(event, self.reads) else ()
             events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
             try:
                 self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
