@@ -57,6 +57,10 @@ RELAY_FAILED_ROUNDS_MAX = 5
 # ... or once it went this long without progress while events wait (a hang, no error).
 RELAY_STALL_MAX_S = 60.0
 BACKOFF_FIRST_S = 0.1
+# A relay failing every round (a database down for hours) logs the traceback of its first
+# failures, then one line per interval: a traceback per round buried the service's log.
+FAILURE_LOG_FIRST = 2
+FAILURE_LOG_INTERVAL_S = 60.0
 _CONNECT_TIMEOUT_S = 10
 ERROR_TEXT_MAX_CHARS = 200
 
@@ -138,6 +142,7 @@ class OutboxRelay:
         self.failed_rounds = 0  # rounds in a row that ended in an error; 0 again on progress
         self.last_error: str | None = None  # of the last failed round, cut to ERROR_TEXT_MAX_CHARS
         self.last_progress_at = time.monotonic()  # a page recorded, nothing to publish, or the lead taken
+        self._failure_logged_at = 0.0  # time.monotonic() of the last log line about failed rounds
 
     async def run(self) -> None:
         """Run until cancelled: wait for leadership, then relay; back off on errors."""
@@ -150,8 +155,12 @@ class OutboxRelay:
                 self.failed_rounds += 1
                 self.last_error = f"{type(error).__name__}: {error}"[:ERROR_TEXT_MAX_CHARS]
                 backoff_s = min(BACKOFF_FIRST_S * 2 ** min(self.failed_rounds - 1, 10), self.config.backoff_max_s)
-                log.exception("outbox relay for %s failed (%d rounds in a row); retrying in %.1fs",
-                              self.config.source, self.failed_rounds, backoff_s)
+                now = time.monotonic()
+                if self.failed_rounds <= FAILURE_LOG_FIRST or now - self._failure_logged_at >= FAILURE_LOG_INTERVAL_S:
+                    self._failure_logged_at = now
+                    log.error("outbox relay for %s failed (%d rounds in a row): %s; retrying in %.1fs",
+                              self.config.source, self.failed_rounds, self.last_error, backoff_s,
+                              exc_info=error if self.failed_rounds <= FAILURE_LOG_FIRST else None)
                 await asyncio.sleep(backoff_s)
 
     async def check(self) -> str:

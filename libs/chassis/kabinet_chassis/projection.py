@@ -56,6 +56,10 @@ PROJECTION_STALL_MAX_S = 60.0
 # server that crashed may have lost its last pages (committed without waiting for the flush).
 STORED_POSITION_CHECK_S = 1.0
 ERROR_TEXT_MAX_CHARS = 200
+# One failing every round (a database down for hours) logs the traceback of its first
+# failures, then one line per interval: a traceback per round buried the service's log.
+FAILURE_LOG_FIRST = 2
+FAILURE_LOG_INTERVAL_S = 60.0
 
 
 class ProjectionStuck(Exception):
@@ -91,6 +95,7 @@ class LocalProjection:
         self.failed_rounds = 0  # rounds in a row that ended in an error; 0 again on progress
         self.last_error: str | None = None  # of the last failed round, cut to ERROR_TEXT_MAX_CHARS
         self.last_progress_at = time.monotonic()  # a page applied, or nothing new found
+        self._failure_logged_at = 0.0  # time.monotonic() of the last log line about failed rounds
         self._advanced = asyncio.Event()
         self._new_events = asyncio.Event()
         self._handed_over: deque[Sequence[tuple[int, Any]]] = deque(maxlen=HANDED_OVER_PAGES_MAX)
@@ -135,8 +140,12 @@ class LocalProjection:
                 self.failed_rounds += 1
                 self.last_error = f"{type(error).__name__}: {error}"[:ERROR_TEXT_MAX_CHARS]
                 backoff_s = min(BACKOFF_FIRST_S * 2 ** min(self.failed_rounds - 1, 10), BACKOFF_MAX_S)
-                log.exception("projection %s failed after position %d (%d rounds in a row); retrying in %.2fs",
-                              self.name, self.position, self.failed_rounds, backoff_s)
+                now = time.monotonic()
+                if self.failed_rounds <= FAILURE_LOG_FIRST or now - self._failure_logged_at >= FAILURE_LOG_INTERVAL_S:
+                    self._failure_logged_at = now
+                    log.error("projection %s failed after position %d (%d rounds in a row): %s; retrying in %.2fs",
+                              self.name, self.position, self.failed_rounds, self.last_error, backoff_s,
+                              exc_info=error if self.failed_rounds <= FAILURE_LOG_FIRST else None)
                 await asyncio.sleep(backoff_s)
 
     async def check(self) -> str:
