@@ -45,8 +45,8 @@ async def test_a_relay_failing_on_every_round_shows_the_service_degraded_naming_
     service, parts = build(stack.service_settings(f"ledger_{unique_name}"))
     app = service.http_app()  # before the start, as uvicorn does: the relay's check is registered in on_start
     async with service.running(), client_of(app, ledger_poster(stack.root)) as client:
-        ready = await client.get("/health/ready")
-        assert ready.status_code == 200, ready.text
+        # Ready once its writer leads (a standby ledger is not ready), a moment after the start.
+        ready = await until(lambda: _ready_response(client), "the ledger's writer to lead")
         assert ready.json()["watched"][f"outbox_relay:{LEDGER_SOURCE}"]["status"] == "up"
 
         def broken_mapping(event, position):  # an event the mapping cannot handle (a bug, a poison event)
@@ -119,6 +119,11 @@ async def test_a_standby_relay_is_healthy_while_the_leading_one_is_stuck(stack, 
             standby_ready = await standby_client.get("/health/ready")
     assert standby_ready.status_code == 200, standby_ready.text
     assert standby_ready.json()["watched"][f"outbox_relay:{unique_name}"]["detail"].startswith("standby")
+
+
+async def _ready_response(client: httpx.AsyncClient) -> httpx.Response | None:
+    response = await client.get("/health/ready")
+    return response if response.status_code == 200 else None
 
 
 async def _ready(client: httpx.AsyncClient) -> bool:
