@@ -51,6 +51,9 @@ RETRIES_SEEN = 3
 @pytest.mark.parametrize("sqlstate", [
     "53100",  # disk_full
     "25006",  # read_only_sql_transaction: a standby, as right after a failover
+    "42P01",  # undefined_table: the read model's migration has not run yet (code deployed first)
+    "42501",  # insufficient_privilege: a grant the deployment forgot
+    "XX001",  # data_corrupted: a damaged page of the read model's table
 ])
 async def test_a_read_model_waits_out_a_database_that_cannot_write_and_dead_letters_nothing(
     stack, unique_name, sqlstate
@@ -136,3 +139,27 @@ async def test_a_consumer_waiting_out_a_database_says_so_in_its_health_check_and
             assert "stuck" not in await consumer.check()
     finally:
         await admin.close()
+
+
+async def test_an_event_whose_values_the_driver_refuses_is_dead_lettered_not_retried_for_ever(stack, unique_name):
+    """The other side of the rule: what is wrong with the event itself (a number where the read
+    model stores text: asyncpg's DataError, SQLSTATE class 22) is poison. Waited out like an
+    outage, it would stop the consumer on every partition for good."""
+    topic = topic_for(unique_name)
+    await ensure_topics(stack.bootstrap_servers, [topic])
+    await produce(stack.bootstrap_servers, topic, [
+        (note_event(1, {"text": "salary"}), 0),
+        (note_event(2, {"text": 5}), 1),
+        (note_event(3, {"text": "groceries"}), 2),
+    ])
+    settings = stack.service_settings(f"{unique_name}_b")
+    board_service, parts = build_board_service(settings, topic)
+    async with board_service.running():
+        consumer = parts["consumer"]
+
+        async def went_past_it() -> bool:
+            return len(await board(board_service)) == 2
+
+        assert await settled(went_past_it), f"board {await board(board_service)}, health {consumer.health}"
+        assert await board(board_service) == {"note-1": ("salary", 1), "note-3": ("groceries", 1)}
+        assert consumer.dead_letters.sent_total == 1

@@ -135,9 +135,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 # SQLSTATE classes of a database that cannot work now but will, whatever the driver calls
 # the error: 08 connection exception, 53 insufficient resources (disk full, out of memory,
 # too many connections), 57 operator intervention (shutdown, a cancelled statement), 58
-# system error (I/O). Before these were classified, a full disk dead-lettered (and so
-# tracked, and lost for this consumer) every event that arrived until it was freed.
-TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "58"})
+# system error (I/O), XX internal error (a corrupted page or index). Also 42, syntax error
+# or access rule violation: the read model's table or a grant is missing (code deployed
+# before its migration), or its SQL is wrong; every event would fail alike, so it is the
+# consumer to mend, not an event to drop. Before these were classified, a full disk
+# dead-lettered (and so tracked, and lost for this consumer) every event that arrived until
+# it was freed. What is wrong with an event itself stays poison: data exceptions (22),
+# constraint violations (23), and the errors that apply code raises.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "42", "53", "57", "58", "XX"})
 # Single states to wait out: a read-only transaction (a standby answering, as right after a
 # failover), serialization failures and deadlocks, a lock or an object in use.
 TRANSIENT_SQLSTATES = frozenset({"25006", "40001", "40P01", "55P03", "55006"})
