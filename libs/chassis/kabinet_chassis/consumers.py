@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from eventsourcing.persistence import IntegrityError, Tracking
 from faststream import AckPolicy
@@ -545,7 +545,8 @@ class ReactionConsumer:
         for attempt in range(1, REACTION_ATTEMPTS_MAX + 1):
             if self.app.recorder.max_tracking_id(name):
                 return False
-            aggregates = self.react(event) if is_read(event, self.reads) else ()
+            read = is_read(event, self.reads)
+            aggregates = self.react(event) if read else ()
             events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
             try:
                 self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
@@ -553,13 +554,14 @@ class ReactionConsumer:
                 if attempt == REACTION_ATTEMPTS_MAX:
                     raise
                 continue  # a race with a command of this service, or with another replay: look again
-            self.applied_total += 1
+            self.applied_total += read
             return True
         raise AssertionError("unreachable")
 
 
 REPLAY_RECORDS_MAX = 100_000  # dead-letter records read by one replay, this consumer's or not
 REPLAY_FETCH_MS = 200
+REPLAY_FAILURES_LISTED_MAX = 100  # in the report; all are counted
 
 
 @dataclass
@@ -568,9 +570,15 @@ class DeadLetterReplay:
 
     applied: int = 0
     already_replayed: int = 0
-    # (position, error) of those that failed again (position 0: the envelope cannot be read);
-    # they stay on the dead-letter topic for the next replay.
+    # (position, error) of those that failed again (position 0: the envelope cannot be read),
+    # the first REPLAY_FAILURES_LISTED_MAX; they stay on the dead-letter topic for the next replay.
     failed: list[tuple[int, str]] = field(default_factory=list)
+    failed_total: int = 0
+
+    def add_failure(self, position: int, error: str) -> None:
+        self.failed_total += 1
+        if len(self.failed) < REPLAY_FAILURES_LISTED_MAX:
+            self.failed.append((position, error[:ERROR_TEXT_MAX_CHARS]))
 
 
 async def replay_dead_letters(
@@ -586,8 +594,6 @@ async def replay_dead_letters(
     recorded with its effects. They arrive out of order (after the events that followed them);
     the fix must allow for that. A transient error stops the replay (run it again later).
     Reads the dead-letter topic from its beginning to its end as the replay starts."""
-    from aiokafka import AIOKafkaConsumer
-
     report = DeadLetterReplay()
     dead_letters = dead_letter_topic(topic)
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
@@ -628,14 +634,14 @@ async def _replay_one(consumer: ReadModelConsumer | ReactionConsumer, record: Co
                       report: DeadLetterReplay) -> None:
     parsed = parse(record)
     if isinstance(parsed, str):
-        report.failed.append((0, parsed))
+        report.add_failure(0, parsed)
         return
     try:
         applied = await consumer.replay_dead_letter(parsed)
     except Exception as error:
         if is_transient(error):
             raise
-        report.failed.append((parsed.position, f"{type(error).__name__}: {error}"[:2000]))
+        report.add_failure(parsed.position, f"{type(error).__name__}: {error}")
         return
     if applied:
         report.applied += 1
