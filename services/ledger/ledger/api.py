@@ -22,6 +22,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import Problem, problem_responses
+from kabinet_chassis.eventstore import events_table
 from kabinet_chassis.idempotency import callers_scope, idempotency_key, run_once
 from kabinet_contracts import ledger_api
 from kabinet_contracts.ledger import BANK_OWNER_ID
@@ -186,10 +187,21 @@ class Ledger:
             raise Problem(503, "ledger_unavailable", str(unavailable), headers={"Retry-After": "5"}) from None
 
     async def read_your_writes(self, timeout_s: float = 30.0) -> None:
+        """Wait until the read model shows everything committed before this call."""
         try:
-            await self.projection.wait_for(self.writer.last_position, timeout_s)
+            await self.projection.wait_for(await self._committed_position(), timeout_s)
         except TimeoutError as behind:  # committed, but not readable yet: a command's retry answers from its key
             raise Problem(503, "read_model_behind", str(behind), headers={"Retry-After": "1"}) from None
+
+    async def _committed_position(self) -> int:
+        """The log's last committed position. The active writer's last commit is that (it is
+        the one writer); a process that is not (a standby, or one that has just lost the
+        lead and is still asked until its readiness is next probed) committed nothing since,
+        so it asks the log: waiting for its own last commit, it answered from a read model
+        without a payment the active writer had just confirmed."""
+        if self.writer.is_active:
+            return self.writer.last_position
+        return await self.pool.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(self.writer.app.recorder)}")
 
 
 def _bad_parameter(code: str, field: str, message: str) -> Problem:
