@@ -34,9 +34,13 @@ from ledger.domain.errors import LedgerError
 from ledger.writer import LedgerBusy, LedgerUnavailable
 
 
+def _outside_the_calendar() -> ValueError:
+    return ValueError(f"must be from {commands.INSTANT_MIN.isoformat()} to before {commands.INSTANT_MAX.isoformat()}")
+
+
 def _within_the_ledgers_calendar(instant: datetime) -> datetime:
     if not commands.INSTANT_MIN <= instant < commands.INSTANT_MAX:
-        raise ValueError(f"must be from {commands.INSTANT_MIN.isoformat()} to before {commands.INSTANT_MAX.isoformat()}")
+        raise _outside_the_calendar()
     return instant
 
 
@@ -54,7 +58,12 @@ def _rounded_up_to_a_microsecond(value: Any, parse: ValidatorFunctionWrapHandler
     are exactly those before the instant written, whichever side of a period it bounds."""
     instant = parse(value)
     beyond = _BEYOND_MICROSECONDS.search(value) if isinstance(value, str) else None
-    return instant + timedelta(microseconds=1) if beyond and beyond.group(1).strip("0") else instant
+    if not (beyond and beyond.group(1).strip("0")):
+        return instant
+    try:
+        return instant + timedelta(microseconds=1)
+    except OverflowError:  # the last microsecond of year 9999 has none after it: bad input, not a 500
+        raise _outside_the_calendar() from None
 
 
 # An instant a read is asked at or bounded by (`at`, `since`, `until`).

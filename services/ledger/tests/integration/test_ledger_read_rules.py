@@ -156,3 +156,17 @@ async def test_a_period_or_amount_range_the_wrong_way_round_names_the_parameter_
         assert response.status_code == 422 and response.json()["code"] == code, response.text
         assert response.headers["content-type"].startswith("application/problem+json")
         assert [error["field"] for error in response.json().get("errors", [])] == [field], response.text
+
+
+async def test_an_instant_in_nanoseconds_at_the_end_of_the_calendar_is_refused_by_name_not_a_server_error(ledger):
+    # Rounded up to its microsecond, 9999-12-31T23:59:59.9999999 has no instant to go to.
+    card = await open_account(ledger)
+    last = "9999-12-31T23:59:59.9999999"
+    for path, params, field in ((f"/accounts/{card}/balance", {"at": f"{last}Z"}, "at"),
+                                (f"/accounts/{card}/history", {"until": f"{last}-05:00"}, "until"),
+                                (f"/accounts/{card}/statement", {"since": "2026-01-01T00:00:00Z", "until": f"{last}+00:00"},
+                                 "until")):
+        response = await ledger.get(path, params=params)
+        assert response.status_code == 422, (path, params, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert [error["field"] for error in response.json()["errors"]] == [field], response.text
