@@ -15,6 +15,7 @@ from uuid import UUID
 
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from opentelemetry import propagate
 from pydantic import BaseModel
 
@@ -109,6 +110,21 @@ def _not_stored(response: Response) -> None:
     response.headers["Cache-Control"] = "no-store"
 
 
+QUERY_ERRORS_SHOWN_MAX = 10  # as the ledger: a query of thousands of made-up names is answered in a few lines
+
+
+def _only_the_query_of(request: Request, query: type[BaseModel] | None) -> None:
+    """The routes that pass on no query (an account) or only part of it (the customer's
+    accounts, to which the gateway adds the owner) refuse a parameter they do not have by
+    name, as the ledger does on the others: ignored, `at` on an account answered today's
+    balances as if they were those asked for, and `limt` a page of another size."""
+    names = set(query.model_fields) if query is not None else set()
+    errors = [{"loc": ("query", name), "type": "extra_forbidden", "msg": "not a parameter of this request"}
+              for name in dict.fromkeys(name for name, _ in request.query_params.multi_items()) if name not in names]
+    if errors:
+        raise RequestValidationError(errors[:QUERY_ERRORS_SHOWN_MAX])
+
+
 def passed_on(request: Request) -> tuple[str, list[tuple[str, str]]]:
     """The customer's token and query, as asked: a parameter given twice reaches the ledger
     twice (which refuses it by name) rather than one of them quietly winning here."""
@@ -166,15 +182,17 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
                                            ledger_api.AccountsQuery, lists=True))
     async def my_accounts(request: Request, me: Principal = me_dependency):
         """The caller's accounts, a page at a time (follow `next_cursor` until it is null)."""
-        paging = {name: request.query_params[name] for name in ("cursor", "limit") if name in request.query_params}
-        found = await ledger.get("/accounts", request.headers["authorization"],
-                                 {**paging, "owner_id": me.customer_id})  # a parameter, never a path
+        _only_the_query_of(request, ledger_api.AccountsQuery)
+        authorization, paging = passed_on(request)  # a second `cursor` or `limit` too, which the ledger refuses by name
+        found = await ledger.get("/accounts", authorization,
+                                 [*paging, ("owner_id", me.customer_id)])  # a parameter, never a path
         mine = [account for account in _expected(found, "accounts", list)
                 if isinstance(account, dict) and account.get("owner_id") == me.customer_id]
         return {**found, "accounts": mine}
 
     @router.get("/accounts/{account_id}", **_documented("One of my accounts and its balances", ledger_api.Account))
     async def my_account(account_id: UUID, request: Request, me: Principal = me_dependency):
+        _only_the_query_of(request, None)
         return await own_account(me, account_id, request)
 
     @router.get("/accounts/{account_id}/balance", **_documented(

@@ -144,10 +144,33 @@ async def test_a_customer_with_more_accounts_than_a_page_sees_each_once_by_follo
             break
     assert sorted(listed) == sorted(opened) and len(set(listed)) == len(listed)
 
-    # Alice's cursor in Bob's hands is no cursor of his; naming Alice as owner changes nothing.
+    # Alice's cursor in Bob's hands is no cursor of his; naming Alice as owner is no parameter of the cabinet.
     bobs = await open_card(bank, "bob")
-    for paging in ({"cursor": opened[0]}, {"cursor": opened[0], "owner_id": "alice"}):
+    refused = await bank.get("/v1/me/accounts", headers=bearer(bank, "bob"), params={"cursor": opened[0]})
+    assert refused.status_code == 422 and refused.json()["code"] == "invalid_cursor"
+    for paging in ({"cursor": opened[0], "owner_id": "alice"}, {"owner_id": "alice"}):
         refused = await bank.get("/v1/me/accounts", headers=bearer(bank, "bob"), params=paging)
-        assert refused.status_code == 422 and refused.json()["code"] == "invalid_cursor", paging
-    seen = (await bank.get("/v1/me/accounts", headers=bearer(bank, "bob"), params={"owner_id": "alice"})).json()
+        assert refused.status_code == 422 and [e["field"] for e in refused.json()["errors"]] == ["owner_id"], paging
+        assert opened[0] not in refused.text
+    seen = (await bank.get("/v1/me/accounts", headers=bearer(bank, "bob"))).json()
     assert [account["account_id"] for account in seen["accounts"]] == [bobs]
+
+
+async def test_a_query_parameter_the_cabinet_does_not_have_is_refused_by_name_on_every_route(bank):
+    # As the ledger does: ignored, `at` on an account would answer today's balances as if
+    # they were those asked for, and a misspelt or second `limit` another page than asked.
+    card = await open_funded_card(bank, "alice", 5_000)
+    alice = bearer(bank, "alice")
+    for path, params, field in (
+            (f"/v1/me/accounts/{card}", {"at": "2020-01-01T00:00:00Z"}, "at"),
+            ("/v1/me/accounts", {"limt": "1"}, "limt"),
+            ("/v1/me/accounts", {"owner_id": "alice"}, "owner_id"),
+            ("/v1/me/accounts", [("limit", "500"), ("limit", "1")], "limit"),
+            (f"/v1/me/accounts/{card}/balance", {"date": "2020-01-01T00:00:00Z"}, "date"),
+            (f"/v1/me/accounts/{card}/history", {"amount_min": "1"}, "amount_min")):
+        response = await bank.get(path, headers=alice, params=params)
+        assert response.status_code == 422, (path, params, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert [error["field"] for error in response.json()["errors"]] == [field], (path, params, response.text)
+    # Without a token, a bad query is no business of the cabinet's yet: 401 as for any request.
+    assert (await bank.get(f"/v1/me/accounts/{card}", params={"at": "2020-01-01T00:00:00Z"})).status_code == 401
