@@ -81,6 +81,8 @@ class Service:
             self.broker, topic, consumer, bootstrap_servers=self.settings.kafka_bootstrap_servers
         )
         self.topics_consumed.append(topic)
+        # Watched, not gating: a consumer waiting out its database must not take the API down.
+        self.watched[f"consumer:{consumer.name}"] = consumer.check
         self.run_in_background(watchdog.run)
 
     def run_in_background(self, runner: Callable[[], Awaitable[None]]) -> None:
