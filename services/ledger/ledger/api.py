@@ -22,7 +22,6 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import Problem, problem_responses
-from kabinet_chassis.eventstore import events_table
 from kabinet_chassis.idempotency import callers_scope, idempotency_key, run_once
 from kabinet_contracts import ledger_api
 from kabinet_contracts.ledger import BANK_OWNER_ID
@@ -208,9 +207,7 @@ class Ledger:
         lead and is still asked until its readiness is next probed) committed nothing since,
         so it asks the log: waiting for its own last commit, it answered from a read model
         without a payment the active writer had just confirmed."""
-        if self.writer.is_active:
-            return self.writer.last_position
-        return await self.pool.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(self.writer.app.recorder)}")
+        return self.writer.last_position if self.writer.is_active else await self.writer.log_head()
 
 
 def _bad_parameter(code: str, field: str, message: str) -> Problem:

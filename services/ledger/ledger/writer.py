@@ -140,11 +140,13 @@ class BatchedWriter:
         was cached is dropped: another process may have written since."""
         self._cache.clear()
         self._balances.clear()
-        self.last_position = await self.pool.fetchval(
-            f"SELECT coalesce(max(notification_id), 0) FROM {events_table(self.app.recorder)}"
-        )
+        self.last_position = await self.log_head()
         self._last_posted_at = await last_posted_at(self.pool)
         self._active.set()
+
+    async def log_head(self) -> int:
+        """The position of the newest event committed, by any writer."""
+        return await self.pool.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(self.app.recorder)}")
 
     def ledger_time(self) -> datetime:
         """The time a batch taken now posts at: the clock, but never earlier than the last
