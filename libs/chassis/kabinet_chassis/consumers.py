@@ -509,10 +509,8 @@ class ReactionConsumer:
             return False
         read = is_read(event, self.reads)
         for attempt in range(1, REACTION_ATTEMPTS_MAX + 1):
-            aggregates = self.react(event) if read else ()  # a type it does not read: tracked, no effect
-            events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
             try:
-                self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
+                self._react_and_track(event, name, read)
             except IntegrityError:
                 if attempt == REACTION_ATTEMPTS_MAX:
                     raise
@@ -527,6 +525,13 @@ class ReactionConsumer:
             return True  # tracked: its partition follows on
         raise AssertionError("unreachable")
 
+    def _react_and_track(self, event: IntegrationEvent, tracking_name: str, read: bool) -> None:
+        """The reaction's events and the event's tracking under `tracking_name`, in one
+        transaction (IntegrityError: a race, look again). A type it does not read: tracked, no effect."""
+        aggregates = self.react(event) if read else ()
+        events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
+        self.app.events.put(events, tracking=Tracking(application_name=tracking_name, notification_id=event.position))
+
     def _track_dead_lettered(self, record: ConsumerRecord, event: IntegrationEvent) -> None:
         """Tracks a dead-lettered event with no events of its own (ReadModelConsumer's rule)."""
         name = self.tracking_name(tracking_key(record, event))
@@ -539,17 +544,15 @@ class ReactionConsumer:
         return await self.threads.run(self._replay_dead_letter, event)
 
     def _replay_dead_letter(self, event: IntegrationEvent) -> bool:
-        # Its own tracking name per dead letter ("-" is in no source's name, so it never
-        # meets the partitions' names): the partition's tracking is already past it.
+        # Its own tracking name per dead letter (no source is named "dead-letter", so it never
+        # meets a partition's name): the partition's tracking is already past it.
         name = f"{self.name}|dead-letter|{event.source}|{event.position}"
+        read = is_read(event, self.reads)
         for attempt in range(1, REACTION_ATTEMPTS_MAX + 1):
             if self.app.recorder.max_tracking_id(name):
                 return False
-            read = is_read(event, self.reads)
-            aggregates = self.react(event) if read else ()
-            events = [domain_event for aggregate in aggregates for domain_event in aggregate.collect_events()]
             try:
-                self.app.events.put(events, tracking=Tracking(application_name=name, notification_id=event.position))
+                self._react_and_track(event, name, read)
             except IntegrityError:
                 if attempt == REACTION_ATTEMPTS_MAX:
                     raise
