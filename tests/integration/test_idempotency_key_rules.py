@@ -88,6 +88,14 @@ def run(store: KeyStore, key: str, operation, claimant=None):
     return asyncio.create_task(store.run_once(key, operation, claimant))
 
 
+async def attempt_running(store: KeyStore, key: str, claimant=None):
+    """A first attempt, claimed by `claimant`'s process (the store's by default), still running."""
+    first = SlowAttempt({"answered_by": "first"})
+    task = run(store, key, first, claimant)
+    await first.started.wait()
+    return first, task
+
+
 async def taken_over(store: KeyStore, key: str):
     """A first attempt still running when its lease runs out, and the repeat that takes the
     key over, running too: (first, its task, second, its task)."""
@@ -146,9 +154,7 @@ async def lock_connection_dropped(store: KeyStore, claimant: idempotency.Claiman
 async def test_a_key_claimed_by_a_process_that_died_is_taken_over_by_the_first_repeat_not_after_the_lease(
         stack, unique_name):
     async with key_store(stack, unique_name) as store, claimant_of_a_process(store.settings) as dying_process:
-        first = SlowAttempt({"answered_by": "the process that died"})
-        first_task = run(store, "orphan", first, claimant=dying_process)
-        await first.started.wait()
+        first, first_task = await attempt_running(store, "orphan", claimant=dying_process)
         await lock_connection_dropped(store, dying_process)
         repeat = await store.run_once("orphan", answering_at_once())
         assert repeat.status_code == 201 and json.loads(repeat.body) == {"answered_by": "third"}
@@ -160,9 +166,7 @@ async def test_a_key_claimed_by_a_process_that_died_is_taken_over_by_the_first_r
 async def test_a_key_claimed_by_a_process_that_lives_is_still_in_progress_for_a_repeat_from_another(
         stack, unique_name):
     async with key_store(stack, unique_name) as store, claimant_of_a_process(store.settings) as other_process:
-        first = SlowAttempt({"answered_by": "first"})
-        first_task = run(store, "running", first, claimant=other_process)
-        await first.started.wait()
+        first, first_task = await attempt_running(store, "running", claimant=other_process)
         with pytest.raises(Problem) as busy:
             await store.run_once("running", answering_at_once())
         assert busy.value.status == 409 and busy.value.code == "request_in_progress"
@@ -185,9 +189,7 @@ async def test_a_process_that_lost_its_claimant_lock_takes_it_back_and_its_claim
                     break
                 await asyncio.sleep(0.05)
             assert store.claimant.holds_lock and store.claimant.id == claimant_id
-            first = SlowAttempt({"answered_by": "first"})
-            first_task = run(store, "after-reconnect", first)
-            await first.started.wait()
+            first, first_task = await attempt_running(store, "after-reconnect")
             async with claimant_of_a_process(store.settings) as other_process:
                 with pytest.raises(Problem) as busy:
                     await store.run_once("after-reconnect", answering_at_once(), claimant=other_process)
