@@ -4,7 +4,10 @@ The public facts are accounts opening, their credit limits, freezing and closing
 transfers and holds. Balances are not events of their own: subscribers add up transfer
 legs and holds (and the credit limit, for what may be spent), or ask the ledger's API.
 Every event about a customer's account or payment names her in the envelope's
-customer_id; the bank, owner of the internal accounts, is never named there.
+customer_id; the bank, owner of the internal accounts, is never named there. A transfer
+names the first customer owning one of its legs' accounts: the payer if a customer pays,
+else the first customer paid; never one its client merely listed in `customer_ids`, a
+free-form reference published as given.
 """
 
 from __future__ import annotations
@@ -31,11 +34,21 @@ def _customer(owner_id: str | None) -> str | None:
 
 def stored_later(event: Any, field: str) -> Any:
     """A field added to a domain event after events of its kind were stored (the customer
-    of an account's or a hold's later events, a hold's currency): None on those. The
-    event store rebuilds an event from its stored fields without calling its class
-    (eventsourcing's Mapper.to_domain_event), so an event stored before has no such
-    attribute at all; the default on the method's parameter only serves its replay."""
+    of an account's or a hold's later events, a hold's currency, a transfer's legs'
+    customers): None on those. The event store rebuilds an event from its stored fields
+    without calling its class (eventsourcing's Mapper.to_domain_event), so an event stored
+    before has no such attribute at all; the default on the method's parameter only
+    serves its replay."""
     return event.__dict__.get(field)
+
+
+def _transfer_customer(event: Any) -> str | None:
+    """The customer a transfer concerns: the first of its legs' customers, payers first (the
+    Batch lists them). A transfer stored before it listed them names the first customer
+    its client gave, as the ledger published it then."""
+    leg_customer_ids = stored_later(event, "leg_customer_ids")
+    named = event.customer_ids if leg_customer_ids is None else leg_customer_ids
+    return next((c for c in map(_customer, named) if c is not None), None)
 
 
 def to_integration(event: Any, position: int) -> IntegrationEvent | None:
@@ -55,7 +68,7 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
             external_ref=event.external_ref, customer_ids=list(event.customer_ids), metadata=dict(event.metadata),
             hold_id=event.hold_id,
         )
-        customer_id = next((c for c in map(_customer, event.customer_ids) if c is not None), None)
+        customer_id = _transfer_customer(event)
         # The posting time, which statements and balances at an instant read (the same as
         # the event's timestamp, which transfers stored before that rule did not have).
         occurred_at = event.posted_at

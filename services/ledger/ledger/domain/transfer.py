@@ -19,6 +19,12 @@ class Transfer(Aggregate):
     stored `request_fingerprint` tells a retry (same body) from a conflict (other body).
     A capture of a hold posts a transfer too, with the client id
     `capture_transfer_id(hold_id, capture_id)` (see batch.py) and `hold_id`/`capture_id` set.
+
+    `customer_ids` is the client's free-form reference, kept as given; the customers the
+    transfer concerns are those owning its legs' accounts, `leg_customer_ids` on the event
+    (payers first, in leg order, then payees; the bank's internal accounts left out), which
+    the Batch gives from the accounts it loaded. Events stored before that field lack it
+    (see `stored_later` in ledger/integration.py); the default only lets them replay.
     """
 
     @staticmethod
@@ -44,6 +50,7 @@ class Transfer(Aggregate):
         timestamp: datetime,  # = posted_at: the batch's time, as for every ledger event (see account.py)
         hold_id: str | None = None,
         capture_id: str | None = None,
+        leg_customer_ids: list[str] | None = None,
     ) -> None:
         self.client_transfer_id = client_transfer_id
         self.legs = legs  # {"account_id": str, "amount_minor": int, "currency": str}

@@ -68,20 +68,60 @@ def test_every_event_about_a_customers_account_or_payment_from_it_names_her(worl
 
 def test_the_bank_is_never_named_as_a_customer(world):
     # Its internal accounts freeze, close and hold like any (a suspense account reserving for
-    # a disputed payment): the events are published, about no customer.
+    # a disputed payment): the events are published, about no customer but the shop its
+    # capture pays.
     aggregates = a_day_of(world, "bank")
     ours = [e for e in published(world) if e.aggregate_id in {str(a) for a in aggregates.values()}]
     assert {e.type for e in ours} >= {"ledger.account_frozen", "ledger.account_closed", "ledger.transfer_posted",
                                       "ledger.hold_placed", "ledger.hold_captured", "ledger.hold_expired"}
-    assert [(e.type, e.customer_id) for e in ours if e.customer_id is not None] == []
+    assert [(e.type, e.customer_id) for e in ours if e.customer_id is not None] == [("ledger.transfer_posted", "shop")]
     [capture] = [e for e in ours if e.type == "ledger.transfer_posted"]
     assert capture.payload["customer_ids"] == []
 
 
-def test_a_transfer_names_its_first_customer_that_is_not_the_bank(world):
-    settlement, card = world.open("settlement"), world.open()
-    world.one(c.PostTransfer("fee", (c.Leg(settlement, -5, "RUB"), c.Leg(card, 5, "RUB")), "refund",
-                             customer_ids=("bank", "alice")))
+def posted_to(world: World, command: c.PostTransfer) -> str | None:
+    """The customer the transfer_posted of `command` is published for."""
+    world.one(command)
+    [posted] = [e for e in published(world) if e.type == "ledger.transfer_posted"
+                and e.payload["transfer_id"] == command.transfer_id]
+    assert posted.payload["customer_ids"] == list(command.customer_ids)  # the client's reference, as given
+    return posted.customer_id
+
+
+def test_a_card_payment_posted_without_customer_ids_names_the_cards_owner(world):
+    card, shop = world.open(owner="alice", limit=1_000), world.open(owner="shop")
+    assert posted_to(world, transfer("coffee", (card, -300), (shop, 300), code="card_purchase")) == "alice"
+
+
+def test_a_transfer_is_published_for_its_payer_not_for_a_stranger_its_client_named(world):
+    card, shop = world.open(owner="alice", limit=1_000), world.open(owner="shop")
+    naming_mallory = c.PostTransfer("coffee", (c.Leg(card, -300, "RUB"), c.Leg(shop, 300, "RUB")), "card_purchase",
+                                    customer_ids=("mallory",))
+    assert posted_to(world, naming_mallory) == "alice"
+
+
+def test_a_p2p_transfer_names_its_payer(world):
+    bob, alice = world.open(owner="bob", limit=1_000), world.open(owner="alice")
+    assert posted_to(world, transfer("gift", (alice, 100), (bob, -100))) == "bob"
+
+
+def test_a_transfer_from_the_bank_names_the_customer_paid(world):
+    settlement, card = world.open("settlement"), world.open(owner="alice")
+    refund = c.PostTransfer("fee", (c.Leg(settlement, -5, "RUB"), c.Leg(card, 5, "RUB")), "refund",
+                            customer_ids=("bank",))
+    assert posted_to(world, refund) == "alice"
+
+
+def test_a_transfer_between_internal_accounts_names_nobody(world):
+    settlement, suspense = world.open("settlement"), world.open("suspense")
+    assert posted_to(world, c.PostTransfer("sweep", (c.Leg(settlement, -5, "RUB"), c.Leg(suspense, 5, "RUB")),
+                                           "adjustment", customer_ids=("alice",))) is None
+
+
+def test_a_hold_capture_names_its_payer(world):
+    card, shop = world.open(owner="alice", limit=1_000), world.open(owner="shop")
+    world.one(hold("purchase", card, shop, 500))
+    world.one(c.CaptureHold("purchase", "clearing-1", 300))
     [posted] = [e for e in published(world) if e.type == "ledger.transfer_posted"]
     assert posted.customer_id == "alice"
 
@@ -95,12 +135,12 @@ def test_every_amount_a_hold_event_publishes_names_its_currency(world):
 
 
 def as_stored_before(world: World, event: Any) -> Any:
-    """The event as the store gives back one stored before it named the customer, and a
-    hold's later events their currency."""
+    """The event as the store gives back one stored before it named the customer (a
+    transfer: its legs' customers), and a hold's later events their currency."""
     mapper = world.app.mapper
     stored = mapper.to_stored_event(event)
     state = mapper.transcoder.decode(stored.state)
-    added = ["customer_id", "debit_customer_id"]
+    added = ["customer_id", "debit_customer_id", "leg_customer_ids"]
     if type(event).__qualname__ in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
         added.append("currency")
     for field in added:
@@ -125,3 +165,16 @@ def test_events_stored_before_they_named_the_customer_and_currency_still_replay_
     assert republished["ledger.hold_placed"].customer_id is None
     assert republished["ledger.hold_captured"].payload["currency"] is None
     assert republished["ledger.hold_expired"].payload["currency"] is None
+
+
+def test_a_transfer_stored_before_it_named_its_legs_customers_replays_and_names_its_clients_first_customer(world):
+    alice, bob = world.open(owner="alice", limit=1_000), world.open(owner="bob")
+    world.one(c.PostTransfer("gift", (c.Leg(alice, -100, "RUB"), c.Leg(bob, 100, "RUB")), "p2p",
+                             customer_ids=("bank", "bob", "alice")))
+    [new] = [e for e in world.saved_events if type(e).__qualname__ == "Transfer.Posted"]
+    old = as_stored_before(world, new)
+    assert "leg_customer_ids" not in old.__dict__
+    replayed = old.mutate(None)
+    assert (replayed.id, replayed.version, replayed.legs) == (new.originator_id, 1, new.legs)
+    assert to_integration(new, 1).customer_id == "alice"
+    assert to_integration(old, 1).customer_id == "bob"
