@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from kabinet_chassis.topology import GATEWAY_PORT, service_url
 pytestmark = pytest.mark.e2e
 
 START_TIMEOUT_S = 120
+SEALED_WITHIN_S = 20  # verify runs once a second meanwhile
 
 
 def up_env(data_dir: Path) -> dict[str, str]:
@@ -85,6 +87,23 @@ def a_customer_sees_her_money_through_the_gateway(gateway_url: str, env: dict[st
     assert httpx.get(f"{gateway_url}/v1/me/accounts/{card}", headers=bob, timeout=10).status_code == 404
 
 
+def an_auditor_verifies_the_books_and_their_seals(env: dict[str, str]) -> None:
+    """`kabinet ledger verify` beside the running bank: every check passes, and the history
+    the ledger process sealed (with the development seal key under the data dir) is checked
+    with that key, to its newest event, within a few seals' time."""
+    kabinet = Path(sys.executable).with_name("kabinet")
+    for _ in range(SEALED_WITHIN_S):
+        result = subprocess.run([str(kabinet), "ledger", "verify", "--json"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        seals = next(check for check in json.loads(result.stdout)["checks"] if check["name"] == "history matches its seals")
+        if "; 0 newer events not sealed yet" in seals["detail"]:
+            assert "; the last, seal " in seals["detail"], seals
+            return
+        time.sleep(1)
+    raise AssertionError(f"the history was not sealed to its head within {SEALED_WITHIN_S} s: {seals}")
+
+
 def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: Path):
     env = up_env(tmp_path / "data")
     process, gateway_url, output = start_up(env)
@@ -105,6 +124,7 @@ def test_kabinet_up_serves_ready_gateway_and_ctrl_c_leaves_no_process(tmp_path: 
         assert httpx.get(f"{gateway_url}/docs", timeout=5).status_code == 200
         assert len(descendants) >= 4, "the broker, the gateway and the ledger run as their own processes, beside PostgreSQL"
         a_customer_sees_her_money_through_the_gateway(gateway_url, env)
+        an_auditor_verifies_the_books_and_their_seals(env)
 
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)

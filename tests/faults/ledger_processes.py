@@ -190,7 +190,7 @@ async def verified(settings: ServiceSettings) -> Report:
     await read_model_caught_up(settings)
     app = LedgerApplication(env=event_store_env(settings))
     try:
-        return await verify(app, settings.service_database_url)
+        return await verify(app, settings)
     finally:
         app.close()
 

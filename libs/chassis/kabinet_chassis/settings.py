@@ -45,6 +45,10 @@ class ServiceSettings(BaseSettings):
     gc_young_threshold: int = Field(default=10_000, ge=700, le=1_000_000)
     # Base64 AES key for applications that hold PII (dev keys are generated at first run).
     cipher_key: str | None = None
+    # Base64 key (32 bytes or more) of the keyed hash chain that seals the event history
+    # (history_seals.py). Keep it out of the database and give it to auditors; without it,
+    # the development key generated at first run under data_dir/keys.
+    history_seal_key: str | None = None
     # PEM of identity's Ed25519 public key, which every service checks access tokens with
     # (while identity rotates its key, the old and the new one after each other); without
     # it, the development key generated at first run under data_dir/keys.
@@ -59,6 +63,15 @@ class ServiceSettings(BaseSettings):
     def _postgres_url(cls, value: str) -> str:
         if urlsplit(value).scheme not in ("postgresql", "postgres"):
             raise ValueError("KABINET_DATABASE_URL must look like postgresql://user:password@host:port/db")
+        return value
+
+    @field_validator("history_seal_key")
+    @classmethod
+    def _seal_key(cls, value: str | None) -> str | None:
+        from kabinet_chassis.history_seals import parse_key  # it refuses a short or malformed key by name
+
+        if value is not None:
+            parse_key(value)
         return value
 
     @property

@@ -7,10 +7,12 @@ import json
 
 import asyncpg
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kabinet_chassis import history_seals
 from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
 from kabinet_chassis.devstack.stack import DevStack
 from kabinet_chassis.eventstore import event_store_env
@@ -41,20 +43,31 @@ DATABASE_UNREADABLE_ERRORS = (
 @app.command()
 def verify(
     as_json: bool = typer.Option(False, "--json", help="The verdict as one JSON object, for auditors' tools."),
+    seal: str | None = typer.Option(
+        None, "--seal", metavar="N:HEX",
+        help="The last seal an earlier verify showed: fails if it is gone or changed (history cut from the end)."),
 ) -> None:
     """Trial balance, balances against legs, projections against the event store, the
-    events against the writer's rules. Exit 0: every check passed; 1: a check failed; 2:
+    events against the writer's rules and their seals. Exit 0: every check passed; 1: a check failed; 2:
     the database could not be read."""
     from ledger.application import LedgerApplication
     from ledger.verify import verify as run_verify
 
-    settings = ledger_settings()
     errors = Console(stderr=True)  # progress and errors on stderr: stdout is the report alone
+    try:
+        noted_seal = history_seals.parse_receipt(seal) if seal is not None else None
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--seal") from None
+    try:
+        settings = ledger_settings()
+    except ValidationError as error:  # a malformed KABINET_HISTORY_SEAL_KEY, say: no verdict without it
+        errors.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     try:
         ledger_app = LedgerApplication(env=event_store_env(settings))
         try:
             with errors.status("reading the event store…"):
-                report = asyncio.run(run_verify(ledger_app, settings.service_database_url))
+                report = asyncio.run(run_verify(ledger_app, settings, noted_seal))
         finally:
             ledger_app.close()
     except DATABASE_DOWN_ERRORS as error:

@@ -7,7 +7,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from kabinet_chassis import append_only
+from kabinet_chassis import append_only, history_seals
 from kabinet_chassis.auth import verifier_for
 from kabinet_chassis.eventstore import event_store_env, events_table
 from kabinet_chassis.outbox import OutboxRelay, RelayConfig
@@ -49,6 +49,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         parts.claimant = svc.claimant
         await ensure_store_schema(svc.pool, app)
         await append_only.guard(svc.pool, events_table(app.recorder))
+        await history_seals.ensure_schema(svc.pool)
         await projections.ensure_schema(svc.pool)
         parts.projection = LocalProjection(
             "ledger_read_model", pool=svc.pool, recorder=app.recorder, mapper=app.mapper,
@@ -68,6 +69,8 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         svc.run_in_background(parts.projection.run)
         svc.run_in_background(parts.relay.run)
         svc.run_in_background(functools.partial(expire_holds_forever, parts))
+        svc.run_in_background(functools.partial(
+            history_seals.seal_forever, svc.pool, events_table(app.recorder), history_seals.seal_key_for(settings)))
 
     @service.on_stop
     async def stop(svc: Service) -> None:

@@ -23,13 +23,16 @@ Everything is recomputed from the event store and compared with what the ledger 
    is left, nothing follows a finished hold, each capture's transfer moves what its hold says;
 10. the log ends where the ledger last wrote: the posting clock is the newest event's time,
    and no read model or relay position is past it (the newest event deleted shows);
-11. the events table is append-only: its guards refuse every UPDATE, DELETE and TRUNCATE,
-   always (kabinet_chassis.append_only).
-
-What no check can see without a keyed hash chain (ARCHITECTURE §6): an event changed or
-deleted together with everything derived from it, when it breaks none of the rules above
-(a plain transfer's amounts on both legs, a whole transfer from the middle of the log, the
-newest with the posting clock and positions put back too).
+11. the events table and its seals are append-only: their guards refuse every UPDATE,
+   DELETE and TRUNCATE, always (kabinet_chassis.append_only);
+12. the history matches its seals: each seal's range of events, hashed again with the seal
+   key, gives the link the seal stored (kabinet_chassis.history_seals). This one sees what
+   the rules above cannot: an event changed or deleted together with everything derived
+   from it, when it breaks none of them (a plain transfer's amounts on both legs, a whole
+   transfer from the middle of the log, the newest sealed with the posting clock and
+   positions put back too). Events of the last seconds, not sealed yet, are counted. The
+   last seal is shown as a receipt: given to a later verify (`noted_seal`), it must still
+   be there, which catches seals cut from the end together with their events.
 
 Memory stays bounded by the number of accounts and holds, not of entries or transfers:
 the events are replayed a page at a time, and each page's entries and transfers are
@@ -51,8 +54,9 @@ from uuid import UUID
 
 import asyncpg
 
-from kabinet_chassis import append_only
+from kabinet_chassis import append_only, history_seals
 from kabinet_chassis.eventstore import events_table
+from kabinet_chassis.settings import ServiceSettings
 from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger.application import LedgerApplication
 from ledger.domain.hold import Hold
@@ -100,6 +104,14 @@ class Problems:
 
     def __len__(self) -> int:
         return self.count
+
+    @classmethod
+    def counted(cls, shown: Iterable[str], count: int) -> Problems:
+        """Problems another module found: the first few it kept, and how many there were."""
+        problems = cls(shown)
+        problems.shown = problems.shown[:PROBLEMS_SHOWN]
+        problems.count = count
+        return problems
 
     @classmethod
     def joined(cls, *parts: Problems) -> Problems:
@@ -561,10 +573,13 @@ def _log_head_problems(newest: tuple[int, datetime] | None, posting_clock: datet
     return problems
 
 
-async def verify(app: LedgerApplication, database_url: str) -> Report:
+async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: tuple[int, str] | None = None) -> Report:
+    """The ledger of `settings` (its database, and the seal key its history was sealed with);
+    `noted_seal`, the receipt of the last seal an earlier verify showed, must still be there."""
     import anyio
 
     report = Report()
+    database_url, seal_key = settings.service_database_url, history_seals.seal_key_for(settings)
     # One snapshot of what the ledger serves, then the events up to that snapshot: balances
     # commit with their events, and the read model is compared at its own position, so a
     # ledger that keeps writing still verifies. The snapshot stays open while the events
@@ -572,7 +587,9 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     connection = await asyncpg.connect(database_url, timeout=10, command_timeout=VERIFY_STATEMENT_TIMEOUT_S)
     try:
         head_at_start = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
-        guards_off = await append_only.missing_guards(connection, events_table(app.recorder))
+        guards_off = {table: await append_only.missing_guards(connection, table) for table in (
+            events_table(app.recorder), history_seals.SEALS_TABLE)
+            if await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", table)}
         await _wait_for_read_model(connection, head_at_start)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             up_to = await connection.fetchval(
@@ -607,6 +624,7 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
                 replaying.cancel()
             await compared.finish()
             replay.finish()
+            seals = await history_seals.check_seals(connection, events_table(app.recorder), seal_key, noted_seal)
     except BaseException:
         # A server that hangs would hold a polite close too (asyncpg cancels the timed-out
         # statement first): drop the connection instead.
@@ -632,9 +650,14 @@ async def verify(app: LedgerApplication, database_url: str) -> Report:
     for account in accounts.values():
         totals[account.currency] += account.legs_minor
     report.add("event history is append-only", [
-        f"guard {guard} of {events_table(app.recorder)} is missing or does not always fire: its events can be changed"
-        " or deleted (a ledger process recreates it when it starts)" for guard in guards_off],
-        "UPDATE, DELETE and TRUNCATE of the events are refused by triggers that always fire")
+        f"guard {guard} of {table} is missing or does not always fire: its rows can be changed or deleted"
+        " (a ledger process recreates it when it starts)" for table, missing in guards_off.items() for guard in missing],
+        "UPDATE, DELETE and TRUNCATE of the events and their seals are refused by triggers that always fire")
+    last_seal = (f"; the last, seal {seals.last_seal.receipt} at position {seals.last_seal.last_position}"
+                 f" (note it down: `--seal {seals.last_seal.receipt}` finds it again)" if seals.last_seal else "")
+    report.add("history matches its seals", Problems.counted(seals.problems, seals.problems_count),
+               f"{seals.events_sealed} events under {seals.seals} seals, each range hashed again with key"
+               f" {history_seals.key_id(seal_key)}{last_seal}; {seals.events_unsealed} newer events not sealed yet")
 
     report.add("trial balance", [f"{cur} off by {total}" for cur, total in totals.items() if total],
                "zero in " + (", ".join(sorted(totals)) or "no currency"))

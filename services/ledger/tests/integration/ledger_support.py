@@ -1,20 +1,26 @@
 """What the ledger's integration tests share: opening accounts and posting through the
 HTTP API, a funded card, a second writer with nothing cached, saved balances, and a
-forger's hand on the event history."""
+forger's hand on the event history and on what is derived from it."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import defaultdict
 from contextlib import asynccontextmanager
 
+import anyio
 import asyncpg
+import typer
+from typer.testing import CliRunner
 
-from kabinet_chassis import append_only
+from kabinet_chassis import append_only, history_seals
 from kabinet_chassis.eventstore import event_store_env, events_table
+from ledger import cli
 from ledger.application import LedgerApplication
 from ledger.clock import system_clock
 from ledger.domain import commands as c
+from ledger.projections import apply_page
 from ledger.writer import BatchedWriter
 
 
@@ -73,9 +79,59 @@ async def forge_history(ledger, statement: str, *args) -> None:
     guard off, change it, and switch the guard back on, covering the tracks. What verify must
     find then is in the events themselves. `statement` names the table `{table}`."""
     table = events_table(ledger.parts.app.recorder)
+    # The history so far sealed first, as the sealer does every few seconds: the forgery
+    # then changes sealed events, as it would on any ledger that has run a while.
+    await history_seals.seal_new_events(ledger.parts.pool, table, history_seals.seal_key_for(ledger.settings))
     async with ledger.parts.pool.acquire() as connection, connection.transaction():
         for guard in append_only.GUARDS:
             await connection.execute(f"ALTER TABLE {table} DISABLE TRIGGER {guard}")
         await connection.execute(statement.format(table=table), *args)
         for guard in append_only.GUARDS:
             await connection.execute(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {guard}")
+
+
+EVENTS_AT_MOST = 10_000  # what a test's ledger holds: the forger reads it all at once
+
+
+async def cover_up(ledger) -> None:
+    """Make everything derived agree with the events as they now stand: the read model
+    rebuilt from them, its position at their head, the saved balances their sums."""
+    app, pool = ledger.parts.app, ledger.parts.pool
+    notifications = app.recorder.select_notifications(start=0, limit=EVENTS_AT_MOST)
+    assert len(notifications) < EVENTS_AT_MOST
+    page = [(notification.id, app.mapper.to_domain_event(notification)) for notification in notifications]
+    posted, held, incoming = defaultdict(int), defaultdict(int), defaultdict(int)
+    holds = {}
+    for _, event in page:
+        kind = type(event).__qualname__
+        if kind == "Transfer.Posted":
+            for leg in event.legs:
+                posted[uuid.UUID(leg["account_id"])] += leg["amount_minor"]
+        elif kind == "Hold.Placed":
+            holds[event.client_hold_id] = (uuid.UUID(event.debit_account_id), uuid.UUID(event.credit_account_id))
+            debit, credit = holds[event.client_hold_id]
+            held[debit] += event.amount_minor
+            incoming[credit] += event.amount_minor
+        elif kind in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
+            debit, credit = holds[event.client_hold_id]
+            minor = event.amount_minor if kind == "Hold.Captured" else event.released_minor
+            held[debit] -= minor
+            incoming[credit] -= minor
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("TRUNCATE ledger_accounts, ledger_entries, ledger_transfers, ledger_holds")
+        await apply_page(connection, page)
+        await connection.execute("UPDATE projection_position SET position = $1 WHERE projection = 'ledger_read_model'",
+                                 page[-1][0])
+        await connection.execute("UPDATE ledger_balances SET posted_minor = 0, held_minor = 0, incoming_held_minor = 0")
+        for account_id in {*posted, *held, *incoming}:
+            await connection.execute(
+                "UPDATE ledger_balances SET posted_minor = $2, held_minor = $3, incoming_held_minor = $4"
+                " WHERE account_id = $1", account_id, posted[account_id], held[account_id], incoming[account_id])
+
+
+async def run_cli(ledger, monkeypatch, *args: str):
+    """`kabinet ledger verify [args]` on this ledger's database (in a thread: it runs its own event loop)."""
+    monkeypatch.setattr("ledger.cli.ledger_settings", lambda: ledger.settings)
+    kabinet = typer.Typer()
+    kabinet.add_typer(cli.app, name="ledger")  # as the `kabinet.cli` entry point registers it
+    return await anyio.to_thread.run_sync(lambda: CliRunner().invoke(kabinet, ["ledger", "verify", *args]))

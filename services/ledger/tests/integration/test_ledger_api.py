@@ -351,7 +351,7 @@ async def test_eight_clients_hammering_ten_accounts_and_a_hot_fee_account_lose_n
     for account in accounts:
         assert (await ledger.get(f"/accounts/{account}/balance")).json()["posted"]["amount_minor"] >= 0
     assert refused["count"] + len(posted) == 480
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     assert report.ok, [c for c in report.checks if not c.ok]
 
 

@@ -27,7 +27,7 @@ async def history(ledger) -> list[tuple]:
 
 
 async def failed_checks(ledger) -> dict[str, str]:
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     return {check.name: check.detail for check in report.checks if not check.ok}
 
 
@@ -67,8 +67,9 @@ async def test_posting_after_the_guard_is_in_place_still_works_and_the_guard_sur
         # A second start (a restart, a second process) re-creates it in place, not beside it.
         await append_only.guard(ledger.parts.pool, events_table(ledger.parts.app.recorder))
         assert await append_only.missing_guards(connection, events_table(ledger.parts.app.recorder)) == []
-        assert await connection.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname = ANY($1::text[])",
-                                         list(append_only.GUARDS)) == len(append_only.GUARDS)
+        assert await connection.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = ANY($1::text[]) AND tgrelid = $2::regclass",
+            list(append_only.GUARDS), events_table(ledger.parts.app.recorder)) == len(append_only.GUARDS)
 
 
 @pytest.mark.parametrize("switch_off", ["DISABLE TRIGGER {guard}", "ENABLE TRIGGER {guard}"])

@@ -66,7 +66,7 @@ async def test_replaying_the_read_model_from_the_start_changes_nothing(ledger):
         assert [row for row in after[table] if row in rows] == rows, f"{table} kept every row as it was"
     late_entry = next(row for row in after["ledger_entries"] if row["transfer_id"] == "late" and str(row["account_id"]) == card)
     assert late_entry["balance_after_minor"] == 5_000 + 700 - 400 - 300 + 50
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     assert report.ok, [check for check in report.checks if not check.ok]
 
 

@@ -139,7 +139,7 @@ async def drop_every_connection(database_url: str) -> None:
 
 async def failed_checks(ledger) -> dict[str, str]:
     await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     return {check.name: check.detail for check in report.checks if not check.ok}
 
 

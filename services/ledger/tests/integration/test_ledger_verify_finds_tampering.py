@@ -29,7 +29,7 @@ def spend(card, settlement, amount_minor: int, transfer_id: str) -> c.PostTransf
 
 
 async def failed_checks(ledger) -> dict[str, str]:
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     return {check.name: check.detail for check in report.checks if not check.ok}
 
 
@@ -219,7 +219,7 @@ async def test_a_ledger_with_holds_partial_captures_voids_and_multi_leg_transfer
              for row in await ledger.parts.pool.fetch("SELECT hold_id, state, captured_minor FROM ledger_holds")}
     assert holds == {"auth-1": ("captured", 1_000), "auth-2": ("voided", 100), "auth-3": ("expired", 0)}
 
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     assert report.ok, [(check.name, check.detail) for check in report.checks if not check.ok]
     read_model = next(check.detail for check in report.checks if check.name == READ_MODEL)
     entries = await ledger.parts.pool.fetchval("SELECT count(*) FROM ledger_entries")

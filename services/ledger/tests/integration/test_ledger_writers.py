@@ -143,7 +143,7 @@ async def test_verify_passes_on_a_ledger_that_keeps_posting_and_freezing_while_i
 
     traffic = asyncio.create_task(keep_writing())
     try:
-        reports = [await verify(ledger.parts.app, ledger.settings.service_database_url) for _ in range(3)]
+        reports = [await verify(ledger.parts.app, ledger.settings) for _ in range(3)]
     finally:
         stop.set()
     rounds = await traffic
@@ -218,13 +218,13 @@ async def test_one_ledger_process_writes_at_a_time_and_a_standby_takes_over_when
 async def test_verify_fails_when_a_saved_balance_differs_from_the_legs(ledger):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
-    assert (await verify(ledger.parts.app, ledger.settings.service_database_url)).ok
+    assert (await verify(ledger.parts.app, ledger.settings)).ok
     connection = await asyncpg.connect(ledger.settings.service_database_url)
     try:
         await connection.execute("UPDATE ledger_balances SET posted_minor = posted_minor + 1 WHERE account_id = $1", card)
     finally:
         await connection.close()
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     failed = {check.name: check.detail for check in report.checks if not check.ok}
     assert list(failed) == ["balances equal legs and holds"]
     assert str(card) in failed["balances equal legs and holds"] and "1001" in failed["balances equal legs and holds"]
@@ -234,7 +234,7 @@ async def test_verify_fails_when_the_history_read_model_differs_from_the_events(
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
     await ledger.parts.pool.execute("UPDATE ledger_entries SET balance_after_minor = 999 WHERE account_id = $1", card)
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     failed = {check.name: check.detail for check in report.checks if not check.ok}
     assert list(failed) == ["read model equals event store"]
     assert str(card) in failed["read model equals event store"]
@@ -248,11 +248,11 @@ async def test_verify_fails_when_the_holds_the_expiry_sweep_reads_differ_from_th
     await ledger.parts.writer.submit(c.PlaceHold("captured", card, settlement, 200, "RUB", expires_at, "card_authorisation"))
     await ledger.parts.writer.submit(c.CaptureHold("captured", "c1", 200))
     await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
-    assert (await verify(ledger.parts.app, ledger.settings.service_database_url)).ok
+    assert (await verify(ledger.parts.app, ledger.settings)).ok
 
     await ledger.parts.pool.execute("UPDATE ledger_holds SET state = 'voided' WHERE hold_id = 'kept'")
     await ledger.parts.pool.execute("DELETE FROM ledger_transfers WHERE transfer_id = $1", f"fund-{card}")
-    report = await verify(ledger.parts.app, ledger.settings.service_database_url)
+    report = await verify(ledger.parts.app, ledger.settings)
     failed = {check.name: check.detail for check in report.checks if not check.ok}
     assert list(failed) == ["read model equals event store"]
     assert "hold kept" in failed["read model equals event store"]
@@ -295,7 +295,7 @@ async def test_a_batch_the_store_fails_in_the_middle_of_leaves_no_change_behind(
     voided = await writer.submit(c.VoidHold("hold-1"))
     assert voided.state == "voided"
     await ledger.parts.projection.wait_for(writer.last_position)
-    assert (await verify(ledger.parts.app, ledger.settings.service_database_url)).ok
+    assert (await verify(ledger.parts.app, ledger.settings)).ok
 
 
 async def test_after_an_upgrade_the_payee_of_an_earlier_hold_closes_once_the_hold_is_settled(ledger):

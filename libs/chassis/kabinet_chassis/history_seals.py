@@ -1,0 +1,292 @@
+"""The event history is tamper-evident: a keyed hash chain, sealed in checkpoints
+(ARCHITECTURE.md §6).
+
+The append-only guards (append_only.py) stop a change made by mistake, but a table's
+owner can switch them off. What such a forger cannot do without the seal key, which never
+enters the database, is make the history agree with its seals again:
+
+- every event, in log order, extends a chain: link = HMAC-SHA256(key, previous link ‖ the
+  event's position, stream id, version, type and stored bytes), the first link's previous
+  being 32 zero bytes;
+- a sealer (one per service at a time, `seal_new_events`) appends a seal every
+  SEAL_INTERVAL_S for the events committed since the last one: their range, how many, the
+  chain's link after the last of them, and which key made it. The seals table is
+  append-only too.
+
+An auditor's check (`check_seals`) recomputes each seal's range from the link the seal
+before it stored, so each range is judged on its own: an event changed, deleted (the
+newest sealed one included: the last seal names its position) or slipped in between
+sealed ones shows as the seal whose range it is in. What a seal cannot cover is what is
+not sealed yet: the events of the last SEAL_INTERVAL_S, reported as unsealed, and a seal
+deleted from the end together with its events (an auditor who notes the last seal's
+receipt a check showed, `Seal.receipt`, and gives it to the next check notices that one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from kabinet_chassis import append_only
+from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+from kabinet_chassis.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+SEALS_TABLE = "history_seals"
+SEAL_INTERVAL_S = 2.0
+SEAL_EVENTS_MAX = 10_000  # events in one seal: one round's memory and transaction
+SEAL_ROUNDS_MAX = 20  # seals one pass makes at most, catching up after the sealer was away
+CHECK_PAGE_SIZE = 5_000  # events (and seals) an auditor's check reads at a time
+CHECK_PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
+KEY_BYTES_MIN = 32
+GENESIS_LINK = bytes(32)
+RECEIPT_HEX_CHARS = 32  # 128 bits of a seal's link: what a receipt shows of it
+PROBLEMS_KEPT = 10  # problems the check keeps to show; it counts them all
+
+_DEV_KEY_FILE = "dev-history-seal-DO-NOT-USE-IN-PRODUCTION.key"
+_KEY_ID_LABEL = b"kabinet history seal key id"
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {SEALS_TABLE} (
+    events_table text NOT NULL,
+    seal_no bigint NOT NULL,
+    first_position bigint NOT NULL,
+    last_position bigint NOT NULL,
+    events_count integer NOT NULL,
+    chain_link bytea NOT NULL,
+    key_id text NOT NULL,
+    sealed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (events_table, seal_no)
+)"""
+
+_EVENT_COLUMNS = "notification_id, originator_id, originator_version, topic, state"
+
+
+def parse_key(encoded: str) -> bytes:
+    """A seal key as settings give it: base64 of at least KEY_BYTES_MIN random bytes."""
+    try:
+        key = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the history seal key must be base64") from None
+    if len(key) < KEY_BYTES_MIN:
+        raise ValueError(f"the history seal key must be at least {KEY_BYTES_MIN} bytes (base64 of them)")
+    return key
+
+
+def dev_seal_key(data_dir: Path) -> bytes:
+    """The development seal key, generated at first run under data_dir/keys (never committed)."""
+    path = data_dir / "keys" / _DEV_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = path.with_name(f"{path.name}.{os.getpid()}")
+        written.write_bytes(base64.b64encode(os.urandom(KEY_BYTES_MIN)))
+        written.chmod(0o600)
+        try:  # two processes starting at once: the first link wins, both read it, whole
+            os.link(written, path)
+        except FileExistsError:
+            pass
+        finally:
+            written.unlink()
+    return parse_key(path.read_text().strip())
+
+
+def seal_key_for(settings: ServiceSettings) -> bytes:
+    """The seal key of a service: from its settings, or the development key."""
+    return parse_key(settings.history_seal_key) if settings.history_seal_key else dev_seal_key(settings.data_dir)
+
+
+def key_id(key: bytes) -> str:
+    """Names a key without revealing it: which key a seal was made with."""
+    return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def extend_chain(link: bytes, events: Iterable[Sequence[Any]], key: bytes) -> bytes:
+    """The chain's link after `events` (rows of _EVENT_COLUMNS, in log order), from `link`."""
+    for position, stream_id, version, event_type, state in events:
+        topic = event_type.encode()
+        message = b"".join((link, struct.pack(">qq", position, version), UUID(str(stream_id)).bytes,
+                            struct.pack(">I", len(topic)), topic, bytes(state)))
+        link = hmac.new(key, message, hashlib.sha256).digest()
+    return link
+
+
+async def ensure_schema(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as connection:
+        await connection.execute(SCHEMA, timeout=SCHEMA_CHANGE_TIMEOUT_S)
+    await append_only.guard(pool, SEALS_TABLE)
+
+
+async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: bytes) -> int:
+    """Seal the events committed since the last seal, up to SEAL_ROUNDS_MAX seals of
+    SEAL_EVENTS_MAX; the number sealed. Another process sealing the same table at the
+    moment makes this one wait, then seal what is left. Events become visible in log
+    order (the recorder locks its table to insert), so a seal never passes over one that
+    commits later. The hashing runs in a worker thread: the loop keeps serving meanwhile."""
+    sealed = 0
+    for _ in range(SEAL_ROUNDS_MAX):
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{SEALS_TABLE}:{events_table}")
+            last = await connection.fetchrow(
+                f"SELECT seal_no, last_position, chain_link FROM {SEALS_TABLE} WHERE events_table = $1"
+                " ORDER BY seal_no DESC LIMIT 1", events_table)
+            seal_no, after, link = (last["seal_no"], last["last_position"], last["chain_link"]) if last else (
+                0, 0, GENESIS_LINK)
+            events = await connection.fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM {events_table} WHERE notification_id > $1"
+                " ORDER BY notification_id LIMIT $2", after, SEAL_EVENTS_MAX)
+            if not events:
+                return sealed
+            await connection.execute(
+                f"INSERT INTO {SEALS_TABLE} (events_table, seal_no, first_position, last_position, events_count,"
+                " chain_link, key_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                events_table, seal_no + 1, events[0]["notification_id"], events[-1]["notification_id"], len(events),
+                await asyncio.to_thread(extend_chain, link, events, key), key_id(key))
+        sealed += len(events)
+        if len(events) < SEAL_EVENTS_MAX:
+            return sealed
+    return sealed
+
+
+async def seal_forever(pool: asyncpg.Pool, events_table: str, key: bytes) -> None:
+    """A service's sealer: every SEAL_INTERVAL_S, the events committed since. A database
+    that fails is tried again at the next interval (the events wait, unsealed, meanwhile)."""
+    failing = False
+    while True:
+        await asyncio.sleep(SEAL_INTERVAL_S)
+        try:
+            await seal_new_events(pool, events_table, key)
+        except Exception:
+            if not failing:  # once per outage, not every interval
+                log.exception("sealing the history of %s failed; trying again every %.0f s", events_table,
+                              SEAL_INTERVAL_S)
+            failing = True
+            continue
+        if failing:
+            log.info("sealing the history of %s works again", events_table)
+        failing = False
+
+
+@dataclass(frozen=True)
+class Seal:
+    seal_no: int
+    first_position: int
+    last_position: int
+    events_count: int
+    chain_link: bytes
+    key_id: str
+    sealed_at: datetime
+
+    @property
+    def receipt(self) -> str:
+        """What an auditor notes down and gives a later check (`check_seals(noted=…)`): this
+        seal must still be there, with this link, and so every event up to it."""
+        return f"{self.seal_no}:{self.chain_link.hex()[:RECEIPT_HEX_CHARS]}"
+
+
+@dataclass
+class SealCheck:
+    """What the seals say about the history, as an auditor's check reads it."""
+
+    problems: list[str]
+    problems_count: int
+    seals: int
+    last_seal: Seal | None
+    events_sealed: int
+    events_unsealed: int  # committed after the last seal
+
+
+def parse_receipt(receipt: str) -> tuple[int, str]:
+    """A seal's receipt as `Seal.receipt` shows it: "<seal number>:<hex of its link>"."""
+    number, _, link_hex = receipt.partition(":")
+    if not (number.isdigit() and int(number) >= 1 and len(link_hex) >= 8
+            and all(char in "0123456789abcdef" for char in link_hex.lower())):
+        raise ValueError(f"a seal receipt looks like '12:0a1b2c3d…' (a seal's number, a colon, the hex a verify"
+                         f" showed), not {receipt!r}")
+    return int(number), link_hex.lower()
+
+
+async def check_seals(connection: asyncpg.Connection, events_table: str, key: bytes,
+                      noted: tuple[int, str] | None = None) -> SealCheck:
+    """Recompute every seal's range of events from the link of the seal before it, and find
+    the seal an auditor `noted` (parse_receipt) still there with its link: seals cut from the
+    end with their events look like a younger history otherwise. Call it in a
+    repeatable-read transaction: events and seals are then read in one snapshot."""
+    problems: list[str] = []
+    count = 0
+
+    def problem(text: str) -> None:
+        nonlocal count
+        count += 1
+        if len(problems) < PROBLEMS_KEPT:
+            problems.append(text)
+
+    if not await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", SEALS_TABLE):
+        problem(f"{events_table} has no seals table: its history is not sealed (a ledger process creates it and"
+                " seals the history when it starts)")
+        return SealCheck(problems, count, 0, None, 0, 0)
+    wanted_key = key_id(key)
+    events = await connection.cursor(f"SELECT {_EVENT_COLUMNS} FROM {events_table} ORDER BY notification_id")
+    pending: list[asyncpg.Record] = []  # events read past the seal being checked
+    link, after, last_no, seals, sealed = GENESIS_LINK, 0, 0, 0, 0
+    last_seal: Seal | None = None
+    async for row in connection.cursor(
+            f"SELECT seal_no, first_position, last_position, events_count, chain_link, key_id, sealed_at"
+            f" FROM {SEALS_TABLE} WHERE events_table = $1 ORDER BY seal_no", events_table, prefetch=CHECK_PAGE_SIZE):
+        seal = Seal(**dict(row))
+        seals += 1
+        if seal.seal_no != last_no + 1:
+            problem(f"seals {last_no + 1}..{seal.seal_no - 1} are missing (deleted): nothing the seals table holds"
+                    " may go")
+        in_range, pending = await _events_up_to(events, pending, seal.last_position)
+        if seal.key_id != wanted_key:
+            problem(f"seal {seal.seal_no} (positions {after + 1}..{seal.last_position}) was made with key"
+                    f" {seal.key_id}, not with {wanted_key}, the key this check holds: its events are not checked")
+        elif extend_chain(link, in_range, key) != seal.chain_link:
+            problem(f"seal {seal.seal_no}: the events at positions {after + 1}..{seal.last_position} are not those"
+                    f" sealed at {seal.sealed_at.isoformat()} ({len(in_range)} now, {seal.events_count} then): one"
+                    " was changed, deleted or slipped in since")
+        if noted is not None and seal.seal_no == noted[0] and not seal.chain_link.hex().startswith(noted[1]):
+            problem(f"seal {seal.seal_no} is not the one noted ({noted[0]}:{noted[1]}): the seals were rewritten")
+        sealed += len(in_range)
+        link, after, last_no, last_seal = seal.chain_link, seal.last_position, seal.seal_no, seal  # each range on its own
+    if noted is not None and noted[0] > last_no:
+        problem(f"seal {noted[0]}, noted by an earlier check, is gone: the newest is {last_no}; seals and their events"
+                " were cut from the end")
+    unsealed = len(pending)
+    for _ in range(CHECK_PAGES_MAX):  # the events after the last seal
+        page = await events.fetch(CHECK_PAGE_SIZE)
+        if not page:
+            break
+        unsealed += len(page)
+    return SealCheck(problems, count, seals, last_seal, sealed, unsealed)
+
+
+async def _events_up_to(events: Any, pending: list[asyncpg.Record], position: int
+                        ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    """The events up to `position` (those read before first), and those read past it."""
+    taken = [row for row in pending if row["notification_id"] <= position]
+    pending = [row for row in pending if row["notification_id"] > position]
+    for _ in range(CHECK_PAGES_MAX):
+        if pending:
+            break
+        page = await events.fetch(CHECK_PAGE_SIZE)
+        if not page:
+            break
+        taken.extend(row for row in page if row["notification_id"] <= position)
+        pending = [row for row in page if row["notification_id"] > position]
+    return taken, pending

@@ -1,0 +1,228 @@
+"""The ledger's history is sealed (ARCHITECTURE.md §6): a keyed hash chain over its events,
+checkpointed every few seconds, that a forger without the seal key cannot make agree again.
+
+The forger here has the database's owner's hand (`forge_history` switches the append-only
+guards off and on again) and covers his tracks in everything derived from the events
+(`cover_up`). The rules verify holds events to cannot see a change that keeps them; the
+seals can."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import os
+
+import asyncpg
+import pytest
+from pydantic import ValidationError
+
+from kabinet_chassis import append_only, history_seals
+from kabinet_chassis.eventstore import events_table
+from kabinet_chassis.settings import ServiceSettings
+from ledger.domain import commands as c
+from ledger.domain.transfer import Transfer
+from ledger.verify import verify
+from services.ledger.tests.integration.ledger_support import cover_up, forge_history, funded_card, run_cli
+
+pytestmark = pytest.mark.integration
+
+SEALED = "history matches its seals"
+GUARD_CHECK = "event history is append-only"
+SEALING_WAIT_S = 10 * history_seals.SEAL_INTERVAL_S
+
+
+async def failed_checks(ledger, settings: ServiceSettings | None = None) -> dict[str, str]:
+    report = await verify(ledger.parts.app, settings or ledger.settings)
+    return {check.name: check.detail for check in report.checks if not check.ok}
+
+
+async def passed_detail(ledger, name: str) -> str:
+    report = await verify(ledger.parts.app, ledger.settings)
+    assert report.ok, [check for check in report.checks if not check.ok]
+    return next(check.detail for check in report.checks if check.name == name)
+
+
+async def card_spending_twice(ledger):
+    """Alice's card funded with 1,000, then 'spend-a' 100 and 'spend-b' 50; settled, verified."""
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    for transfer_id, amount_minor in (("spend-a", 100), ("spend-b", 50)):
+        await writer.submit(c.PostTransfer(transfer_id, (c.Leg(card, -amount_minor, "RUB"),
+                                                         c.Leg(settlement, amount_minor, "RUB")), "card_purchase"))
+    await ledger.parts.projection.wait_for(writer.last_position)
+    assert await failed_checks(ledger) == {}
+    return settlement, card
+
+
+async def seals(ledger) -> list[asyncpg.Record]:
+    return await ledger.parts.pool.fetch(
+        f"SELECT seal_no, first_position, last_position, events_count FROM {history_seals.SEALS_TABLE}"
+        " WHERE events_table = $1 ORDER BY seal_no", events_table(ledger.parts.app.recorder))
+
+
+async def test_every_event_is_sealed_within_seconds_and_verify_names_the_last_seal(ledger):
+    await card_spending_twice(ledger)
+    head = ledger.parts.writer.last_position
+    for _ in range(int(SEALING_WAIT_S / 0.1)):  # the service's own sealer, not a test's call
+        sealed = await seals(ledger)
+        if sealed and sealed[-1]["last_position"] >= head:
+            break
+        await asyncio.sleep(0.1)
+    assert sealed and sealed[-1]["last_position"] >= head, f"not sealed within {SEALING_WAIT_S} s: {sealed}"
+    detail = await passed_detail(ledger, SEALED)
+    assert f"the last, seal {sealed[-1]['seal_no']}:" in detail and f"at position {sealed[-1]['last_position']}" in detail
+    assert "0 newer events not sealed yet" in detail
+
+
+async def test_a_transfers_amounts_changed_on_both_legs_break_no_rule_but_its_seal(ledger):
+    # 300 instead of 100 on both sides: legs still sum to zero, and the cover-up makes every
+    # balance, entry and statement agree with the forged event.
+    await card_spending_twice(ledger)
+
+    def inflated(state):
+        for leg in state["legs"]:
+            leg["amount_minor"] = 300 if leg["amount_minor"] > 0 else -300
+    await rewrite(ledger, Transfer.id_for("spend-a"), inflated)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == [SEALED]
+    assert "are not those sealed" in failed[SEALED] and "one was changed, deleted or slipped in" in failed[SEALED]
+
+
+async def test_a_whole_transfer_deleted_from_the_middle_shows_in_its_seal(ledger):
+    await card_spending_twice(ledger)
+    await forge_history(ledger, "DELETE FROM {table} WHERE originator_id = $1", Transfer.id_for("spend-a"))
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == [SEALED]
+
+
+async def test_the_newest_event_deleted_with_the_clock_and_positions_put_back_shows_in_the_last_seal(ledger):
+    await card_spending_twice(ledger)
+    await forge_history(ledger, "DELETE FROM {table} WHERE originator_id = $1", Transfer.id_for("spend-b"))
+    await cover_up(ledger)
+    async with ledger.parts.pool.acquire() as connection:
+        head = await connection.fetchval(f"SELECT max(notification_id) FROM {events_table(ledger.parts.app.recorder)}")
+        await connection.execute("UPDATE ledger_posting_clock SET posted_at = (SELECT max(posted_at) FROM ledger_transfers)")
+        await connection.execute("UPDATE outbox_relay_position SET position = least(position, $1)", head)
+    failed = await failed_checks(ledger)
+    assert list(failed) == [SEALED]
+    last = (await seals(ledger))[-1]
+    assert f"seal {last['seal_no']}: the events at positions" in failed[SEALED]
+    assert f"..{last['last_position']} are not those sealed" in failed[SEALED]
+
+
+async def test_seals_are_judged_with_the_key_that_made_them_and_another_key_checks_nothing(ledger):
+    await card_spending_twice(ledger)
+    await history_seals.seal_new_events(ledger.parts.pool, events_table(ledger.parts.app.recorder),
+                                        history_seals.seal_key_for(ledger.settings))
+    other_key = base64.b64encode(os.urandom(32)).decode()
+    failed = await failed_checks(ledger, ledger.settings.model_copy(update={"history_seal_key": other_key}))
+    assert list(failed) == [SEALED]
+    assert "was made with key" in failed[SEALED] and "its events are not checked" in failed[SEALED]
+
+
+async def test_sealers_racing_seal_each_event_once_in_consecutive_seals(ledger):
+    await card_spending_twice(ledger)
+    table, key = events_table(ledger.parts.app.recorder), history_seals.seal_key_for(ledger.settings)
+    await asyncio.gather(*(history_seals.seal_new_events(ledger.parts.pool, table, key) for _ in range(4)))
+    sealed = await seals(ledger)
+    assert [seal["seal_no"] for seal in sealed] == list(range(1, len(sealed) + 1))
+    assert all(before["last_position"] < after["first_position"] for before, after in itertools.pairwise(sealed))
+    events = await ledger.parts.pool.fetchval(f"SELECT count(*) FROM {table}")
+    assert sum(seal["events_count"] for seal in sealed) == events
+    assert await failed_checks(ledger) == {}
+
+
+async def test_no_one_changes_a_seal_and_a_seal_deleted_with_the_guard_off_is_reported(ledger):
+    writer, table = ledger.parts.writer, events_table(ledger.parts.app.recorder)
+    key = history_seals.seal_key_for(ledger.settings)
+    settlement, card = await funded_card(writer, 1_000)
+    for n in range(3):  # three seals of one transfer each
+        await writer.submit(c.PostTransfer(f"spend-{n}", (c.Leg(card, -10, "RUB"), c.Leg(settlement, 10, "RUB")),
+                                           "card_purchase"))
+        await history_seals.seal_new_events(ledger.parts.pool, table, key)
+    await ledger.parts.projection.wait_for(writer.last_position)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+        await ledger.parts.pool.execute(f"DELETE FROM {history_seals.SEALS_TABLE}")
+    last_no = (await seals(ledger))[-1]["seal_no"]
+    async with ledger.parts.pool.acquire() as connection, connection.transaction():
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {history_seals.SEALS_TABLE} DISABLE TRIGGER {guard}")
+        await connection.execute(f"DELETE FROM {history_seals.SEALS_TABLE} WHERE seal_no = $1", last_no - 1)
+    failed = await failed_checks(ledger)
+    assert list(failed) == [GUARD_CHECK, SEALED]
+    assert f"of {history_seals.SEALS_TABLE} is missing or does not always fire" in failed[GUARD_CHECK]
+    assert f"seals {last_no - 1}..{last_no - 1} are missing" in failed[SEALED]
+
+
+async def test_a_seal_an_auditor_noted_catches_seals_cut_from_the_end_with_their_events(ledger, monkeypatch):
+    # What no seal can show on its own: the newest transfer and its seal both gone, the
+    # clock and positions put back. The receipt the auditor noted last time does.
+    writer, table = ledger.parts.writer, events_table(ledger.parts.app.recorder)
+    key = history_seals.seal_key_for(ledger.settings)
+    settlement, card = await card_spending_twice(ledger)
+    await history_seals.seal_new_events(ledger.parts.pool, table, key)
+    await writer.submit(c.PostTransfer("spend-c", (c.Leg(card, -10, "RUB"), c.Leg(settlement, 10, "RUB")), "card_purchase"))
+    await history_seals.seal_new_events(ledger.parts.pool, table, key)
+    await ledger.parts.projection.wait_for(writer.last_position)
+    result = await run_cli(ledger, monkeypatch, "--json")
+    assert result.exit_code == 0, result.output
+    detail = next(check["detail"] for check in json.loads(result.stdout)["checks"] if check["name"] == SEALED)
+    receipt = detail.split("`--seal ")[1].split("`")[0]
+    assert (await run_cli(ledger, monkeypatch, "--seal", receipt)).exit_code == 0
+
+    await forge_history(ledger, "DELETE FROM {table} WHERE originator_id = $1", Transfer.id_for("spend-c"))
+    async with ledger.parts.pool.acquire() as connection, connection.transaction():
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {history_seals.SEALS_TABLE} DISABLE TRIGGER {guard}")
+        await connection.execute(f"DELETE FROM {history_seals.SEALS_TABLE} WHERE seal_no = $1",
+                                 int(receipt.split(":")[0]))
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {history_seals.SEALS_TABLE} ENABLE ALWAYS TRIGGER {guard}")
+    await cover_up(ledger)
+    async with ledger.parts.pool.acquire() as connection:
+        head = await connection.fetchval(f"SELECT max(notification_id) FROM {table}")
+        await connection.execute("UPDATE ledger_posting_clock SET posted_at = (SELECT max(posted_at) FROM ledger_transfers)")
+        await connection.execute("UPDATE outbox_relay_position SET position = least(position, $1)", head)
+    assert await failed_checks(ledger) == {}, "a history cut from the end looks younger, not forged"
+    cut = await run_cli(ledger, monkeypatch, "--json", "--seal", receipt)
+    assert cut.exit_code == 1
+    failed = [check for check in json.loads(cut.stdout)["checks"] if not check["ok"]]
+    assert [check["name"] for check in failed] == [SEALED]
+    assert f"seal {receipt.split(':')[0]}, noted by an earlier check, is gone" in failed[0]["problems"][0]
+
+
+async def test_a_noted_seal_whose_link_differs_means_the_seals_were_rewritten(ledger):
+    await card_spending_twice(ledger)
+    await history_seals.seal_new_events(ledger.parts.pool, events_table(ledger.parts.app.recorder),
+                                        history_seals.seal_key_for(ledger.settings))
+    last_no = (await seals(ledger))[-1]["seal_no"]
+    report = await verify(ledger.parts.app, ledger.settings, (last_no, "00000000"))
+    failed = [check for check in report.checks if not check.ok]
+    assert [check.name for check in failed] == [SEALED]
+    assert f"seal {last_no} is not the one noted ({last_no}:00000000)" in failed[0].detail
+
+
+async def test_a_receipt_that_is_no_seals_is_a_usage_error_exit_2(ledger, monkeypatch):
+    result = await run_cli(ledger, monkeypatch, "--seal", "twelve")
+    assert result.exit_code == 2 and "--seal" in result.output and "a seal receipt looks like" in result.output
+
+
+def test_a_seal_key_too_short_or_not_base64_is_refused_by_name_at_start():
+    for bad in (base64.b64encode(b"short").decode(), "not base64!"):
+        with pytest.raises(ValidationError, match="history seal key"):
+            ServiceSettings(service_name="ledger", database_url="postgresql://u@h/db", kafka_bootstrap_servers="k:9092",
+                            history_seal_key=bad)
+
+
+async def rewrite(ledger, originator_id, change) -> None:
+    """Rewrite a stream's first event's JSON state in place: `change(state)` edits the dict."""
+    table = events_table(ledger.parts.app.recorder)
+    state = json.loads(await ledger.parts.pool.fetchval(
+        f"SELECT state FROM {table} WHERE originator_id = $1 AND originator_version = 1", originator_id))
+    change(state)
+    await forge_history(ledger, "UPDATE {table} SET state = $2 WHERE originator_id = $1 AND originator_version = 1",
+                        originator_id, json.dumps(state).encode())
