@@ -46,6 +46,17 @@ class Principal:
     roles: tuple[str, ...] = ()
 
 
+def _is_customer_id(subject: object) -> bool:
+    """What an account's owner and an event's `requested_by` can be: PostgreSQL text and UTF-8."""
+    if not isinstance(subject, str) or not 1 <= len(subject) <= SUBJECT_LENGTH_MAX or "\x00" in subject:
+        return False
+    try:
+        subject.encode("utf-8")  # a lone surrogate (JSON "\ud800") cannot be
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def dev_signing_key(data_dir: Path) -> Ed25519PrivateKey:
     """The development signing key, generated at first run (never committed)."""
     path = data_dir / "keys" / _DEV_KEY_FILE
@@ -111,9 +122,9 @@ class TokenVerifier:
         subject = claims["sub"]
         # A well-signed token can still name a subject no customer can be: checked here, it is
         # a bad token (401), not a 422 about a field the caller never sent, from a service deeper in.
-        if not isinstance(subject, str) or not 1 <= len(subject) <= SUBJECT_LENGTH_MAX or "\x00" in subject:
+        if not _is_customer_id(subject):
             raise Problem(401, "invalid_token", f"the access token's subject is not a customer id (1 to"
-                          f" {SUBJECT_LENGTH_MAX} characters, no NUL)", headers={"WWW-Authenticate": "Bearer"})
+                          f" {SUBJECT_LENGTH_MAX} characters of UTF-8, no NUL)", headers={"WWW-Authenticate": "Bearer"})
         roles = claims.get("roles", [])
         # Taken as identity made them, a list of role names: a string would be read as one role per letter.
         if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
