@@ -22,7 +22,7 @@ from tests.support.tokens import bearer, ledger_poster
 UNREACHED = {"database_url": "postgresql://nobody@127.0.0.1:1/none", "kafka_bootstrap_servers": "127.0.0.1:1"}
 LEDGER_POSTS = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit",
                 "post_transfer", "place_hold", "capture_hold", "void_hold"}
-LEDGER_READS = {"get_account", "list_accounts", "get_balance", "get_history", "get_statement"}
+LEDGER_READS = {"get_account", "list_accounts", "get_balance", "get_history", "get_statement", "get_transfer"}
 CUSTOMER_READS = {"my_accounts", "my_account", "my_balance", "my_history", "my_statement"}
 KEYED = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit"}
 
@@ -225,6 +225,9 @@ async def test_the_answers_of_a_running_bank_fit_the_documented_schemas(bank, do
         check(doc, ledger_read, 200, await ledger.get(path, params=params))
         check(gw, customer_read, 200, await customer.get(path, params=params))
     check(doc, "list_accounts", 200, await ledger.get("/accounts", params={"owner_id": "alice", "limit": 1}))
+    check(doc, "get_transfer", 200, await ledger.get(f"/transfers/fund-{card}"))
+    check(doc, "get_transfer", 404, await ledger.get("/transfers/never-posted"))
+    check(doc, "get_transfer", 403, await ledger.get(f"/transfers/fund-{card}", headers=bearer(tmp_path, "alice")))
     check(gw, "my_accounts", 200, await customer.get("/accounts", params={"limit": 1}))
     check(gw, "my_account", 404, await customer.get(f"/accounts/{settlement}"))
     empty_period = {**period, "until": period["since"]}

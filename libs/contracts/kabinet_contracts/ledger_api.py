@@ -113,6 +113,22 @@ class TransferPosted(_Body):
     replayed: bool = Field(description="true when this transfer id was already posted: nothing moved again")
 
 
+class Transfer(_Body):
+    """A posted transfer as its poster gave it, and who asked for it: for the bank's
+    services, staff and auditors."""
+
+    transfer_id: str = Field(description="the client-given id")
+    code: str
+    legs: list[Leg] = Field(description="summing to zero per currency")
+    external_ref: str | None
+    customer_ids: list[str] = Field(description="the customers its poster named, as given")
+    metadata: dict[str, str]
+    posted_at: AwareDatetime
+    requested_by: str | None = Field(description="the subject of the access token that asked for it (a service, a"
+                                                 " member of staff), or `ledger` for what the ledger did by itself;"
+                                                 " null on transfers posted before the ledger recorded it")
+
+
 class Hold(_Body):
     hold_id: str = Field(description="the client-given id")
     state: Literal["active", "captured", "voided", "expired"]

@@ -73,6 +73,7 @@ CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 HoldId = Annotated[str, Path(pattern=ID_PATTERN)]
+TransferId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
 # Every idempotent ledger call stores a business refusal (409 account_closed, say) as its answer.
@@ -300,6 +301,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             command = commands.OpenAccount(
                 account_id=body.account_id or _derived_account_id(kept_scope, key), owner_id=body.owner_id,
                 kind=body.kind.value, currency=body.currency, credit_limit_minor=body.credit_limit_minor,
+                requested_by=me.customer_id,
             )
             await ledger.submit(command)
             await ledger.read_your_writes()
@@ -330,7 +332,8 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         """A customer account's credit limit (lending sets it); refused below what is already used.
         Needs the role `ledger:post`."""
         async def operation():
-            await ledger.submit(commands.SetCreditLimit(account_id=account_id, credit_limit_minor=body.credit_limit_minor))
+            await ledger.submit(commands.SetCreditLimit(account_id=account_id, credit_limit_minor=body.credit_limit_minor,
+                                                        requested_by=me.customer_id))
             await ledger.read_your_writes()
             return 200, await projections.account(ledger.pool, account_id)
 
@@ -345,7 +348,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                      409: "`insufficient_funds`, `account_frozen`, `account_closed`, `idempotency_conflict` (this"
                           " `transfer_id` was posted with another body).",
                      422: f"{_INVALID}, `unbalanced_transfer`, `currency_mismatch`, `invalid_transfer`."})))
-    async def post_transfer(body: TransferBody):
+    async def post_transfer(body: TransferBody, me: Principal = post):
         """Two or more legs summing to zero per currency, all posted or none. `transfer_id` is the
         idempotency key: posted again with the same body, it answers as the first time
         (`replayed`). Needs the role `ledger:post`."""
@@ -353,7 +356,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             transfer_id=body.transfer_id,
             legs=tuple(commands.Leg(leg.account_id, leg.amount_minor, leg.currency) for leg in body.legs),
             code=body.code, external_ref=body.external_ref, customer_ids=tuple(body.customer_ids),
-            metadata=dict(body.metadata),
+            metadata=dict(body.metadata), requested_by=me.customer_id,
         )
         return _result(await ledger.submit(command))
 
@@ -363,12 +366,13 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                      409: "`insufficient_funds`, `account_frozen`, `account_closed`, `idempotency_conflict` (this"
                           " `hold_id` was placed with another body).",
                      422: f"{_INVALID}, `currency_mismatch`, `invalid_hold`."})))
-    async def place_hold(body: PlaceHoldBody):
+    async def place_hold(body: PlaceHoldBody, me: Principal = post):
         """Reserves money on the debit account for the credit account until captured, voided or
         `expires_at`. `hold_id` is the idempotency key. Needs the role `ledger:post`."""
         command = commands.PlaceHold(
             hold_id=body.hold_id, debit_account_id=body.debit_account_id, credit_account_id=body.credit_account_id,
             amount_minor=body.amount_minor, currency=body.currency, expires_at=body.expires_at, code=body.code,
+            requested_by=me.customer_id,
         )
         return _result(await ledger.submit(command))
 
@@ -378,18 +382,36 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                      409: "`hold_not_active`, `capture_exceeds_hold`, `account_closed`, `idempotency_conflict` (this"
                           " `capture_id` with another amount).",
                      422: _INVALID})))
-    async def capture_hold(hold_id: HoldId, body: CaptureBody):
+    async def capture_hold(hold_id: HoldId, body: CaptureBody, me: Principal = post):
         """Moves all or part of what the hold reserves, once per `capture_id` (the idempotency
         key); several captures may take up to the held amount. Needs the role `ledger:post`."""
         return _result(await ledger.submit(commands.CaptureHold(hold_id=hold_id, capture_id=body.capture_id,
-                                                                amount_minor=body.amount_minor)))
+                                                                amount_minor=body.amount_minor,
+                                                                requested_by=me.customer_id)))
 
     @router.post("/holds/{hold_id}/void", dependencies=posts, summary="Void a hold", response_model=None,
                  responses=_answers(200, ledger_api.Hold, problem_responses({
                      **_POSTER, 404: "`hold_not_found`.", 409: "`hold_not_active`.", 422: _INVALID})))
-    async def void_hold(hold_id: HoldId):
+    async def void_hold(hold_id: HoldId, me: Principal = post):
         """Releases what the hold still reserves. Needs the role `ledger:post`."""
-        return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id)))
+        return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id, requested_by=me.customer_id)))
+
+    @router.get("/transfers/{transfer_id}", dependencies=QUERY_AS_DECLARED, summary="A posted transfer, and who asked",
+                response_model=None, responses=_answers(200, ledger_api.Transfer, problem_responses({
+                    **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
+                    404: "`transfer_not_found`.", 422: _INVALID})))
+    async def get_transfer(transfer_id: TransferId, me: Principal = reads):
+        """A posted transfer (a capture's included, under its transfer id) as its poster gave
+        it, and who asked for it. Needs the role `ledger:read` or `ledger:post`: a customer
+        reads her money's movements in her accounts' history."""
+        if not _sees_every_account(me):
+            raise Problem(403, "forbidden", f"reading a transfer needs the role {LEDGER_READ} or {LEDGER_POST};"
+                                            " a customer reads her accounts' history")
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # a transfer just posted is found
+        found = await projections.transfer(ledger.pool, transfer_id)
+        if found is None:
+            raise Problem(404, "transfer_not_found", f"no transfer {transfer_id}")
+        return found
 
     @router.get("/accounts/{account_id}", dependencies=QUERY_AS_DECLARED, summary="An account and its balances",
                 response_model=None, responses=_answers(200, ledger_api.Account, _ACCOUNT_READ))
@@ -507,7 +529,7 @@ def _account_action(ledger: Ledger, command_type: type, post):
 
     async def action(account_id: UUID, key: Annotated[str, Depends(idempotency_key)], me: Principal = post):
         async def operation():
-            await ledger.submit(command_type(account_id=account_id))
+            await ledger.submit(command_type(account_id=account_id, requested_by=me.customer_id))
             await ledger.read_your_writes()
             return 200, await projections.account(ledger.pool, account_id)
 

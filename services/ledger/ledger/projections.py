@@ -17,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+from ledger.integration import stored_later
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger_accounts (
@@ -52,6 +53,8 @@ CREATE TABLE IF NOT EXISTS ledger_transfers (
     metadata jsonb NOT NULL,
     posted_at timestamptz NOT NULL
 );
+-- Who asked for it (an access token's subject); null on transfers posted before the ledger recorded it.
+ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS requested_by text;
 CREATE TABLE IF NOT EXISTS ledger_holds (
     hold_id text PRIMARY KEY,
     debit_account_id uuid NOT NULL,
@@ -93,14 +96,14 @@ def _kind(event: Any) -> str:
 # the legs already there twice; those it holds already are kept as they are.
 _POST_TRANSFERS = """
 WITH transfers AS (
-    INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)
+    INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by)
     SELECT t.transfer_id, t.code, t.legs::jsonb, t.external_ref, array(SELECT jsonb_array_elements_text(t.customer_ids::jsonb)),
-           t.metadata::jsonb, t.posted_at
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-        AS t(transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at)
+           t.metadata::jsonb, t.posted_at, t.requested_by
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[])
+        AS t(transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by)
     ON CONFLICT DO NOTHING
 ), legs AS (
-    SELECT * FROM unnest($8::uuid[], $9::bigint[], $10::integer[], $11::integer[], $12::bigint[])
+    SELECT * FROM unnest($9::uuid[], $10::bigint[], $11::integer[], $12::integer[], $13::bigint[])
         AS leg(account_id, position, seq, transfer_index, amount_minor)
 ), opening AS (
     SELECT account_id, coalesce((SELECT balance_after_minor FROM ledger_entries e WHERE e.account_id = first.account_id
@@ -119,7 +122,7 @@ ON CONFLICT DO NOTHING
 
 async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, Any]]) -> None:
     """Apply domain events in log order. Transfers, the bulk of a page, go in one statement."""
-    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [])
+    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [], [])
     leg_columns: tuple[list, ...] = ([], [], [], [], [])
     for position, event in page:
         kind = _kind(event)
@@ -144,6 +147,7 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
             for column, value in zip(transfer_columns, (
                 event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
                 json.dumps(list(event.customer_ids)), json.dumps(event.metadata), event.posted_at,
+                stored_later(event, "requested_by"),
             ), strict=True):
                 column.append(value)
             transfer_index = len(transfer_columns[0])  # 1-based, as SQL arrays are
@@ -206,6 +210,19 @@ async def accounts_of(
         owner_id, opened_after, after, limit + 1,
     )
     return [_account(row) for row in rows[:limit]], rows[limit - 1]["account_id"] if len(rows) > limit else None
+
+
+async def transfer(pool: asyncpg.Pool, transfer_id: str) -> dict | None:
+    """A posted transfer as its poster gave it, with who asked for it."""
+    row = await pool.fetchrow(
+        "SELECT transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by"
+        " FROM ledger_transfers WHERE transfer_id = $1", transfer_id)
+    if row is None:
+        return None
+    return {"transfer_id": row["transfer_id"], "code": row["code"], "legs": json.loads(row["legs"]),
+            "external_ref": row["external_ref"], "customer_ids": list(row["customer_ids"]),
+            "metadata": json.loads(row["metadata"]), "posted_at": row["posted_at"].isoformat(),
+            "requested_by": row["requested_by"]}
 
 
 async def account(pool: asyncpg.Pool, account_id) -> dict | None:

@@ -93,7 +93,8 @@ async def expire_holds_forever(parts: LedgerParts) -> None:
                 # or another node's ahead) would leave holds no longer capturable still holding money.
                 parts.writer.ledger_time(), EXPIRY_SWEEP_BATCH_MAX,
             )
-            await asyncio.gather(*(parts.writer.submit(commands.ExpireHold(row["hold_id"])) for row in due))
+            await asyncio.gather(*(parts.writer.submit(commands.ExpireHold(
+                row["hold_id"], requested_by=commands.REQUESTED_BY_LEDGER)) for row in due))
         except Exception:
             log.exception("hold expiry sweep failed; will try again")
 

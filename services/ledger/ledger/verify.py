@@ -13,7 +13,7 @@ Everything is recomputed from the event store and compared with what the ledger 
    and column by column: every account (owner, kind, currency, state, credit limit,
    opening and last change times), every entry (account, position, seq, transfer, code,
    amount, running balance, time), every transfer (code, legs, references, customers,
-   metadata, posting time) and every hold (accounts, amounts, state, deadline, which the
+   metadata, posting time, who asked) and every hold (accounts, amounts, state, deadline, which the
    expiry sweep acts on, code); and it reached the log's head as verify began;
 7. no customer account is below its credit limit;
 8. the events keep the order the writer writes them in: each stream's versions one by one
@@ -61,7 +61,7 @@ from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger.application import LedgerApplication
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
-from ledger.integration import SOURCE
+from ledger.integration import SOURCE, stored_later
 
 PAGE_SIZE = 5000
 PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
@@ -160,7 +160,8 @@ def _differences(names: Sequence[str], shown: Sequence[Any], want: Sequence[Any]
 # The read model's columns verify compares, as the projection fills them (projections.py).
 _ACCOUNT_COLUMNS = ("owner_id", "kind", "currency", "state", "credit_limit_minor", "opened_at", "updated_at")
 _ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", "occurred_at")  # after the key
-_TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at")  # after the id
+_TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
+                     "requested_by")  # after the id
 _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captured_minor", "currency", "state",
                  "expires_at", "code")  # after the id
 
@@ -454,7 +455,7 @@ class _Replay:
             # As the projection stores them: legs and metadata through JSON, customers as a list.
             page.transfers[event.client_transfer_id] = (
                 event.code, json.loads(json.dumps(event.legs)), event.external_ref, list(event.customer_ids),
-                json.loads(json.dumps(event.metadata)), event.posted_at)
+                json.loads(json.dumps(event.metadata)), event.posted_at, stored_later(event, "requested_by"))
 
 
 class _ShownEntries:
@@ -525,7 +526,7 @@ class _ReadModelComparison:
                     self.transfers.append(f"transfer {transfer_id} missing from the read model")
                     continue
                 got = (row["code"], json.loads(row["legs"]), row["external_ref"], list(row["customer_ids"]),
-                       json.loads(row["metadata"]), row["posted_at"])
+                       json.loads(row["metadata"]), row["posted_at"], row["requested_by"])
                 if got != want:
                     self.transfers.append(f"transfer {transfer_id}: " + _differences(_TRANSFER_COLUMNS, got, want))
 

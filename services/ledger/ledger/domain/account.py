@@ -64,7 +64,7 @@ class Account(Aggregate):
 
     @event("Opened")
     def __init__(self, account_id: UUID, owner_id: str, kind: str, currency: str, credit_limit_minor: int,
-                 timestamp: datetime) -> None:
+                 timestamp: datetime, requested_by: str | None = None) -> None:
         self.owner_id = owner_id
         self.kind = kind
         self.currency = currency
@@ -84,25 +84,28 @@ class Account(Aggregate):
     # Public commands check their rule, then trigger the event (a private method), so a
     # replay of stored events never re-runs a rule that may have changed since.
 
-    def freeze(self, at: datetime) -> None:
+    def freeze(self, at: datetime, requested_by: str | None) -> None:
         self.check_not_closed()
         if self.state != AccountState.FROZEN:
-            self._freeze(customer_id=self.customer_id, timestamp=at)
+            self._freeze(customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
-    def unfreeze(self, at: datetime) -> None:
+    def unfreeze(self, at: datetime, requested_by: str | None) -> None:
         self.check_not_closed()
         if self.state == AccountState.FROZEN:
-            self._unfreeze(customer_id=self.customer_id, timestamp=at)
+            self._unfreeze(customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
-    def close(self, posted_minor: int, held_minor: int, incoming_held_minor: int, at: datetime) -> None:
+    def close(self, posted_minor: int, held_minor: int, incoming_held_minor: int, at: datetime,
+              requested_by: str | None) -> None:
         """Only an empty account closes, that no live hold will pay into: the caller gives
         its balance as it stands now."""
         self.check_close(posted_minor, held_minor, incoming_held_minor)
-        self._close(customer_id=self.customer_id, timestamp=at)
+        self._close(customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
-    def set_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int, at: datetime) -> None:
+    def set_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int, at: datetime,
+                         requested_by: str | None) -> None:
         self.check_credit_limit(credit_limit_minor, posted_minor, held_minor)
-        self._set_credit_limit(credit_limit_minor=credit_limit_minor, customer_id=self.customer_id, timestamp=at)
+        self._set_credit_limit(credit_limit_minor=credit_limit_minor, customer_id=self.customer_id, timestamp=at,
+                               requested_by=requested_by)
 
     # The rules, given balances: the Batch asks them with its own view (this batch's
     # postings included) before it changes anything.
@@ -144,17 +147,18 @@ class Account(Aggregate):
     # default only lets the aggregate replay them.
 
     @event("Frozen")
-    def _freeze(self, timestamp: datetime, customer_id: str | None = None) -> None:
+    def _freeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None) -> None:
         self.state = AccountState.FROZEN.value
 
     @event("Unfrozen")
-    def _unfreeze(self, timestamp: datetime, customer_id: str | None = None) -> None:
+    def _unfreeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None) -> None:
         self.state = AccountState.OPEN.value
 
     @event("Closed")
-    def _close(self, timestamp: datetime, customer_id: str | None = None) -> None:
+    def _close(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None) -> None:
         self.state = AccountState.CLOSED.value
 
     @event("CreditLimitSet")
-    def _set_credit_limit(self, credit_limit_minor: int, timestamp: datetime, customer_id: str | None = None) -> None:
+    def _set_credit_limit(self, credit_limit_minor: int, timestamp: datetime, customer_id: str | None = None,
+                          requested_by: str | None = None) -> None:
         self.credit_limit_minor = credit_limit_minor

@@ -196,7 +196,8 @@ class Batch:
                 if account_id not in saved}
 
     @contextmanager
-    def _refusal_kept(self, refused_id: UUID, client_id: str, request_fingerprint: str) -> Iterator[None]:
+    def _refusal_kept(self, refused_id: UUID, client_id: str, request_fingerprint: str, requested_by: str | None
+                      ) -> Iterator[None]:
         """A refusal from here on depends on the ledger's state (funds, states, deadlines):
         it is kept under the id the command would have created, so a repeat gets it again
         (refusal.py). A conflict is not kept: it names an id that is taken already."""
@@ -206,7 +207,7 @@ class Batch:
             raise
         except LedgerError as refusal:
             self._touch(Refusal(refused_id=refused_id, client_id=client_id, request_fingerprint=request_fingerprint,
-                                code=refusal.code, detail=str(refusal), timestamp=self.now))
+                                code=refusal.code, detail=str(refusal), timestamp=self.now, requested_by=requested_by))
             raise
 
     def _post(self, account: Account, amount_minor: int) -> None:
@@ -237,7 +238,7 @@ class Batch:
         account = Account(
             account_id=command.account_id, owner_id=command.owner_id, kind=AccountKind(command.kind).value,
             currency=command.currency,
-            credit_limit_minor=command.credit_limit_minor, timestamp=self.now,
+            credit_limit_minor=command.credit_limit_minor, timestamp=self.now, requested_by=command.requested_by,
         )
         self._touch(account)
         self._balances[account.id] = Balance()
@@ -249,7 +250,7 @@ class Batch:
         account.check_not_closed()
         if account.state != AccountState.FROZEN:
             self._touch(account, resave_balance=True)
-            account.freeze(at=self.now)
+            account.freeze(at=self.now, requested_by=command.requested_by)
         return AccountResult(str(account.id), account.state)
 
     def _unfreeze(self, command: c.UnfreezeAccount) -> AccountResult:
@@ -257,7 +258,7 @@ class Batch:
         account.check_not_closed()
         if account.state == AccountState.FROZEN:
             self._touch(account, resave_balance=True)
-            account.unfreeze(at=self.now)
+            account.unfreeze(at=self.now, requested_by=command.requested_by)
         return AccountResult(str(account.id), account.state)
 
     def _close(self, command: c.CloseAccount) -> AccountResult:
@@ -265,14 +266,15 @@ class Batch:
         if account.state == AccountState.CLOSED:
             return AccountResult(str(account.id), account.state, replayed=True)
         # This batch's postings and holds count.
-        account.close(self.posted_minor(account), self.held_minor(account), self.incoming_held_minor(account), at=self.now)
+        account.close(self.posted_minor(account), self.held_minor(account), self.incoming_held_minor(account), at=self.now,
+                      requested_by=command.requested_by)
         self._touch(account, resave_balance=True)
         return AccountResult(str(account.id), account.state)
 
     def _set_credit_limit(self, command: c.SetCreditLimit) -> AccountResult:
         account = self.account(command.account_id)
         account.set_credit_limit(command.credit_limit_minor, self.posted_minor(account), self.held_minor(account),
-                                 at=self.now)
+                                 at=self.now, requested_by=command.requested_by)
         self._touch(account, resave_balance=True)
         return AccountResult(str(account.id), account.state)
 
@@ -329,7 +331,7 @@ class Batch:
         if existing is not None:
             _check_repeat(existing, Transfer, request_fingerprint, f"transfer {command.transfer_id}")
             return _transfer_result(existing, replayed=True)
-        with self._refusal_kept(transfer_id, command.transfer_id, request_fingerprint):
+        with self._refusal_kept(transfer_id, command.transfer_id, request_fingerprint, command.requested_by):
             accounts = [self.account(leg.account_id) for leg in command.legs]
             for leg, account in zip(command.legs, accounts, strict=True):
                 self._check_open_in(account, leg.currency, "the leg")
@@ -343,6 +345,7 @@ class Batch:
             customer_ids=list(command.customer_ids), metadata=dict(command.metadata),
             request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now,
             leg_customer_ids=_customers_of([(leg.amount_minor, a) for leg, a in zip(command.legs, accounts, strict=True)]),
+            requested_by=command.requested_by,
         )
         self._touch(transfer)
         for leg, account in zip(command.legs, accounts, strict=True):
@@ -365,7 +368,7 @@ class Batch:
         if existing is not None:
             _check_repeat(existing, Hold, request_fingerprint, f"hold {command.hold_id}")
             return _hold_result(existing, replayed=True)
-        with self._refusal_kept(hold_id, command.hold_id, request_fingerprint):
+        with self._refusal_kept(hold_id, command.hold_id, request_fingerprint, command.requested_by):
             debit, credit = self.account(command.debit_account_id), self.account(command.credit_account_id)
             for account in (debit, credit):
                 self._check_open_in(account, command.currency, "the hold")
@@ -380,7 +383,7 @@ class Batch:
             client_hold_id=command.hold_id, debit_account_id=str(debit.id), credit_account_id=str(credit.id),
             amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
             code=command.code, request_fingerprint=request_fingerprint, timestamp=self.now,
-            debit_customer_id=debit.customer_id,
+            debit_customer_id=debit.customer_id, requested_by=command.requested_by,
         )
         self._touch(hold)
         # The credit account's money does not move yet, but its balance row does (what holds
@@ -396,7 +399,7 @@ class Batch:
         earlier = self._get(capture_key)  # the capture's transfer, or its refusal
         if isinstance(earlier, Refusal):
             _check_repeat(earlier, Transfer, request_fingerprint, f"capture {command.capture_id} of hold {command.hold_id}")
-        with self._refusal_kept(capture_key, transfer_id, request_fingerprint):
+        with self._refusal_kept(capture_key, transfer_id, request_fingerprint, command.requested_by):
             hold = self.hold(command.hold_id)
             if command.capture_id in hold.captures:
                 if hold.captures[command.capture_id] != command.amount_minor:
@@ -434,12 +437,14 @@ class Batch:
             client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None,
             customer_ids=[debit.customer_id] if debit.customer_id is not None else [], metadata={},
             request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now, hold_id=command.hold_id,
-            capture_id=command.capture_id, leg_customer_ids=_customers_of([(-command.amount_minor, debit), (command.amount_minor, credit)]),
+            capture_id=command.capture_id, requested_by=command.requested_by,
+            leg_customer_ids=_customers_of([(-command.amount_minor, debit), (command.amount_minor, credit)]),
         )
         self._touch(transfer)
         self._touch(hold)
         hold.capture(client_hold_id=command.hold_id, capture_id=command.capture_id, amount_minor=command.amount_minor,
-                     transfer_id=transfer_id, debit_customer_id=debit.customer_id, at=self.now)
+                     transfer_id=transfer_id, debit_customer_id=debit.customer_id, at=self.now,
+                     requested_by=command.requested_by)
         self._reserve(debit, credit, -command.amount_minor)
         self._post(debit, -command.amount_minor)
         self._post(credit, command.amount_minor)
@@ -451,26 +456,26 @@ class Batch:
             return _hold_result(hold, replayed=True)
         if hold.state != HoldState.ACTIVE:
             raise HoldNotActive(f"hold {command.hold_id} is {hold.state}")
-        self._release(hold, expire=False)
+        self._release(hold, expire=False, requested_by=command.requested_by)
         return _hold_result(hold)
 
     def _expire_hold(self, command: c.ExpireHold) -> HoldResult:
         hold = self.hold(command.hold_id)
         if hold.state != HoldState.ACTIVE or self.now < hold.expires_at:
             return _hold_result(hold, replayed=True)  # already settled, or not due: nothing to do
-        self._release(hold, expire=True)
+        self._release(hold, expire=True, requested_by=command.requested_by)
         return _hold_result(hold)
 
-    def _release(self, hold: Hold, *, expire: bool) -> None:
+    def _release(self, hold: Hold, *, expire: bool, requested_by: str | None) -> None:
         debit, credit = self.account(UUID(hold.debit_account_id)), self.account(UUID(hold.credit_account_id))
         released = hold.remaining_minor
         self._touch(hold)
         if expire:
             hold.expire(client_hold_id=hold.client_hold_id, released_minor=released, debit_customer_id=debit.customer_id,
-                        at=self.now)
+                        at=self.now, requested_by=requested_by)
         else:
             hold.void(client_hold_id=hold.client_hold_id, released_minor=released, debit_customer_id=debit.customer_id,
-                      at=self.now)
+                      at=self.now, requested_by=requested_by)
         if released:
             self._reserve(debit, credit, -released)
 

@@ -29,6 +29,7 @@ AMOUNT_MINOR_MAX = 10**15
 # and ends with ':'), so the infix occurs once and two different (hold, capture) pairs
 # never give the same id.
 CAPTURE_INFIX = ":capture:"
+REQUESTED_BY_LEDGER = "ledger"  # who asks for what the ledger does by itself (a hold's expiry)
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -54,7 +55,17 @@ def is_storable_text(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class OpenAccount:
+class Command:
+    """What every command carries besides its request: who asked for it (the access token's
+    subject: a service, a member of staff, a customer; REQUESTED_BY_LEDGER for what the
+    ledger does by itself), recorded on its events for auditors. It is not part of the
+    request (`fingerprint`): the same body from another caller is the same request."""
+
+    requested_by: str | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class OpenAccount(Command):
     account_id: UUID
     owner_id: str
     kind: str
@@ -63,22 +74,22 @@ class OpenAccount:
 
 
 @dataclass(frozen=True)
-class FreezeAccount:
+class FreezeAccount(Command):
     account_id: UUID
 
 
 @dataclass(frozen=True)
-class UnfreezeAccount:
+class UnfreezeAccount(Command):
     account_id: UUID
 
 
 @dataclass(frozen=True)
-class CloseAccount:
+class CloseAccount(Command):
     account_id: UUID
 
 
 @dataclass(frozen=True)
-class SetCreditLimit:
+class SetCreditLimit(Command):
     account_id: UUID
     credit_limit_minor: int
 
@@ -91,7 +102,7 @@ class Leg:
 
 
 @dataclass(frozen=True)
-class PostTransfer:
+class PostTransfer(Command):
     transfer_id: str
     legs: tuple[Leg, ...]
     code: str
@@ -101,7 +112,7 @@ class PostTransfer:
 
 
 @dataclass(frozen=True)
-class PlaceHold:
+class PlaceHold(Command):
     hold_id: str
     debit_account_id: UUID
     credit_account_id: UUID
@@ -112,19 +123,19 @@ class PlaceHold:
 
 
 @dataclass(frozen=True)
-class CaptureHold:
+class CaptureHold(Command):
     hold_id: str
     capture_id: str
     amount_minor: int
 
 
 @dataclass(frozen=True)
-class VoidHold:
+class VoidHold(Command):
     hold_id: str
 
 
 @dataclass(frozen=True)
-class ExpireHold:
+class ExpireHold(Command):
     hold_id: str
 
 
@@ -146,7 +157,8 @@ def fingerprint(command: Any) -> str:
     """
     # command.__dict__ rather than asdict(): the same JSON without asdict's deep copy,
     # which was the writer's costliest step per transfer.
-    canonical = json.dumps(command.__dict__, sort_keys=True, separators=(",", ":"), default=_canonical)
+    request = {name: value for name, value in command.__dict__.items() if name != "requested_by"}
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=_canonical)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

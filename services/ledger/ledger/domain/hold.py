@@ -58,6 +58,7 @@ class Hold(Aggregate):
         request_fingerprint: str,
         timestamp: datetime,  # the batch's time, as for every ledger event (see account.py)
         debit_customer_id: str | None = None,
+        requested_by: str | None = None,
     ) -> None:
         self.client_hold_id = client_hold_id
         self.debit_account_id = debit_account_id
@@ -87,7 +88,7 @@ class Hold(Aggregate):
     # ledger/integration.py); the defaults only let the aggregate replay them.
 
     def capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str,
-                debit_customer_id: str | None, at: datetime) -> None:
+                debit_customer_id: str | None, at: datetime, requested_by: str | None) -> None:
         self._check_active()
         if type(amount_minor) is not int or amount_minor <= 0:
             raise InvalidHold(f"a capture of hold {self.client_hold_id} must be a positive integer amount_minor")
@@ -101,17 +102,19 @@ class Hold(Aggregate):
         self.check_room_for_a_capture()
         self._capture(client_hold_id=client_hold_id, capture_id=capture_id, amount_minor=amount_minor,
                       transfer_id=transfer_id, timestamp=at, currency=self.currency,
-                      debit_customer_id=debit_customer_id)
+                      debit_customer_id=debit_customer_id, requested_by=requested_by)
 
-    def void(self, client_hold_id: str, released_minor: int, debit_customer_id: str | None, at: datetime) -> None:
+    def void(self, client_hold_id: str, released_minor: int, debit_customer_id: str | None, at: datetime,
+             requested_by: str | None) -> None:
         self._check_release(released_minor)
         self._void(client_hold_id=client_hold_id, released_minor=released_minor, timestamp=at, currency=self.currency,
-                   debit_customer_id=debit_customer_id)
+                   debit_customer_id=debit_customer_id, requested_by=requested_by)
 
-    def expire(self, client_hold_id: str, released_minor: int, debit_customer_id: str | None, at: datetime) -> None:
+    def expire(self, client_hold_id: str, released_minor: int, debit_customer_id: str | None, at: datetime,
+               requested_by: str | None) -> None:
         self._check_release(released_minor)
         self._expire(client_hold_id=client_hold_id, released_minor=released_minor, timestamp=at,
-                     currency=self.currency, debit_customer_id=debit_customer_id)
+                     currency=self.currency, debit_customer_id=debit_customer_id, requested_by=requested_by)
 
     def check_room_for_a_capture(self) -> None:
         if len(self.captures) >= CAPTURES_PER_HOLD_MAX:
@@ -131,7 +134,8 @@ class Hold(Aggregate):
 
     @event("Captured")
     def _capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str,
-                 timestamp: datetime, currency: str | None = None, debit_customer_id: str | None = None) -> None:
+                 timestamp: datetime, currency: str | None = None, debit_customer_id: str | None = None,
+                 requested_by: str | None = None) -> None:
         self.captured_minor += amount_minor
         self.captures[capture_id] = amount_minor
         if self.remaining_minor == 0:
@@ -139,12 +143,12 @@ class Hold(Aggregate):
 
     @event("Voided")
     def _void(self, client_hold_id: str, released_minor: int, timestamp: datetime, currency: str | None = None,
-              debit_customer_id: str | None = None) -> None:
+              debit_customer_id: str | None = None, requested_by: str | None = None) -> None:
         self.released_minor += released_minor
         self.state = HoldState.VOIDED.value
 
     @event("Expired")
     def _expire(self, client_hold_id: str, released_minor: int, timestamp: datetime, currency: str | None = None,
-                debit_customer_id: str | None = None) -> None:
+                debit_customer_id: str | None = None, requested_by: str | None = None) -> None:
         self.released_minor += released_minor
         self.state = HoldState.EXPIRED.value

@@ -31,7 +31,7 @@ class Refusal(Aggregate):
 
     @event("Recorded")
     def __init__(self, refused_id: UUID, client_id: str, request_fingerprint: str, code: str, detail: str,
-                 timestamp: datetime) -> None:
+                 timestamp: datetime, requested_by: str | None = None) -> None:
         self.client_id = client_id
         self.request_fingerprint = request_fingerprint
         self.code = code

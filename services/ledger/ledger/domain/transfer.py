@@ -51,6 +51,7 @@ class Transfer(Aggregate):
         hold_id: str | None = None,
         capture_id: str | None = None,
         leg_customer_ids: list[str] | None = None,
+        requested_by: str | None = None,
     ) -> None:
         self.client_transfer_id = client_transfer_id
         self.legs = legs  # {"account_id": str, "amount_minor": int, "currency": str}

@@ -29,7 +29,8 @@ def test_a_hold_takes_a_bounded_number_of_captures_and_what_is_left_is_released_
     assert isinstance(again, CaptureExceedsHold) and str(again) == str(refused)
 
     with pytest.raises(CaptureExceedsHold):  # the aggregate guards the rule itself too
-        world.store[Hold.id_for("auth-1")].capture("auth-1", "part-last", 1, "auth-1:capture:part-last", "alice", T0)
+        world.store[Hold.id_for("auth-1")].capture("auth-1", "part-last", 1, "auth-1:capture:part-last", "alice", T0,
+                                                   "payments")
 
     left = 20_000 - CAPTURES_PER_HOLD_MAX
     assert world.one(c.VoidHold("auth-1")).remaining_minor == 0

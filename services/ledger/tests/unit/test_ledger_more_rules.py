@@ -285,12 +285,13 @@ def test_the_writer_is_told_every_aggregate_a_capture_will_touch():
 def test_aggregates_guard_their_own_rules(world):
     settlement, card = funded(world, 100)
     with pytest.raises(AccountNotEmpty):
-        world.account(card).close(world.balance(card).posted_minor, world.balance(card).held_minor, 0, at=world.now)
+        world.account(card).close(world.balance(card).posted_minor, world.balance(card).held_minor, 0, at=world.now,
+                                  requested_by="staff-1")
     world.one(hold("h1", card, settlement, 60))
     held = world.store[next(k for k, v in world.store.items() if getattr(v, "client_hold_id", None) == "h1")]
     with pytest.raises(CaptureExceedsHold):
         held.capture(client_hold_id="h1", capture_id="x", amount_minor=61, transfer_id="t", debit_customer_id="alice",
-                     at=world.now)
+                     at=world.now, requested_by="payments")
     assert held.pending_events == [] and held.remaining_minor == 60
 
 
@@ -322,7 +323,7 @@ def test_the_domain_layer_imports_no_io_library():
 def test_a_request_fingerprint_is_the_sha256_of_its_canonical_json_so_retries_stored_long_ago_still_match():
     import hashlib
     import json
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     account, other = uuid4(), uuid4()
     commands = [
@@ -331,5 +332,8 @@ def test_a_request_fingerprint_is_the_sha256_of_its_canonical_json_so_retries_st
         c.PlaceHold("h-1", account, other, 7, "RUB", T0 + timedelta(days=1), "card_auth"),
     ]
     for command in commands:
-        canonical = json.dumps(asdict(command), sort_keys=True, separators=(",", ":"), default=str)
+        request = asdict(command)
+        del request["requested_by"]  # who asked is not the request: fingerprints stored before it still match
+        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
         assert c.fingerprint(command) == hashlib.sha256(canonical.encode()).hexdigest()
+        assert c.fingerprint(replace(command, requested_by="payments")) == c.fingerprint(command)

@@ -1,0 +1,112 @@
+"""Every change to the books records who asked for it: the subject of the access token
+that sent the command (a service, a member of staff), or `ledger` for what the ledger
+does by itself. Auditors find it on the events, and the bank's services and staff on a
+transfer (`GET /transfers/{id}`); asking again with the same body is the same request,
+whoever asks."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from kabinet_contracts.roles import LEDGER_POST, LEDGER_READ
+from ledger.domain.commands import REQUESTED_BY_LEDGER
+from ledger.domain.hold import Hold
+from ledger.domain.transfer import Transfer
+from ledger.verify import verify
+from services.ledger.tests.integration.ledger_support import open_account, transfer_body
+from tests.support.tokens import bearer
+
+pytestmark = pytest.mark.integration
+
+EXPIRY_WAIT_S = 15.0
+
+
+def keyed() -> dict[str, str]:
+    return {"Idempotency-Key": str(uuid.uuid4())}
+
+
+def events_of(ledger, aggregate_id: uuid.UUID) -> list:
+    """The stored events of one aggregate, as an auditor replays them."""
+    app = ledger.parts.app
+    return [app.mapper.to_domain_event(stored) for stored in app.recorder.select_events(aggregate_id)]
+
+
+async def test_every_event_of_an_account_and_a_hold_names_the_service_or_staff_that_asked(ledger):
+    staff = bearer(ledger.settings.data_dir, "staff-olga", (LEDGER_POST,))
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    assert (await ledger.put(f"/accounts/{card}/credit-limit", json={"credit_limit_minor": 500},
+                             headers={**keyed(), **staff})).status_code == 200
+    for action in ("freeze", "unfreeze"):
+        assert (await ledger.post(f"/accounts/{card}/{action}", headers={**keyed(), **staff})).status_code == 200
+    placed = await ledger.post("/holds", json={
+        "hold_id": "auth-1", "debit_account_id": card, "credit_account_id": settlement, "amount_minor": 300,
+        "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat(), "code": "card_purchase"})
+    assert placed.status_code == 201, placed.text
+    assert (await ledger.post("/holds/auth-1/captures", json={"capture_id": "c1", "amount_minor": 100})).status_code == 201
+    assert (await ledger.post("/holds/auth-1/void", headers=staff)).status_code == 200
+
+    account_events = events_of(ledger, uuid.UUID(card))
+    assert [(type(e).__qualname__, e.requested_by) for e in account_events] == [
+        ("Account.Opened", "payments"), ("Account.CreditLimitSet", "staff-olga"),
+        ("Account.Frozen", "staff-olga"), ("Account.Unfrozen", "staff-olga")]
+    hold_events = events_of(ledger, Hold.id_for("auth-1"))
+    assert [(type(e).__qualname__, e.requested_by) for e in hold_events] == [
+        ("Hold.Placed", "payments"), ("Hold.Captured", "payments"), ("Hold.Voided", "staff-olga")]
+    capture = (events_of(ledger, Transfer.id_for("auth-1:capture:c1")))[0]
+    assert capture.requested_by == "payments"
+
+
+async def test_a_transfer_shows_who_posted_it_to_the_banks_services_and_staff_and_verify_checks_it(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    posted = await ledger.post("/transfers", json=transfer_body("salary-1", (settlement, -10_000), (card, 10_000),
+                                                                code="top_up"))
+    assert posted.status_code == 201, posted.text
+    auditor = bearer(ledger.settings.data_dir, "auditor-ivan", (LEDGER_READ,))
+    shown = await ledger.get("/transfers/salary-1", headers=auditor)
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["requested_by"] == "payments" and shown.json()["code"] == "top_up"
+    assert [leg["amount_minor"] for leg in shown.json()["legs"]] == [-10_000, 10_000]
+
+    # Posted again by another service with the same body: the same request, still "payments".
+    again = await ledger.post("/transfers", headers=bearer(ledger.settings.data_dir, "cards", (LEDGER_POST,)),
+                              json=transfer_body("salary-1", (settlement, -10_000), (card, 10_000), code="top_up"))
+    assert again.status_code == 201 and again.json()["replayed"] is True
+    assert (await ledger.get("/transfers/salary-1", headers=auditor)).json()["requested_by"] == "payments"
+
+    missing = await ledger.get("/transfers/salary-2", headers=auditor)
+    assert missing.status_code == 404 and missing.json()["code"] == "transfer_not_found"
+    alice = await ledger.get("/transfers/salary-1", headers=bearer(ledger.settings.data_dir, "alice"))
+    assert alice.status_code == 403 and "ledger:read" in alice.json()["detail"]
+    assert (await verify(ledger.parts.app, ledger.settings)).ok
+
+
+async def test_a_refusal_kept_for_retries_names_who_asked_too(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    refused = await ledger.post("/transfers", json=transfer_body("too-much", (card, -1), (settlement, 1)))
+    assert refused.status_code == 409
+    (refusal,) = events_of(ledger, Transfer.id_for("too-much"))
+    assert type(refusal).__qualname__ == "Refusal.Recorded" and refusal.requested_by == "payments"
+
+
+async def test_a_hold_the_ledger_expires_names_the_ledger(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    await ledger.post("/transfers", json=transfer_body("fund", (settlement, -1_000), (card, 1_000), code="top_up"))
+    placed = await ledger.post("/holds", json={
+        "hold_id": "auth-2", "debit_account_id": card, "credit_account_id": settlement, "amount_minor": 300,
+        "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(seconds=1)).isoformat(), "code": "card_purchase"})
+    assert placed.status_code == 201, placed.text
+    for _ in range(int(EXPIRY_WAIT_S / 0.2)):
+        events = events_of(ledger, Hold.id_for("auth-2"))
+        if len(events) == 2:
+            break
+        await asyncio.sleep(0.2)
+    assert [(type(e).__qualname__, e.requested_by) for e in events] == [
+        ("Hold.Placed", "payments"), ("Hold.Expired", REQUESTED_BY_LEDGER)]
