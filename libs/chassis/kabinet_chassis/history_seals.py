@@ -110,6 +110,19 @@ def seal_key_for(settings: ServiceSettings) -> bytes:
     return parse_key(settings.history_seal_key) if settings.history_seal_key else dev_seal_key(settings.data_dir)
 
 
+def verification_keys_for(settings: ServiceSettings) -> dict[str, bytes]:
+    """Every key a seal of the service may have been made with, by key id: the current one
+    and those it replaced (KABINET_HISTORY_SEAL_PREVIOUS_KEYS), so that seals made before a
+    rotation are still checked."""
+    keys = [seal_key_for(settings), *map(parse_key, previous_keys(settings.history_seal_previous_keys))]
+    return {key_id(key): key for key in keys}
+
+
+def previous_keys(setting: str | None) -> list[str]:
+    """The previous seal keys as settings give them: base64 keys separated by commas."""
+    return [key.strip() for key in (setting or "").split(",") if key.strip()]
+
+
 def key_id(key: bytes) -> str:
     """Names a key without revealing it: which key a seal was made with."""
     return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
@@ -220,7 +233,7 @@ def parse_receipt(receipt: str) -> tuple[int, str]:
     return int(number), link_hex.lower()
 
 
-async def check_seals(connection: asyncpg.Connection, events_table: str, key: bytes,
+async def check_seals(connection: asyncpg.Connection, events_table: str, keys: dict[str, bytes],
                       noted: tuple[int, str] | None = None) -> SealCheck:
     """Recompute every seal's range of events from the link of the seal before it, and find
     the seal an auditor `noted` (parse_receipt) still there with its link: seals cut from the
@@ -239,7 +252,6 @@ async def check_seals(connection: asyncpg.Connection, events_table: str, key: by
         problem(f"{events_table} has no seals table: its history is not sealed (a ledger process creates it and"
                 " seals the history when it starts)")
         return SealCheck(problems, count, 0, None, 0, 0)
-    wanted_key = key_id(key)
     events = await connection.cursor(f"SELECT {_EVENT_COLUMNS} FROM {events_table} ORDER BY notification_id")
     pending: list[asyncpg.Record] = []  # events read past the seal being checked
     link, after, last_no, seals, sealed = GENESIS_LINK, 0, 0, 0, 0
@@ -253,9 +265,11 @@ async def check_seals(connection: asyncpg.Connection, events_table: str, key: by
             problem(f"seals {last_no + 1}..{seal.seal_no - 1} are missing (deleted): nothing the seals table holds"
                     " may go")
         in_range, pending = await _events_up_to(events, pending, seal.last_position)
-        if seal.key_id != wanted_key:
+        key = keys.get(seal.key_id)
+        if key is None:
             problem(f"seal {seal.seal_no} (positions {after + 1}..{seal.last_position}) was made with key"
-                    f" {seal.key_id}, not with {wanted_key}, the key this check holds: its events are not checked")
+                    f" {seal.key_id}, which this check does not hold (it holds {', '.join(keys)}): its events are not"
+                    " checked")
         elif extend_chain(link, in_range, key) != seal.chain_link:
             problem(f"seal {seal.seal_no}: the events at positions {after + 1}..{seal.last_position} are not those"
                     f" sealed at {seal.sealed_at.isoformat()} ({len(in_range)} now, {seal.events_count} then): one"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,6 +49,9 @@ class ServiceSettings(BaseSettings):
     # (history_seals.py). Keep it out of the database and give it to auditors; without it,
     # the development key generated at first run under data_dir/keys.
     history_seal_key: str | None = None
+    # The seal keys it replaced, base64 separated by commas: seals made before a rotation
+    # are checked with them (never sealed with).
+    history_seal_previous_keys: str | None = None
     # PEM of identity's Ed25519 public key, which every service checks access tokens with
     # (while identity rotates its key, the old and the new one after each other); without
     # it, the development key generated at first run under data_dir/keys.
@@ -65,13 +68,13 @@ class ServiceSettings(BaseSettings):
             raise ValueError("KABINET_DATABASE_URL must look like postgresql://user:password@host:port/db")
         return value
 
-    @field_validator("history_seal_key")
+    @field_validator("history_seal_key", "history_seal_previous_keys")
     @classmethod
-    def _seal_key(cls, value: str | None) -> str | None:
-        from kabinet_chassis.history_seals import parse_key  # it refuses a short or malformed key by name
+    def _seal_keys(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from kabinet_chassis.history_seals import parse_key, previous_keys  # they refuse a short or malformed key by name
 
-        if value is not None:
-            parse_key(value)
+        for key in (previous_keys(value) if info.field_name == "history_seal_previous_keys" else [value] if value else []):
+            parse_key(key)
         return value
 
     @property

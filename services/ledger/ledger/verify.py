@@ -580,7 +580,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     import anyio
 
     report = Report()
-    database_url, seal_key = settings.service_database_url, history_seals.seal_key_for(settings)
+    database_url, seal_keys = settings.service_database_url, history_seals.verification_keys_for(settings)
     # One snapshot of what the ledger serves, then the events up to that snapshot: balances
     # commit with their events, and the read model is compared at its own position, so a
     # ledger that keeps writing still verifies. The snapshot stays open while the events
@@ -625,7 +625,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                 replaying.cancel()
             await compared.finish()
             replay.finish()
-            seals = await history_seals.check_seals(connection, events_table(app.recorder), seal_key, noted_seal)
+            seals = await history_seals.check_seals(connection, events_table(app.recorder), seal_keys, noted_seal)
     except BaseException:
         # A server that hangs would hold a polite close too (asyncpg cancels the timed-out
         # statement first): drop the connection instead.
@@ -658,7 +658,8 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                  f" (note it down: `--seal {seals.last_seal.receipt}` finds it again)" if seals.last_seal else "")
     report.add("history matches its seals", Problems.counted(seals.problems, seals.problems_count),
                f"{seals.events_sealed} events under {seals.seals} seals, each range hashed again with key"
-               f" {history_seals.key_id(seal_key)}{last_seal}; {seals.events_unsealed} newer events not sealed yet")
+               f"{'s' if len(seal_keys) > 1 else ''} {', '.join(seal_keys)}{last_seal}; {seals.events_unsealed} newer"
+               " events not sealed yet")
 
     report.add("trial balance", [f"{cur} off by {total}" for cur, total in totals.items() if total],
                "zero in " + (", ".join(sorted(totals)) or "no currency"))

@@ -124,6 +124,26 @@ async def test_seals_are_judged_with_the_key_that_made_them_and_another_key_chec
     assert "was made with key" in failed[SEALED] and "its events are not checked" in failed[SEALED]
 
 
+async def test_after_a_key_rotation_seals_of_the_old_key_are_checked_with_it_and_new_ones_with_the_new(ledger):
+    writer, table = ledger.parts.writer, events_table(ledger.parts.app.recorder)
+    old_key = history_seals.seal_key_for(ledger.settings)
+    settlement, card = await card_spending_twice(ledger)
+    await history_seals.seal_new_events(ledger.parts.pool, table, old_key)
+    new_key = os.urandom(32)
+    rotated = ledger.settings.model_copy(update={
+        "history_seal_key": base64.b64encode(new_key).decode(),
+        "history_seal_previous_keys": base64.b64encode(old_key).decode()})
+    await writer.submit(c.PostTransfer("spend-c", (c.Leg(card, -10, "RUB"), c.Leg(settlement, 10, "RUB")), "card_purchase"))
+    await history_seals.seal_new_events(ledger.parts.pool, table, new_key)
+    await ledger.parts.projection.wait_for(writer.last_position)
+
+    assert await failed_checks(ledger, rotated) == {}
+    without_old = rotated.model_copy(update={"history_seal_previous_keys": None})
+    failed = await failed_checks(ledger, without_old)
+    assert list(failed) == [SEALED]
+    assert f"was made with key {history_seals.key_id(old_key)}, which this check does not hold" in failed[SEALED]
+
+
 async def test_sealers_racing_seal_each_event_once_in_consecutive_seals(ledger):
     await card_spending_twice(ledger)
     table, key = events_table(ledger.parts.app.recorder), history_seals.seal_key_for(ledger.settings)
@@ -212,10 +232,12 @@ async def test_a_receipt_that_is_no_seals_is_a_usage_error_exit_2(ledger, monkey
 
 
 def test_a_seal_key_too_short_or_not_base64_is_refused_by_name_at_start():
-    for bad in (base64.b64encode(b"short").decode(), "not base64!"):
-        with pytest.raises(ValidationError, match="history seal key"):
+    good = base64.b64encode(os.urandom(32)).decode()
+    for field, bad in (("history_seal_key", base64.b64encode(b"short").decode()), ("history_seal_key", "not base64!"),
+                       ("history_seal_previous_keys", f"{good},not base64!")):
+        with pytest.raises(ValidationError, match=f"{field}[\\s\\S]*history seal key must"):
             ServiceSettings(service_name="ledger", database_url="postgresql://u@h/db", kafka_bootstrap_servers="k:9092",
-                            history_seal_key=bad)
+                            **{field: bad})
 
 
 async def rewrite(ledger, originator_id, change) -> None:
