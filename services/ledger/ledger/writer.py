@@ -164,7 +164,9 @@ class BatchedWriter:
         write 503 after a wait, and its reads would not wait for what the active one has just
         committed; out of load balancing, it takes over when the active one goes."""
         if not self.is_active:
-            raise LedgerUnavailable("standby: another ledger process is the active writer")
+            # Also while this process is still connecting to take the lock: no claim about another.
+            raise LedgerUnavailable("standby: not the active writer (another ledger process holds the writer's lock,"
+                                    " or this one is still taking it)")
         return f"active writer, at position {self.last_position}"
 
     async def lead(self, database_url: str) -> None:
@@ -201,7 +203,8 @@ class BatchedWriter:
                 async with asyncio.timeout(STANDBY_WAIT_S):
                     await self._active.wait()
             except TimeoutError:
-                raise LedgerUnavailable("another ledger process is the active writer; retry shortly") from None
+                raise LedgerUnavailable("this ledger process is not the active writer (another is, or this one is"
+                                        " still taking the lead); retry shortly") from None
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(_Request(command, future, _current_trace()))

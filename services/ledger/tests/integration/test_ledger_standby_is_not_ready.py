@@ -42,7 +42,8 @@ async def test_only_the_writing_ledger_process_is_ready_and_the_standby_becomes_
             standby = await readiness(second_service)
             assert standby.status_code == 503, standby.text
             assert standby.json()["checks"]["writer"] == {
-                "status": "down", "detail": "LedgerUnavailable: standby: another ledger process is the active writer"}
+                "status": "down", "detail": "LedgerUnavailable: standby: not the active writer (another ledger"
+                                            " process holds the writer's lock, or this one is still taking it)"}
             assert "Retry-After" in standby.headers
 
             await first_running.aclose()  # the active process stops: its lock goes with its connection
