@@ -201,7 +201,7 @@ async def test_one_ledger_process_writes_at_a_time_and_a_standby_takes_over_when
     try:
         settlement, card = await funded_card(first.writer, 1_000)
         async with second_service.running():
-            with pytest.raises(LedgerUnavailable, match="another ledger process"):
+            with pytest.raises(LedgerUnavailable, match="not the active writer"):
                 await second.writer.submit(spend(card, settlement, 100))
             await first.writer.submit(spend(card, settlement, 100))
 
