@@ -32,6 +32,7 @@ import hmac
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SEALS_TABLE = "history_seals"
 SEAL_INTERVAL_S = 2.0
+SEAL_STALL_MAX_S = 60.0  # without a finished pass, the sealer's health check is down
 SEAL_EVENTS_MAX = 10_000  # events in one seal: one round's memory and transaction
 SEAL_ROUNDS_MAX = 20  # seals one pass makes at most, catching up after the sealer was away
 CHECK_PAGE_SIZE = 5_000  # events (and seals) an auditor's check reads at a time
@@ -175,23 +177,44 @@ async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: bytes) -> 
     return sealed
 
 
-async def seal_forever(pool: asyncpg.Pool, events_table: str, key: bytes) -> None:
-    """A service's sealer: every SEAL_INTERVAL_S, the events committed since. A database
-    that fails is tried again at the next interval (the events wait, unsealed, meanwhile)."""
-    failing = False
-    while True:
-        await asyncio.sleep(SEAL_INTERVAL_S)
-        try:
-            await seal_new_events(pool, events_table, key)
-        except Exception:
-            if not failing:  # once per outage, not every interval
-                log.exception("sealing the history of %s failed; trying again every %.0f s", events_table,
-                              SEAL_INTERVAL_S)
-            failing = True
-            continue
-        if failing:
-            log.info("sealing the history of %s works again", events_table)
-        failing = False
+class SealingStuck(Exception):
+    """No sealing pass has finished for a while: new events stay unsealed meanwhile."""
+
+
+class Sealer:
+    """A service's sealer: every SEAL_INTERVAL_S, the events committed since (`run`). A
+    database that fails is tried again at the next interval. Its health (`check`, watched in
+    /health/ready) is down once no pass has finished for `stall_max_s`: an operator sees
+    sealing stuck before an auditor finds the events unsealed."""
+
+    def __init__(self, pool: asyncpg.Pool, events_table: str, key: bytes, stall_max_s: float = SEAL_STALL_MAX_S
+                 ) -> None:
+        self.pool, self.events_table, self.key, self.stall_max_s = pool, events_table, key, stall_max_s
+        self.last_pass_at = time.monotonic()
+        self.sealed_total = 0  # since this process started
+        self.last_error: str | None = None
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SEAL_INTERVAL_S)
+            try:
+                self.sealed_total += await seal_new_events(self.pool, self.events_table, self.key)
+            except Exception as error:
+                if self.last_error is None:  # once per outage, not every interval
+                    log.exception("sealing the history of %s failed; trying again every %.0f s", self.events_table,
+                                  SEAL_INTERVAL_S)
+                self.last_error = repr(error)
+                continue
+            if self.last_error is not None:
+                log.info("sealing the history of %s works again", self.events_table)
+            self.last_error, self.last_pass_at = None, time.monotonic()
+
+    async def check(self) -> str:
+        idle_s = time.monotonic() - self.last_pass_at
+        if idle_s > self.stall_max_s:
+            raise SealingStuck(f"the history of {self.events_table} has not been sealed for {idle_s:.0f} s (a pass is"
+                               f" due every {SEAL_INTERVAL_S:.0f} s); last error: {self.last_error or 'none (hung?)'}")
+        return f"sealed {self.sealed_total} events since this process started, a pass every {SEAL_INTERVAL_S:.0f} s"
 
 
 @dataclass(frozen=True)

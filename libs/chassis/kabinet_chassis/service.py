@@ -24,6 +24,7 @@ from kabinet_chassis.databases import create_pool, ensure_database
 from kabinet_chassis.errors import install_problem_handlers, problem_schemas
 from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_chassis.health import Check, broker_check, database_check, health_router
+from kabinet_chassis.history_seals import Sealer
 from kabinet_chassis.kafka import ensure_topics
 from kabinet_chassis.outbox import OutboxRelay
 from kabinet_chassis.projection import LocalProjection
@@ -89,15 +90,17 @@ class Service:
         """Long-running loops (the relay, the ledger writer) that live as long as the service.
         A function or a functools.partial of one: its name is the loop's in /health/live.
 
-        An outbox relay's loop (`relay.run`) and a local projection's (`projection.run`) retry
-        every error for ever, so they never die: their own checks are watched in /health/ready
-        instead, down while they are stuck."""
+        An outbox relay's loop (`relay.run`), a local projection's (`projection.run`) and a
+        history sealer's (`sealer.run`) retry every error for ever, so they never die: their
+        own checks are watched in /health/ready instead, down while they are stuck."""
         self._background.append(runner)
         owner = getattr(runner, "__self__", None)
         if isinstance(owner, OutboxRelay):
             self.watched[f"outbox_relay:{owner.config.source}"] = owner.check
         elif isinstance(owner, LocalProjection):
             self.watched[f"projection:{owner.name}"] = owner.check
+        elif isinstance(owner, Sealer):
+            self.watched["history_sealer"] = owner.check
 
     def dead_loops(self) -> list[str]:
         """The background loops that ended while the service runs (they are meant to run for ever)."""

@@ -69,8 +69,8 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         svc.run_in_background(parts.projection.run)
         svc.run_in_background(parts.relay.run)
         svc.run_in_background(functools.partial(expire_holds_forever, parts))
-        svc.run_in_background(functools.partial(
-            history_seals.seal_forever, svc.pool, events_table(app.recorder), history_seals.seal_key_for(settings)))
+        svc.run_in_background(history_seals.Sealer(
+            svc.pool, events_table(app.recorder), history_seals.seal_key_for(settings)).run)
 
     @service.on_stop
     async def stop(svc: Service) -> None:

@@ -76,6 +76,36 @@ async def test_every_event_is_sealed_within_seconds_and_verify_names_the_last_se
     assert "0 newer events not sealed yet" in detail
 
 
+async def test_a_sealer_that_cannot_seal_is_down_in_readiness_until_it_seals_again(ledger):
+    ready = await ledger.get("http://ledger/health/ready")
+    assert ready.json()["watched"]["history_sealer"]["status"] == "up", ready.text
+    await card_spending_twice(ledger)
+    sealer = history_seals.Sealer(ledger.parts.pool, events_table(ledger.parts.app.recorder),
+                                  history_seals.seal_key_for(ledger.settings), stall_max_s=1.0)
+    running = asyncio.create_task(sealer.run())
+    try:
+        async with ledger.parts.pool.acquire() as blocker, blocker.transaction():
+            await blocker.execute(f"LOCK TABLE {history_seals.SEALS_TABLE} IN ACCESS EXCLUSIVE MODE")
+            await asyncio.sleep(history_seals.SEAL_INTERVAL_S + 1.0)  # its pass is due, and hangs on the lock
+            with pytest.raises(history_seals.SealingStuck, match="has not been sealed for .* none \\(hung\\?\\)"):
+                await sealer.check()
+        for _ in range(int(SEALING_WAIT_S / 0.1)):
+            if await _up(sealer):  # the lock gone, its pass finishes
+                break
+            await asyncio.sleep(0.1)
+        assert "events since this process started" in await sealer.check()
+    finally:
+        running.cancel()
+
+
+async def _up(sealer) -> bool:
+    try:
+        await sealer.check()
+    except history_seals.SealingStuck:
+        return False
+    return True
+
+
 async def test_a_transfers_amounts_changed_on_both_legs_break_no_rule_but_its_seal(ledger):
     # 300 instead of 100 on both sides: legs still sum to zero, and the cover-up makes every
     # balance, entry and statement agree with the forged event.
