@@ -93,3 +93,41 @@ def verify(
             table.add_row(check.name, result, escape(check.detail))
         console.print(table)
     raise typer.Exit(0 if report.ok else 1)
+
+
+EVENTS_PAGE_MAX = 10_000
+
+
+@app.command()
+def events(
+    after: int = typer.Option(0, "--after", min=0, help="Print the events after this position (0: from the first)."),
+    limit: int = typer.Option(1_000, "--limit", min=1, max=EVENTS_PAGE_MAX, help="Print at most this many events."),
+) -> None:
+    """The event history as it is stored, one JSON object a line, in log order: for auditors
+    and analysts. Each names its position (page on with `--after` the last one printed), type,
+    stream, version, time, who asked for it, and its data."""
+    from ledger.application import LedgerApplication
+
+    errors = Console(stderr=True)
+    settings = ledger_settings()
+    try:
+        ledger_app = LedgerApplication(env=event_store_env(settings))
+        try:
+            notifications = ledger_app.recorder.select_notifications(start=after, limit=limit, inclusive_of_start=False)
+            for notification in notifications:
+                typer.echo(json.dumps(_event_line(notification.id, ledger_app.mapper.to_domain_event(notification)),
+                                      default=str, ensure_ascii=False))
+        finally:
+            ledger_app.close()
+    except DATABASE_DOWN_ERRORS as error:
+        errors.print(f"[red]error:[/red] cannot reach the ledger's database ({type(error).__name__}); is the bank"
+                     " (`make run`) running, or KABINET_DATABASE_URL set?", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _event_line(position: int, event) -> dict:
+    data = {name: value for name, value in vars(event).items()
+            if name not in ("originator_id", "originator_version", "timestamp", "requested_by")}
+    return {"position": position, "type": type(event).__qualname__, "stream_id": str(event.originator_id),
+            "version": event.originator_version, "occurred_at": event.timestamp.isoformat(),
+            "requested_by": vars(event).get("requested_by"), "data": data}

@@ -7,6 +7,7 @@ whoever asks."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +18,7 @@ from ledger.domain.commands import REQUESTED_BY_LEDGER
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import open_account, transfer_body
+from services.ledger.tests.integration.ledger_support import open_account, run_cli, transfer_body
 from tests.support.tokens import bearer
 
 pytestmark = pytest.mark.integration
@@ -110,3 +111,25 @@ async def test_a_hold_the_ledger_expires_names_the_ledger(ledger):
         await asyncio.sleep(0.2)
     assert [(type(e).__qualname__, e.requested_by) for e in events] == [
         ("Hold.Placed", "payments"), ("Hold.Expired", REQUESTED_BY_LEDGER)]
+
+
+async def test_an_auditor_reads_the_history_as_stored_a_page_at_a_time_with_who_asked(ledger, monkeypatch):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    await ledger.post("/transfers", json=transfer_body("salary-1", (settlement, -700), (card, 700), code="top_up"))
+
+    first = await run_cli(ledger, monkeypatch, "events", "--limit", "2")
+    assert first.exit_code == 0, first.output
+    lines = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [(line["type"], line["stream_id"], line["requested_by"]) for line in lines] == [
+        ("Account.Opened", settlement, "payments"), ("Account.Opened", card, "payments")]
+    assert lines[1]["data"]["owner_id"] == "alice" and lines[0]["version"] == 1
+
+    rest = await run_cli(ledger, monkeypatch, "events", "--after", str(lines[-1]["position"]))
+    (transfer,) = [json.loads(line) for line in rest.stdout.splitlines()]
+    assert transfer["type"] == "Transfer.Posted" and transfer["position"] > lines[-1]["position"]
+    assert transfer["data"]["client_transfer_id"] == "salary-1" and transfer["requested_by"] == "payments"
+    assert [leg["amount_minor"] for leg in transfer["data"]["legs"]] == [-700, 700]
+
+    too_many = await run_cli(ledger, monkeypatch, "events", "--limit", "10001")
+    assert too_many.exit_code == 2 and "--limit" in too_many.output

@@ -218,11 +218,11 @@ async def test_a_seal_an_auditor_noted_catches_seals_cut_from_the_end_with_their
     await writer.submit(c.PostTransfer("spend-c", (c.Leg(card, -10, "RUB"), c.Leg(settlement, 10, "RUB")), "card_purchase"))
     await history_seals.seal_new_events(ledger.parts.pool, table, key)
     await ledger.parts.projection.wait_for(writer.last_position)
-    result = await run_cli(ledger, monkeypatch, "--json")
+    result = await run_cli(ledger, monkeypatch, "verify", "--json")
     assert result.exit_code == 0, result.output
     detail = next(check["detail"] for check in json.loads(result.stdout)["checks"] if check["name"] == SEALED)
     receipt = detail.split("`--seal ")[1].split("`")[0]
-    assert (await run_cli(ledger, monkeypatch, "--seal", receipt)).exit_code == 0
+    assert (await run_cli(ledger, monkeypatch, "verify", "--seal", receipt)).exit_code == 0
 
     await forge_history(ledger, "DELETE FROM {table} WHERE originator_id = $1", Transfer.id_for("spend-c"))
     async with ledger.parts.pool.acquire() as connection, connection.transaction():
@@ -238,7 +238,7 @@ async def test_a_seal_an_auditor_noted_catches_seals_cut_from_the_end_with_their
         await connection.execute("UPDATE ledger_posting_clock SET posted_at = (SELECT max(posted_at) FROM ledger_transfers)")
         await connection.execute("UPDATE outbox_relay_position SET position = least(position, $1)", head)
     assert await failed_checks(ledger) == {}, "a history cut from the end looks younger, not forged"
-    cut = await run_cli(ledger, monkeypatch, "--json", "--seal", receipt)
+    cut = await run_cli(ledger, monkeypatch, "verify", "--json", "--seal", receipt)
     assert cut.exit_code == 1
     failed = [check for check in json.loads(cut.stdout)["checks"] if not check["ok"]]
     assert [check["name"] for check in failed] == [SEALED]
@@ -257,7 +257,7 @@ async def test_a_noted_seal_whose_link_differs_means_the_seals_were_rewritten(le
 
 
 async def test_a_receipt_that_is_no_seals_is_a_usage_error_exit_2(ledger, monkeypatch):
-    result = await run_cli(ledger, monkeypatch, "--seal", "twelve")
+    result = await run_cli(ledger, monkeypatch, "verify", "--seal", "twelve")
     assert result.exit_code == 2 and "--seal" in result.output and "a seal receipt looks like" in result.output
 
 

@@ -258,7 +258,7 @@ async def test_positions_recorded_past_the_newest_event_show_it_was_deleted(ledg
 async def test_an_auditors_tool_reads_the_verdict_as_json_with_every_check_and_its_problems(ledger, monkeypatch):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     await settled(ledger)
-    result = await run_cli(ledger, monkeypatch, "--json")
+    result = await run_cli(ledger, monkeypatch, "verify", "--json")
     assert result.exit_code == 0, result.output
     verdict = json.loads(result.stdout)
     assert verdict["ok"] is True and verdict["events_read"] == 3
@@ -266,7 +266,7 @@ async def test_an_auditors_tool_reads_the_verdict_as_json_with_every_check_and_i
     assert all(check["ok"] and check["problems_count"] == 0 for check in verdict["checks"])
 
     await ledger.parts.pool.execute("UPDATE ledger_balances SET posted_minor = posted_minor + 5 WHERE account_id = $1", card)
-    result = await run_cli(ledger, monkeypatch, "--json")
+    result = await run_cli(ledger, monkeypatch, "verify", "--json")
     assert result.exit_code == 1, result.output
     failed = [check for check in json.loads(result.stdout)["checks"] if not check["ok"]]
     assert [check["name"] for check in failed] == ["balances equal legs and holds"]
@@ -287,7 +287,7 @@ async def test_a_database_verify_cannot_read_gives_no_verdict_exit_2_in_one_line
     await settled(ledger)
     await ledger.parts.pool.execute("ALTER TABLE ledger_entries RENAME TO ledger_entries_away")
     try:
-        result = await run_cli(ledger, monkeypatch)
+        result = await run_cli(ledger, monkeypatch, "verify")
     finally:
         await ledger.parts.pool.execute("ALTER TABLE ledger_entries_away RENAME TO ledger_entries")
     assert result.exit_code == 2, (result.output, result.exception)
