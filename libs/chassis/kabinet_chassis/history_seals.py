@@ -8,10 +8,11 @@ enters the database, is make the history agree with its seals again:
 - every event, in log order, extends a chain: link = HMAC-SHA256(key, previous link ‖ the
   event's position, stream id, version, type and stored bytes), the first link's previous
   being 32 zero bytes;
-- a sealer (one per service at a time, `seal_new_events`) appends a seal every
-  SEAL_INTERVAL_S for the events committed since the last one: their range, how many, the
-  chain's link after the last of them, and which key made it. The seals table is
-  append-only too.
+- a sealer (`Sealer`, one pass at a time per table: `seal_new_events`) appends a seal
+  every SEAL_INTERVAL_S for the events committed since the last one: their range, how
+  many, the chain's link after the last of them, and which key made it (its key id). The
+  seals table is append-only too. A key is rotated by sealing with a new one and keeping
+  the old among the keys a check holds (`verification_keys_for`).
 
 An auditor's check (`check_seals`) recomputes each seal's range from the link the seal
 before it stored, so each range is judged on its own: an event changed, deleted (the
