@@ -101,7 +101,7 @@ async def test_verify_against_a_database_that_hangs_gives_up_in_bounded_time_ins
         try:
             started = time.monotonic()
             # Not wait_for: cancelling a verify stuck on the hung server would wait on it as well.
-            verifying = asyncio.ensure_future(verify_module.verify(app, settings.service_database_url))
+            verifying = asyncio.ensure_future(verify_module.verify(app, settings))
             done, _ = await asyncio.wait({verifying}, timeout=60)
             gave_up_after_s = time.monotonic() - started
             assert done, "verify was still waiting on the hung database after 60 s"
