@@ -49,12 +49,18 @@ def partition_for_key(key: bytes, partitions: list[int]) -> int:
     return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
-async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: int = DEFAULT_PARTITIONS) -> None:
+async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: int = DEFAULT_PARTITIONS,
+                        replication_factor: int = 1) -> None:
+    """Create the topics that do not exist. With more than one replica, a majority of them
+    must have a record before it counts as written (min.insync.replicas, with the producers'
+    acks=all): a broker lost after the acknowledgement does not lose it."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=_REQUEST_TIMEOUT_MS)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in topics if name not in existing]
+        configs = {"min.insync.replicas": str(replication_factor // 2 + 1)} if replication_factor > 1 else {}
+        missing = [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor, topic_configs=configs)
+                   for name in topics if name not in existing]
         if missing:
             try:
                 await admin.create_topics(missing)

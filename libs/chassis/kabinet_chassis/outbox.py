@@ -83,6 +83,7 @@ class RelayConfig:
     bootstrap_servers: str
     enable_idempotence: bool = False
     partitions: int = DEFAULT_PARTITIONS
+    replication_factor: int = 1  # of the topic, if the relay creates it (ServiceSettings.kafka_replication_factor)
     page_size: int = 5000
     idle_poll_s: float = 0.02
     broker_check_interval_s: float = 2.0
@@ -247,7 +248,8 @@ class OutboxRelay:
 
         A page's position is recorded only once all of its events are acknowledged.
         """
-        await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
+        await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions,
+                                self.config.replication_factor)
         await self._republish_if_broker_lost_data(connection)
         last_check = asyncio.get_running_loop().time()
         read_position = self.position
@@ -400,7 +402,8 @@ class OutboxRelay:
                 "broker lost data of %s (partitions %s no longer hold what was published): republishing from the start",
                 self.config.topic, lost,
             )
-            await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions)
+            await ensure_topics(self.config.bootstrap_servers, [self.config.topic], self.config.partitions,
+                                self.config.replication_factor)
             self.last_published, self._last_sent = {}, {}
             await self._record_position(connection, 0)
 

@@ -125,7 +125,8 @@ class Service:
             if self.topics_consumed:
                 # Create them with our partition count before a subscriber's metadata
                 # request lets the broker auto-create them with its own.
-                await ensure_topics(self.settings.kafka_bootstrap_servers, self.topics_consumed)
+                await ensure_topics(self.settings.kafka_bootstrap_servers, self.topics_consumed,
+                                    replication_factor=self.settings.kafka_replication_factor)
             await self.broker.start()
             runners = [*self._background, *([functools.partial(idempotency.purge_expired_forever, self.pool),
                                              self.claimant.hold_forever] if self.pool else [])]

@@ -37,6 +37,9 @@ class ServiceSettings(BaseSettings):
     )
     # Tansu (the embedded broker) has no idempotent producer; Apache Kafka does.
     kafka_enable_idempotence: bool = False
+    # Replicas of each topic a service creates: the embedded broker is one node; a
+    # production cluster wants 3 (a majority of them in sync before a record counts).
+    kafka_replication_factor: int = Field(default=1, ge=1, le=7)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=1, le=65535)
     # eventsourcing runs in worker threads; the limiter and the connection pool share this size.

@@ -59,7 +59,8 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         await parts.projection.start()
         parts.relay = OutboxRelay(
             RelayConfig(source=SOURCE, topic=LEDGER_TOPIC, bootstrap_servers=settings.kafka_bootstrap_servers,
-                        enable_idempotence=settings.kafka_enable_idempotence),
+                        enable_idempotence=settings.kafka_enable_idempotence,
+                        replication_factor=settings.kafka_replication_factor),
             recorder=app.recorder, mapper=app.mapper, to_integration=to_integration,
             database_url=settings.service_database_url,
         )
