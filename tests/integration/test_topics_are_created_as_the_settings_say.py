@@ -1,6 +1,6 @@
-"""A service creates the topics it publishes and consumes with the replication its settings
-give: one replica on the embedded broker, three on a production cluster, a majority of them
-in sync before a record counts as written."""
+"""A service creates the topics it publishes and consumes, and their dead-letter topics,
+with the replication its settings give: one replica on the embedded broker, three on a
+production cluster, a majority of them in sync before a record counts as written."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from kabinet_chassis.kafka import ensure_topics
 from kabinet_chassis.settings import ServiceSettings
+from tests.support.notes import build_board_service
 
 pytestmark = pytest.mark.integration
 
@@ -41,3 +42,17 @@ def test_the_replication_factor_is_a_setting_of_every_service_one_by_default(mon
     assert ServiceSettings(**base).kafka_replication_factor == 1  # the embedded broker: one node
     monkeypatch.setenv("KABINET_KAFKA_REPLICATION_FACTOR", "3")
     assert ServiceSettings(**base).kafka_replication_factor == 3
+
+
+async def test_a_consumers_dead_letter_topic_is_there_before_its_first_poison_record(stack, unique_name):
+    # A broker that creates no topic on first use would refuse the dead letter, and the
+    # consumer would stall on its poison record.
+    topic = f"{unique_name}.events.v1"
+    service, _ = build_board_service(stack.service_settings(f"{unique_name}_b"), topic)
+    async with service.running():
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap_servers)
+        await admin.start()
+        try:
+            assert {topic, f"{topic}.dlq"} <= set(await admin.list_topics())
+        finally:
+            await admin.close()

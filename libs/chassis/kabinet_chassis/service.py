@@ -31,6 +31,7 @@ from kabinet_chassis.projection import LocalProjection
 from kabinet_chassis.runtime import tune_garbage_collector
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_chassis.telemetry import install_json_logging, install_tracing
+from kabinet_contracts.registry import dead_letter_topic
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,11 @@ class Service:
                 await hook(self)
             if self.topics_consumed:
                 # Create them with our partition count before a subscriber's metadata
-                # request lets the broker auto-create them with its own.
-                await ensure_topics(self.settings.kafka_bootstrap_servers, self.topics_consumed,
+                # request lets the broker auto-create them with its own; and their dead-letter
+                # topics, which a broker without auto-creation would refuse a poison record
+                # for, stalling its consumer.
+                await ensure_topics(self.settings.kafka_bootstrap_servers,
+                                    [*self.topics_consumed, *map(dead_letter_topic, self.topics_consumed)],
                                     replication_factor=self.settings.kafka_replication_factor)
             await self.broker.start()
             runners = [*self._background, *([functools.partial(idempotency.purge_expired_forever, self.pool),
