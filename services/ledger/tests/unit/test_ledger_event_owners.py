@@ -136,11 +136,12 @@ def test_every_amount_a_hold_event_publishes_names_its_currency(world):
 
 def as_stored_before(world: World, event: Any) -> Any:
     """The event as the store gives back one stored before it named the customer (a
-    transfer: its legs' customers), and a hold's later events their currency."""
+    transfer: its legs' customers) and who asked for it, and a hold's later events their
+    currency."""
     mapper = world.app.mapper
     stored = mapper.to_stored_event(event)
     state = mapper.transcoder.decode(stored.state)
-    added = ["customer_id", "debit_customer_id", "leg_customer_ids"]
+    added = ["customer_id", "debit_customer_id", "leg_customer_ids", "requested_by"]
     if type(event).__qualname__ in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
         added.append("currency")
     for field in added:
