@@ -132,17 +132,21 @@ class BatchedWriter:
         self.last_position = 0  # notification id of the last saved event
         self._active = asyncio.Event()  # set by start(): this process's writer is the one that writes
         self._last_posted_at: datetime | None = None  # time of the last committed batch (start() reads it)
+        # Held while a batch is written, and by start(): a process that regains the lead
+        # must not drop its cache, or move its position back, under a batch still in flight.
+        self._writing = asyncio.Lock()
 
     async def start(self) -> None:
         """Become active, beginning at the head of the log: until this writer commits, a
         read-your-writes wait covers everything committed before it started, so a command
         retried after a restart is answered from a read model that has caught up. Whatever
         was cached is dropped: another process may have written since."""
-        self._cache.clear()
-        self._balances.clear()
-        self.last_position = await self.log_head()
-        self._last_posted_at = await last_posted_at(self.pool)
-        self._active.set()
+        async with self._writing:
+            self._cache.clear()
+            self._balances.clear()
+            self.last_position = await self.log_head()
+            self._last_posted_at = await last_posted_at(self.pool)
+            self._active.set()
 
     async def log_head(self) -> int:
         """The position of the newest event committed, by any writer."""
@@ -237,7 +241,8 @@ class BatchedWriter:
                     else:
                         batch.append(self.queue.get_nowait())
                 try:
-                    outcomes, committed = await self._write([r.command for r in batch], [r.trace for r in batch])
+                    async with self._writing:
+                        outcomes, committed = await self._write([r.command for r in batch], [r.trace for r in batch])
                 except Exception as error:  # the store is down: every caller gets the error (a retry gets the first result)
                     log.exception("ledger batch of %d failed to save", len(batch))
                     outcomes = [error] * len(batch)

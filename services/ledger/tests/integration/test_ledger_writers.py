@@ -5,9 +5,11 @@ balance that disagrees with the journal."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import asyncpg
 import pytest
 
@@ -344,3 +346,31 @@ async def test_a_ledger_starting_while_another_upgrades_the_store_waits_for_it_p
         await pool.close()
         await holder.close()
         app.close()
+
+
+async def test_a_process_regaining_the_lead_waits_for_its_batch_in_flight_before_it_drops_its_cache(
+        ledger, monkeypatch):
+    # Lost the lead and got it back while a batch was being validated: the cache must not go
+    # from under that batch, nor its position back past what the batch commits.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    validating, go_on = threading.Event(), threading.Event()
+    validate = writer._validate
+
+    def held_validate(*args):
+        validating.set()
+        go_on.wait(10)
+        return validate(*args)
+
+    monkeypatch.setattr(writer, "_validate", held_validate)
+    posting = asyncio.create_task(writer.submit(
+        c.PostTransfer("spend", (c.Leg(card, -100, "RUB"), c.Leg(settlement, 100, "RUB")), "card_purchase")))
+    assert await anyio.to_thread.run_sync(validating.wait, 10)
+    regaining = asyncio.create_task(writer.start())
+    await asyncio.sleep(0.3)
+    assert not regaining.done(), "the lead was taken again under a batch in flight"
+    go_on.set()
+    assert (await posting).transfer_id == "spend"
+    await regaining
+    assert writer.last_position == await writer.log_head() and writer.is_active
+    assert await saved_balance(ledger.parts.pool, card) == (900, 0)
