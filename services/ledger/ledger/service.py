@@ -34,6 +34,7 @@ EXPIRY_SWEEP_BATCH_MAX = 500
 class LedgerParts(Ledger):
     app: LedgerApplication | None = None
     relay: OutboxRelay | None = None
+    sealer: history_seals.Sealer | None = None
 
 
 def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Service, LedgerParts]:
@@ -70,11 +71,13 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         svc.run_in_background(parts.projection.run)
         svc.run_in_background(parts.relay.run)
         svc.run_in_background(functools.partial(expire_holds_forever, parts))
-        svc.run_in_background(history_seals.Sealer(
-            svc.pool, events_table(app.recorder), history_seals.seal_key_for(settings)).run)
+        parts.sealer = history_seals.Sealer(svc.pool, events_table(app.recorder), history_seals.seal_key_for(settings))
+        svc.run_in_background(parts.sealer.run)
 
     @service.on_stop
     async def stop(svc: Service) -> None:
+        if parts.sealer is not None:  # the writer has stopped: nothing commits after this pass
+            await parts.sealer.last_pass()
         if parts.app is not None:
             parts.app.close()
 

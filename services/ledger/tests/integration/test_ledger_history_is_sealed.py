@@ -23,6 +23,7 @@ from kabinet_chassis.eventstore import events_table
 from kabinet_chassis.settings import ServiceSettings
 from ledger.domain import commands as c
 from ledger.domain.transfer import Transfer
+from ledger.service import build
 from ledger.verify import verify
 from services.ledger.tests.integration.ledger_support import cover_up, forge_history, funded_card, run_cli
 
@@ -74,6 +75,19 @@ async def test_every_event_is_sealed_within_seconds_and_verify_names_the_last_se
     detail = await passed_detail(ledger, SEALED)
     assert f"the last, seal {sealed[-1]['seal_no']}:" in detail and f"at position {sealed[-1]['last_position']}" in detail
     assert "0 newer events not sealed yet" in detail
+
+
+async def test_a_ledger_stopped_cleanly_leaves_its_whole_history_sealed(stack, unique_name):
+    settings = stack.service_settings(f"ledger_{unique_name}")
+    service, parts = build(settings)
+    async with service.running():
+        await funded_card(parts.writer, 1_000)  # stopped before the first pass is due
+        head = parts.writer.last_position
+    connection = await asyncpg.connect(settings.service_database_url)
+    try:
+        assert await connection.fetchval(f"SELECT max(last_position) FROM {history_seals.SEALS_TABLE}") == head
+    finally:
+        await connection.close()
 
 
 async def test_a_sealer_that_cannot_seal_is_down_in_readiness_until_it_seals_again(ledger):
