@@ -2,7 +2,8 @@
 
 Everything is recomputed from the event store and compared with what the ledger serves:
 1. every event replays: each leg and hold names an opened account in its currency, each
-   capture, void or expiry a placed hold (an event store missing one is reported, not
+   capture, void or expiry a placed hold, each transfer the customers owning its legs'
+   accounts, whom it is published for (an event store missing one is reported, not
    crashed on);
 2. every transfer's legs sum to zero per currency;
 3. the trial balance is zero per currency;
@@ -449,6 +450,16 @@ class _Replay:
                     event.client_transfer_id, event.code, leg["amount_minor"], account.legs_minor, event.posted_at)
         if any(sums.values()):
             self.unbalanced.append(f"transfer {event.client_transfer_id} is off by {dict(sums)}")
+        named = stored_later(event, "leg_customer_ids")  # None on transfers stored before it
+        if named is not None:
+            # Payers first, then payees, each once, the bank never: whom the event is published for.
+            legs = sorted(event.legs, key=lambda leg: leg["amount_minor"] >= 0)
+            owners = list(dict.fromkeys(
+                owner for owner in (self.accounts[UUID(leg["account_id"])].owner_id for leg in legs)
+                if owner != BANK_OWNER_ID))
+            if list(named) != owners:
+                self.broken.append(f"position {position}: {what} is published for customers {named}, but its legs'"
+                                   f" accounts belong to {owners}")
         if event.hold_id is not None:
             self._capture_transfer(position, event)
         if page is not None:
@@ -636,7 +647,8 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     accounts, at_read_model = replay.accounts, replay.read_model_view()
 
     report.add("events replay", replay.broken,
-               "every leg and hold names an opened account in its currency, every hold event a placed hold")
+               "every leg and hold names an opened account in its currency, every hold event a placed hold, every"
+               " transfer the customers owning its legs' accounts")
     report.add("transfers balance", replay.unbalanced, "every transfer's legs sum to zero per currency")
     report.add("event order", replay.out_of_order,
                "each stream's versions follow the log one by one, posting times never go back, transfers and holds"

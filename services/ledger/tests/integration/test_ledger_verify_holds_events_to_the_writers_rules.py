@@ -200,6 +200,17 @@ async def three_transfers(ledger):
     return settlement, card
 
 
+async def test_a_transfer_is_published_only_for_the_customers_whose_accounts_it_moves(ledger):
+    # Routed to a stranger, Alice's card payment would tell Mallory where Alice shops.
+    await three_transfers(ledger)
+    await rewrite_event(ledger, Transfer.id_for("spend-a"), 1, lambda state: state.update(leg_customer_ids=["mallory"]))
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["events replay", SEALED]
+    assert "Transfer.Posted spend-a is published for customers ['mallory'], but its legs' accounts belong to" \
+        " ['alice']" in failed["events replay"]
+
+
 async def test_posting_times_never_go_back_along_the_log(ledger):
     # spend-a dated a day back, in its event and everywhere derived: statements would show
     # it a day before the funding it spent.
