@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import typer
@@ -20,6 +23,7 @@ from kabinet_chassis.settings import ServiceSettings
 
 app = typer.Typer(help="The ledger: double-entry accounts, transfers and holds.", no_args_is_help=True)
 console = Console()
+ERRORS = Console(stderr=True)  # progress and errors on stderr: stdout is the answer alone
 
 
 def ledger_settings() -> ServiceSettings:
@@ -40,6 +44,36 @@ DATABASE_UNREADABLE_ERRORS = (
 )
 
 
+@contextlib.contextmanager
+def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
+    """The ledger's settings and event store, for a command that reads them. A database
+    that cannot be reached or read, or settings that do not hold, give no answer at all:
+    one line on stderr and exit 2 (exit 1 is verify's "a check failed")."""
+    from ledger.application import LedgerApplication
+
+    try:
+        settings = ledger_settings()
+    except ValidationError as error:  # a malformed KABINET_HISTORY_SEAL_KEY, say
+        ERRORS.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        ledger_app = LedgerApplication(env=event_store_env(settings))
+        try:
+            yield settings, ledger_app
+        finally:
+            ledger_app.close()
+    except DATABASE_DOWN_ERRORS as error:
+        ERRORS.print(
+            f"[red]error:[/red] cannot reach the ledger's database ({type(error).__name__}); is the bank"
+            " (`make run`) or its stack (`kabinet stack up`) running, or KABINET_DATABASE_URL set?", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except DATABASE_UNREADABLE_ERRORS as error:
+        ERRORS.print(f"[red]error:[/red] cannot read the ledger's database ({type(error).__name__}:"
+                     f" {escape(str(error))}); is KABINET_DATABASE_URL the ledger's, and may its role read every"
+                     " table?", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def verify(
     as_json: bool = typer.Option(False, "--json", help="The verdict as one JSON object, for auditors' tools."),
@@ -50,37 +84,14 @@ def verify(
     """Trial balance, balances against legs, projections against the event store, the
     events against the writer's rules and their seals. Exit 0: every check passed; 1: a check failed; 2:
     the database could not be read."""
-    from ledger.application import LedgerApplication
     from ledger.verify import verify as run_verify
 
-    errors = Console(stderr=True)  # progress and errors on stderr: stdout is the report alone
     try:
         noted_seal = history_seals.parse_receipt(seal) if seal is not None else None
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--seal") from None
-    try:
-        settings = ledger_settings()
-    except ValidationError as error:  # a malformed KABINET_HISTORY_SEAL_KEY, say: no verdict without it
-        errors.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from None
-    try:
-        ledger_app = LedgerApplication(env=event_store_env(settings))
-        try:
-            with errors.status("reading the event store…"):
-                report = asyncio.run(run_verify(ledger_app, settings, noted_seal))
-        finally:
-            ledger_app.close()
-    except DATABASE_DOWN_ERRORS as error:
-        # Not a verdict on the books (exit 1 means a check failed): the books were not read.
-        errors.print(
-            f"[red]error:[/red] cannot reach the ledger's database ({type(error).__name__}); is the bank"
-            " (`make run`) or its stack (`kabinet stack up`) running, or KABINET_DATABASE_URL set?", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except DATABASE_UNREADABLE_ERRORS as error:
-        errors.print(f"[red]error:[/red] cannot read the ledger's database ({type(error).__name__}:"
-                     f" {escape(str(error))}); is KABINET_DATABASE_URL the ledger's, and may its role read every"
-                     " table?", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from None
+    with ledger_application() as (settings, ledger_app), ERRORS.status("reading the event store…"):
+        report = asyncio.run(run_verify(ledger_app, settings, noted_seal))
     if as_json:
         typer.echo(json.dumps(report.as_json()))
     else:
@@ -106,23 +117,12 @@ def events(
     """The event history as it is stored, one JSON object a line, in log order: for auditors
     and analysts. Each names its position (page on with `--after` the last one printed), type,
     stream, version, time, who asked for it, and its data."""
-    from ledger.application import LedgerApplication
 
-    errors = Console(stderr=True)
-    settings = ledger_settings()
-    try:
-        ledger_app = LedgerApplication(env=event_store_env(settings))
-        try:
-            notifications = ledger_app.recorder.select_notifications(start=after, limit=limit, inclusive_of_start=False)
-            for notification in notifications:
-                typer.echo(json.dumps(_event_line(notification.id, ledger_app.mapper.to_domain_event(notification)),
-                                      default=str, ensure_ascii=False))
-        finally:
-            ledger_app.close()
-    except DATABASE_DOWN_ERRORS as error:
-        errors.print(f"[red]error:[/red] cannot reach the ledger's database ({type(error).__name__}); is the bank"
-                     " (`make run`) running, or KABINET_DATABASE_URL set?", soft_wrap=True)
-        raise typer.Exit(2) from None
+    with ledger_application() as (_, ledger_app):
+        notifications = ledger_app.recorder.select_notifications(start=after, limit=limit, inclusive_of_start=False)
+        for notification in notifications:
+            typer.echo(json.dumps(_event_line(notification.id, ledger_app.mapper.to_domain_event(notification)),
+                                  default=str, ensure_ascii=False))
 
 
 def _event_line(position: int, event) -> dict:
