@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fastapi import Request
 from fastapi.security import HTTPBearer
 
+from kabinet_chassis.dev_keys import dev_key_file
 from kabinet_chassis.errors import Problem
 from kabinet_chassis.settings import ServiceSettings
 
@@ -59,15 +60,9 @@ def _is_customer_id(subject: object) -> bool:
 
 def dev_signing_key(data_dir: Path) -> Ed25519PrivateKey:
     """The development signing key, generated at first run (never committed)."""
-    path = data_dir / "keys" / _DEV_KEY_FILE
-    if path.exists():
-        return serialization.load_pem_private_key(path.read_bytes(), password=None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-    return key
+    pem = dev_key_file(data_dir, _DEV_KEY_FILE, lambda: Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return serialization.load_pem_private_key(pem, password=None)
 
 
 def public_pem(key: Ed25519PrivateKey) -> str:

@@ -45,6 +45,7 @@ import asyncpg
 
 from kabinet_chassis import append_only
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+from kabinet_chassis.dev_keys import dev_key_file
 from kabinet_chassis.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -94,19 +95,8 @@ def parse_key(encoded: str) -> bytes:
 
 def dev_seal_key(data_dir: Path) -> bytes:
     """The development seal key, generated at first run under data_dir/keys (never committed)."""
-    path = data_dir / "keys" / _DEV_KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        written = path.with_name(f"{path.name}.{os.getpid()}")
-        written.write_bytes(base64.b64encode(os.urandom(KEY_BYTES_MIN)))
-        written.chmod(0o600)
-        try:  # two processes starting at once: the first link wins, both read it, whole
-            os.link(written, path)
-        except FileExistsError:
-            pass
-        finally:
-            written.unlink()
-    return parse_key(path.read_text().strip())
+    encoded = dev_key_file(data_dir, _DEV_KEY_FILE, lambda: base64.b64encode(os.urandom(KEY_BYTES_MIN)))
+    return parse_key(encoded.decode().strip())
 
 
 def seal_key_for(settings: ServiceSettings) -> bytes:

@@ -1,0 +1,27 @@
+"""Development keys: generated at first run under data_dir/keys (never committed; their
+file names say so), so that `make run` and the tests need no secret from anyone."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def dev_key_file(data_dir: Path, file_name: str, generate: Callable[[], bytes]) -> bytes:
+    """The bytes of data_dir/keys/file_name, written once by `generate`, readable by its
+    owner only. Two processes starting at once (the services of `make run`) each write their
+    own file and link it into place: the first link wins, and both read that key, whole."""
+    path = data_dir / "keys" / file_name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = path.with_name(f"{file_name}.{os.getpid()}")
+        written.write_bytes(generate())
+        written.chmod(0o600)
+        try:
+            os.link(written, path)
+        except FileExistsError:
+            pass
+        finally:
+            written.unlink()
+    return path.read_bytes()
