@@ -16,11 +16,13 @@ from typer.testing import CliRunner
 
 from kabinet_chassis import append_only, history_seals
 from kabinet_chassis.eventstore import event_store_env, events_table
+from kabinet_chassis.settings import ServiceSettings
 from ledger import cli
 from ledger.application import LedgerApplication
 from ledger.clock import system_clock
 from ledger.domain import commands as c
 from ledger.projections import apply_page
+from ledger.verify import verify
 from ledger.writer import BatchedWriter
 
 
@@ -135,3 +137,10 @@ async def run_cli(ledger, monkeypatch, command: str, *args: str):
     kabinet = typer.Typer()
     kabinet.add_typer(cli.app, name="ledger")  # as the `kabinet.cli` entry point registers it
     return await anyio.to_thread.run_sync(lambda: CliRunner().invoke(kabinet, ["ledger", command, *args]))
+
+
+async def failed_checks(ledger, settings: ServiceSettings | None = None) -> dict[str, str]:
+    """`kabinet ledger verify`'s failed checks and what each says (with the ledger's own
+    settings, or others: another seal key, say)."""
+    report = await verify(ledger.parts.app, settings or ledger.settings)
+    return {check.name: check.detail for check in report.checks if not check.ok}

@@ -11,8 +11,7 @@ import pytest
 from kabinet_chassis import append_only
 from kabinet_chassis.eventstore import events_table
 from ledger.domain import commands as c
-from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import funded_card
+from services.ledger.tests.integration.ledger_support import failed_checks, funded_card
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +23,6 @@ async def history(ledger) -> list[tuple]:
     rows = await ledger.parts.pool.fetch(
         f"SELECT notification_id, originator_id, originator_version, topic, state FROM {table} ORDER BY notification_id")
     return [tuple(row) for row in rows]
-
-
-async def failed_checks(ledger) -> dict[str, str]:
-    report = await verify(ledger.parts.app, ledger.settings)
-    return {check.name: check.detail for check in report.checks if not check.ok}
 
 
 @pytest.mark.parametrize("change", [

@@ -25,18 +25,13 @@ from ledger.domain import commands as c
 from ledger.domain.transfer import Transfer
 from ledger.service import build
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import cover_up, forge_history, funded_card, run_cli
+from services.ledger.tests.integration.ledger_support import cover_up, failed_checks, forge_history, funded_card, run_cli
 
 pytestmark = pytest.mark.integration
 
 SEALED = "history matches its seals"
 GUARD_CHECK = "event history is append-only"
 SEALING_WAIT_S = 10 * history_seals.SEAL_INTERVAL_S
-
-
-async def failed_checks(ledger, settings: ServiceSettings | None = None) -> dict[str, str]:
-    report = await verify(ledger.parts.app, settings or ledger.settings)
-    return {check.name: check.detail for check in report.checks if not check.ok}
 
 
 async def passed_detail(ledger, name: str) -> str:

@@ -15,7 +15,7 @@ import pytest
 from ledger.domain import commands as c
 from ledger.domain.hold import Hold
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import forge_history, funded_card
+from services.ledger.tests.integration.ledger_support import failed_checks, forge_history, funded_card
 
 pytestmark = pytest.mark.integration
 
@@ -26,11 +26,6 @@ def spend(card, settlement, amount_minor: int, transfer_id: str) -> c.PostTransf
     return c.PostTransfer(transfer_id, (c.Leg(card, -amount_minor, "RUB"), c.Leg(settlement, amount_minor, "RUB")),
                           "card_purchase", external_ref=f"rrn-{transfer_id}", customer_ids=("alice",),
                           metadata={"mcc": "5411"})
-
-
-async def failed_checks(ledger) -> dict[str, str]:
-    report = await verify(ledger.parts.app, ledger.settings)
-    return {check.name: check.detail for check in report.checks if not check.ok}
 
 
 async def three_entries(ledger):

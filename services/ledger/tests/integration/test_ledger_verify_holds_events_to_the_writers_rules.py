@@ -26,18 +26,13 @@ from ledger.domain import commands as c
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import cover_up, forge_history, funded_card, run_cli
+from services.ledger.tests.integration.ledger_support import cover_up, failed_checks, forge_history, funded_card, run_cli
 
 pytestmark = pytest.mark.integration
 
 # Every forgery here changes sealed events (forge_history seals first), and the seals show
 # it too; the rule named beside it says what went wrong in the books.
 SEALED = "history matches its seals"
-
-
-async def failed_checks(ledger) -> dict[str, str]:
-    report = await verify(ledger.parts.app, ledger.settings)
-    return {check.name: check.detail for check in report.checks if not check.ok}
 
 
 async def settled(ledger) -> None:
