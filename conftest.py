@@ -14,6 +14,8 @@ import pytest
 
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 
+pytest_plugins = ["tests.support.hang_watchdog"]
+
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[EphemeralStack]:

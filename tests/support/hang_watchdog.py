@@ -1,0 +1,54 @@
+"""A test that hangs ends the run with a trace of where, instead of leaving CI to its own
+time limit with nothing printed. pytest-timeout would show the threads only: every hang of
+these tests is an asyncio task waiting, so this shows the tasks as well."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import gc
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+TEST_TIME_MAX_S = 300  # the slowest test takes under a minute on 2 cores
+TASKS_SHOWN_MAX = 200
+FRAMES_SHOWN_PER_TASK = 20
+HUNG_EXIT_CODE = 3
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    watchdog = threading.Timer(TEST_TIME_MAX_S, _end_hung_run, args=(item,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+
+
+def _end_hung_run(item: pytest.Item) -> None:
+    try:
+        _print_where_it_hangs(item)
+    finally:  # whatever the printing met (a closed pipe), the run ends
+        os._exit(HUNG_EXIT_CODE)
+
+
+def _print_where_it_hangs(item: pytest.Item) -> None:
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:  # else what follows goes to the test's captured output, never shown
+        capture.suspend_global_capture(in_=True)
+    out = sys.__stderr__
+    print(f"\n{item.nodeid} has run for over {TEST_TIME_MAX_S} s, setup and teardown included: ending the test"
+          " run.\nThreads:", file=out, flush=True)
+    faulthandler.dump_traceback(out, all_threads=True)
+    # Read from this thread while the loop is stuck: good enough for a post-mortem.
+    tasks = [task for task in gc.get_objects() if isinstance(task, asyncio.Task) and not task.done()]
+    print(f"asyncio tasks not done: {len(tasks)}", file=out, flush=True)
+    for task in tasks[:TASKS_SHOWN_MAX]:
+        task.print_stack(limit=FRAMES_SHOWN_PER_TASK, file=out)
+    out.flush()
