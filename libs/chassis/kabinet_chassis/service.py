@@ -35,6 +35,8 @@ from kabinet_contracts.registry import dead_letter_topic
 
 log = logging.getLogger(__name__)
 
+STOP_WAIT_S = 15.0  # for the background loops to end, then for the database connections to come back
+
 StartHook = Callable[["Service"], Awaitable[None]]
 StopHook = Callable[["Service"], Awaitable[None]]
 
@@ -139,10 +141,7 @@ class Service:
                 task.add_done_callback(_report_if_died)
             yield self
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._tasks = []
+            await self._stop_loops()
             await self.broker.stop()
             for hook in reversed(self._on_stop):
                 await hook(self)
@@ -150,8 +149,21 @@ class Service:
                 await self.claimant.stop()
                 self.claimant = None
             if self.pool is not None:
-                await self.pool.close()
+                await _close_pool(self.pool)
                 self.pool = None
+
+    async def _stop_loops(self) -> None:
+        """Cancel the background loops and give them STOP_WAIT_S to end: one stuck in its
+        clean-up (a producer flushing to a broker that does not answer) is named in the log
+        and left behind, so that a service always stops."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            _, still_running = await asyncio.wait(self._tasks, timeout=STOP_WAIT_S)
+            if still_running:
+                log.error("background loops %s did not end within %g s of being stopped; leaving them",
+                          ", ".join(sorted(task.get_name() for task in still_running)), STOP_WAIT_S)
+        self._tasks = []
 
     def http_app(self) -> FastAPI:
         self.watched["broker"] = broker_check(self.settings.kafka_bootstrap_servers)
@@ -197,6 +209,18 @@ def _openapi_document(app: FastAPI, build_document: Callable[[], dict]) -> dict:
                                                  " and body gets the first answer (header `Idempotent-Replayed`),"
                                                  " the same key with another body a 422 `idempotency_key_reused`.")
     return app.openapi_schema
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """asyncpg's close waits for every connection to come back, for ever: a connection a
+    stuck loop still holds would keep the service from stopping. After STOP_WAIT_S, they
+    are dropped."""
+    try:
+        async with asyncio.timeout(STOP_WAIT_S):
+            await pool.close()
+    except TimeoutError:
+        log.error("database connections were not given back within %g s of stopping; dropping them", STOP_WAIT_S)
+        pool.terminate()
 
 
 def _loop_name(runner: Callable[[], Awaitable[None]]) -> str:
