@@ -8,18 +8,17 @@ rotates its key, the old and the new PEM one after the other).
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Request
 from fastapi.security import HTTPBearer
 
 from kabinet_chassis.dev_keys import dev_key_file
+from kabinet_chassis.ed25519_keys import load_private_key, load_public_keys, new_private_pem, public_pem
 from kabinet_chassis.errors import Problem
 from kabinet_chassis.settings import ServiceSettings
 
@@ -36,7 +35,6 @@ _DEV_KEY_FILE = "dev-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
 SUBJECT_LENGTH_MAX = 128
 # Trusted at once: the old and the new key of a rotation, with room for a rollback.
 PUBLIC_KEYS_MAX = 4
-_PEM_PUBLIC_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
 _DECODE_RULES = {"algorithms": ["EdDSA"], "audience": AUDIENCE, "issuer": ISSUER, "leeway": CLOCK_SKEW_S,
                  "options": {"require": ["exp", "iat", "sub"]}}
 
@@ -60,13 +58,7 @@ def _is_customer_id(subject: object) -> bool:
 
 def dev_signing_key(data_dir: Path) -> Ed25519PrivateKey:
     """The development signing key, generated at first run (never committed)."""
-    pem = dev_key_file(data_dir, _DEV_KEY_FILE, lambda: Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return serialization.load_pem_private_key(pem, password=None)
-
-
-def public_pem(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return load_private_key(dev_key_file(data_dir, _DEV_KEY_FILE, new_private_pem), "the development signing key")
 
 
 def issue_access_token(key: Ed25519PrivateKey, customer_id: str, roles: tuple[str, ...] = (),
@@ -86,13 +78,7 @@ class TokenVerifier:
         """`public_key_pem`: identity's public key, or while it rotates its signing key the old
         and the new one, one PEM after the other (tokens signed by the old one live on for
         their TTL)."""
-        blocks = _PEM_PUBLIC_KEY.findall(public_key_pem)
-        if not 1 <= len(blocks) <= PUBLIC_KEYS_MAX:
-            raise ValueError(f"give 1 to {PUBLIC_KEYS_MAX} PEM public keys to verify access tokens with")
-        keys = tuple(serialization.load_pem_public_key(block.encode()) for block in blocks)
-        if not all(isinstance(key, Ed25519PublicKey) for key in keys):
-            raise ValueError("the token verification keys must be Ed25519 public keys")
-        self.public_keys = keys
+        self.public_keys = load_public_keys(public_key_pem, "to verify access tokens with", PUBLIC_KEYS_MAX)
 
     def _claims(self, token: str) -> dict:
         """The token's claims, checked with whichever trusted key signed it (the signature is
