@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from kabinet_chassis.devstack.ports import free_port
+from kabinet_chassis.ed25519_keys import new_private_pem
 from kabinet_chassis.topology import GATEWAY_PORT, service_url
 
 pytestmark = pytest.mark.e2e
@@ -89,12 +90,18 @@ def a_customer_sees_her_money_through_the_gateway(gateway_url: str, env: dict[st
 
 def an_auditor_verifies_the_books_and_their_seals(env: dict[str, str]) -> None:
     """`kabinet ledger verify` beside the running bank: every check passes, and the history
-    the ledger process sealed (with the development seal key under the data dir) is checked
-    with that key, to its newest event, within a few seals' time."""
+    the ledger process sealed (with the development seal key under the data dir) is checked,
+    to its newest event, within a few seals' time, by an auditor given only the public key
+    (`kabinet ledger seal-public-key`; the auditor's own seal key is another)."""
     kabinet = Path(sys.executable).with_name("kabinet")
+    given = subprocess.run([str(kabinet), "ledger", "seal-public-key"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert given.returncode == 0 and "BEGIN PUBLIC KEY" in given.stdout, given.stdout + given.stderr
+    auditors = {**env, "KABINET_HISTORY_SEAL_PUBLIC_KEYS": given.stdout,
+                "KABINET_HISTORY_SEAL_KEY": new_private_pem().decode()}
     for _ in range(SEALED_WITHIN_S):
-        result = subprocess.run([str(kabinet), "ledger", "verify", "--json"], env=env, capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run([str(kabinet), "ledger", "verify", "--json"], env=auditors, capture_output=True,
+                                text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         seals = next(check for check in json.loads(result.stdout)["checks"] if check["name"] == "history matches its seals")
         if "; 0 newer events not sealed yet" in seals["detail"]:

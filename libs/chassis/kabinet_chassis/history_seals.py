@@ -1,18 +1,22 @@
-"""The event history is tamper-evident: a keyed hash chain, sealed in checkpoints
+"""The event history is tamper-evident: a hash chain, sealed in signed checkpoints
 (ARCHITECTURE.md §6).
 
 The append-only guards (append_only.py) stop a change made by mistake, but a table's
-owner can switch them off. What such a forger cannot do without the seal key, which never
-enters the database, is make the history agree with its seals again:
+owner can switch them off. What such a forger cannot do without the seal key, an Ed25519
+private key that never enters the database, is make the history agree with its seals again:
 
-- every event, in log order, extends a chain: link = HMAC-SHA256(key, previous link ‖ the
-  event's position, stream id, version, type and stored bytes), the first link's previous
-  being 32 zero bytes;
+- every event, in log order, extends a chain: link = SHA-256(previous link ‖ the event's
+  position, stream id, version, type and stored bytes), the first link's previous being
+  32 zero bytes;
 - a sealer (`Sealer`, one pass at a time per table: `seal_new_events`) appends a seal
   every SEAL_INTERVAL_S for the events committed since the last one: their range, how
-  many, the chain's link after the last of them, and which key made it (its key id). The
-  seals table is append-only too. A key is rotated by sealing with a new one and keeping
-  the old among the keys a check holds (`verification_keys_for`).
+  many, the chain's link after the last of them, and a signature of all that by the seal
+  key, named by its key id. The seals table is append-only too.
+
+Anyone can recompute a chain, so the signatures are what a forger cannot redo. They are
+checked with public keys only: an auditor is given those, and can check without being
+able to sign. A key is rotated by signing with a new one and keeping the old one's public
+key among those a check holds (`verification_keys_for`).
 
 An auditor's check (`check_seals`) recomputes each seal's range from the link the seal
 before it stored, so each range is judged on its own: an event changed, deleted (the
@@ -26,26 +30,25 @@ receipt a check showed, `Seal.receipt`, and gives it to the next check notices t
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import hmac
 import logging
-import os
 import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import asyncpg
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kabinet_chassis import append_only
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
 from kabinet_chassis.dev_keys import dev_key_file
+from kabinet_chassis.ed25519_keys import load_private_key, load_public_keys, new_private_pem
 from kabinet_chassis.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -58,13 +61,14 @@ SEAL_EVENTS_MAX = 10_000  # events in one seal: one round's memory and transacti
 SEAL_ROUNDS_MAX = 20  # seals one pass makes at most, catching up after the sealer was away
 CHECK_PAGE_SIZE = 5_000  # events (and seals) an auditor's check reads at a time
 CHECK_PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
-KEY_BYTES_MIN = 32
+PUBLIC_KEYS_MAX = 8  # the keys of past rotations a check holds
+SEAL_PUBLIC_KEYS_WHAT = "to check the history's seals with"
 GENESIS_LINK = bytes(32)
 RECEIPT_HEX_CHARS = 32  # 128 bits of a seal's link: what a receipt shows of it
 PROBLEMS_KEPT = 10  # problems the check keeps to show; it counts them all
 
-_DEV_KEY_FILE = "dev-history-seal-DO-NOT-USE-IN-PRODUCTION.key"
-_KEY_ID_LABEL = b"kabinet history seal key id"
+_DEV_KEY_FILE = "dev-history-seal-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
+_SIGNED_LABEL = b"kabinet history seal\x00"  # a seal's signature can be taken for no other message
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {SEALS_TABLE} (
@@ -76,69 +80,61 @@ CREATE TABLE IF NOT EXISTS {SEALS_TABLE} (
     chain_link bytea NOT NULL,
     key_id text NOT NULL,
     sealed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    signature bytea NOT NULL,
     PRIMARY KEY (events_table, seal_no)
 )"""
+# A seals table made before seals were signed: its seals are reported as unsigned.
+SIGNATURE_COLUMN = f"ALTER TABLE {SEALS_TABLE} ADD COLUMN IF NOT EXISTS signature bytea"
 
 _EVENT_COLUMNS = "notification_id, originator_id, originator_version, topic, state"
 
 
-def parse_key(encoded: str) -> bytes:
-    """A seal key as settings give it: base64 of at least KEY_BYTES_MIN random bytes."""
-    try:
-        key = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("the history seal key must be base64") from None
-    if len(key) < KEY_BYTES_MIN:
-        raise ValueError(f"the history seal key must be at least {KEY_BYTES_MIN} bytes (base64 of them)")
-    return key
+def seal_key_for(settings: ServiceSettings) -> Ed25519PrivateKey:
+    """The key a service signs its seals with: from its settings, or the development key
+    generated at first run under data_dir/keys (never committed)."""
+    if settings.history_seal_key:
+        return load_private_key(settings.history_seal_key, "the history seal key")
+    return load_private_key(dev_key_file(settings.data_dir, _DEV_KEY_FILE, new_private_pem), "the development seal key")
 
 
-def dev_seal_key(data_dir: Path) -> bytes:
-    """The development seal key, generated at first run under data_dir/keys (never committed)."""
-    encoded = dev_key_file(data_dir, _DEV_KEY_FILE, lambda: base64.b64encode(os.urandom(KEY_BYTES_MIN)))
-    return parse_key(encoded.decode().strip())
+def verification_keys_for(settings: ServiceSettings) -> dict[str, Ed25519PublicKey]:
+    """Every key a seal of the service may have been signed with, by key id: the public key
+    of its seal key, and those of KABINET_HISTORY_SEAL_PUBLIC_KEYS (the keys it replaced:
+    seals signed before a rotation are still checked)."""
+    public_keys = [seal_key_for(settings).public_key(), *(
+        load_public_keys(settings.history_seal_public_keys, SEAL_PUBLIC_KEYS_WHAT, PUBLIC_KEYS_MAX)
+        if settings.history_seal_public_keys else ())]
+    return {key_id(key): key for key in public_keys}
 
 
-def seal_key_for(settings: ServiceSettings) -> bytes:
-    """The seal key of a service: from its settings, or the development key."""
-    return parse_key(settings.history_seal_key) if settings.history_seal_key else dev_seal_key(settings.data_dir)
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """Names a key: which key signed a seal."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def verification_keys_for(settings: ServiceSettings) -> dict[str, bytes]:
-    """Every key a seal of the service may have been made with, by key id: the current one
-    and those it replaced (KABINET_HISTORY_SEAL_PREVIOUS_KEYS), so that seals made before a
-    rotation are still checked."""
-    keys = [seal_key_for(settings), *map(parse_key, previous_keys(settings.history_seal_previous_keys))]
-    return {key_id(key): key for key in keys}
-
-
-def previous_keys(setting: str | None) -> list[str]:
-    """The previous seal keys as settings give them: base64 keys separated by commas."""
-    return [key.strip() for key in (setting or "").split(",") if key.strip()]
-
-
-def key_id(key: bytes) -> str:
-    """Names a key without revealing it: which key a seal was made with."""
-    return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).hexdigest()[:16]
-
-
-def extend_chain(link: bytes, events: Iterable[Sequence[Any]], key: bytes) -> bytes:
+def extend_chain(link: bytes, events: Iterable[Sequence[Any]]) -> bytes:
     """The chain's link after `events` (rows of _EVENT_COLUMNS, in log order), from `link`."""
     for position, stream_id, version, event_type, state in events:
         topic = event_type.encode()
-        message = b"".join((link, struct.pack(">qq", position, version), UUID(str(stream_id)).bytes,
-                            struct.pack(">I", len(topic)), topic, bytes(state)))
-        link = hmac.new(key, message, hashlib.sha256).digest()
+        link = hashlib.sha256(b"".join((link, struct.pack(">qq", position, version), UUID(str(stream_id)).bytes,
+                                         struct.pack(">I", len(topic)), topic, bytes(state)))).digest()
     return link
+
+
+def signed_part(seal_no: int, first_position: int, last_position: int, events_count: int, chain_link: bytes) -> bytes:
+    """What a seal's signature covers: its number, its range, its count and its link."""
+    return _SIGNED_LABEL + struct.pack(">qqqq", seal_no, first_position, last_position, events_count) + chain_link
 
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as connection:
         await connection.execute(SCHEMA, timeout=SCHEMA_CHANGE_TIMEOUT_S)
+        await connection.execute(SIGNATURE_COLUMN, timeout=SCHEMA_CHANGE_TIMEOUT_S)
     await append_only.guard(pool, SEALS_TABLE)
 
 
-async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: bytes) -> int:
+async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: Ed25519PrivateKey) -> int:
     """Seal the events committed since the last seal, up to SEAL_ROUNDS_MAX seals of
     SEAL_EVENTS_MAX; the number sealed. Another process sealing the same table at the
     moment makes this one wait, then seal what is left. Events become visible in log
@@ -158,11 +154,12 @@ async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: bytes) -> 
                 " ORDER BY notification_id LIMIT $2", after, SEAL_EVENTS_MAX)
             if not events:
                 return sealed
+            seal = (seal_no + 1, events[0]["notification_id"], events[-1]["notification_id"], len(events),
+                    await asyncio.to_thread(extend_chain, link, events))
             await connection.execute(
                 f"INSERT INTO {SEALS_TABLE} (events_table, seal_no, first_position, last_position, events_count,"
-                " chain_link, key_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                events_table, seal_no + 1, events[0]["notification_id"], events[-1]["notification_id"], len(events),
-                await asyncio.to_thread(extend_chain, link, events, key), key_id(key))
+                " chain_link, key_id, signature) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                events_table, *seal, key_id(key.public_key()), key.sign(signed_part(*seal)))
         sealed += len(events)
         if len(events) < SEAL_EVENTS_MAX:
             return sealed
@@ -179,7 +176,7 @@ class Sealer:
     /health/ready) is down once no pass has finished for `stall_max_s`: an operator sees
     sealing stuck before an auditor finds the events unsealed."""
 
-    def __init__(self, pool: asyncpg.Pool, events_table: str, key: bytes, stall_max_s: float = SEAL_STALL_MAX_S
+    def __init__(self, pool: asyncpg.Pool, events_table: str, key: Ed25519PrivateKey, stall_max_s: float = SEAL_STALL_MAX_S
                  ) -> None:
         self.pool, self.events_table, self.key, self.stall_max_s = pool, events_table, key, stall_max_s
         self.last_pass_at = time.monotonic()
@@ -228,6 +225,7 @@ class Seal:
     chain_link: bytes
     key_id: str
     sealed_at: datetime
+    signature: bytes | None  # None: made before seals were signed
 
     @property
     def receipt(self) -> str:
@@ -258,7 +256,7 @@ def parse_receipt(receipt: str) -> tuple[int, str]:
     return int(number), link_hex.lower()
 
 
-async def check_seals(connection: asyncpg.Connection, events_table: str, keys: dict[str, bytes],
+async def check_seals(connection: asyncpg.Connection, events_table: str, keys: dict[str, Ed25519PublicKey],
                       noted: tuple[int, str] | None = None) -> SealCheck:
     """Recompute every seal's range of events from the link of the seal before it, and find
     the seal an auditor `noted` (parse_receipt) still there with its link: seals cut from the
@@ -282,7 +280,7 @@ async def check_seals(connection: asyncpg.Connection, events_table: str, keys: d
     link, after, last_no, seals, sealed = GENESIS_LINK, 0, 0, 0, 0
     last_seal: Seal | None = None
     async for row in connection.cursor(
-            f"SELECT seal_no, first_position, last_position, events_count, chain_link, key_id, sealed_at"
+            f"SELECT seal_no, first_position, last_position, events_count, chain_link, key_id, sealed_at, signature"
             f" FROM {SEALS_TABLE} WHERE events_table = $1 ORDER BY seal_no", events_table, prefetch=CHECK_PAGE_SIZE):
         seal = Seal(**dict(row))
         seals += 1
@@ -290,15 +288,13 @@ async def check_seals(connection: asyncpg.Connection, events_table: str, keys: d
             problem(f"seals {last_no + 1}..{seal.seal_no - 1} are missing (deleted): nothing the seals table holds"
                     " may go")
         in_range, pending = await _events_up_to(events, pending, seal.last_position)
-        key = keys.get(seal.key_id)
-        if key is None:
-            problem(f"seal {seal.seal_no} (positions {after + 1}..{seal.last_position}) was made with key"
-                    f" {seal.key_id}, which this check does not hold (it holds {', '.join(keys)}): its events are not"
-                    " checked")
-        elif extend_chain(link, in_range, key) != seal.chain_link:
+        if extend_chain(link, in_range) != seal.chain_link:
             problem(f"seal {seal.seal_no}: the events at positions {after + 1}..{seal.last_position} are not those"
                     f" sealed at {seal.sealed_at.isoformat()} ({len(in_range)} now, {seal.events_count} then): one"
                     " was changed, deleted or slipped in since")
+        signature_problem = _signature_problem(seal, keys)
+        if signature_problem is not None:
+            problem(signature_problem)
         if noted is not None and seal.seal_no == noted[0] and not seal.chain_link.hex().startswith(noted[1]):
             problem(f"seal {seal.seal_no} is not the one noted ({noted[0]}:{noted[1]}): the seals were rewritten")
         sealed += len(in_range)
@@ -313,6 +309,24 @@ async def check_seals(connection: asyncpg.Connection, events_table: str, keys: d
             break
         unsealed += len(page)
     return SealCheck(problems, count, seals, last_seal, sealed, unsealed)
+
+
+def _signature_problem(seal: Seal, keys: dict[str, Ed25519PublicKey]) -> str | None:
+    """What is wrong with a seal's signature, if anything: without a good one, the seal
+    (its link, its range) may have been made by anyone who recomputed the chain."""
+    key = keys.get(seal.key_id)
+    if seal.signature is None:
+        return f"seal {seal.seal_no} is not signed (made before seals were): its link may have been recomputed by anyone"
+    if key is None:
+        return (f"seal {seal.seal_no} was signed with key {seal.key_id}, which this check does not hold (it holds"
+                f" {', '.join(keys)}): its signature is not checked")
+    try:
+        key.verify(seal.signature, signed_part(seal.seal_no, seal.first_position, seal.last_position,
+                                               seal.events_count, seal.chain_link))
+    except InvalidSignature:
+        return (f"seal {seal.seal_no}'s signature is not key {seal.key_id}'s: the seal was made or changed without"
+                " the seal key")
+    return None
 
 
 async def _events_up_to(events: Any, pending: list[asyncpg.Record], position: int

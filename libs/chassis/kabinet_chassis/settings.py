@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kabinet_chassis.ed25519_keys import load_private_key, load_public_keys
 
 
 class StackSettings(BaseSettings):
@@ -48,13 +50,14 @@ class ServiceSettings(BaseSettings):
     gc_young_threshold: int = Field(default=10_000, ge=700, le=1_000_000)
     # Base64 AES key for applications that hold PII (dev keys are generated at first run).
     cipher_key: str | None = None
-    # Base64 key (32 bytes or more) of the keyed hash chain that seals the event history
-    # (history_seals.py). Keep it out of the database and give it to auditors; without it,
-    # the development key generated at first run under data_dir/keys.
+    # PEM of the Ed25519 private key that signs the seals of the event history
+    # (history_seals.py; `openssl genpkey -algorithm ed25519`). Keep it out of the database;
+    # give auditors its public key. Without it, the development key generated at first run
+    # under data_dir/keys.
     history_seal_key: str | None = None
-    # The seal keys it replaced, base64 separated by commas: seals made before a rotation
-    # are checked with them (never sealed with).
-    history_seal_previous_keys: str | None = None
+    # PEM public keys of the seal keys it replaced, one after the other: seals signed before
+    # a rotation are checked with them. An auditor's check needs only public keys.
+    history_seal_public_keys: str | None = None
     # PEM of identity's Ed25519 public key, which every service checks access tokens with
     # (while identity rotates its key, the old and the new one after each other); without
     # it, the development key generated at first run under data_dir/keys.
@@ -71,13 +74,20 @@ class ServiceSettings(BaseSettings):
             raise ValueError("KABINET_DATABASE_URL must look like postgresql://user:password@host:port/db")
         return value
 
-    @field_validator("history_seal_key", "history_seal_previous_keys")
+    @field_validator("history_seal_key")
     @classmethod
-    def _seal_keys(cls, value: str | None, info: ValidationInfo) -> str | None:
-        from kabinet_chassis.history_seals import parse_key, previous_keys  # they refuse a short or malformed key by name
+    def _seal_key(cls, value: str | None) -> str | None:
+        if value:
+            load_private_key(value, "the history seal key")  # refused at start, by name
+        return value
 
-        for key in (previous_keys(value) if info.field_name == "history_seal_previous_keys" else [value] if value else []):
-            parse_key(key)
+    @field_validator("history_seal_public_keys")
+    @classmethod
+    def _seal_public_keys(cls, value: str | None) -> str | None:
+        from kabinet_chassis.history_seals import PUBLIC_KEYS_MAX, SEAL_PUBLIC_KEYS_WHAT  # it imports this module
+
+        if value:
+            load_public_keys(value, SEAL_PUBLIC_KEYS_WHAT, PUBLIC_KEYS_MAX)
         return value
 
     @property

@@ -18,6 +18,7 @@ from rich.table import Table
 from kabinet_chassis import history_seals
 from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
 from kabinet_chassis.devstack.stack import DevStack
+from kabinet_chassis.ed25519_keys import public_pem
 from kabinet_chassis.eventstore import event_store_env
 from kabinet_chassis.settings import ServiceSettings
 
@@ -44,6 +45,15 @@ DATABASE_UNREADABLE_ERRORS = (
 )
 
 
+def settings_or_exit() -> ServiceSettings:
+    """The ledger's settings; settings that do not hold are one line on stderr and exit 2."""
+    try:
+        return ledger_settings()
+    except ValidationError as error:  # a malformed KABINET_HISTORY_SEAL_KEY, say
+        ERRORS.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
 @contextlib.contextmanager
 def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
     """The ledger's settings and event store, for a command that reads them. A database
@@ -51,11 +61,7 @@ def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
     one line on stderr and exit 2 (exit 1 is verify's "a check failed")."""
     from ledger.application import LedgerApplication
 
-    try:
-        settings = ledger_settings()
-    except ValidationError as error:  # a malformed KABINET_HISTORY_SEAL_KEY, say
-        ERRORS.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from None
+    settings = settings_or_exit()
     try:
         ledger_app = LedgerApplication(env=event_store_env(settings))
         try:
@@ -104,6 +110,13 @@ def verify(
             table.add_row(check.name, result, escape(check.detail))
         console.print(table)
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command("seal-public-key")
+def seal_public_key() -> None:
+    """The public key of the ledger's seal key, as PEM: what auditors check the seals with
+    (KABINET_HISTORY_SEAL_PUBLIC_KEYS of their own verify). It cannot sign a seal."""
+    typer.echo(public_pem(history_seals.seal_key_for(settings_or_exit())), nl=False)
 
 
 EVENTS_PAGE_MAX = 10_000

@@ -26,8 +26,9 @@ Everything is recomputed from the event store and compared with what the ledger 
    and no read model or relay position is past it (the newest event deleted shows);
 11. the events table and its seals are append-only: their guards refuse every UPDATE,
    DELETE and TRUNCATE, always (kabinet_chassis.append_only);
-12. the history matches its seals: each seal's range of events, hashed again with the seal
-   key, gives the link the seal stored (kabinet_chassis.history_seals). This one sees what
+12. the history matches its seals: each seal's range of events, hashed again, gives the
+   link the seal stored, and the seal's signature is the seal key's, checked with its
+   public key (kabinet_chassis.history_seals). This one sees what
    the rules above cannot: an event changed or deleted together with everything derived
    from it, when it breaks none of them (a plain transfer's amounts on both legs, a whole
    transfer from the middle of the log, the newest sealed with the posting clock and
@@ -669,9 +670,9 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     last_seal = (f"; the last, seal {seals.last_seal.receipt} at position {seals.last_seal.last_position}"
                  f" (note it down: `--seal {seals.last_seal.receipt}` finds it again)" if seals.last_seal else "")
     report.add("history matches its seals", Problems.counted(seals.problems, seals.problems_count),
-               f"{seals.events_sealed} events under {seals.seals} seals, each range hashed again with key"
-               f"{'s' if len(seal_keys) > 1 else ''} {', '.join(seal_keys)}{last_seal}; {seals.events_unsealed} newer"
-               " events not sealed yet")
+               f"{seals.events_sealed} events under {seals.seals} seals, each range hashed again and each signature"
+               f" checked with public key{'s' if len(seal_keys) > 1 else ''} {', '.join(seal_keys)}{last_seal};"
+               f" {seals.events_unsealed} newer events not sealed yet")
 
     report.add("trial balance", [f"{cur} off by {total}" for cur, total in totals.items() if total],
                "zero in " + (", ".join(sorted(totals)) or "no currency"))

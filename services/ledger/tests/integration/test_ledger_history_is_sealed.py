@@ -1,5 +1,6 @@
-"""The ledger's history is sealed (ARCHITECTURE.md §6): a keyed hash chain over its events,
-checkpointed every few seconds, that a forger without the seal key cannot make agree again.
+"""The ledger's history is sealed (ARCHITECTURE.md §6): a hash chain over its events,
+checkpointed every few seconds in seals signed with the seal key, which a forger without
+that key cannot make agree again. An auditor checks them with its public key.
 
 The forger here has the database's owner's hand (`forge_history` switches the append-only
 guards off and on again) and covers his tracks in everything derived from the events
@@ -9,16 +10,17 @@ seals can."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import json
-import os
 
 import asyncpg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from kabinet_chassis import append_only, history_seals
+from kabinet_chassis.ed25519_keys import load_private_key, new_private_pem, public_pem
 from kabinet_chassis.eventstore import events_table
 from kabinet_chassis.settings import ServiceSettings
 from ledger.domain import commands as c
@@ -34,8 +36,8 @@ GUARD_CHECK = "event history is append-only"
 SEALING_WAIT_S = 10 * history_seals.SEAL_INTERVAL_S
 
 
-async def passed_detail(ledger, name: str) -> str:
-    report = await verify(ledger.parts.app, ledger.settings)
+async def passed_detail(ledger, name: str, settings: ServiceSettings | None = None) -> str:
+    report = await verify(ledger.parts.app, settings or ledger.settings)
     assert report.ok, [check for check in report.checks if not check.ok]
     return next(check.detail for check in report.checks if check.name == name)
 
@@ -153,14 +155,58 @@ async def test_the_newest_event_deleted_with_the_clock_and_positions_put_back_sh
     assert f"..{last['last_position']} are not those sealed" in failed[SEALED]
 
 
-async def test_seals_are_judged_with_the_key_that_made_them_and_another_key_checks_nothing(ledger):
+async def test_seals_are_judged_with_the_key_that_signed_them_and_another_key_checks_no_signature(ledger):
     await card_spending_twice(ledger)
     await history_seals.seal_new_events(ledger.parts.pool, events_table(ledger.parts.app.recorder),
                                         history_seals.seal_key_for(ledger.settings))
-    other_key = base64.b64encode(os.urandom(32)).decode()
+    other_key = new_private_pem().decode()
     failed = await failed_checks(ledger, ledger.settings.model_copy(update={"history_seal_key": other_key}))
     assert list(failed) == [SEALED]
-    assert "was made with key" in failed[SEALED] and "its events are not checked" in failed[SEALED]
+    assert "was signed with key" in failed[SEALED] and "its signature is not checked" in failed[SEALED]
+
+
+async def test_an_auditor_checks_the_seals_with_the_public_key_the_bank_gave_alone(ledger, monkeypatch):
+    await card_spending_twice(ledger)
+    signing_key = history_seals.seal_key_for(ledger.settings)
+    await history_seals.seal_new_events(ledger.parts.pool, events_table(ledger.parts.app.recorder), signing_key)
+    given = await run_cli(ledger, monkeypatch, "seal-public-key")
+    assert given.exit_code == 0 and given.stdout.startswith("-----BEGIN PUBLIC KEY-----"), given.output
+    assert "PRIVATE" not in given.stdout
+    # The auditor's own settings: no seal key of the bank's (a development key of their own), the public key given.
+    auditors = ledger.settings.model_copy(update={"history_seal_key": new_private_pem().decode(),
+                                                  "history_seal_public_keys": given.stdout})
+    assert history_seals.key_id(signing_key.public_key()) in await passed_detail(ledger, SEALED, auditors)
+
+
+async def test_a_forger_who_recomputes_the_chain_after_his_change_is_caught_by_the_signatures(ledger):
+    # The chain is plain SHA-256: anyone can recompute it over forged events and write the
+    # new links into the seals. Only the seal key could sign them.
+    await card_spending_twice(ledger)
+
+    def inflated(state):
+        for leg in state["legs"]:
+            leg["amount_minor"] = 300 if leg["amount_minor"] > 0 else -300
+    await rewrite(ledger, Transfer.id_for("spend-a"), inflated)
+    await cover_up(ledger)
+    table = events_table(ledger.parts.app.recorder)
+    async with ledger.parts.pool.acquire() as connection, connection.transaction():
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {history_seals.SEALS_TABLE} DISABLE TRIGGER {guard}")
+        link = history_seals.GENESIS_LINK
+        for seal in await seals(ledger):
+            events = await connection.fetch(
+                f"SELECT notification_id, originator_id, originator_version, topic, state FROM {table}"
+                " WHERE notification_id BETWEEN $1 AND $2 ORDER BY notification_id",
+                seal["first_position"], seal["last_position"])
+            link = history_seals.extend_chain(link, events)
+            await connection.execute(f"UPDATE {history_seals.SEALS_TABLE} SET chain_link = $2 WHERE seal_no = $1",
+                                     seal["seal_no"], link)
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {history_seals.SEALS_TABLE} ENABLE ALWAYS TRIGGER {guard}")
+    failed = await failed_checks(ledger)
+    assert list(failed) == [SEALED]
+    assert "are not those sealed" not in failed[SEALED], "the recomputed chain itself agrees with the forged events"
+    assert "signature is not key" in failed[SEALED] and "without the seal key" in failed[SEALED]
 
 
 async def test_after_a_key_rotation_seals_of_the_old_key_are_checked_with_it_and_new_ones_with_the_new(ledger):
@@ -168,19 +214,20 @@ async def test_after_a_key_rotation_seals_of_the_old_key_are_checked_with_it_and
     old_key = history_seals.seal_key_for(ledger.settings)
     settlement, card = await card_spending_twice(ledger)
     await history_seals.seal_new_events(ledger.parts.pool, table, old_key)
-    new_key = os.urandom(32)
-    rotated = ledger.settings.model_copy(update={
-        "history_seal_key": base64.b64encode(new_key).decode(),
-        "history_seal_previous_keys": base64.b64encode(old_key).decode()})
+    new_pem = new_private_pem().decode()
+    new_key = load_private_key(new_pem, "a new seal key")
+    rotated = ledger.settings.model_copy(update={"history_seal_key": new_pem,
+                                                 "history_seal_public_keys": public_pem(old_key)})
     await writer.submit(c.PostTransfer("spend-c", (c.Leg(card, -10, "RUB"), c.Leg(settlement, 10, "RUB")), "card_purchase"))
     await history_seals.seal_new_events(ledger.parts.pool, table, new_key)
     await ledger.parts.projection.wait_for(writer.last_position)
 
     assert await failed_checks(ledger, rotated) == {}
-    without_old = rotated.model_copy(update={"history_seal_previous_keys": None})
+    without_old = rotated.model_copy(update={"history_seal_public_keys": None})
     failed = await failed_checks(ledger, without_old)
     assert list(failed) == [SEALED]
-    assert f"was made with key {history_seals.key_id(old_key)}, which this check does not hold" in failed[SEALED]
+    assert f"was signed with key {history_seals.key_id(old_key.public_key())}, which this check does not hold" in failed[
+        SEALED]
 
 
 async def test_sealers_racing_seal_each_event_once_in_consecutive_seals(ledger):
@@ -270,11 +317,17 @@ async def test_a_receipt_that_is_no_seals_is_a_usage_error_exit_2(ledger, monkey
     assert result.exit_code == 2 and "--seal" in result.output and "a seal receipt looks like" in result.output
 
 
-def test_a_seal_key_too_short_or_not_base64_is_refused_by_name_at_start():
-    good = base64.b64encode(os.urandom(32)).decode()
-    for field, bad in (("history_seal_key", base64.b64encode(b"short").decode()), ("history_seal_key", "not base64!"),
-                       ("history_seal_previous_keys", f"{good},not base64!")):
-        with pytest.raises(ValidationError, match=f"{field}[\\s\\S]*history seal key must"):
+def test_a_seal_key_that_is_no_ed25519_key_is_refused_by_name_at_start():
+    private_pem = new_private_pem().decode()
+    public = public_pem(load_private_key(private_pem, "a seal key"))
+    ec_public = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    for field, bad, says in (
+            ("history_seal_key", "not a key", "history seal key must be the PEM of an Ed25519 private key"),
+            ("history_seal_key", public, "history seal key must be the PEM of an Ed25519 private key"),
+            ("history_seal_public_keys", private_pem, "give 1 to 8 PEM public keys to check the history's seals"),
+            ("history_seal_public_keys", ec_public, "must be Ed25519 public keys")):
+        with pytest.raises(ValidationError, match=f"{field}[\\s\\S]*{says}"):
             ServiceSettings(service_name="ledger", database_url="postgresql://u@h/db", kafka_bootstrap_servers="k:9092",
                             **{field: bad})
 
