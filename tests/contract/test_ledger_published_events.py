@@ -140,9 +140,9 @@ async def a_day_at_the_bank(ledger) -> tuple[dict[str, str], set[str]]:
     answer = await ledger.post("/transfers", json={"transfer_id": refused, "code": "p2p", "legs": [
         {"account_id": spare, "amount_minor": -1, "currency": "RUB"}, {"account_id": card, "amount_minor": 1, "currency": "RUB"}]})
     assert answer.status_code == 409, answer.text
-    await call(ledger, "POST", f"/accounts/{card}/freeze", 200)
-    await call(ledger, "POST", f"/accounts/{card}/unfreeze", 200)
-    await call(ledger, "POST", f"/accounts/{spare}/close", 200)
+    await call(ledger, "POST", f"/accounts/{card}/freeze", 200, reason="fraud_suspected")
+    await call(ledger, "POST", f"/accounts/{card}/unfreeze", 200, reason="fraud_suspected")
+    await call(ledger, "POST", f"/accounts/{spare}/close", 200, reason="customer_request")
     ids = {"settlement": settlement, "card": card, "shop": shop, "spare": spare, "top_up": top_up,
            "purchase": purchase, "expiring": expiring, "refused": refused}
     aggregates = {settlement, card, shop, spare, transfer_aggregate_id(top_up), transfer_aggregate_id(refused),

@@ -212,7 +212,7 @@ async def test_the_answers_of_a_running_bank_fit_the_documented_schemas(bank, do
     keyed = {"headers": {"Idempotency-Key": str(uuid.uuid4())}}
     check(doc, "set_credit_limit", 200, await ledger.put(f"/accounts/{other}/credit-limit",
                                                           json={"credit_limit_minor": 1_000}, **keyed))
-    check(doc, "freeze_account", 200, await ledger.post(f"/accounts/{other}/freeze", **keyed))
+    check(doc, "freeze_account", 200, await ledger.post(f"/accounts/{other}/freeze", json={"reason": "court_order"}, **keyed))
 
     now = datetime.now(UTC)
     period = {"since": (now - timedelta(hours=1)).isoformat(), "until": (now + timedelta(hours=1)).isoformat()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from kabinet_contracts.registry import register, topic_for
@@ -9,6 +11,30 @@ from kabinet_contracts.registry import register, topic_for
 LEDGER_TOPIC = topic_for("ledger")
 # The owner_id of every bank-internal account (settlement, fee income, ...): never a customer's.
 BANK_OWNER_ID = "bank"
+
+
+class FreezeReason(StrEnum):
+    """Why an account is frozen. Freezes stack: each is lifted by an unfreeze naming its
+    reason, and the account stays frozen while any is left (a customer's own freeze lifted
+    does not lift a court's)."""
+
+    CUSTOMER_REQUEST = "customer_request"  # the customer's own, from the app or the support line
+    FRAUD_SUSPECTED = "fraud_suspected"  # the bank's anti-fraud, until the customer confirms
+    COURT_ORDER = "court_order"  # an arrest by a court or a bailiff
+    COMPLIANCE_REVIEW = "compliance_review"  # an anti-money-laundering or know-your-customer review
+
+
+# The reason of a freeze made before freezes named theirs: any unfreeze lifts it.
+FREEZE_REASON_NOT_RECORDED = "not_recorded"
+
+
+class CloseReason(StrEnum):
+    """Why an account was closed."""
+
+    CUSTOMER_REQUEST = "customer_request"
+    BANK_DECISION = "bank_decision"  # the bank ended the relationship
+    CUSTOMER_DECEASED = "customer_deceased"
+    PRODUCT_ENDED = "product_ended"  # a deposit's term ran out, a loan was repaid
 
 
 class _Payload(BaseModel):

@@ -50,6 +50,13 @@ class Account(_Body):
                                   " marketplace_clearing, suspense)")
     currency: str = Currency
     state: Literal["open", "frozen", "closed"] = Field(description="frozen: no debits; closed: no movements")
+    freeze_reasons: list[str] = Field(description="why it is frozen: every freeze not lifted yet, by reason"
+                                                  " (customer_request, fraud_suspected, court_order,"
+                                                  " compliance_review; not_recorded for a freeze older than reasons);"
+                                                  " empty unless frozen")
+    close_reason: str | None = Field(description="why it was closed (customer_request, bank_decision,"
+                                                 " customer_deceased, product_ended); null unless closed, or closed"
+                                                 " before reasons were recorded")
     credit_limit_minor: int = Field(description="how far below zero the account may go, in its currency")
     balances: Balances
     opened_at: AwareDatetime

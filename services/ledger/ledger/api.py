@@ -24,7 +24,7 @@ from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import Problem, problem_responses
 from kabinet_chassis.idempotency import callers_scope, idempotency_key, run_once
 from kabinet_contracts import ledger_api
-from kabinet_contracts.ledger import BANK_OWNER_ID
+from kabinet_contracts.ledger import BANK_OWNER_ID, CloseReason, FreezeReason
 from kabinet_contracts.roles import LEDGER_POST, LEDGER_READ
 from ledger import projections
 from ledger.domain import commands
@@ -138,6 +138,19 @@ class OpenAccountBody(_Body):
     kind: AccountKind  # named in the schema; an unknown one is refused by name (never echoed back, whatever its size)
     currency: str = Field(pattern=CURRENCY_PATTERN)
     credit_limit_minor: int = Field(default=0, ge=0)
+
+
+class FreezeBody(_Body):
+    reason: FreezeReason = Field(description="why; freezes stack, one per reason, each lifted on its own")
+
+
+class UnfreezeBody(_Body):
+    reason: FreezeReason = Field(description="the reason of the freeze it lifts: the account stays frozen while"
+                                             " another is left")
+
+
+class CloseBody(_Body):
+    reason: CloseReason
 
 
 class CreditLimitBody(_Body):
@@ -310,13 +323,15 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         return await _run_once(ledger.pool, ledger.claimant, scope=kept_scope, key=key, body=body.model_dump(mode="json"),
                               operation=operation)
 
-    for action, command_type, summary, refusals in (
-            ("freeze", commands.FreezeAccount, "Freeze an account: no debits until unfrozen", "`account_closed`"),
-            ("unfreeze", commands.UnfreezeAccount, "Unfreeze an account", "`account_closed`"),
-            ("close", commands.CloseAccount, "Close an account for good",
+    for action, command_type, body_type, summary, refusals in (
+            ("freeze", commands.FreezeAccount, FreezeBody, "Freeze an account for a reason: no debits until every"
+             " freeze is lifted", "`account_closed`"),
+            ("unfreeze", commands.UnfreezeAccount, UnfreezeBody, "Lift an account's freeze of a reason",
+             "`account_closed`"),
+            ("close", commands.CloseAccount, CloseBody, "Close an account for good, for a reason",
              "`account_not_empty` (money or live holds left on it)")):
         router.add_api_route(
-            f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type, post), methods=["POST"],
+            f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type, body_type, post), methods=["POST"],
             name=f"{action}_account", dependencies=posts, summary=summary, response_model=None,
             description=f"{summary}; the account as it then stands. Needs the role `{LEDGER_POST}`.",
             responses=_answers(200, ledger_api.Account, problem_responses({
@@ -524,19 +539,21 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     return router
 
 
-def _account_action(ledger: Ledger, command_type: type, post):
+def _account_action(ledger: Ledger, command_type: type, body_type: type[_Body], post):
     """`post`: the dependency giving a caller that may manage accounts."""
 
-    async def action(account_id: UUID, key: Annotated[str, Depends(idempotency_key)], me: Principal = post):
+    async def action(account_id: UUID, body: _Body, key: Annotated[str, Depends(idempotency_key)],
+                     me: Principal = post):
         async def operation():
-            await ledger.submit(command_type(account_id=account_id, requested_by=me.customer_id))
+            await ledger.submit(command_type(account_id=account_id, reason=body.reason.value, requested_by=me.customer_id))
             await ledger.read_your_writes()
             return 200, await projections.account(ledger.pool, account_id)
 
         scope = await callers_scope(ledger.pool, scope=f"ledger.{command_type.__name__}", caller=me.customer_id, key=key)
         return await _run_once(ledger.pool, ledger.claimant, scope=scope, key=key,
-                              body={"account_id": str(account_id)}, operation=operation)
+                              body={"account_id": str(account_id), **body.model_dump(mode="json")}, operation=operation)
 
+    action.__annotations__["body"] = body_type  # this action's own body, for FastAPI to read and document
     return action
 
 

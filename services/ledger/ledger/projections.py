@@ -17,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+from ledger.domain.account import frozen_for, unfrozen_for
 from ledger.integration import stored_later
 
 SCHEMA = """
@@ -55,6 +56,9 @@ CREATE TABLE IF NOT EXISTS ledger_transfers (
 );
 -- Who asked for it (an access token's subject); null on transfers posted before the ledger recorded it.
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS requested_by text;
+-- Why an account is frozen (every freeze not lifted yet) or was closed.
+ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS freeze_reasons text[] NOT NULL DEFAULT '{}';
+ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS close_reason text;
 CREATE TABLE IF NOT EXISTS ledger_holds (
     hold_id text PRIMARY KEY,
     debit_account_id uuid NOT NULL,
@@ -132,11 +136,19 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                 " VALUES ($1, $2, $3, $4, 'open', $5, $6, $6) ON CONFLICT DO NOTHING",
                 event.originator_id, event.owner_id, str(event.kind), event.currency, event.credit_limit_minor, event.timestamp,
             )
-        elif kind in ("Account.Frozen", "Account.Unfrozen", "Account.Closed"):
-            state = {"Account.Frozen": "frozen", "Account.Unfrozen": "open", "Account.Closed": "closed"}[kind]
+        elif kind in ("Account.Frozen", "Account.Unfrozen"):
+            change = frozen_for if kind == "Account.Frozen" else unfrozen_for
+            reasons = await connection.fetchval(
+                "SELECT freeze_reasons FROM ledger_accounts WHERE account_id = $1", event.originator_id)
+            left = change(tuple(reasons or ()), vars(event).get("reason"))  # None: stored before freezes had reasons
             await connection.execute(
-                "UPDATE ledger_accounts SET state = $2, updated_at = $3 WHERE account_id = $1",
-                event.originator_id, state, event.timestamp,
+                "UPDATE ledger_accounts SET state = $2, freeze_reasons = $3, updated_at = $4 WHERE account_id = $1",
+                event.originator_id, "frozen" if left else "open", list(left), event.timestamp,
+            )
+        elif kind == "Account.Closed":
+            await connection.execute(
+                "UPDATE ledger_accounts SET state = 'closed', close_reason = $2, updated_at = $3 WHERE account_id = $1",
+                event.originator_id, vars(event).get("reason"), event.timestamp,
             )
         elif kind == "Account.CreditLimitSet":
             await connection.execute(
@@ -238,6 +250,8 @@ def _account(row: asyncpg.Record) -> dict:
         "kind": row["kind"],
         "currency": row["currency"],
         "state": row["state"],
+        "freeze_reasons": list(row["freeze_reasons"]),
+        "close_reason": row["close_reason"],
         "credit_limit_minor": limit,
         "balances": {
             "posted": {"amount_minor": posted, "currency": row["currency"]},

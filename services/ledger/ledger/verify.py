@@ -61,6 +61,7 @@ from kabinet_chassis.eventstore import events_table
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger.application import LedgerApplication
+from ledger.domain.account import frozen_for, unfrozen_for
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from ledger.integration import SOURCE, stored_later
@@ -160,7 +161,8 @@ def _differences(names: Sequence[str], shown: Sequence[Any], want: Sequence[Any]
 
 
 # The read model's columns verify compares, as the projection fills them (projections.py).
-_ACCOUNT_COLUMNS = ("owner_id", "kind", "currency", "state", "credit_limit_minor", "opened_at", "updated_at")
+_ACCOUNT_COLUMNS = ("owner_id", "kind", "currency", "state", "freeze_reasons", "close_reason", "credit_limit_minor",
+                    "opened_at", "updated_at")
 _ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", "occurred_at")  # after the key
 _TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
                      "requested_by")  # after the id
@@ -176,6 +178,8 @@ class _Account:
     currency: str = "?"
     credit_limit_minor: int = 0
     state: str = "open"
+    freeze_reasons: tuple[str, ...] = ()
+    close_reason: str | None = None
     opened_at: datetime | None = None
     updated_at: datetime | None = None
     legs_minor: int = 0
@@ -185,8 +189,14 @@ class _Account:
 
     def as_read_model_shows_it(self) -> tuple:
         """In the order of _ACCOUNT_COLUMNS."""
-        return (self.owner_id, self.kind, self.currency, self.state, self.credit_limit_minor, self.opened_at,
-                self.updated_at)
+        return (self.owner_id, self.kind, self.currency, self.state, list(self.freeze_reasons), self.close_reason,
+                self.credit_limit_minor, self.opened_at, self.updated_at)
+
+
+def _standing(account: Any) -> str:
+    """An account's state, why, and credit limit, as verify names them: `frozen/0 (for court_order)`."""
+    why = account.freeze_reasons or ((account.close_reason,) if account.close_reason else ())
+    return f"{account.state}/{account.credit_limit_minor}" + (f" (for {', '.join(why)})" if why else "")
 
 
 @dataclass
@@ -383,8 +393,12 @@ class _Replay:
             account = self._account(event.originator_id, position, kind)
             if kind == "Account.CreditLimitSet":
                 account.credit_limit_minor = event.credit_limit_minor
-            elif kind in ("Account.Frozen", "Account.Unfrozen", "Account.Closed"):
-                account.state = {"Account.Frozen": "frozen", "Account.Unfrozen": "open", "Account.Closed": "closed"}[kind]
+            elif kind in ("Account.Frozen", "Account.Unfrozen"):
+                change = frozen_for if kind == "Account.Frozen" else unfrozen_for
+                account.freeze_reasons = change(account.freeze_reasons, vars(event).get("reason"))
+                account.state = "frozen" if account.freeze_reasons else "open"
+            elif kind == "Account.Closed":
+                account.state, account.close_reason = "closed", vars(event).get("reason")
             account.updated_at = event.timestamp
         elif kind == "Transfer.Posted":
             self._post(position, event, page)
@@ -701,9 +715,8 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
             except Exception as error:
                 problems.append(f"account {account_id} cannot be rebuilt from its events: {error!r}")
                 continue
-            if (stored.state, stored.credit_limit_minor) != (expected.state, expected.credit_limit_minor):
-                problems.append(f"account {account_id}: rebuilt {stored.state}/{stored.credit_limit_minor},"
-                                f" events say {expected.state}/{expected.credit_limit_minor}")
+            if _standing(stored) != _standing(expected):
+                problems.append(f"account {account_id}: rebuilt {_standing(stored)}, events say {_standing(expected)}")
         return problems
 
     report.add("aggregates rebuild", await anyio.to_thread.run_sync(stored_states), "accounts and their events agree")

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
 
-from kabinet_contracts.ledger import BANK_OWNER_ID
+from kabinet_contracts.ledger import BANK_OWNER_ID, FREEZE_REASON_NOT_RECORDED, CloseReason, FreezeReason
 from ledger.domain.errors import AccountClosed, AccountNotEmpty, InsufficientFunds, InvalidAccount
 
 
@@ -44,6 +44,21 @@ class AccountState(StrEnum):
     CLOSED = "closed"
 
 
+FREEZE_REASONS = frozenset(FreezeReason)
+CLOSE_REASONS = frozenset(CloseReason)
+
+
+def frozen_for(reasons: tuple[str, ...], reason: str | None) -> tuple[str, ...]:
+    """The freezes left after a Frozen event of `reason` (None: one stored before reasons were)."""
+    return tuple(sorted({*reasons, reason or FREEZE_REASON_NOT_RECORDED}))
+
+
+def unfrozen_for(reasons: tuple[str, ...], reason: str | None) -> tuple[str, ...]:
+    """The freezes left after an Unfrozen event of `reason`: it lifts its own and one older
+    than reasons; one stored before reasons were (None) lifted the only freeze there was."""
+    return () if reason is None else tuple(r for r in reasons if r not in (reason, FREEZE_REASON_NOT_RECORDED))
+
+
 class Account(Aggregate):
     """What an account is and may do: owner, kind, currency, credit limit, state.
 
@@ -71,6 +86,8 @@ class Account(Aggregate):
         self.credit_limit_minor = credit_limit_minor
         self.opened_with_credit_limit_minor = credit_limit_minor  # a retried opening must ask the same
         self.state = AccountState.OPEN.value
+        self.freeze_reasons: tuple[str, ...] = ()  # every freeze not lifted yet, sorted
+        self.close_reason: str | None = None
 
     @property
     def is_internal(self) -> bool:
@@ -84,22 +101,28 @@ class Account(Aggregate):
     # Public commands check their rule, then trigger the event (a private method), so a
     # replay of stored events never re-runs a rule that may have changed since.
 
-    def freeze(self, at: datetime, requested_by: str | None) -> None:
-        self.check_not_closed()
-        if self.state != AccountState.FROZEN:
-            self._freeze(customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
+    def freeze(self, reason: str, at: datetime, requested_by: str | None) -> None:
+        """Freezes stack, one per reason: freezing again for a reason it is frozen for changes nothing."""
+        self.check_freeze(reason)
+        if reason not in self.freeze_reasons:
+            self._freeze(reason=reason, customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
-    def unfreeze(self, at: datetime, requested_by: str | None) -> None:
-        self.check_not_closed()
-        if self.state == AccountState.FROZEN:
-            self._unfreeze(customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
+    def unfreeze(self, reason: str, at: datetime, requested_by: str | None) -> None:
+        """Lifts the freeze of `reason` (and one older than reasons); the account stays frozen
+        while another is left. Lifting a freeze it does not have changes nothing."""
+        self.check_freeze(reason)
+        if self.lifts_a_freeze(reason):
+            self._unfreeze(reason=reason, customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
-    def close(self, posted_minor: int, held_minor: int, incoming_held_minor: int, at: datetime,
+    def lifts_a_freeze(self, reason: str) -> bool:
+        return reason in self.freeze_reasons or FREEZE_REASON_NOT_RECORDED in self.freeze_reasons
+
+    def close(self, reason: str, posted_minor: int, held_minor: int, incoming_held_minor: int, at: datetime,
               requested_by: str | None) -> None:
         """Only an empty account closes, that no live hold will pay into: the caller gives
         its balance as it stands now."""
-        self.check_close(posted_minor, held_minor, incoming_held_minor)
-        self._close(customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
+        self.check_close(reason, posted_minor, held_minor, incoming_held_minor)
+        self._close(reason=reason, customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
     def set_credit_limit(self, credit_limit_minor: int, posted_minor: int, held_minor: int, at: datetime,
                          requested_by: str | None) -> None:
@@ -114,8 +137,16 @@ class Account(Aggregate):
         if self.state == AccountState.CLOSED:
             raise AccountClosed(f"account {self.id} is closed")
 
-    def check_close(self, posted_minor: int, held_minor: int, incoming_held_minor: int) -> None:
+    def check_freeze(self, reason: str) -> None:
         self.check_not_closed()
+        if reason not in FREEZE_REASONS:
+            raise InvalidAccount(f"{reason!r} is no reason to freeze or unfreeze an account: one of"
+                                 f" {', '.join(sorted(FREEZE_REASONS))}")
+
+    def check_close(self, reason: str, posted_minor: int, held_minor: int, incoming_held_minor: int) -> None:
+        self.check_not_closed()
+        if reason not in CLOSE_REASONS:
+            raise InvalidAccount(f"{reason!r} is no reason to close an account: one of {', '.join(sorted(CLOSE_REASONS))}")
         if posted_minor != 0 or held_minor != 0:
             raise AccountNotEmpty(
                 f"account {self.id} has balance {posted_minor} and holds {held_minor}"
@@ -147,16 +178,22 @@ class Account(Aggregate):
     # default only lets the aggregate replay them.
 
     @event("Frozen")
-    def _freeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None) -> None:
+    def _freeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None,
+                reason: str | None = None) -> None:
+        self.freeze_reasons = frozen_for(self.freeze_reasons, reason)
         self.state = AccountState.FROZEN.value
 
     @event("Unfrozen")
-    def _unfreeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None) -> None:
-        self.state = AccountState.OPEN.value
+    def _unfreeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None,
+                  reason: str | None = None) -> None:
+        self.freeze_reasons = unfrozen_for(self.freeze_reasons, reason)
+        self.state = AccountState.FROZEN.value if self.freeze_reasons else AccountState.OPEN.value
 
     @event("Closed")
-    def _close(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None) -> None:
+    def _close(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None,
+               reason: str | None = None) -> None:
         self.state = AccountState.CLOSED.value
+        self.close_reason = reason
 
     @event("CreditLimitSet")
     def _set_credit_limit(self, credit_limit_minor: int, timestamp: datetime, customer_id: str | None = None,

@@ -247,18 +247,18 @@ class Batch:
 
     def _freeze(self, command: c.FreezeAccount) -> AccountResult:
         account = self.account(command.account_id)
-        account.check_not_closed()
-        if account.state != AccountState.FROZEN:
+        account.check_freeze(command.reason)
+        if command.reason not in account.freeze_reasons:
             self._touch(account, resave_balance=True)
-            account.freeze(at=self.now, requested_by=command.requested_by)
+            account.freeze(command.reason, at=self.now, requested_by=command.requested_by)
         return AccountResult(str(account.id), account.state)
 
     def _unfreeze(self, command: c.UnfreezeAccount) -> AccountResult:
         account = self.account(command.account_id)
-        account.check_not_closed()
-        if account.state == AccountState.FROZEN:
+        account.check_freeze(command.reason)
+        if account.lifts_a_freeze(command.reason):
             self._touch(account, resave_balance=True)
-            account.unfreeze(at=self.now, requested_by=command.requested_by)
+            account.unfreeze(command.reason, at=self.now, requested_by=command.requested_by)
         return AccountResult(str(account.id), account.state)
 
     def _close(self, command: c.CloseAccount) -> AccountResult:
@@ -266,8 +266,8 @@ class Batch:
         if account.state == AccountState.CLOSED:
             return AccountResult(str(account.id), account.state, replayed=True)
         # This batch's postings and holds count.
-        account.close(self.posted_minor(account), self.held_minor(account), self.incoming_held_minor(account), at=self.now,
-                      requested_by=command.requested_by)
+        account.close(command.reason, self.posted_minor(account), self.held_minor(account), self.incoming_held_minor(account),
+                      at=self.now, requested_by=command.requested_by)
         self._touch(account, resave_balance=True)
         return AccountResult(str(account.id), account.state)
 

@@ -76,16 +76,19 @@ class OpenAccount(Command):
 @dataclass(frozen=True)
 class FreezeAccount(Command):
     account_id: UUID
+    reason: str  # a FreezeReason
 
 
 @dataclass(frozen=True)
 class UnfreezeAccount(Command):
     account_id: UUID
+    reason: str  # the FreezeReason of the freeze it lifts
 
 
 @dataclass(frozen=True)
 class CloseAccount(Command):
     account_id: UUID
+    reason: str  # a CloseReason
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,8 @@ async def test_a_posting_at_a_statements_end_instant_belongs_to_the_next_stateme
 
 async def test_a_key_whose_request_died_midway_is_taken_over_once_its_lease_runs_out(ledger):
     card = await open_account(ledger)
-    body = fingerprint({"account_id": card})
+    why = {"reason": "customer_request"}
+    body = fingerprint({"account_id": card, **why})
 
     async def claim_left_behind(key: str, age_s: int) -> None:  # as by a process killed mid-request
         await ledger.parts.pool.execute(
@@ -197,22 +198,23 @@ async def test_a_key_whose_request_died_midway_is_taken_over_once_its_lease_runs
             " VALUES ('ledger.FreezeAccount', $1, $2, now() - make_interval(secs => $3))", key, body, float(age_s))
 
     await claim_left_behind("freeze-recent", 1)
-    busy = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-recent"})
+    busy = await ledger.post(f"/accounts/{card}/freeze", json=why, headers={"Idempotency-Key": "freeze-recent"})
     assert busy.status_code == 409 and busy.json()["code"] == "request_in_progress"
 
     await claim_left_behind("freeze-abandoned", CLAIM_LEASE_S + 1)
-    frozen = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-abandoned"})
+    frozen = await ledger.post(f"/accounts/{card}/freeze", json=why, headers={"Idempotency-Key": "freeze-abandoned"})
     assert frozen.status_code == 200 and frozen.json()["state"] == "frozen"
-    again = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-abandoned"})
+    again = await ledger.post(f"/accounts/{card}/freeze", json=why, headers={"Idempotency-Key": "freeze-abandoned"})
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
 
 
 async def test_a_refusal_is_the_answer_a_repeated_key_gets(ledger):
     card = await open_account(ledger)
-    assert (await ledger.post(f"/accounts/{card}/close", headers={"Idempotency-Key": "close-1"})).status_code == 200
-    refused = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-closed"})
+    why = {"reason": "customer_request"}
+    assert (await ledger.post(f"/accounts/{card}/close", json=why, headers={"Idempotency-Key": "close-1"})).status_code == 200
+    refused = await ledger.post(f"/accounts/{card}/freeze", json=why, headers={"Idempotency-Key": "freeze-closed"})
     assert refused.status_code == 409 and refused.json()["code"] == "account_closed"
-    again = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": "freeze-closed"})
+    again = await ledger.post(f"/accounts/{card}/freeze", json=why, headers={"Idempotency-Key": "freeze-closed"})
     assert again.status_code == 409 and again.json()["code"] == "account_closed"
     assert again.headers["Idempotent-Replayed"] == "true"
 

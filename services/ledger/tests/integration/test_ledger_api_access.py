@@ -57,7 +57,7 @@ async def test_only_a_service_with_the_post_role_moves_money_or_manages_accounts
         ("POST", "/transfers", transfer_body("alice-pays-herself", (card, -100), (settlement, 100))),
         ("POST", "/accounts", {"owner_id": "alice", "kind": "card", "currency": "RUB"}),
         ("PUT", f"/accounts/{card}/credit-limit", {"credit_limit_minor": 1_000_000}),
-        ("POST", f"/accounts/{card}/freeze", None),
+        ("POST", f"/accounts/{card}/freeze", {"reason": "fraud_suspected"}),
         ("POST", "/holds", {"hold_id": "alice-hold", "debit_account_id": card, "credit_account_id": settlement,
                             "amount_minor": 100, "currency": "RUB", "expires_at": hold_deadline, "code": "card_purchase"}),
         ("POST", "/holds/alice-hold/void", None),

@@ -43,7 +43,8 @@ async def test_every_event_of_an_account_and_a_hold_names_the_service_or_staff_t
     assert (await ledger.put(f"/accounts/{card}/credit-limit", json={"credit_limit_minor": 500},
                              headers={**keyed(), **staff})).status_code == 200
     for action in ("freeze", "unfreeze"):
-        assert (await ledger.post(f"/accounts/{card}/{action}", headers={**keyed(), **staff})).status_code == 200
+        assert (await ledger.post(f"/accounts/{card}/{action}", json={"reason": "compliance_review"},
+                                  headers={**keyed(), **staff})).status_code == 200
     placed = await ledger.post("/holds", json={
         "hold_id": "auth-1", "debit_account_id": card, "credit_account_id": settlement, "amount_minor": 300,
         "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat(), "code": "card_purchase"})

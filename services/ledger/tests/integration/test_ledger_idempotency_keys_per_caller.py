@@ -49,9 +49,9 @@ async def test_freezing_with_a_key_another_service_used_freezes_the_account_aske
     alices, bobs = await open_account(ledger, owner="alice"), await open_account(ledger, owner="bob")
     cards = bearer(ledger.settings.data_dir, "cards", (LEDGER_POST,))
     fraud = bearer(ledger.settings.data_dir, "fraud", (LEDGER_POST,))
-    key = {"Idempotency-Key": "freeze-1"}
-    assert (await ledger.post(f"/accounts/{alices}/freeze", headers={**cards, **key})).status_code == 200
-    frozen = await ledger.post(f"/accounts/{bobs}/freeze", headers={**fraud, **key})
+    key, why = {"Idempotency-Key": "freeze-1"}, {"reason": "fraud_suspected"}
+    assert (await ledger.post(f"/accounts/{alices}/freeze", json=why, headers={**cards, **key})).status_code == 200
+    frozen = await ledger.post(f"/accounts/{bobs}/freeze", json=why, headers={**fraud, **key})
     assert frozen.status_code == 200, frozen.text
     assert frozen.json()["account_id"] == bobs and frozen.json()["state"] == "frozen"
 

@@ -49,7 +49,8 @@ async def test_replaying_the_read_model_from_the_start_changes_nothing(ledger):
     assert (await ledger.post("/holds", json=hold_body("whole", card, shop, 300))).status_code == 201
     assert (await ledger.post("/holds/whole/captures", json={"capture_id": "c1", "amount_minor": 300})).status_code == 201
     for action in ("freeze", "unfreeze"):
-        answer = await ledger.post(f"/accounts/{card}/{action}", headers={"Idempotency-Key": str(uuid.uuid4())})
+        answer = await ledger.post(f"/accounts/{card}/{action}", json={"reason": "fraud_suspected"},
+                                   headers={"Idempotency-Key": str(uuid.uuid4())})
         assert answer.status_code == 200, answer.text
     await settled(ledger)
     pool, projection = ledger.parts.pool, ledger.parts.projection

@@ -85,7 +85,8 @@ async def test_an_account_page_cursor_must_be_one_of_the_owners_accounts(ledger)
 async def test_a_closed_credit_card_shows_no_money_available(ledger):
     card = await open_account(ledger, limit=50_000)
     assert (await ledger.get(f"/accounts/{card}/balance")).json()["available"]["amount_minor"] == 50_000
-    closed = await ledger.post(f"/accounts/{card}/close", headers={"Idempotency-Key": str(uuid.uuid4())})
+    closed = await ledger.post(f"/accounts/{card}/close", json={"reason": "customer_request"},
+                               headers={"Idempotency-Key": str(uuid.uuid4())})
     assert closed.status_code == 200 and closed.json()["state"] == "closed", closed.text
     balances = (await ledger.get(f"/accounts/{card}/balance")).json()
     assert balances["available"]["amount_minor"] == 0 and balances["posted"]["amount_minor"] == 0
@@ -99,12 +100,13 @@ async def test_a_frozen_account_shows_no_money_available_until_it_is_unfrozen(le
     card = await open_account(ledger, limit=50_000)
     posted = await ledger.post("/transfers", json=transfer_body("salary-frozen", (settlement, -7_000), (card, 7_000)))
     assert posted.status_code == 201, posted.text
-    frozen = await ledger.post(f"/accounts/{card}/freeze", headers={"Idempotency-Key": str(uuid.uuid4())})
+    frozen = await ledger.post(f"/accounts/{card}/freeze", json={"reason": "fraud_suspected"},
+                               headers={"Idempotency-Key": str(uuid.uuid4())})
     assert frozen.status_code == 200 and frozen.json()["state"] == "frozen", frozen.text
     balances = (await ledger.get(f"/accounts/{card}/balance")).json()
     assert balances["available"]["amount_minor"] == 0 and balances["posted"]["amount_minor"] == 7_000
     assert frozen.json()["balances"]["available"]["amount_minor"] == 0
-    await ledger.post(f"/accounts/{card}/unfreeze", headers={"Idempotency-Key": str(uuid.uuid4())})
+    await ledger.post(f"/accounts/{card}/unfreeze", json={"reason": "fraud_suspected"}, headers={"Idempotency-Key": str(uuid.uuid4())})
     assert (await ledger.get(f"/accounts/{card}/balance")).json()["available"]["amount_minor"] == 57_000
 
 

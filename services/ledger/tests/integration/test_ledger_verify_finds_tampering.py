@@ -144,7 +144,7 @@ async def test_legs_and_holds_on_an_account_never_opened_are_reported_not_crashe
     settlement, card = await funded_card(writer, 1_000)
     await writer.submit(c.PlaceHold("h1", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
                                     "card_authorisation"))
-    await writer.submit(c.FreezeAccount(card))  # the card's stream goes on after its opening
+    await writer.submit(c.FreezeAccount(card, "customer_request"))  # the card's stream goes on after its opening
     await ledger.parts.projection.wait_for(writer.last_position)
     await forge_history(ledger, "DELETE FROM {table} WHERE originator_id = $1 AND originator_version = 1", card)
     failed = await failed_checks(ledger)  # must not raise
@@ -208,8 +208,8 @@ async def test_a_ledger_with_holds_partial_captures_voids_and_multi_leg_transfer
     await asyncio.sleep(1.1)
     await writer.submit(c.ExpireHold("auth-3"))
     await writer.submit(c.PostTransfer("overdraft", (c.Leg(savings, -1_000, "RUB"), c.Leg(card, 1_000, "RUB")), "p2p"))
-    await writer.submit(c.FreezeAccount(shop))
-    await writer.submit(c.UnfreezeAccount(shop))
+    await writer.submit(c.FreezeAccount(shop, "customer_request"))
+    await writer.submit(c.UnfreezeAccount(shop, "customer_request"))
     await ledger.parts.projection.wait_for(writer.last_position)
     holds = {row["hold_id"]: (row["state"], row["captured_minor"])
              for row in await ledger.parts.pool.fetch("SELECT hold_id, state, captured_minor FROM ledger_holds")}

@@ -156,8 +156,8 @@ async def test_an_accounts_events_reordered_are_found_and_the_account_rebuilt_as
     # order, shows the card open, while the writer rebuilds it frozen.
     writer = ledger.parts.writer
     settlement, card = await funded_card(writer, 1_000)
-    await writer.submit(c.FreezeAccount(card))
-    await writer.submit(c.UnfreezeAccount(card))
+    await writer.submit(c.FreezeAccount(card, "customer_request"))
+    await writer.submit(c.UnfreezeAccount(card, "customer_request"))
     await settled(ledger)
     for version_from, version_to in ((2, 99), (3, 2), (99, 3)):
         await forge_history(
@@ -166,7 +166,7 @@ async def test_an_accounts_events_reordered_are_found_and_the_account_rebuilt_as
     await cover_up(ledger)
     failed = await failed_checks(ledger)
     assert f"Account.Unfrozen is version 2 of account {card}, after version 3" in failed["event order"]
-    assert f"account {card}: rebuilt frozen/0, events say open/0" in failed["aggregates rebuild"]
+    assert f"account {card}: rebuilt frozen/0 (for customer_request), events say open/0" in failed["aggregates rebuild"]
 
 
 async def test_a_transfer_copied_under_another_id_is_posted_twice_and_found(ledger):

@@ -91,7 +91,7 @@ async def test_a_batch_whose_save_is_refused_leaves_the_writer_judging_by_what_i
     new_hold = c.PlaceHold("auth-2", card, settlement, 200, "RUB", expires_at, "card_authorisation")
     capture = c.CaptureHold("auth-1", "clearing-1", 300)
     too_big = c.PostTransfer("rent", (c.Leg(card, -900, "RUB"), c.Leg(settlement, 900, "RUB")), "p2p")
-    freeze = c.FreezeAccount(card)
+    freeze = c.FreezeAccount(card, "customer_request")
     real_clock, writer.clock = writer.clock, lambda: datetime.now(UTC) + timedelta(days=365)  # commits are refused
     outcomes = await asyncio.gather(*(writer.submit(command) for command in (opening, new_hold, capture, too_big,
                                                                              freeze)), return_exceptions=True)

@@ -21,7 +21,7 @@ async def test_a_full_queue_answers_503_with_retry_after_at_once(ledger):
     writer = ledger.parts.writer
     taken = writer.queue
     full = asyncio.Queue(maxsize=1)
-    full.put_nowait(_Request(c.FreezeAccount(card), asyncio.get_running_loop().create_future()))
+    full.put_nowait(_Request(c.FreezeAccount(card, "customer_request"), asyncio.get_running_loop().create_future()))
     writer.queue = full  # the running writer still waits on `taken`: nothing drains this one
     try:
         started = time.monotonic()

@@ -67,9 +67,9 @@ async def test_a_second_writer_that_missed_a_top_up_judges_a_payment_again_inste
 async def test_a_second_writer_that_missed_an_unfreeze_judges_a_payment_again_instead_of_keeping_a_refusal(ledger):
     first = ledger.parts.writer
     settlement, card = await funded_card(first, 1_000)
-    await first.submit(c.FreezeAccount(card))
+    await first.submit(c.FreezeAccount(card, "customer_request"))
     async with uncached_writer(ledger.settings) as second:
-        await second.submit(c.UnfreezeAccount(card))  # `first` still holds the card as frozen
+        await second.submit(c.UnfreezeAccount(card, "customer_request"))  # `first` still holds the card as frozen
         await first.submit(spend(card, settlement, 100))
     assert await saved_balance(ledger.parts.pool, card) == (900, 0)
 
@@ -78,7 +78,7 @@ async def test_a_second_writer_that_missed_a_freeze_cannot_debit_the_frozen_acco
     first = ledger.parts.writer
     settlement, card = await funded_card(first, 1_000)
     async with uncached_writer(ledger.settings) as second:
-        await second.submit(c.FreezeAccount(card))  # `first` still holds the card as open
+        await second.submit(c.FreezeAccount(card, "customer_request"))  # `first` still holds the card as open
         with pytest.raises(AccountFrozen):
             await first.submit(spend(card, settlement, 100))
     balance = (await saved_balance(ledger.parts.pool, card))[0]
@@ -94,7 +94,7 @@ async def test_a_second_writer_that_missed_a_closing_cannot_place_a_hold_for_the
     async with uncached_writer(ledger.settings) as second:
         await second.submit(c.PlaceHold("h0", card, shop, 1, "RUB", expires_at, "card_authorisation"))  # caches both
         await second.submit(c.VoidHold("h0"))  # the shop may close: no live hold pays into it
-        await first.submit(c.CloseAccount(shop))
+        await first.submit(c.CloseAccount(shop, "customer_request"))
         with pytest.raises(AccountClosed):
             await second.submit(c.PlaceHold("h1", card, shop, 100, "RUB", expires_at, "card_authorisation"))
     held = await ledger.parts.pool.fetchval("SELECT held_minor FROM ledger_balances WHERE account_id = $1", card)
@@ -109,7 +109,7 @@ async def test_a_restarted_writer_knows_what_live_holds_will_pay_into_an_account
         c.PlaceHold("auth", card, shop, 600, "RUB", datetime.now(UTC) + timedelta(hours=1), "card_purchase"))
     async with uncached_writer(ledger.settings) as restarted:  # reads the saved balance, not a cache
         with pytest.raises(AccountNotEmpty, match="to be paid 600"):
-            await restarted.submit(c.CloseAccount(shop))
+            await restarted.submit(c.CloseAccount(shop, "customer_request"))
         await restarted.submit(c.CaptureHold("auth", "clear", 600))  # the shop is paid
     assert await ledger.parts.pool.fetchval(
         "SELECT incoming_held_minor FROM ledger_balances WHERE account_id = $1", shop) == 0
@@ -140,7 +140,8 @@ async def test_verify_passes_on_a_ledger_that_keeps_posting_and_freezing_while_i
             if stop.is_set():
                 return round_number
             await asyncio.gather(*(writer.submit(spend(settlement, card, 1)) for _ in range(8)))  # a frozen card still takes credits
-            await writer.submit(c.FreezeAccount(card) if round_number % 2 == 0 else c.UnfreezeAccount(card))
+            change = c.FreezeAccount if round_number % 2 == 0 else c.UnfreezeAccount
+            await writer.submit(change(card, "customer_request"))
         return -1
 
     traffic = asyncio.create_task(keep_writing())
@@ -319,7 +320,7 @@ async def test_after_an_upgrade_the_payee_of_an_earlier_hold_closes_once_the_hol
     incoming = await ledger.parts.pool.fetchval(
         "SELECT incoming_held_minor FROM ledger_balances WHERE account_id = $1", shop)
     assert incoming == 0
-    assert (await writer.submit(c.CloseAccount(shop))).state == "closed"
+    assert (await writer.submit(c.CloseAccount(shop, "customer_request"))).state == "closed"
 
 
 async def test_a_ledger_starting_while_another_upgrades_the_store_waits_for_it_past_the_query_limit(stack, unique_name):

@@ -49,7 +49,8 @@ def a_day_of(world: World, owner: str):
     world.one(c.VoidHold("purchase"))
     world.later(days=1)
     world.one(c.ExpireHold("expiring"))
-    world.run(c.FreezeAccount(card), c.UnfreezeAccount(card), c.CloseAccount(spare))
+    world.run(c.FreezeAccount(card, "customer_request"), c.UnfreezeAccount(card, "customer_request"),
+              c.CloseAccount(spare, "customer_request"))
     return {"card": card, "spare": spare, "purchase": Hold.id_for("purchase"), "expiring": Hold.id_for("expiring"),
             "capture": Transfer.id_for(capture_transfer_id("purchase", "clearing-1"))}
 

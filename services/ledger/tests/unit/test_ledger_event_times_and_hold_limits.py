@@ -82,9 +82,9 @@ def test_account_events_are_published_at_the_ledger_time(world):
     world.later(hours=1)
     world.one(c.SetCreditLimit(card, 500))
     world.later(hours=1)
-    world.one(c.FreezeAccount(card))
+    world.one(c.FreezeAccount(card, "customer_request"))
     world.later(hours=1)
-    world.one(c.UnfreezeAccount(card))
+    world.one(c.UnfreezeAccount(card, "customer_request"))
     times = {event.type: event.occurred_at for event in
              (to_integration(e, p) for p, e in enumerate(world.saved_events, start=1)) if event is not None}
     assert times == {"ledger.account_opened": T0, "ledger.account_credit_limit_set": T0 + timedelta(hours=1),

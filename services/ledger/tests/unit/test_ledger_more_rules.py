@@ -77,7 +77,7 @@ def test_capture_of_a_hold_placed_before_a_freeze_still_goes_through(world):
     settlement, card = funded(world, 1_000)
     merchant = world.open("marketplace_clearing")
     world.one(hold("h1", card, merchant, 400))
-    world.one(c.FreezeAccount(card))
+    world.one(c.FreezeAccount(card, "customer_request"))
     result = world.one(c.CaptureHold("h1", "clearing-1", 400))
     assert result.state == "captured" and result.transfer_id == capture_transfer_id("h1", "clearing-1")
     assert (world.balance(card).posted_minor, world.balance(card).held_minor) == (600, 0)
@@ -206,19 +206,19 @@ def test_closing_with_a_live_hold_is_refused_until_it_is_voided(world):
     world.one(c.CaptureHold("h1", "part", 30))
     world.one(transfer("repay", (settlement, -30), (card, 30)))
     with pytest.raises(AccountNotEmpty, match="balance 0 and holds 50"):
-        world.one(c.CloseAccount(card))
+        world.one(c.CloseAccount(card, "customer_request"))
     world.one(c.VoidHold("h1"))
-    assert world.one(c.CloseAccount(card)).state == "closed"
-    assert world.one(c.CloseAccount(card)).replayed
+    assert world.one(c.CloseAccount(card, "customer_request")).state == "closed"
+    assert world.one(c.CloseAccount(card, "customer_request")).replayed
     with pytest.raises(AccountClosed):
-        world.one(c.FreezeAccount(card))
+        world.one(c.FreezeAccount(card, "customer_request"))
 
 
 def test_emptying_and_closing_in_one_batch_closes_an_empty_account(world):
     settlement, card = funded(world, 100)
     before = len(world.saved_events)
     emptied, closed, refused = world.run(
-        transfer("empty", (card, -100), (settlement, 100)), c.CloseAccount(card),
+        transfer("empty", (card, -100), (settlement, 100)), c.CloseAccount(card, "customer_request"),
         transfer("too-late", (settlement, -1), (card, 1)),
     )
     assert closed.state == "closed" and isinstance(refused, AccountClosed)
@@ -285,8 +285,8 @@ def test_the_writer_is_told_every_aggregate_a_capture_will_touch():
 def test_aggregates_guard_their_own_rules(world):
     settlement, card = funded(world, 100)
     with pytest.raises(AccountNotEmpty):
-        world.account(card).close(world.balance(card).posted_minor, world.balance(card).held_minor, 0, at=world.now,
-                                  requested_by="staff-1")
+        world.account(card).close("customer_request", world.balance(card).posted_minor, world.balance(card).held_minor, 0,
+                                  at=world.now, requested_by="staff-1")
     world.one(hold("h1", card, settlement, 60))
     held = world.store[next(k for k, v in world.store.items() if getattr(v, "client_hold_id", None) == "h1")]
     with pytest.raises(CaptureExceedsHold):
@@ -298,8 +298,9 @@ def test_aggregates_guard_their_own_rules(world):
 def test_every_event_survives_the_store(world):
     settlement, card = funded(world, 1_000, limit=200)
     merchant = world.open("marketplace_clearing")
-    world.run(hold("h1", card, merchant, 300), c.SetCreditLimit(card, 100), c.FreezeAccount(card))
-    world.run(c.CaptureHold("h1", "c1", 100), c.UnfreezeAccount(card), transfer("p", (card, -5), (merchant, 5)))
+    world.run(hold("h1", card, merchant, 300), c.SetCreditLimit(card, 100), c.FreezeAccount(card, "customer_request"))
+    world.run(c.CaptureHold("h1", "c1", 100), c.UnfreezeAccount(card, "customer_request"),
+              transfer("p", (card, -5), (merchant, 5)))
     world.later(days=2)
     world.run(c.ExpireHold("h1"))
     for aggregate_id, live in world.store.items():

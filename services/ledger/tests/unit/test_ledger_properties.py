@@ -74,7 +74,7 @@ command_spec = st.one_of(
     st.tuples(st.just("void"), recent_hold),
     st.tuples(st.just("expire"), recent_hold),
     st.tuples(st.just("expire"), recent_hold),
-    st.tuples(st.just("freeze"), st.integers(0, 9), st.booleans()),
+    st.tuples(st.just("freeze"), st.integers(0, 9), st.booleans(), st.sampled_from(["customer_request", "court_order"])),
     st.tuples(st.just("close"), st.integers(0, 9)),
     st.tuples(st.just("close"), st.just(EMPTY)),
     st.tuples(st.just("limit"), st.integers(0, 9), st.integers(0, 500)),
@@ -133,9 +133,9 @@ def to_command(spec: tuple, accounts: list[UUID], now, sent: list[Any], holds: l
             return c.CaptureHold(target, f"cap{len(sent) + 10}", spec[2])
         return (c.VoidHold if kind == "void" else c.ExpireHold)(target)
     if kind == "freeze":
-        return (c.FreezeAccount if spec[2] else c.UnfreezeAccount)(accounts[spec[1]])
+        return (c.FreezeAccount if spec[2] else c.UnfreezeAccount)(accounts[spec[1]], spec[3])  # freezes stack
     if kind == "close":
-        return c.CloseAccount(accounts[spec[1]])
+        return c.CloseAccount(accounts[spec[1]], "customer_request")
     if kind == "limit":
         return c.SetCreditLimit(accounts[spec[1]], spec[2])
     if kind == "retry":
@@ -249,7 +249,8 @@ def snapshot(world: World, accounts: list[UUID]) -> dict:
     state: dict[Any, Any] = {}
     for account_id in accounts:
         account = world.account(account_id)
-        state[account_id] = (account.state, account.credit_limit_minor, account.version, money(world, account))
+        state[account_id] = (account.state, account.freeze_reasons, account.credit_limit_minor, account.version,
+                             money(world, account))
     for key, aggregate in world.store.items():
         if isinstance(aggregate, Hold):
             state[key] = (aggregate.state, aggregate.captured_minor, aggregate.released_minor, dict(aggregate.captures))
@@ -295,6 +296,9 @@ def check_invariants(world: World, accounts: list[UUID]) -> None:
                            if h.state == HoldState.ACTIVE and h.debit_account_id == str(account.id))
         assert incoming == sum(h.remaining_minor for h in holds
                                if h.state == HoldState.ACTIVE and h.credit_account_id == str(account.id))
+        if account.state != AccountState.CLOSED:
+            assert (account.state == AccountState.FROZEN) == bool(account.freeze_reasons), (
+                "an account is frozen exactly while a freeze of some reason is not lifted")
     for hold in holds:
         assert currency_of[hold.debit_account_id] == currency_of[hold.credit_account_id] == hold.currency
         assert hold.captured_minor == sum(hold.captures.values())

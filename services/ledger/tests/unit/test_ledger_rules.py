@@ -62,12 +62,12 @@ def test_internal_account_may_go_negative(world):
 
 def test_frozen_account_refuses_debits_but_accepts_credits(world):
     settlement, card = funded(world, 1_000)
-    world.one(c.FreezeAccount(card))
+    world.one(c.FreezeAccount(card, "customer_request"))
     with pytest.raises(AccountFrozen):
         world.one(transfer("out", (card, -10), (settlement, 10)))
     world.one(transfer("in", (settlement, -10), (card, 10)))
     assert world.balance(card).posted_minor == 1_010
-    world.one(c.UnfreezeAccount(card))
+    world.one(c.UnfreezeAccount(card, "customer_request"))
     world.one(transfer("out-again", (card, -10), (settlement, 10)))
 
 
@@ -239,7 +239,7 @@ def test_hold_needs_funds_and_an_unfrozen_account(world):
     merchant = world.open("marketplace_clearing")
     with pytest.raises(InsufficientFunds):
         world.one(c.PlaceHold("big", card, merchant, 101, "RUB", T0 + timedelta(days=1), "card_purchase"))
-    world.one(c.FreezeAccount(card))
+    world.one(c.FreezeAccount(card, "customer_request"))
     with pytest.raises(AccountFrozen):
         world.one(c.PlaceHold("h", card, merchant, 1, "RUB", T0 + timedelta(days=1), "card_purchase"))
 
@@ -247,9 +247,9 @@ def test_hold_needs_funds_and_an_unfrozen_account(world):
 def test_closing_requires_zero_balance_and_no_holds(world):
     settlement, card = funded(world, 100)
     with pytest.raises(AccountNotEmpty):
-        world.one(c.CloseAccount(card))
+        world.one(c.CloseAccount(card, "customer_request"))
     world.one(transfer("empty", (card, -100), (settlement, 100)))
-    world.one(c.CloseAccount(card))
+    world.one(c.CloseAccount(card, "customer_request"))
     with pytest.raises(AccountClosed):
         world.one(transfer("after", (settlement, -1), (card, 1)))
 
@@ -262,13 +262,13 @@ def test_an_account_a_live_hold_will_pay_into_closes_only_once_the_hold_is_settl
     world.one(c.PlaceHold("auth", card, shop, 600, "RUB", T0 + timedelta(days=7), "card_purchase"))
     assert world.balance(shop).incoming_held_minor == 600
     with pytest.raises(AccountNotEmpty, match="to be paid 600"):
-        world.one(c.CloseAccount(shop))
+        world.one(c.CloseAccount(shop, "customer_request"))
     world.one(c.CaptureHold("auth", "part", 200))
     assert world.balance(shop).incoming_held_minor == 400 and world.balance(shop).posted_minor == 200
     world.one(c.VoidHold("auth"))
     assert world.balance(shop).incoming_held_minor == 0
     world.one(transfer("pay-out", (shop, -200), (settlement, 200)))
-    assert world.one(c.CloseAccount(shop)).state == "closed"
+    assert world.one(c.CloseAccount(shop, "customer_request")).state == "closed"
 
 
 def test_a_hold_placed_and_released_in_one_batch_leaves_nothing_to_be_paid_in(world):
@@ -276,7 +276,7 @@ def test_a_hold_placed_and_released_in_one_batch_leaves_nothing_to_be_paid_in(wo
     shop = world.open(owner="shop")
     placed, expired, closed = world.run(
         c.PlaceHold("quick", card, shop, 300, "RUB", T0 + timedelta(days=1), "card_purchase"),
-        c.VoidHold("quick"), c.CloseAccount(shop))
+        c.VoidHold("quick"), c.CloseAccount(shop, "customer_request"))
     assert placed.state == "active" and expired.state == "voided" and closed.state == "closed"
     assert world.balance(shop).incoming_held_minor == 0 and world.balance(card).held_minor == 0
 
@@ -308,7 +308,7 @@ def test_what_a_hold_will_pay_in_follows_its_partial_captures_and_expiry_across_
     assert isinstance(world.run(c.CaptureHold("h", "c4", 1))[0], HoldNotActive)
     # shop empties and closes
     world.one(transfer("out", (shop, -500), (settlement, 500)))
-    world.one(c.CloseAccount(shop))
+    world.one(c.CloseAccount(shop, "customer_request"))
 
 
 def test_a_refused_transfer_repeated_later_in_its_batch_after_a_top_up_is_refused_alike(world):
@@ -331,7 +331,7 @@ def test_internal_accounts_belong_to_the_bank(world):
 def test_a_freeze_applies_to_debits_after_it_in_the_same_batch(world):
     settlement, card = funded(world, 1_000)
     before, frozen, after, credit = world.run(
-        transfer("before-freeze", (card, -100), (settlement, 100)), c.FreezeAccount(card),
+        transfer("before-freeze", (card, -100), (settlement, 100)), c.FreezeAccount(card, "customer_request"),
         transfer("after-freeze", (card, -100), (settlement, 100)),
         transfer("credit-while-frozen", (settlement, -50), (card, 50)),
     )

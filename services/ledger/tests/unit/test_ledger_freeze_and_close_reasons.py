@@ -1,0 +1,84 @@
+"""Rules of the bank on why accounts are frozen and closed: every freeze and every closing
+names its reason, and freezes stack, so that lifting one (the customer's own) never lifts
+another (a court's)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ledger.domain import commands as c
+from ledger.domain.errors import AccountFrozen, InvalidAccount
+from services.ledger.tests.unit.ledger_world import World, transfer
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def funded(world: World, amount_minor: int = 1_000):
+    settlement, card = world.open("settlement"), world.open()
+    world.one(transfer(f"fund-{card}", (settlement, -amount_minor), (card, amount_minor), code="top_up"))
+    return settlement, card
+
+
+def test_a_card_frozen_by_a_court_stays_frozen_when_the_customer_lifts_her_own_freeze(world):
+    settlement, card = funded(world)
+    world.one(c.FreezeAccount(card, "customer_request", requested_by="alice"))
+    world.one(c.FreezeAccount(card, "court_order", requested_by="staff-olga"))
+    assert world.account(card).freeze_reasons == ("court_order", "customer_request")
+
+    assert world.one(c.UnfreezeAccount(card, "customer_request", requested_by="alice")).state == "frozen"
+    assert world.account(card).freeze_reasons == ("court_order",)
+    with pytest.raises(AccountFrozen):
+        world.one(transfer("rent", (card, -100), (settlement, 100)))
+
+    assert world.one(c.UnfreezeAccount(card, "court_order", requested_by="staff-olga")).state == "open"
+    assert world.account(card).freeze_reasons == ()
+    world.one(transfer("rent-once-unfrozen", (card, -100), (settlement, 100)))
+
+
+def test_each_freeze_and_its_lifting_is_an_event_naming_its_reason_and_who_asked(world):
+    _, card = funded(world)
+    since = len(world.saved_events)
+    world.one(c.FreezeAccount(card, "fraud_suspected", requested_by="antifraud"))
+    world.one(c.UnfreezeAccount(card, "fraud_suspected", requested_by="staff-olga"))
+    said = [(type(e).__qualname__, e.reason, e.requested_by) for e in world.saved_events[since:]]
+    assert said == [("Account.Frozen", "fraud_suspected", "antifraud"),
+                    ("Account.Unfrozen", "fraud_suspected", "staff-olga")]
+
+
+def test_freezing_again_for_the_same_reason_or_lifting_a_freeze_it_has_not_changes_nothing(world):
+    _, card = funded(world)
+    world.one(c.FreezeAccount(card, "compliance_review"))
+    since = len(world.saved_events)
+    assert world.one(c.FreezeAccount(card, "compliance_review")).state == "frozen"
+    assert world.one(c.UnfreezeAccount(card, "court_order")).state == "frozen"
+    assert world.events_of(card, since) == [], "a repeat is no new event"
+    assert world.account(card).freeze_reasons == ("compliance_review",)
+
+
+def test_a_reason_the_bank_does_not_have_is_refused_by_name_and_changes_nothing(world):
+    _, card = funded(world)
+    since = len(world.saved_events)
+    for command in (c.FreezeAccount(card, "because"), c.UnfreezeAccount(card, "because"), c.CloseAccount(card, "because")):
+        with pytest.raises(InvalidAccount, match="'because' is no reason to"):
+            world.one(command)
+    assert world.events_of(card, since) == [] and world.account(card).state == "open"
+
+
+def test_a_closed_account_says_why(world):
+    shop = world.open("card", owner="shop")
+    assert world.one(c.CloseAccount(shop, "customer_deceased", requested_by="staff-olga")).state == "closed"
+    assert world.account(shop).close_reason == "customer_deceased"
+    assert world.saved_events[-1].reason == "customer_deceased"
+
+
+def test_a_freeze_stored_before_freezes_had_reasons_is_lifted_by_any_unfreeze(world):
+    _, card = funded(world)
+    account = world.account(card)
+    account._freeze(timestamp=world.now, customer_id="alice")  # as such an event replays: no reason
+    account.collect_events()
+    assert account.freeze_reasons == ("not_recorded",) and account.state == "frozen"
+    assert world.one(c.UnfreezeAccount(card, "customer_request")).state == "open"
+    assert world.account(card).freeze_reasons == ()
