@@ -174,3 +174,21 @@ async def test_a_query_parameter_the_cabinet_does_not_have_is_refused_by_name_on
         assert [error["field"] for error in response.json()["errors"]] == [field], (path, params, response.text)
     # Without a token, a bad query is no business of the cabinet's yet: 401 as for any request.
     assert (await bank.get(f"/v1/me/accounts/{card}", params={"at": "2020-01-01T00:00:00Z"})).status_code == 401
+
+
+async def test_a_customer_sees_her_account_frozen_but_not_that_the_bank_reviews_her(bank):
+    # An anti-money-laundering review is not disclosed to its subject (tipping off): she is
+    # told the bank froze the account, and why only for what she may know.
+    card = await open_funded_card(bank, "alice", 5_000)
+    for reason in ("compliance_review", "customer_request"):
+        frozen = await bank.ledger.post(f"/accounts/{card}/freeze", json={"reason": reason},
+                                        headers={"Idempotency-Key": str(uuid.uuid4())})
+        assert frozen.status_code == 200, frozen.text
+    assert frozen.json()["freeze_reasons"] == ["compliance_review", "customer_request"], "staff see every reason"
+
+    alice = bearer(bank, "alice")
+    mine = (await bank.get(f"/v1/me/accounts/{card}", headers=alice)).json()
+    listed = (await bank.get("/v1/me/accounts", headers=alice)).json()["accounts"]
+    for seen in (mine, *listed):
+        assert (seen["state"], seen["freeze_reasons"]) == ("frozen", ["by_the_bank", "customer_request"]), seen
+    assert "compliance_review" not in str(mine) + str(listed)

@@ -237,6 +237,21 @@ def _sees_every_account(me: Principal) -> bool:
     return LEDGER_POST in me.roles or LEDGER_READ in me.roles
 
 
+# Freezes a customer is not told the reason of: the subject of an anti-money-laundering
+# review must not learn of it (tipping off). She learns that the bank froze the account,
+# and asks the bank why.
+_UNDISCLOSED_FREEZES = {FreezeReason.COMPLIANCE_REVIEW.value: "by_the_bank"}
+
+
+def _as_seen_by(me: Principal, account: dict) -> dict:
+    """The account as the caller may see it: staff and services whole, its customer without
+    the reasons the bank keeps to itself."""
+    if _sees_every_account(me):
+        return account
+    return {**account, "freeze_reasons": sorted({_UNDISCLOSED_FREEZES.get(reason, reason)
+                                                 for reason in account["freeze_reasons"]})}
+
+
 def _access(principal):
     """The two kinds of caller: one that may move money (its token has `ledger:post`), and
     one that reads (`ledger:post`, `ledger:read`, or a customer's own token)."""
@@ -433,7 +448,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     async def get_account(account_id: UUID, me: Principal = reads):
         """Needs the role `ledger:read` or `ledger:post`, or the owner's own token (another
         customer's account answers 404, like one that does not exist)."""
-        return await visible_account(account_id, me)
+        return _as_seen_by(me, await visible_account(account_id, me))
 
     @router.get("/accounts", dependencies=QUERY_AS_DECLARED, summary="An owner's accounts, a page at a time",
                 response_model=None, responses=_answers(200, ledger_api.AccountsPage, problem_responses({
@@ -457,7 +472,8 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             accounts, next_after = await projections.accounts_of(ledger.pool, owner_id, after=cursor, limit=limit)
         except projections.UnknownCursor as unknown:
             raise Problem(422, "invalid_cursor", str(unknown)) from None
-        return {"accounts": accounts, "next_cursor": str(next_after) if next_after else None}
+        return {"accounts": [_as_seen_by(me, account) for account in accounts],
+                "next_cursor": str(next_after) if next_after else None}
 
     @router.get("/accounts/{account_id}/balance", dependencies=QUERY_AS_DECLARED, summary="An account's balance",
                 response_model=None,
