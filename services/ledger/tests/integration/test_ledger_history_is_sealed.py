@@ -117,9 +117,9 @@ async def _up(sealer) -> bool:
     return True
 
 
-async def test_a_transfers_amounts_changed_on_both_legs_break_no_rule_but_its_seal(ledger):
-    # 300 instead of 100 on both sides: legs still sum to zero, and the cover-up makes every
-    # balance, entry and statement agree with the forged event.
+async def spend_a_inflated_and_covered_up(ledger) -> None:
+    """Alice's card spending twice, then 'spend-a' forged from 100 to 300 on both legs, and
+    everything derived made to agree with it."""
     await card_spending_twice(ledger)
 
     def inflated(state):
@@ -127,6 +127,12 @@ async def test_a_transfers_amounts_changed_on_both_legs_break_no_rule_but_its_se
             leg["amount_minor"] = 300 if leg["amount_minor"] > 0 else -300
     await rewrite(ledger, Transfer.id_for("spend-a"), inflated)
     await cover_up(ledger)
+
+
+async def test_a_transfers_amounts_changed_on_both_legs_break_no_rule_but_its_seal(ledger):
+    # 300 instead of 100 on both sides: legs still sum to zero, and the cover-up makes every
+    # balance, entry and statement agree with the forged event.
+    await spend_a_inflated_and_covered_up(ledger)
     failed = await failed_checks(ledger)
     assert list(failed) == [SEALED]
     assert "are not those sealed" in failed[SEALED] and "one was changed, deleted or slipped in" in failed[SEALED]
@@ -181,13 +187,7 @@ async def test_an_auditor_checks_the_seals_with_the_public_key_the_bank_gave_alo
 async def test_a_forger_who_recomputes_the_chain_after_his_change_is_caught_by_the_signatures(ledger):
     # The chain is plain SHA-256: anyone can recompute it over forged events and write the
     # new links into the seals. Only the seal key could sign them.
-    await card_spending_twice(ledger)
-
-    def inflated(state):
-        for leg in state["legs"]:
-            leg["amount_minor"] = 300 if leg["amount_minor"] > 0 else -300
-    await rewrite(ledger, Transfer.id_for("spend-a"), inflated)
-    await cover_up(ledger)
+    await spend_a_inflated_and_covered_up(ledger)
     table = events_table(ledger.parts.app.recorder)
     async with ledger.parts.pool.acquire() as connection, connection.transaction():
         for guard in append_only.GUARDS:
