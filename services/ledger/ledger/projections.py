@@ -59,6 +59,8 @@ ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS requested_by text;
 -- Why an account is frozen (every freeze not lifted yet) or was closed.
 ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS freeze_reasons text[] NOT NULL DEFAULT '{}';
 ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS close_reason text;
+-- An account frozen before freezes had reasons (none else is frozen without one): as its events replay.
+UPDATE ledger_accounts SET freeze_reasons = '{not_recorded}' WHERE state = 'frozen' AND freeze_reasons = '{}';
 CREATE TABLE IF NOT EXISTS ledger_holds (
     hold_id text PRIMARY KEY,
     debit_account_id uuid NOT NULL,

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from ledger import projections
 from services.ledger.tests.integration.ledger_support import failed_checks, open_account, transfer_body
 
 pytestmark = pytest.mark.integration
@@ -66,3 +67,13 @@ async def test_a_closed_account_says_why_and_verify_finds_a_reason_rewritten_in_
     failed = await failed_checks(ledger)
     problems = next(detail for name, detail in failed.items() if "close_reason" in detail)
     assert f"account {card}" in problems and f"account {frozen}" in problems and "freeze_reasons" in problems
+
+
+async def test_a_read_model_from_before_reasons_shows_its_frozen_accounts_frozen_for_a_reason_not_recorded(ledger):
+    # As the events of such a freeze replay (the domain's rule, tested on its own): any unfreeze lifts it.
+    frozen, open_ = await open_account(ledger), await open_account(ledger)
+    await act(ledger, frozen, "freeze", {"reason": "fraud_suspected"})
+    await ledger.parts.pool.execute("UPDATE ledger_accounts SET freeze_reasons = '{}'")  # as the ledger left it then
+    await projections.ensure_schema(ledger.parts.pool)  # at the next start
+    assert (await ledger.get(f"/accounts/{frozen}")).json()["freeze_reasons"] == ["not_recorded"]
+    assert (await ledger.get(f"/accounts/{open_}")).json()["freeze_reasons"] == []
