@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-# The slowest test takes under a minute on 2 cores. The setting is for the watchdog's own test.
+# The slowest test takes about 70 s on 2 cores, when it fails. The setting is for the watchdog's own test.
 TEST_TIME_MAX_S = float(os.environ.get("KABINET_TEST_TIME_MAX_S", "300"))
 TASKS_SHOWN_MAX = 200
 FRAMES_SHOWN_PER_TASK = 20
