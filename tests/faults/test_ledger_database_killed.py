@@ -7,6 +7,7 @@ read model, relay) without being restarted, and `kabinet ledger verify` passes."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import signal
@@ -52,6 +53,18 @@ CRASH_ATTEMPTS_MAX = 3
 def server_processes(postgres: EmbeddedPostgres) -> list[psutil.Process]:
     postmaster = psutil.Process(int((postgres.data_dir / "postmaster.pid").read_text().split()[0]))
     return [postmaster, *postmaster.children(recursive=True)]
+
+
+def the_wal_writer(postgres: EmbeddedPostgres) -> psutil.Process:
+    """The server's WAL writer. A backend whose client just went may be a zombie for a moment,
+    without a command line to read (ZombieProcess is a NoSuchProcess): it is not the writer."""
+    writers = []
+    for process in server_processes(postgres):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "walwriter" in " ".join(process.cmdline()):
+                writers.append(process)
+    [writer] = writers
+    return writer
 
 
 def kill_9(postgres: EmbeddedPostgres) -> None:
@@ -220,7 +233,7 @@ async def test_history_shows_a_transfer_whose_read_model_write_the_database_cras
                 posted_ids: list[str] = []
                 for attempt in range(CRASH_ATTEMPTS_MAX):
                     # Nor the WAL writer, which flushes an asynchronous commit within moments: the crash comes first.
-                    wal_writer, = (p for p in server_processes(postgres) if "walwriter" in " ".join(p.cmdline()))
+                    wal_writer = the_wal_writer(postgres)
                     wal_writer.send_signal(signal.SIGSTOP)
                     transfer_id = f"last-before-crash-{attempt}"
                     posted = await until_answered(lambda transfer_id=transfer_id: client.post("/transfers", json={
