@@ -20,6 +20,7 @@ import pytest
 from kabinet_chassis.devstack.ports import free_port
 from kabinet_chassis.ed25519_keys import new_private_pem
 from kabinet_chassis.topology import GATEWAY_PORT, service_url
+from tests.support.processes import command_line
 
 pytestmark = pytest.mark.e2e
 
@@ -209,7 +210,7 @@ def test_kabinet_up_stops_everything_and_fails_when_a_service_dies(tmp_path: Pat
     try:
         assert gateway_url, "".join(output)
         descendants = psutil.Process(process.pid).children(recursive=True)
-        [ledger] = [child for child in descendants if "ledger.service:create_app" in " ".join(child.cmdline())]
+        [ledger] = [child for child in descendants if "ledger.service:create_app" in command_line(child)]
         ledger.kill()  # as an out-of-memory kill would
         rest = process.communicate(timeout=60)[0]
     finally:

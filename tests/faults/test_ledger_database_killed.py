@@ -7,7 +7,6 @@ read model, relay) without being restarted, and `kabinet ledger verify` passes."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import signal
@@ -37,6 +36,7 @@ from tests.faults.ledger_processes import (
     until_answered,
     verified,
 )
+from tests.support.processes import command_line
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -56,14 +56,7 @@ def server_processes(postgres: EmbeddedPostgres) -> list[psutil.Process]:
 
 
 def the_wal_writer(postgres: EmbeddedPostgres) -> psutil.Process:
-    """The server's WAL writer. A backend whose client just went may be a zombie for a moment,
-    without a command line to read (ZombieProcess is a NoSuchProcess): it is not the writer."""
-    writers = []
-    for process in server_processes(postgres):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if "walwriter" in " ".join(process.cmdline()):
-                writers.append(process)
-    [writer] = writers
+    [writer] = [process for process in server_processes(postgres) if "walwriter" in command_line(process)]
     return writer
 
 
