@@ -17,7 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
-from ledger.domain.account import frozen_for, unfrozen_for
+from ledger.domain.account import freezes_after
 from ledger.integration import stored_later
 
 SCHEMA = """
@@ -139,13 +139,12 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                 event.originator_id, event.owner_id, str(event.kind), event.currency, event.credit_limit_minor, event.timestamp,
             )
         elif kind in ("Account.Frozen", "Account.Unfrozen"):
-            change = frozen_for if kind == "Account.Frozen" else unfrozen_for
             reasons = await connection.fetchval(
                 "SELECT freeze_reasons FROM ledger_accounts WHERE account_id = $1", event.originator_id)
-            left = change(tuple(reasons or ()), vars(event).get("reason"))  # None: stored before freezes had reasons
+            left, state = freezes_after(event, tuple(reasons or ()))
             await connection.execute(
                 "UPDATE ledger_accounts SET state = $2, freeze_reasons = $3, updated_at = $4 WHERE account_id = $1",
-                event.originator_id, "frozen" if left else "open", list(left), event.timestamp,
+                event.originator_id, state, list(left), event.timestamp,
             )
         elif kind == "Account.Closed":
             await connection.execute(

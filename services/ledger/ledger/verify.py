@@ -61,7 +61,7 @@ from kabinet_chassis.eventstore import events_table
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger.application import LedgerApplication
-from ledger.domain.account import frozen_for, unfrozen_for
+from ledger.domain.account import freezes_after
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from ledger.integration import SOURCE, stored_later
@@ -394,9 +394,7 @@ class _Replay:
             if kind == "Account.CreditLimitSet":
                 account.credit_limit_minor = event.credit_limit_minor
             elif kind in ("Account.Frozen", "Account.Unfrozen"):
-                change = frozen_for if kind == "Account.Frozen" else unfrozen_for
-                account.freeze_reasons = change(account.freeze_reasons, vars(event).get("reason"))
-                account.state = "frozen" if account.freeze_reasons else "open"
+                account.freeze_reasons, account.state = freezes_after(event, account.freeze_reasons)
             elif kind == "Account.Closed":
                 account.state, account.close_reason = "closed", vars(event).get("reason")
             account.updated_at = event.timestamp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate, event
@@ -57,6 +58,20 @@ def unfrozen_for(reasons: tuple[str, ...], reason: str | None) -> tuple[str, ...
     """The freezes left after an Unfrozen event of `reason`: it lifts its own and one older
     than reasons; one stored before reasons were (None) lifted the only freeze there was."""
     return () if reason is None else tuple(r for r in reasons if r not in (reason, FREEZE_REASON_NOT_RECORDED))
+
+
+def state_with(freeze_reasons: tuple[str, ...]) -> str:
+    """An account's state while it is not closed: frozen exactly while a freeze is left."""
+    return (AccountState.FROZEN if freeze_reasons else AccountState.OPEN).value
+
+
+def freezes_after(event: Any, freeze_reasons: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """The freezes left, and the account's state, after its Frozen or Unfrozen event: what
+    the read model and verify apply, as the aggregate does (an event stored before freezes
+    had reasons has none)."""
+    reason = vars(event).get("reason")
+    left = (frozen_for if isinstance(event, Account.Frozen) else unfrozen_for)(freeze_reasons, reason)
+    return left, state_with(left)
 
 
 class Account(Aggregate):
@@ -181,13 +196,13 @@ class Account(Aggregate):
     def _freeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None,
                 reason: str | None = None) -> None:
         self.freeze_reasons = frozen_for(self.freeze_reasons, reason)
-        self.state = AccountState.FROZEN.value
+        self.state = state_with(self.freeze_reasons)
 
     @event("Unfrozen")
     def _unfreeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None,
                   reason: str | None = None) -> None:
         self.freeze_reasons = unfrozen_for(self.freeze_reasons, reason)
-        self.state = AccountState.FROZEN.value if self.freeze_reasons else AccountState.OPEN.value
+        self.state = state_with(self.freeze_reasons)
 
     @event("Closed")
     def _close(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None,
