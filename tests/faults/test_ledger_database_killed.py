@@ -36,7 +36,7 @@ from tests.faults.ledger_processes import (
     until_answered,
     verified,
 )
-from tests.support.processes import command_line
+from tests.support.processes import command_line, postgres_server_processes, signal_each
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -50,20 +50,14 @@ RECOVERY_MAX_S = 30  # from the server back to the ledger posting, its read mode
 CRASH_ATTEMPTS_MAX = 3
 
 
-def server_processes(postgres: EmbeddedPostgres) -> list[psutil.Process]:
-    postmaster = psutil.Process(int((postgres.data_dir / "postmaster.pid").read_text().split()[0]))
-    return [postmaster, *postmaster.children(recursive=True)]
-
-
 def the_wal_writer(postgres: EmbeddedPostgres) -> psutil.Process:
-    [writer] = [process for process in server_processes(postgres) if "walwriter" in command_line(process)]
+    [writer] = [process for process in postgres_server_processes(postgres.data_dir) if "walwriter" in command_line(process)]
     return writer
 
 
 def kill_9(postgres: EmbeddedPostgres) -> None:
-    processes = server_processes(postgres)
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
+    processes = postgres_server_processes(postgres.data_dir)
+    signal_each(processes, signal.SIGKILL)
     gone, alive = psutil.wait_procs(processes, timeout=20)
     assert not alive, f"PostgreSQL processes survived SIGKILL: {alive}"
 

@@ -17,17 +17,13 @@ from kabinet_chassis import idempotency
 from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_DOWN_ERRORS
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 from ledger.service import build
+from tests.support.processes import postgres_server_processes, signal_each
 from tests.support.tokens import ledger_poster
 
 pytestmark = pytest.mark.integration
 
 # The query's own limit, then as long for the cancel on release (kabinet_chassis.databases), then some.
 ANSWER_WAIT_MAX_S = 2 * DATABASE_COMMAND_TIMEOUT_S + 10
-
-
-def server_processes(stack: EphemeralStack) -> list[psutil.Process]:
-    postmaster = psutil.Process(int((stack.postgres.data_dir / "postmaster.pid").read_text().split()[0]))
-    return [postmaster, *postmaster.children(recursive=True)]
 
 
 async def test_a_write_while_the_database_hangs_answers_503_in_bounded_time_and_its_retry_goes_through(
@@ -45,17 +41,15 @@ async def test_a_write_while_the_database_hangs_answers_503_in_bounded_time_and_
             warm_up = await client.post("/accounts", json={**body, "owner_id": "c-warm"},
                                         headers={"Idempotency-Key": str(uuid.uuid4())})
             assert warm_up.status_code == 201, warm_up.text
-            stopped = server_processes(own)
-            for process in stopped:
-                process.send_signal(signal.SIGSTOP)
+            stopped = postgres_server_processes(own.postgres.data_dir)
+            signal_each(stopped, signal.SIGSTOP)
             try:
                 started = time.monotonic()
                 answer = await asyncio.wait_for(client.post("/accounts", json=body, headers=headers),
                                                 ANSWER_WAIT_MAX_S)
                 waited_s = time.monotonic() - started
             finally:
-                for process in stopped:
-                    process.send_signal(signal.SIGCONT)
+                signal_each(stopped, signal.SIGCONT)
             assert answer.status_code == 503 and "Retry-After" in answer.headers, answer.text
             assert answer.headers["content-type"].startswith("application/problem+json")
             assert waited_s < ANSWER_WAIT_MAX_S
@@ -92,9 +86,8 @@ async def test_verify_against_a_database_that_hangs_gives_up_in_bounded_time_ins
         read_model_wait = verify_module._wait_for_read_model
 
         async def database_hangs_once_connected(connection, position):
-            stopped.extend(server_processes(own))  # verify's own backends included: forked as it connected
-            for process in stopped:
-                process.send_signal(signal.SIGSTOP)
+            stopped.extend(postgres_server_processes(own.postgres.data_dir))  # verify's backends too: forked as it connected
+            signal_each(stopped, signal.SIGSTOP)
             await read_model_wait(connection, position)
 
         monkeypatch.setattr(verify_module, "_wait_for_read_model", database_hangs_once_connected)
@@ -108,7 +101,6 @@ async def test_verify_against_a_database_that_hangs_gives_up_in_bounded_time_ins
             with pytest.raises(DATABASE_DOWN_ERRORS):
                 verifying.result()
         finally:
-            for process in stopped:
-                process.send_signal(signal.SIGCONT)
+            signal_each(stopped, signal.SIGCONT)
             app.close()
     assert gave_up_after_s < 30, f"verify gave up only after {gave_up_after_s:.0f} s"
