@@ -12,7 +12,7 @@ from pydantic import BaseModel, create_model
 from kabinet_contracts.asyncapi import asyncapi_document
 from kabinet_contracts.ledger import LEDGER_TOPIC
 from kabinet_contracts.registry import REGISTRY, EventRegistry, EventType
-from ledger.integration import _PUBLIC_NAMES
+from ledger.integration import PUBLISHED_AS
 
 
 def published_document() -> dict:
@@ -109,8 +109,8 @@ def test_the_ledger_publishes_exactly_the_event_types_its_asyncapi_channel_docum
     """What subscribers and analysts read off the document is what arrives: a domain event
     mapped to a public type the document lacks, or a documented type nothing publishes,
     fails here, whether or not an integration test happens to produce it."""
-    published = set(_PUBLIC_NAMES.values())
-    assert len(published) == len(_PUBLIC_NAMES), "two domain events are published as one type"
+    published = {name for name, _ in PUBLISHED_AS.values()}
+    assert len(published) == len(PUBLISHED_AS), "two domain events are published as one type"
     registered = {event_type.name for event_type in REGISTRY.all() if event_type.topic == LEDGER_TOPIC}
     document = asyncapi_document(REGISTRY)
     channel = document["channels"][LEDGER_TOPIC.replace(".", "_")]
@@ -118,3 +118,14 @@ def test_the_ledger_publishes_exactly_the_event_types_its_asyncapi_channel_docum
     assert published - documented == set(), "published, but not in the AsyncAPI document"
     assert documented - published == set(), "in the AsyncAPI document, but no domain event is published as it"
     assert registered == documented
+
+
+def test_the_ledger_publishes_each_type_at_its_newest_documented_version():
+    """A consumer upgraded to the newest version of the document reads what the ledger sends
+    now; older versions stay documented for the records of them already on the topic."""
+    newest: dict[str, int] = {}
+    for event_type in REGISTRY.all():
+        if event_type.topic == LEDGER_TOPIC:
+            newest[event_type.name] = max(newest.get(event_type.name, 0), event_type.schema_version)
+    assert dict(PUBLISHED_AS.values()) == newest
+

@@ -59,11 +59,12 @@ def message_errors(record) -> list[str]:
     channel = DOCUMENT["channels"][LEDGER_TOPIC.replace(".", "_")]
     headers = {name: value.decode() for name, value in record.headers}
     envelope = json.loads(record.value)
-    by_name = {DOCUMENT["components"]["messages"][ref.rsplit("/", 1)[1]]["name"]: ref.rsplit("/", 1)[1]
-               for ref in (m["$ref"] for m in channel["messages"].values())}
-    if envelope.get("type") not in by_name:
-        return [f"{envelope.get('type')!r} is not a message of {LEDGER_TOPIC} in the document"]
-    message = DOCUMENT["components"]["messages"][by_name[envelope["type"]]]
+    messages = [DOCUMENT["components"]["messages"][m["$ref"].rsplit("/", 1)[1]] for m in channel["messages"].values()]
+    by_type = {(m["name"], m["payload"]["allOf"][1]["properties"]["schema_version"]["const"]): m for m in messages}
+    message = by_type.get((envelope.get("type"), envelope.get("schema_version")))
+    if message is None:
+        return [f"{envelope.get('type')!r} v{envelope.get('schema_version')} is not a message of {LEDGER_TOPIC}"
+                " in the document"]
     return [f"headers {error}" for error in schema_errors(headers, message["headers"])] + schema_errors(
         envelope, message["payload"])
 
@@ -174,6 +175,10 @@ async def test_every_published_ledger_message_is_one_the_asyncapi_document_descr
     # Private to the ledger: its class paths, request fingerprints, and refusals.
     assert not [r.value for r in records if b"ledger.domain" in r.value or b"fingerprint" in r.value]
     assert not [e for e in envelopes if ids["refused"] in json.dumps(e)], "a refused transfer was published"
+    # Why, and whether the card is still frozen: what cards and notifications act on.
+    [unfrozen] = of_type(records, "ledger.account_unfrozen")
+    assert (unfrozen["schema_version"], unfrozen["payload"]) == (
+        2, {"account_id": ids["card"], "reason": "fraud_suspected", "freezes_left": []})
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
@@ -62,18 +63,52 @@ class AccountCreditLimitSet(_Payload):
     credit_limit_minor: int
 
 
-@register("ledger.account_frozen", 1, LEDGER_TOPIC, "An account was frozen: no debits until unfrozen.")
+# A freeze's reason as published: a FreezeReason, or not_recorded for one made before freezes
+# named theirs. compliance_review is the bank's to know: a message to the customer must not
+# name it (tipping-off rules); the ledger's API shows it to her as by_the_bank.
+PublishedFreezeReason = FreezeReason | Literal["not_recorded"]
+assert FREEZE_REASON_NOT_RECORDED == "not_recorded"
+
+
+@register("ledger.account_frozen", 2, LEDGER_TOPIC,
+          "An account was frozen for a reason: no debits and no new holds while any freeze is left.")
 class AccountFrozen(_Payload):
+    account_id: str
+    reason: PublishedFreezeReason
+    # Every freeze on the account after this one, sorted. None only for a freeze stored
+    # before the ledger recorded them (development ledgers of 2026-11-25).
+    freezes_left: list[PublishedFreezeReason] | None
+
+
+@register("ledger.account_unfrozen", 2, LEDGER_TOPIC,
+          "One freeze of an account was lifted: the account is open again once no freeze is left.")
+class AccountUnfrozen(_Payload):
+    account_id: str
+    reason: PublishedFreezeReason  # the freeze lifted; not_recorded: an unfreeze made before freezes named theirs
+    freezes_left: list[PublishedFreezeReason] | None  # as in AccountFrozen: empty means open
+
+
+@register("ledger.account_closed", 2, LEDGER_TOPIC, "An account with zero balance and no holds was closed, for a reason.")
+class AccountClosed(_Payload):
+    account_id: str
+    reason: CloseReason | None  # None: closed before closings named their reason
+
+
+# Version 1 of the three, published until 2026-11-26, without reasons: records of it stay
+# on the topic, and an analyst replaying it reads both.
+
+@register("ledger.account_frozen", 1, LEDGER_TOPIC, "An account was frozen: no debits until unfrozen.")
+class AccountFrozenV1(_Payload):
     account_id: str
 
 
 @register("ledger.account_unfrozen", 1, LEDGER_TOPIC, "A frozen account was unfrozen.")
-class AccountUnfrozen(_Payload):
+class AccountUnfrozenV1(_Payload):
     account_id: str
 
 
 @register("ledger.account_closed", 1, LEDGER_TOPIC, "An account with zero balance and no holds was closed.")
-class AccountClosed(_Payload):
+class AccountClosedV1(_Payload):
     account_id: str
 
 

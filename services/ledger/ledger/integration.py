@@ -19,12 +19,14 @@ from kabinet_contracts.envelope import IntegrationEvent, event_id_for
 
 SOURCE = "ledger"
 
-_PUBLIC_NAMES = {
-    "Account.Opened": "ledger.account_opened", "Account.CreditLimitSet": "ledger.account_credit_limit_set",
-    "Account.Frozen": "ledger.account_frozen",
-    "Account.Unfrozen": "ledger.account_unfrozen", "Account.Closed": "ledger.account_closed",
-    "Transfer.Posted": "ledger.transfer_posted", "Hold.Placed": "ledger.hold_placed",
-    "Hold.Captured": "ledger.hold_captured", "Hold.Voided": "ledger.hold_voided", "Hold.Expired": "ledger.hold_expired",
+# Each published domain event: its public type and the schema version published now.
+PUBLISHED_AS: dict[str, tuple[str, int]] = {
+    "Account.Opened": ("ledger.account_opened", 1), "Account.CreditLimitSet": ("ledger.account_credit_limit_set", 1),
+    "Account.Frozen": ("ledger.account_frozen", 2), "Account.Unfrozen": ("ledger.account_unfrozen", 2),
+    "Account.Closed": ("ledger.account_closed", 2),
+    "Transfer.Posted": ("ledger.transfer_posted", 1), "Hold.Placed": ("ledger.hold_placed", 1),
+    "Hold.Captured": ("ledger.hold_captured", 1), "Hold.Voided": ("ledger.hold_voided", 1),
+    "Hold.Expired": ("ledger.hold_expired", 1),
 }
 
 
@@ -51,11 +53,20 @@ def _transfer_customer(event: Any) -> str | None:
     return next((c for c in map(_customer, named) if c is not None), None)
 
 
+def _freezes_left(event: Any) -> list[str] | None:
+    """The freezes a Frozen or Unfrozen event left, as it recorded them. One stored before
+    freezes had reasons left exactly one (its own) or none; one stored after that but before
+    the list was recorded left an unknown set (None)."""
+    if stored_later(event, "reason") is None:
+        return [public.FREEZE_REASON_NOT_RECORDED] if type(event).__qualname__ == "Account.Frozen" else []
+    return stored_later(event, "freezes_left")
+
+
 def to_integration(event: Any, position: int) -> IntegrationEvent | None:
     kind = type(event).__qualname__
-    name = _PUBLIC_NAMES.get(kind)
-    if name is None:
+    if kind not in PUBLISHED_AS:
         return None
+    name, schema_version = PUBLISHED_AS[kind]
     occurred_at = event.timestamp  # the writer's batch time (domain/account.py), as statements have it
     payload: Any
     if kind == "Account.Opened":
@@ -76,14 +87,13 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
         payload = public.AccountCreditLimitSet(account_id=str(event.originator_id),
                                                credit_limit_minor=event.credit_limit_minor)
         customer_id = _customer(stored_later(event, "customer_id"))
-    elif kind == "Account.Frozen":
-        payload = public.AccountFrozen(account_id=str(event.originator_id))
-        customer_id = _customer(stored_later(event, "customer_id"))
-    elif kind == "Account.Unfrozen":
-        payload = public.AccountUnfrozen(account_id=str(event.originator_id))
+    elif kind in ("Account.Frozen", "Account.Unfrozen"):
+        payload = (public.AccountFrozen if kind == "Account.Frozen" else public.AccountUnfrozen)(
+            account_id=str(event.originator_id), reason=stored_later(event, "reason") or public.FREEZE_REASON_NOT_RECORDED,
+            freezes_left=_freezes_left(event))
         customer_id = _customer(stored_later(event, "customer_id"))
     elif kind == "Account.Closed":
-        payload = public.AccountClosed(account_id=str(event.originator_id))
+        payload = public.AccountClosed(account_id=str(event.originator_id), reason=stored_later(event, "reason"))
         customer_id = _customer(stored_later(event, "customer_id"))
     elif kind == "Hold.Placed":
         payload = public.HoldPlaced(
@@ -107,7 +117,7 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
                                      currency=stored_later(event, "currency"))
         customer_id = _customer(stored_later(event, "debit_customer_id"))
     return IntegrationEvent(
-        event_id=event_id_for(SOURCE, position), type=name, schema_version=1, source=SOURCE, position=position,
+        event_id=event_id_for(SOURCE, position), type=name, schema_version=schema_version, source=SOURCE, position=position,
         aggregate_id=str(event.originator_id), aggregate_version=event.originator_version, occurred_at=occurred_at,
         customer_id=customer_id, payload=payload.model_dump(mode="json"),
     )

@@ -120,14 +120,16 @@ class Account(Aggregate):
         """Freezes stack, one per reason: freezing again for a reason it is frozen for changes nothing."""
         self.check_freeze(reason)
         if reason not in self.freeze_reasons:
-            self._freeze(reason=reason, customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
+            self._freeze(reason=reason, freezes_left=list(frozen_for(self.freeze_reasons, reason)),
+                         customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
     def unfreeze(self, reason: str, at: datetime, requested_by: str | None) -> None:
         """Lifts the freeze of `reason` (and one older than reasons); the account stays frozen
         while another is left. Lifting a freeze it does not have changes nothing."""
         self.check_freeze(reason)
         if self.lifts_a_freeze(reason):
-            self._unfreeze(reason=reason, customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
+            self._unfreeze(reason=reason, freezes_left=list(unfrozen_for(self.freeze_reasons, reason)),
+                           customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
     def lifts_a_freeze(self, reason: str) -> bool:
         return reason in self.freeze_reasons or FREEZE_REASON_NOT_RECORDED in self.freeze_reasons
@@ -192,15 +194,20 @@ class Account(Aggregate):
     # before they did lack the field (see `stored_later` in ledger/integration.py); the
     # default only lets the aggregate replay them.
 
+    # A freeze's and an unfreeze's event record the freezes left after it too, so that a
+    # subscriber (cards blocking and unblocking, notifications) knows from the event alone
+    # whether the account is still frozen. Replays fold the reasons (events stored before
+    # record no freezes_left); the recorded list is what was published.
+
     @event("Frozen")
     def _freeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None,
-                reason: str | None = None) -> None:
+                reason: str | None = None, freezes_left: list[str] | None = None) -> None:
         self.freeze_reasons = frozen_for(self.freeze_reasons, reason)
         self.state = state_with(self.freeze_reasons)
 
     @event("Unfrozen")
     def _unfreeze(self, timestamp: datetime, customer_id: str | None = None, requested_by: str | None = None,
-                  reason: str | None = None) -> None:
+                  reason: str | None = None, freezes_left: list[str] | None = None) -> None:
         self.freeze_reasons = unfrozen_for(self.freeze_reasons, reason)
         self.state = state_with(self.freeze_reasons)
 

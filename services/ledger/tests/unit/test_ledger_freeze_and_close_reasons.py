@@ -1,6 +1,7 @@
 """Rules of the bank on why accounts are frozen and closed: every freeze and every closing
 names its reason, and freezes stack, so that lifting one (the customer's own) never lifts
-another (a court's)."""
+another (a court's). Subscribers learn the reason, and whether the account is still frozen,
+from the published event alone."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountFrozen, InvalidAccount
+from ledger.integration import to_integration
 from services.ledger.tests.unit.ledger_world import World, transfer
 
 
@@ -82,3 +84,56 @@ def test_a_freeze_stored_before_freezes_had_reasons_is_lifted_by_any_unfreeze(wo
     assert account.freeze_reasons == ("not_recorded",) and account.state == "frozen"
     assert world.one(c.UnfreezeAccount(card, "customer_request")).state == "open"
     assert world.account(card).freeze_reasons == ()
+
+
+def published_since(world: World, since: int) -> list[tuple[str, int, dict]]:
+    return [(e.type, e.schema_version, e.payload) for e in
+            (to_integration(event, position) for position, event in enumerate(world.saved_events[since:], start=1))
+            if e is not None]
+
+
+def test_a_subscriber_learns_the_reason_and_the_freezes_left_from_each_published_freeze(world):
+    # Cards unblocks Alice's card on the event that leaves no freeze, not on the first unfreeze.
+    _, card = funded(world)
+    since = len(world.saved_events)
+    world.one(c.FreezeAccount(card, "customer_request", requested_by="alice"))
+    world.one(c.FreezeAccount(card, "court_order", requested_by="staff-olga"))
+    world.one(c.UnfreezeAccount(card, "customer_request", requested_by="alice"))
+    world.one(c.UnfreezeAccount(card, "court_order", requested_by="staff-olga"))
+    account_id = str(card)
+    assert published_since(world, since) == [
+        ("ledger.account_frozen", 2, {"account_id": account_id, "reason": "customer_request",
+                                      "freezes_left": ["customer_request"]}),
+        ("ledger.account_frozen", 2, {"account_id": account_id, "reason": "court_order",
+                                      "freezes_left": ["court_order", "customer_request"]}),
+        ("ledger.account_unfrozen", 2, {"account_id": account_id, "reason": "customer_request",
+                                        "freezes_left": ["court_order"]}),
+        ("ledger.account_unfrozen", 2, {"account_id": account_id, "reason": "court_order", "freezes_left": []}),
+    ]
+
+
+def test_a_published_closing_names_its_reason(world):
+    shop = world.open("card", owner="shop")
+    since = len(world.saved_events)
+    world.one(c.CloseAccount(shop, "product_ended"))
+    assert published_since(world, since) == [
+        ("ledger.account_closed", 2, {"account_id": str(shop), "reason": "product_ended"})]
+
+
+def test_freezes_and_closings_stored_before_they_had_reasons_publish_as_not_recorded(world):
+    # Republished from the start (a broker that lost its data, an analyst's replay), the old
+    # events still say what they can: a freeze left one freeze, its lifting none.
+    _, card = funded(world)
+    spare = world.open("savings")
+    account = world.account(card)
+    account._freeze(timestamp=world.now, customer_id="alice")  # as such events replay: no reason
+    account._unfreeze(timestamp=world.now, customer_id="alice")
+    closing = world.account(spare)
+    closing._close(timestamp=world.now, customer_id="alice")
+    old = [*account.collect_events(), *closing.collect_events()]
+    assert [(e.type, e.schema_version, e.payload) for e in (to_integration(event, 1) for event in old)] == [
+        ("ledger.account_frozen", 2, {"account_id": str(card), "reason": "not_recorded", "freezes_left": ["not_recorded"]}),
+        ("ledger.account_unfrozen", 2, {"account_id": str(card), "reason": "not_recorded", "freezes_left": []}),
+        ("ledger.account_closed", 2, {"account_id": str(spare), "reason": None}),
+    ]
+
