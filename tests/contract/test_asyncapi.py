@@ -128,4 +128,3 @@ def test_the_ledger_publishes_each_type_at_its_newest_documented_version():
         if event_type.topic == LEDGER_TOPIC:
             newest[event_type.name] = max(newest.get(event_type.name, 0), event_type.schema_version)
     assert dict(PUBLISHED_AS.values()) == newest
-

@@ -193,7 +193,7 @@ class Account(Aggregate):
     # without the account's opening, which may reach it later or not at all. Events stored
     # before they did lack the field (see `stored_later` in ledger/integration.py); the
     # default only lets the aggregate replay them.
-
+    #
     # A freeze's and an unfreeze's event record the freezes left after it too, so that a
     # subscriber (cards blocking and unblocking, notifications) knows from the event alone
     # whether the account is still frozen. Replays fold the reasons (events stored before

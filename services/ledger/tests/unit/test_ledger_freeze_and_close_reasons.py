@@ -120,20 +120,22 @@ def test_a_published_closing_names_its_reason(world):
         ("ledger.account_closed", 2, {"account_id": str(shop), "reason": "product_ended"})]
 
 
-def test_freezes_and_closings_stored_before_they_had_reasons_publish_as_not_recorded(world):
-    # Republished from the start (a broker that lost its data, an analyst's replay), the old
-    # events still say what they can: a freeze left one freeze, its lifting none.
+def test_freezes_and_closings_stored_before_they_had_reasons_publish_what_they_can(world):
+    # Republished from the start (a broker that lost its data, an analyst's replay), old
+    # events still say what they can: one without a reason left one freeze or, lifted, none;
+    # one with a reason but no list of freezes left says it does not know them.
     _, card = funded(world)
     spare = world.open("savings")
     account = world.account(card)
     account._freeze(timestamp=world.now, customer_id="alice")  # as such events replay: no reason
     account._unfreeze(timestamp=world.now, customer_id="alice")
+    account._freeze(timestamp=world.now, customer_id="alice", reason="court_order")  # no freezes_left
     closing = world.account(spare)
     closing._close(timestamp=world.now, customer_id="alice")
     old = [*account.collect_events(), *closing.collect_events()]
     assert [(e.type, e.schema_version, e.payload) for e in (to_integration(event, 1) for event in old)] == [
         ("ledger.account_frozen", 2, {"account_id": str(card), "reason": "not_recorded", "freezes_left": ["not_recorded"]}),
         ("ledger.account_unfrozen", 2, {"account_id": str(card), "reason": "not_recorded", "freezes_left": []}),
+        ("ledger.account_frozen", 2, {"account_id": str(card), "reason": "court_order", "freezes_left": None}),
         ("ledger.account_closed", 2, {"account_id": str(spare), "reason": None}),
     ]
-
