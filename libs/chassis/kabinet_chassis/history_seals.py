@@ -10,8 +10,9 @@ private key that never enters the database, is make the history agree with its s
   32 zero bytes;
 - a sealer (`Sealer`, one pass at a time per table: `seal_new_events`) appends a seal
   every SEAL_INTERVAL_S for the events committed since the last one: their range, how
-  many, the chain's link after the last of them, and a signature of all that by the seal
-  key, named by its key id. The seals table is append-only too.
+  many, the chain's link after the last of them, when it was made, and a signature of
+  all that (and of the events table's name) by the seal key, named by its key id. The
+  seals table is append-only too.
 
 Anyone can recompute a chain, so the signatures are what a forger cannot redo. They are
 checked with public keys only: an auditor is given those, and can check without being
@@ -36,7 +37,7 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -64,11 +65,13 @@ CHECK_PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
 PUBLIC_KEYS_MAX = 8  # the keys of past rotations a check holds
 SEAL_PUBLIC_KEYS_WHAT = "to check the history's seals with"
 GENESIS_LINK = bytes(32)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 RECEIPT_HEX_CHARS = 32  # 128 bits of a seal's link: what a receipt shows of it
 PROBLEMS_KEPT = 10  # problems the check keeps to show; it counts them all
 
 _DEV_KEY_FILE = "dev-history-seal-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
-_SIGNED_LABEL = b"kabinet history seal\x00"  # a seal's signature can be taken for no other message
+# A seal's signature can be taken for no other message. v2: the table and the time signed too.
+_SIGNED_LABEL = b"kabinet history seal v2\x00"
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {SEALS_TABLE} (
@@ -79,7 +82,7 @@ CREATE TABLE IF NOT EXISTS {SEALS_TABLE} (
     events_count integer NOT NULL,
     chain_link bytea NOT NULL,
     key_id text NOT NULL,
-    sealed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    sealed_at timestamptz NOT NULL,
     signature bytea NOT NULL,
     PRIMARY KEY (events_table, seal_no)
 )"""
@@ -122,9 +125,16 @@ def extend_chain(link: bytes, events: Iterable[Sequence[Any]]) -> bytes:
     return link
 
 
-def signed_part(seal_no: int, first_position: int, last_position: int, events_count: int, chain_link: bytes) -> bytes:
-    """What a seal's signature covers: its number, its range, its count and its link."""
-    return _SIGNED_LABEL + struct.pack(">qqqq", seal_no, first_position, last_position, events_count) + chain_link
+def signed_part(events_table: str, seal_no: int, first_position: int, last_position: int, events_count: int,
+                chain_link: bytes, sealed_at: datetime) -> bytes:
+    """What a seal's signature covers: the history it seals, its number, its range, its
+    count, its link, and when it was made (the bank's word that the history up to it was
+    this by then: an auditor's evidence of what was known when)."""
+    table = events_table.encode()
+    sealed_at_us = (sealed_at - _EPOCH) // timedelta(microseconds=1)
+    return b"".join((_SIGNED_LABEL, struct.pack(">I", len(table)), table,
+                     struct.pack(">qqqqq", seal_no, first_position, last_position, events_count, sealed_at_us),
+                     chain_link))
 
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
@@ -154,12 +164,13 @@ async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: Ed25519Pri
                 " ORDER BY notification_id LIMIT $2", after, SEAL_EVENTS_MAX)
             if not events:
                 return sealed
-            seal = (seal_no + 1, events[0]["notification_id"], events[-1]["notification_id"], len(events),
-                    await asyncio.to_thread(extend_chain, link, events))
+            # PostgreSQL keeps microseconds, as Python does: the time read back is the time signed.
+            seal = (events_table, seal_no + 1, events[0]["notification_id"], events[-1]["notification_id"],
+                    len(events), await asyncio.to_thread(extend_chain, link, events), datetime.now(UTC))
             await connection.execute(
                 f"INSERT INTO {SEALS_TABLE} (events_table, seal_no, first_position, last_position, events_count,"
-                " chain_link, key_id, signature) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                events_table, *seal, key_id(key.public_key()), key.sign(signed_part(*seal)))
+                " chain_link, sealed_at, key_id, signature) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                *seal, key_id(key.public_key()), key.sign(signed_part(*seal)))
         sealed += len(events)
         if len(events) < SEAL_EVENTS_MAX:
             return sealed
@@ -292,7 +303,7 @@ async def check_seals(connection: asyncpg.Connection, events_table: str, keys: d
             problem(f"seal {seal.seal_no}: the events at positions {after + 1}..{seal.last_position} are not those"
                     f" sealed at {seal.sealed_at.isoformat()} ({len(in_range)} now, {seal.events_count} then): one"
                     " was changed, deleted or slipped in since")
-        signature_problem = _signature_problem(seal, keys)
+        signature_problem = _signature_problem(events_table, seal, keys)
         if signature_problem is not None:
             problem(signature_problem)
         if noted is not None and seal.seal_no == noted[0] and not seal.chain_link.hex().startswith(noted[1]):
@@ -311,9 +322,9 @@ async def check_seals(connection: asyncpg.Connection, events_table: str, keys: d
     return SealCheck(problems, count, seals, last_seal, sealed, unsealed)
 
 
-def _signature_problem(seal: Seal, keys: dict[str, Ed25519PublicKey]) -> str | None:
+def _signature_problem(events_table: str, seal: Seal, keys: dict[str, Ed25519PublicKey]) -> str | None:
     """What is wrong with a seal's signature, if anything: without a good one, the seal
-    (its link, its range) may have been made by anyone who recomputed the chain."""
+    (its link, its range, its time) may have been made by anyone who recomputed the chain."""
     key = keys.get(seal.key_id)
     if seal.signature is None:
         return f"seal {seal.seal_no} is not signed (made before seals were): its link may have been recomputed by anyone"
@@ -321,8 +332,8 @@ def _signature_problem(seal: Seal, keys: dict[str, Ed25519PublicKey]) -> str | N
         return (f"seal {seal.seal_no} was signed with key {seal.key_id}, which this check does not hold (it holds"
                 f" {', '.join(keys)}): its signature is not checked")
     try:
-        key.verify(seal.signature, signed_part(seal.seal_no, seal.first_position, seal.last_position,
-                                               seal.events_count, seal.chain_link))
+        key.verify(seal.signature, signed_part(events_table, seal.seal_no, seal.first_position, seal.last_position,
+                                               seal.events_count, seal.chain_link, seal.sealed_at))
     except InvalidSignature:
         return (f"seal {seal.seal_no}'s signature is not key {seal.key_id}'s: the seal was made or changed without"
                 " the seal key")

@@ -76,7 +76,7 @@ class AccountFrozen(_Payload):
     account_id: str
     reason: PublishedFreezeReason
     # Every freeze on the account after this one, sorted. None only for a freeze stored
-    # before the ledger recorded them (development ledgers of 2026-11-25).
+    # before the ledger recorded them (only development ledgers had such freezes).
     freezes_left: list[PublishedFreezeReason] | None
 
 
@@ -94,7 +94,7 @@ class AccountClosed(_Payload):
     reason: CloseReason | None  # None: closed before closings named their reason
 
 
-# Version 1 of the three, published until 2026-11-26, without reasons: records of it stay
+# Version 1 of the three, published before they had reasons: records of it stay
 # on the topic, and an analyst replaying it reads both.
 
 @register("ledger.account_frozen", 1, LEDGER_TOPIC, "An account was frozen: no debits until unfrozen.")

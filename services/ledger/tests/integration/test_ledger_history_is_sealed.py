@@ -209,6 +209,25 @@ async def test_a_forger_who_recomputes_the_chain_after_his_change_is_caught_by_t
     assert "signature is not key" in failed[SEALED] and "without the seal key" in failed[SEALED]
 
 
+async def test_a_seal_dated_back_is_caught_by_its_signature(ledger):
+    # A seal is the bank's signed word that the history up to it was this by then: dating it
+    # back a day would claim a transfer was known earlier than it was.
+    await card_spending_twice(ledger)
+    await history_seals.seal_new_events(ledger.parts.pool, events_table(ledger.parts.app.recorder),
+                                        history_seals.seal_key_for(ledger.settings))
+    last_no = (await seals(ledger))[-1]["seal_no"]
+    async with ledger.parts.pool.acquire() as connection, connection.transaction():
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {history_seals.SEALS_TABLE} DISABLE TRIGGER {guard}")
+        await connection.execute(f"UPDATE {history_seals.SEALS_TABLE} SET sealed_at = sealed_at - interval '1 day'"
+                                 " WHERE seal_no = $1", last_no)
+        for guard in append_only.GUARDS:
+            await connection.execute(f"ALTER TABLE {history_seals.SEALS_TABLE} ENABLE ALWAYS TRIGGER {guard}")
+    failed = await failed_checks(ledger)
+    assert list(failed) == [SEALED]
+    assert f"seal {last_no}'s signature is not key" in failed[SEALED]
+
+
 async def test_after_a_key_rotation_seals_of_the_old_key_are_checked_with_it_and_new_ones_with_the_new(ledger):
     writer, table = ledger.parts.writer, events_table(ledger.parts.app.recorder)
     old_key = history_seals.seal_key_for(ledger.settings)
