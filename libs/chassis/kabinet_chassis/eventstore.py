@@ -143,10 +143,11 @@ class _BoundedConnection(psycopg.Connection):
 
 def events_table(recorder: PostgresApplicationRecorder) -> str:
     """The recorder's events table, schema-qualified and quoted, for plain SQL (asyncpg)."""
-    return f"{_quoted(recorder.datastore.schema)}.{_quoted(recorder.events_table_name)}"
+    return f"{quoted(recorder.datastore.schema)}.{quoted(recorder.events_table_name)}"
 
 
-def _quoted(identifier: str) -> str:
+def quoted(identifier: str) -> str:
+    """An SQL identifier (a schema, a table), quoted for plain SQL."""
     return '"' + identifier.replace('"', '""') + '"'
 
 

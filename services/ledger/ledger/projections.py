@@ -75,6 +75,11 @@ CREATE TABLE IF NOT EXISTS ledger_holds (
 CREATE INDEX IF NOT EXISTS ledger_holds_expiry ON ledger_holds (expires_at) WHERE state = 'active';
 """
 
+# The read model's projection (its position in projection_position) and its tables, as
+# `kabinet ledger rebuild-read-model` rebuilds them (ledger/rebuild.py).
+READ_MODEL_PROJECTION = "ledger_read_model"
+READ_MODEL_TABLES = ("ledger_accounts", "ledger_entries", "ledger_transfers", "ledger_holds")
+
 PAGE_SIZE_MAX = 200
 # The most entries one history page reads to find its lines (see `history`).
 HISTORY_SCAN_ROWS_MAX = 20_000

@@ -53,7 +53,7 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         await history_seals.ensure_schema(svc.pool)
         await projections.ensure_schema(svc.pool)
         parts.projection = LocalProjection(
-            "ledger_read_model", pool=svc.pool, recorder=app.recorder, mapper=app.mapper,
+            projections.READ_MODEL_PROJECTION, pool=svc.pool, recorder=app.recorder, mapper=app.mapper,
             apply_page=projections.apply_page, threads=svc.threads,
         )
         parts.writer = BatchedWriter(app, svc.pool, clock, on_saved=parts.projection.notify)

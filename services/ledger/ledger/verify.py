@@ -60,6 +60,7 @@ from kabinet_chassis import append_only, history_seals
 from kabinet_chassis.eventstore import events_table
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_contracts.ledger import BANK_OWNER_ID
+from ledger import projections
 from ledger.application import LedgerApplication
 from ledger.domain.account import freezes_after
 from ledger.domain.hold import Hold
@@ -567,7 +568,7 @@ async def _wait_for_read_model(connection: asyncpg.Connection, position: int) ->
     """Give the read model a bounded time to reach `position` (a live ledger keeps writing)."""
     for _ in range(int(CATCH_UP_WAIT_S / CATCH_UP_POLL_S)):
         reached = await connection.fetchval(
-            "SELECT position FROM projection_position WHERE projection = 'ledger_read_model'"
+            "SELECT position FROM projection_position WHERE projection = $1", projections.READ_MODEL_PROJECTION,
         ) or 0
         if reached >= position:
             return
@@ -623,7 +624,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
             balances = {row["account_id"]: tuple(row)[1:] for row in await connection.fetch(
                 "SELECT account_id, posted_minor, held_minor, incoming_held_minor FROM ledger_balances")}
             position = await connection.fetchval(
-                "SELECT position FROM projection_position WHERE projection = 'ledger_read_model'"
+                "SELECT position FROM projection_position WHERE projection = $1", projections.READ_MODEL_PROJECTION,
             ) or 0
             account_rows = await connection.fetch(f"SELECT account_id, {', '.join(_ACCOUNT_COLUMNS)} FROM ledger_accounts")
             hold_rows = await connection.fetch(f"SELECT hold_id, {', '.join(_HOLD_COLUMNS)} FROM ledger_holds")

@@ -1,0 +1,109 @@
+"""Rebuilding the ledger's read model from its event store, while the ledger runs.
+
+When `kabinet ledger verify` finds the read model differs from the event store (a
+projection bug since fixed, a row changed by hand), or a read model's new column needs its
+past filled in, the read model is rebuilt from the events. It is built beside the live one,
+in a schema of its own, page by page. Then one short transaction applies the events
+committed meanwhile and puts the new tables in place of the old, together with the
+projection's position. Readers never see a read model half built: until that transaction
+commits they read the old one, and the new one after it. Transfers go on posting meanwhile
+(the read model is not on their path), and the ledger's running projections carry on from
+the new position (several processes may project one read model: each skips what is stored
+already, kabinet_chassis.projection). A rebuild that fails midway changes nothing: the live
+tables are untouched and its schema is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+import asyncpg
+
+from kabinet_chassis.eventstore import events_table, quoted
+from ledger import projections
+from ledger.application import LedgerApplication
+
+REBUILD_SCHEMA = "ledger_read_model_rebuild"
+REBUILD_LOCK = "ledger_read_model_rebuild"  # one rebuild at a time
+PAGE_EVENTS = 2_000  # events applied in one transaction while building
+PAGES_MAX = 10_000_000  # 20 billion events: a limit, not an expectation
+# Rounds of catching up with the events committed while building, before the swap applies
+# the rest under the projection's lock (which holds up the live read model meanwhile).
+CATCH_UP_ROUNDS_MAX = 10
+SWAP_LOCK_TIMEOUT_S = 10  # a reader holding a live table this long fails the swap, not the readers behind it
+
+
+class RebuildRunning(Exception):
+    """Another rebuild of the read model is running."""
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    events_applied: int
+    position: int  # the log position the new read model stood at when it went live
+    took_s: float
+
+
+async def rebuild_read_model(app: LedgerApplication, database_url: str) -> Rebuilt:
+    """Build the read model again from every event, then put it live in one transaction."""
+    started = time.monotonic()
+    connection = await asyncpg.connect(database_url)
+    try:
+        if not await connection.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", REBUILD_LOCK):
+            raise RebuildRunning("another rebuild of the ledger's read model is running; wait for it to finish")
+        live = quoted(await connection.fetchval("SELECT current_schema()"))
+        building = quoted(REBUILD_SCHEMA)
+        await connection.execute(f"DROP SCHEMA IF EXISTS {building} CASCADE")  # left by a rebuild killed midway
+        await connection.execute(f"CREATE SCHEMA {building}")
+        try:
+            # The read model's tables are made and found in the building schema first; the
+            # events, balances and positions are the live ones.
+            await connection.execute(f"SET search_path = {building}, {live}")
+            await connection.execute(projections.SCHEMA)
+            position, applied = 0, 0
+            for _ in range(CATCH_UP_ROUNDS_MAX):
+                position, round_applied = await _apply_events(app, connection, position, up_to=None)
+                applied += round_applied
+                if round_applied < PAGE_EVENTS:
+                    break
+            async with connection.transaction():
+                await connection.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT_S}s'")
+                # Holds up the live projections until the new tables are in place.
+                await connection.execute(
+                    f"INSERT INTO {live}.projection_position (projection, position) VALUES ($1, 0)"
+                    " ON CONFLICT (projection) DO NOTHING", projections.READ_MODEL_PROJECTION)
+                await connection.fetchval(f"SELECT position FROM {live}.projection_position WHERE projection = $1"
+                                          " FOR UPDATE", projections.READ_MODEL_PROJECTION)
+                head = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
+                position, last_applied = await _apply_events(app, connection, position, up_to=head)
+                applied += last_applied
+                for table in projections.READ_MODEL_TABLES:
+                    await connection.execute(f"DROP TABLE {live}.{table}")
+                    await connection.execute(f"ALTER TABLE {building}.{table} SET SCHEMA {live}")
+                await connection.execute(f"UPDATE {live}.projection_position SET position = $2 WHERE projection = $1",
+                                         projections.READ_MODEL_PROJECTION, position)
+        finally:
+            await connection.execute("RESET search_path")
+            await connection.execute(f"DROP SCHEMA IF EXISTS {building} CASCADE")
+    finally:
+        await connection.close()  # frees the advisory lock with the session
+    return Rebuilt(applied, position, time.monotonic() - started)
+
+
+async def _apply_events(app: LedgerApplication, connection: asyncpg.Connection, after: int, up_to: int | None
+                        ) -> tuple[int, int]:
+    """Apply the events after position `after` (up to `up_to`, or as many as there are) to the
+    read model the connection finds first; the position reached and how many were applied."""
+    applied = 0
+    for _ in range(PAGES_MAX):
+        notifications = await anyio.to_thread.run_sync(lambda after=after: app.recorder.select_notifications(
+            start=after, limit=PAGE_EVENTS, stop=up_to, inclusive_of_start=False))
+        if not notifications:
+            break
+        page = [(notification.id, app.mapper.to_domain_event(notification)) for notification in notifications]
+        async with connection.transaction():
+            await projections.apply_page(connection, page)
+        after, applied = page[-1][0], applied + len(page)
+    return after, applied

@@ -1,0 +1,136 @@
+"""Rules of rebuilding the ledger's read model (`kabinet ledger rebuild-read-model`): a read
+model that differs from the event store is built again from the events while the ledger
+goes on posting; customers and staff reading meanwhile see the old read model or the new
+one, never one half built; and a rebuild that fails midway changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from ledger import rebuild
+from ledger.domain import commands as c
+from ledger.rebuild import REBUILD_LOCK, REBUILD_SCHEMA, rebuild_read_model
+from services.ledger.tests.integration.ledger_support import failed_checks, funded_card, run_cli
+
+pytestmark = pytest.mark.integration
+
+READ_MODEL_CHECK = "read model equals event store"
+PAYMENTS_WHILE_REBUILDING_MAX = 5_000
+
+
+async def a_month_of_alice(ledger) -> tuple[uuid.UUID, uuid.UUID]:
+    """Alice's card: funded, spent on, a hold captured in part, frozen by the bank's anti-fraud."""
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 100_000)
+    for n in range(30):
+        await writer.submit(c.PostTransfer(f"coffee-{n}", (c.Leg(card, -300, "RUB"), c.Leg(settlement, 300, "RUB")),
+                                           "card_purchase"))
+    await writer.submit(c.PlaceHold("taxi", card, settlement, 1_000, "RUB", datetime.now(UTC) + timedelta(days=1), "purchase"))
+    await writer.submit(c.CaptureHold("taxi", "clearing-1", 700))
+    await writer.submit(c.FreezeAccount(card, "fraud_suspected"))
+    await writer.submit(c.UnfreezeAccount(card, "fraud_suspected"))
+    await ledger.parts.projection.wait_for(writer.last_position)
+    return settlement, card
+
+
+async def the_read_model_damaged(ledger, card: uuid.UUID) -> None:
+    """A running balance changed by hand and a transfer deleted: verify must see both."""
+    await ledger.parts.pool.execute(
+        "UPDATE ledger_entries SET balance_after_minor = balance_after_minor + 1"
+        " WHERE account_id = $1 AND transfer_id = 'coffee-7'", card)
+    await ledger.parts.pool.execute("DELETE FROM ledger_transfers WHERE transfer_id = 'coffee-8'")
+    assert READ_MODEL_CHECK in await failed_checks(ledger)
+
+
+async def paying_until(stop: asyncio.Event, writer, settlement: uuid.UUID, card: uuid.UUID) -> int:
+    """Alice pays a rouble at a time until told to stop; how many payments were posted."""
+    for n in itertools.count():
+        if stop.is_set() or n >= PAYMENTS_WHILE_REBUILDING_MAX:
+            return n
+        await writer.submit(c.PostTransfer(f"meanwhile-{n}", (c.Leg(card, -1, "RUB"), c.Leg(settlement, 1, "RUB")), "p2p"))
+    raise AssertionError("unreachable")
+
+
+async def test_a_damaged_read_model_is_rebuilt_from_the_events_while_payments_go_on(ledger, monkeypatch):
+    settlement, card = await a_month_of_alice(ledger)
+    await the_read_model_damaged(ledger, card)
+    stop = asyncio.Event()
+    paying = asyncio.create_task(paying_until(stop, ledger.parts.writer, settlement, card))
+    try:
+        result = await run_cli(ledger, monkeypatch, "rebuild-read-model")
+    finally:
+        stop.set()
+        paid_meanwhile = await paying
+    assert result.exit_code == 0, result.output
+    assert "rebuilt the read model from" in result.output
+    assert paid_meanwhile > 0, "no payment was posted while the read model was rebuilt"
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+
+    assert await failed_checks(ledger) == {}
+    # The running ledger reads the new tables (its prepared statements named the old ones).
+    history = await ledger.get(f"/accounts/{card}/history", params={"limit": 200})
+    assert history.status_code == 200, history.text
+    lines = history.json()["lines"]
+    assert lines[0]["balance_after_minor"] == 100_000 - 30 * 300 - 700 - paid_meanwhile  # newest first
+    assert (await ledger.get("/transfers/coffee-8")).status_code == 200
+    assert await ledger.parts.pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", REBUILD_SCHEMA) == 0
+
+
+async def test_customers_reading_during_a_rebuild_see_the_old_read_model_or_the_new_never_half_of_one(ledger,
+                                                                                                      monkeypatch):
+    settlement, card = await a_month_of_alice(ledger)
+    monkeypatch.setattr(rebuild, "PAGE_EVENTS", 5)  # many small pages: reads fall between them
+    before = (await ledger.get(f"/accounts/{card}/history", params={"limit": 200})).json()["lines"]
+    rebuilding = asyncio.create_task(rebuild_read_model(ledger.parts.app, ledger.settings.service_database_url))
+    answers = 0
+    while not rebuilding.done():
+        account = await ledger.get(f"/accounts/{card}")
+        history = await ledger.get(f"/accounts/{card}/history", params={"limit": 200})
+        assert account.status_code == 200 and account.json()["owner_id"] == "alice", account.text
+        assert history.status_code == 200 and history.json()["lines"] == before, history.text
+        answers += 1
+        await asyncio.sleep(0)
+    rebuilt = await rebuilding
+    assert answers > 1, "the rebuild ended before a read came between its pages"
+    assert rebuilt.position == ledger.parts.writer.last_position
+    assert (await ledger.get(f"/accounts/{card}/history", params={"limit": 200})).json()["lines"] == before
+
+
+async def test_a_rebuild_that_fails_midway_changes_nothing(ledger, monkeypatch):
+    _, card = await a_month_of_alice(ledger)
+    await the_read_model_damaged(ledger, card)
+    entries_before = await ledger.parts.pool.fetch("SELECT * FROM ledger_entries ORDER BY position, seq")
+    apply_page, pages = rebuild.projections.apply_page, itertools.count(1)
+
+    async def fails_on_the_third_page(connection, page):
+        if next(pages) == 3:
+            raise asyncpg.DiskFullError("could not extend file: No space left on device")
+        await apply_page(connection, page)
+
+    monkeypatch.setattr(rebuild, "PAGE_EVENTS", 5)
+    monkeypatch.setattr(rebuild.projections, "apply_page", fails_on_the_third_page)
+    with pytest.raises(asyncpg.DiskFullError):
+        await rebuild_read_model(ledger.parts.app, ledger.settings.service_database_url)
+
+    assert await ledger.parts.pool.fetch("SELECT * FROM ledger_entries ORDER BY position, seq") == entries_before
+    assert await ledger.parts.pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", REBUILD_SCHEMA) == 0
+    monkeypatch.setattr(rebuild.projections, "apply_page", apply_page)
+    await rebuild_read_model(ledger.parts.app, ledger.settings.service_database_url)  # the lock went with it
+    assert await failed_checks(ledger) == {}
+
+
+async def test_a_second_rebuild_while_one_runs_is_refused_exit_1(ledger, monkeypatch):
+    holder = await asyncpg.connect(ledger.settings.service_database_url)
+    try:
+        assert await holder.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", REBUILD_LOCK)
+        result = await run_cli(ledger, monkeypatch, "rebuild-read-model")
+    finally:
+        await holder.close()
+    assert result.exit_code == 1, result.output
+    assert "another rebuild of the ledger's read model is running" in result.output
