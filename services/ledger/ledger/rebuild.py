@@ -15,6 +15,7 @@ tables are untouched and its schema is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -32,7 +33,9 @@ PAGES_MAX = 10_000_000  # 20 billion events: a limit, not an expectation
 # Rounds of catching up with the events committed while building, before the swap applies
 # the rest under the projection's lock (which holds up the live read model meanwhile).
 CATCH_UP_ROUNDS_MAX = 10
-SWAP_LOCK_TIMEOUT_S = 10  # a reader holding a live table this long fails the swap, not the readers behind it
+# A reader holding a live table this long fails the swap (tried again), not the readers queued behind it.
+SWAP_LOCK_TIMEOUT_S = 10
+SWAP_ATTEMPTS_MAX = 3
 
 
 class RebuildRunning(Exception):
@@ -68,28 +71,44 @@ async def rebuild_read_model(app: LedgerApplication, database_url: str) -> Rebui
                 applied += round_applied
                 if round_applied < PAGE_EVENTS:
                     break
-            async with connection.transaction():
-                await connection.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT_S}s'")
-                # Holds up the live projections until the new tables are in place.
-                await connection.execute(
-                    f"INSERT INTO {live}.projection_position (projection, position) VALUES ($1, 0)"
-                    " ON CONFLICT (projection) DO NOTHING", projections.READ_MODEL_PROJECTION)
-                await connection.fetchval(f"SELECT position FROM {live}.projection_position WHERE projection = $1"
-                                          " FOR UPDATE", projections.READ_MODEL_PROJECTION)
-                head = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
-                position, last_applied = await _apply_events(app, connection, position, up_to=head)
-                applied += last_applied
-                for table in projections.READ_MODEL_TABLES:
-                    await connection.execute(f"DROP TABLE {live}.{table}")
-                    await connection.execute(f"ALTER TABLE {building}.{table} SET SCHEMA {live}")
-                await connection.execute(f"UPDATE {live}.projection_position SET position = $2 WHERE projection = $1",
-                                         projections.READ_MODEL_PROJECTION, position)
-        finally:
-            await connection.execute("RESET search_path")
-            await connection.execute(f"DROP SCHEMA IF EXISTS {building} CASCADE")
+            for attempt in range(1, SWAP_ATTEMPTS_MAX + 1):
+                try:
+                    position, last_applied = await _swap(app, connection, live, building, position)
+                    break
+                except asyncpg.LockNotAvailableError:
+                    if attempt == SWAP_ATTEMPTS_MAX:
+                        raise
+            applied += last_applied
+        except BaseException:
+            with contextlib.suppress(Exception):  # the database may be what failed: the next rebuild drops it
+                await connection.execute(f"DROP SCHEMA IF EXISTS {building} CASCADE")
+            raise
+        await connection.execute(f"DROP SCHEMA {building}")  # empty now
     finally:
         await connection.close()  # frees the advisory lock with the session
     return Rebuilt(applied, position, time.monotonic() - started)
+
+
+async def _swap(app: LedgerApplication, connection: asyncpg.Connection, live: str, building: str, position: int
+                ) -> tuple[int, int]:
+    """In one transaction: the events committed since `position` applied to the new tables,
+    which then replace the live ones, with the projection's position. The position reached
+    and how many events it applied."""
+    async with connection.transaction():
+        await connection.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT_S}s'")
+        # Holds up the live projections until the new tables are in place.
+        await connection.execute(f"INSERT INTO {live}.projection_position (projection, position) VALUES ($1, 0)"
+                                 " ON CONFLICT (projection) DO NOTHING", projections.READ_MODEL_PROJECTION)
+        await connection.fetchval(f"SELECT position FROM {live}.projection_position WHERE projection = $1 FOR UPDATE",
+                                  projections.READ_MODEL_PROJECTION)
+        head = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
+        position, applied = await _apply_events(app, connection, position, up_to=head)
+        for table in projections.READ_MODEL_TABLES:
+            await connection.execute(f"DROP TABLE {live}.{table}")
+            await connection.execute(f"ALTER TABLE {building}.{table} SET SCHEMA {live}")
+        await connection.execute(f"UPDATE {live}.projection_position SET position = $2 WHERE projection = $1",
+                                 projections.READ_MODEL_PROJECTION, position)
+    return position, applied
 
 
 async def _apply_events(app: LedgerApplication, connection: asyncpg.Connection, after: int, up_to: int | None

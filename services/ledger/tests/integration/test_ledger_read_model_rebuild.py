@@ -134,3 +134,21 @@ async def test_a_second_rebuild_while_one_runs_is_refused_exit_1(ledger, monkeyp
         await holder.close()
     assert result.exit_code == 1, result.output
     assert "another rebuild of the ledger's read model is running" in result.output
+
+
+async def test_a_long_read_holding_up_the_swap_delays_the_rebuild_and_does_not_fail_it(ledger, monkeypatch):
+    # A staff report reading every entry for longer than the swap waits for its lock: the
+    # swap gives up at once, so the readers queued behind it are not held up, and tries again.
+    await a_month_of_alice(ledger)
+    monkeypatch.setattr(rebuild, "SWAP_LOCK_TIMEOUT_S", 1)
+    report = await asyncpg.connect(ledger.settings.service_database_url)
+    try:
+        reading = report.transaction()
+        await reading.start()
+        await report.fetchval("SELECT count(*) FROM ledger_entries")  # its lock lasts until the transaction ends
+        asyncio.get_running_loop().call_later(1.5, lambda: asyncio.ensure_future(reading.commit()))
+        rebuilt = await rebuild_read_model(ledger.parts.app, ledger.settings.service_database_url)
+    finally:
+        await report.close()
+    assert rebuilt.took_s > 1.0
+    assert await failed_checks(ledger) == {}
