@@ -53,12 +53,12 @@ def _transfer_customer(event: Any) -> str | None:
     return next((c for c in map(_customer, named) if c is not None), None)
 
 
-def _freezes_left(event: Any) -> list[str] | None:
-    """The freezes a Frozen or Unfrozen event left, as it recorded them. One stored before
-    freezes had reasons left exactly one (its own) or none; one stored after that but before
-    the list was recorded left an unknown set (None)."""
+def _freezes_left(event: Any, frozen: bool) -> list[str] | None:
+    """The freezes a Frozen (`frozen`) or Unfrozen event left, as it recorded them. One stored
+    before freezes had reasons left exactly one (its own) or none; one stored after that but
+    before the list was recorded left an unknown set (None)."""
     if stored_later(event, "reason") is None:
-        return [public.FREEZE_REASON_NOT_RECORDED] if type(event).__qualname__ == "Account.Frozen" else []
+        return [public.FREEZE_REASON_NOT_RECORDED] if frozen else []
     return stored_later(event, "freezes_left")
 
 
@@ -88,9 +88,10 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
                                                credit_limit_minor=event.credit_limit_minor)
         customer_id = _customer(stored_later(event, "customer_id"))
     elif kind in ("Account.Frozen", "Account.Unfrozen"):
-        payload = (public.AccountFrozen if kind == "Account.Frozen" else public.AccountUnfrozen)(
+        frozen = kind == "Account.Frozen"
+        payload = (public.AccountFrozen if frozen else public.AccountUnfrozen)(
             account_id=str(event.originator_id), reason=stored_later(event, "reason") or public.FREEZE_REASON_NOT_RECORDED,
-            freezes_left=_freezes_left(event))
+            freezes_left=_freezes_left(event, frozen))
         customer_id = _customer(stored_later(event, "customer_id"))
     elif kind == "Account.Closed":
         payload = public.AccountClosed(account_id=str(event.originator_id), reason=stored_later(event, "reason"))
