@@ -175,6 +175,10 @@ async def test_every_published_ledger_message_is_one_the_asyncapi_document_descr
     # Private to the ledger: its class paths, request fingerprints, and refusals.
     assert not [r.value for r in records if b"ledger.domain" in r.value or b"fingerprint" in r.value]
     assert not [e for e in envelopes if ids["refused"] in json.dumps(e)], "a refused transfer was published"
+    # Whom each leg's money belongs to: Alice is told of her top-up, the bank's settlement names no one.
+    [top_up] = [e for e in of_type(records, "ledger.transfer_posted") if e["payload"]["transfer_id"] == ids["top_up"]]
+    assert [(leg["account_id"], leg["customer_id"]) for leg in top_up["payload"]["legs"]] == [
+        (ids["settlement"], None), (ids["card"], "alice")]
     # Why, and whether the card is still frozen: what cards and notifications act on.
     [unfrozen] = of_type(records, "ledger.account_unfrozen")
     assert (unfrozen["schema_version"], unfrozen["payload"]) == (

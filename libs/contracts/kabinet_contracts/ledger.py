@@ -95,7 +95,7 @@ class AccountClosed(_Payload):
 
 
 # Version 1 of the three, published before they had reasons: records of it stay
-# on the topic, and an analyst replaying it reads both.
+# on the topic, and an analyst replaying it reads both. (Likewise TransferPostedV1, below.)
 
 @register("ledger.account_frozen", 1, LEDGER_TOPIC, "An account was frozen: no debits until unfrozen.")
 class AccountFrozenV1(_Payload):
@@ -118,8 +118,30 @@ class Leg(_Payload):
     currency: str
 
 
-@register("ledger.transfer_posted", 1, LEDGER_TOPIC, "A transfer of two or more legs summing to zero was posted.")
+class PostedLeg(_Payload):
+    account_id: str
+    amount_minor: int  # positive credits the account, negative debits it
+    currency: str
+    # The customer owning the account: whom to tell "you paid" or "you were paid". None for
+    # the bank's own accounts, and for every leg of a transfer stored before legs named
+    # their customers (only development ledgers had such transfers).
+    customer_id: str | None
+
+
+@register("ledger.transfer_posted", 2, LEDGER_TOPIC,
+          "A transfer of two or more legs summing to zero was posted; each leg names its account's customer.")
 class TransferPosted(_Payload):
+    transfer_id: str
+    code: str
+    legs: list[PostedLeg]
+    external_ref: str | None
+    customer_ids: list[str]  # the client's free-form reference, as given: whom legs concern is on the legs
+    metadata: dict[str, str]
+    hold_id: str | None = None
+
+
+@register("ledger.transfer_posted", 1, LEDGER_TOPIC, "A transfer of two or more legs summing to zero was posted.")
+class TransferPostedV1(_Payload):
     transfer_id: str
     code: str
     legs: list[Leg]

@@ -7,7 +7,8 @@ Every event about a customer's account or payment names her in the envelope's
 customer_id; the bank, owner of the internal accounts, is never named there. A transfer
 names the first customer owning one of its legs' accounts: the payer if a customer pays,
 else the first customer paid; never one its client merely listed in `customer_ids`, a
-free-form reference published as given.
+free-form reference published as given. Each of its legs names its account's customer, so
+that the payee is told "you were paid" from the event alone, with no account directory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from kabinet_contracts import ledger as public
 from kabinet_contracts.envelope import IntegrationEvent, event_id_for
+from ledger.domain.transfer import customers_of
 
 SOURCE = "ledger"
 
@@ -24,7 +26,7 @@ PUBLISHED_AS: dict[str, tuple[str, int]] = {
     "Account.Opened": ("ledger.account_opened", 1), "Account.CreditLimitSet": ("ledger.account_credit_limit_set", 1),
     "Account.Frozen": ("ledger.account_frozen", 2), "Account.Unfrozen": ("ledger.account_unfrozen", 2),
     "Account.Closed": ("ledger.account_closed", 2),
-    "Transfer.Posted": ("ledger.transfer_posted", 1), "Hold.Placed": ("ledger.hold_placed", 1),
+    "Transfer.Posted": ("ledger.transfer_posted", 2), "Hold.Placed": ("ledger.hold_placed", 1),
     "Hold.Captured": ("ledger.hold_captured", 1), "Hold.Voided": ("ledger.hold_voided", 1),
     "Hold.Expired": ("ledger.hold_expired", 1),
 }
@@ -45,11 +47,16 @@ def stored_later(event: Any, field: str) -> Any:
 
 
 def _transfer_customer(event: Any) -> str | None:
-    """The customer a transfer concerns: the first of its legs' customers, payers first (the
-    Batch lists them). A transfer stored before it listed them names the first customer
-    its client gave, as the ledger published it then."""
-    leg_customer_ids = stored_later(event, "leg_customer_ids")
-    named = event.customer_ids if leg_customer_ids is None else leg_customer_ids
+    """The customer a transfer concerns: the first of its legs' customers, payers first
+    (`customers_of`). A transfer stored before its legs named their customers lists them
+    (`leg_customer_ids`), or, stored earlier still, names the first customer its client
+    gave, as the ledger published it then."""
+    leg_owner_ids = stored_later(event, "leg_owner_ids")
+    if leg_owner_ids is not None:
+        named = customers_of(event.legs, leg_owner_ids)
+    else:
+        leg_customer_ids = stored_later(event, "leg_customer_ids")
+        named = event.customer_ids if leg_customer_ids is None else leg_customer_ids
     return next((c for c in map(_customer, named) if c is not None), None)
 
 
@@ -74,8 +81,11 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
                                        currency=event.currency, credit_limit_minor=event.credit_limit_minor)
         customer_id = _customer(event.owner_id)
     elif kind == "Transfer.Posted":
+        leg_owner_ids = stored_later(event, "leg_owner_ids") or [None] * len(event.legs)
         payload = public.TransferPosted(
-            transfer_id=event.client_transfer_id, code=event.code, legs=[public.Leg(**leg) for leg in event.legs],
+            transfer_id=event.client_transfer_id, code=event.code,
+            legs=[public.PostedLeg(**leg, customer_id=_customer(owner))
+                  for leg, owner in zip(event.legs, leg_owner_ids, strict=True)],
             external_ref=event.external_ref, customer_ids=list(event.customer_ids), metadata=dict(event.metadata),
             hold_id=event.hold_id,
         )

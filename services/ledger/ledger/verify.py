@@ -64,7 +64,7 @@ from ledger import projections
 from ledger.application import LedgerApplication
 from ledger.domain.account import freezes_after
 from ledger.domain.hold import Hold
-from ledger.domain.transfer import Transfer
+from ledger.domain.transfer import Transfer, customers_of
 from ledger.integration import SOURCE, stored_later
 
 PAGE_SIZE = 5000
@@ -464,16 +464,17 @@ class _Replay:
                     event.client_transfer_id, event.code, leg["amount_minor"], account.legs_minor, event.posted_at)
         if any(sums.values()):
             self.unbalanced.append(f"transfer {event.client_transfer_id} is off by {dict(sums)}")
-        named = stored_later(event, "leg_customer_ids")  # None on transfers stored before it
-        if named is not None:
-            # Payers first, then payees, each once, the bank never: whom the event is published for.
-            legs = sorted(event.legs, key=lambda leg: leg["amount_minor"] >= 0)
-            owners = list(dict.fromkeys(
-                owner for owner in (self.accounts[UUID(leg["account_id"])].owner_id for leg in legs)
-                if owner != BANK_OWNER_ID))
-            if list(named) != owners:
-                self.broken.append(f"position {position}: {what} is published for customers {named}, but its legs'"
-                                   f" accounts belong to {owners}")
+        # Whom the event is published for: each leg's account's customer, the bank never.
+        owners = [None if owner == BANK_OWNER_ID else owner
+                  for owner in (self.accounts[UUID(leg["account_id"])].owner_id for leg in event.legs)]
+        named_per_leg = stored_later(event, "leg_owner_ids")  # None on transfers stored before it
+        named = stored_later(event, "leg_customer_ids")  # on some of those: customers_of, no legs told apart
+        if named_per_leg is not None and list(named_per_leg) != owners:
+            self.broken.append(f"position {position}: {what} names its legs' customers {named_per_leg}, but its legs'"
+                               f" accounts belong to {owners}")
+        elif named_per_leg is None and named is not None and list(named) != customers_of(event.legs, owners):
+            self.broken.append(f"position {position}: {what} is published for customers {named}, but its legs'"
+                               f" accounts belong to {customers_of(event.legs, owners)}")
         if event.hold_id is not None:
             self._capture_transfer(position, event)
         if page is not None:

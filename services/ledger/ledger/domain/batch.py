@@ -344,7 +344,7 @@ class Batch:
             client_transfer_id=command.transfer_id, legs=legs, code=command.code, external_ref=command.external_ref,
             customer_ids=list(command.customer_ids), metadata=dict(command.metadata),
             request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now,
-            leg_customer_ids=_customers_of([(leg.amount_minor, a) for leg, a in zip(command.legs, accounts, strict=True)]),
+            leg_owner_ids=[account.customer_id for account in accounts],
             requested_by=command.requested_by,
         )
         self._touch(transfer)
@@ -433,12 +433,12 @@ class Batch:
         ]
         transfer = Transfer(
             # customer_ids, the reference a client gives with its transfers, names the payer
-            # (as a capture's always has); the event reaches its customers by leg_customer_ids.
+            # (as a capture's always has); the event reaches its customers by leg_owner_ids.
             client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None,
             customer_ids=[debit.customer_id] if debit.customer_id is not None else [], metadata={},
             request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now, hold_id=command.hold_id,
             capture_id=command.capture_id, requested_by=command.requested_by,
-            leg_customer_ids=_customers_of([(-command.amount_minor, debit), (command.amount_minor, credit)]),
+            leg_owner_ids=[debit.customer_id, credit.customer_id],
         )
         self._touch(transfer)
         self._touch(hold)
@@ -487,15 +487,6 @@ def _check_repeat(existing: Any, kind: type, request_fingerprint: str, what: str
         raise IdempotencyConflict(f"{what} was used before with another body")
     if isinstance(existing, Refusal):
         raise existing.error()
-
-
-def _customers_of(legs: list[tuple[int, Account]]) -> list[str]:
-    """The customers owning a transfer's accounts (its legs' amounts and accounts), each
-    once: payers (debited) first, then payees, each in leg order; the bank's internal
-    accounts name no customer."""
-    ordered = [account for amount_minor, account in legs if amount_minor < 0]
-    ordered += [account for amount_minor, account in legs if amount_minor >= 0]
-    return list(dict.fromkeys(a.customer_id for a in ordered if a.customer_id is not None))
 
 
 def _transfer_result(transfer: Transfer, replayed: bool = False) -> TransferResult:

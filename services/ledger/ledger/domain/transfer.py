@@ -21,10 +21,12 @@ class Transfer(Aggregate):
     `capture_transfer_id(hold_id, capture_id)` (see batch.py) and `hold_id`/`capture_id` set.
 
     `customer_ids` is the client's free-form reference, kept as given; the customers the
-    transfer concerns are those owning its legs' accounts, `leg_customer_ids` on the event
-    (payers first, in leg order, then payees; the bank's internal accounts left out), which
-    the Batch gives from the accounts it loaded. Events stored before that field lack it
-    (see `stored_later` in ledger/integration.py); the default only lets them replay.
+    transfer concerns are those owning its legs' accounts: `leg_owner_ids` on the event, the
+    customer of each leg's account in leg order (None for the bank's internal accounts),
+    which the Batch gives from the accounts it loaded. Events stored before that field lack
+    it (see `stored_later` in ledger/integration.py); the defaults only let them replay. Of
+    those, the later ones carry `leg_customer_ids` instead: the same customers as
+    `customers_of` lists them, but no longer telling which leg is whose.
     """
 
     @staticmethod
@@ -52,6 +54,7 @@ class Transfer(Aggregate):
         capture_id: str | None = None,
         leg_customer_ids: list[str] | None = None,
         requested_by: str | None = None,
+        leg_owner_ids: list[str | None] | None = None,
     ) -> None:
         self.client_transfer_id = client_transfer_id
         self.legs = legs  # {"account_id": str, "amount_minor": int, "currency": str}
@@ -63,3 +66,12 @@ class Transfer(Aggregate):
         self.posted_at = posted_at
         self.hold_id = hold_id  # set when this transfer is a hold's capture
         self.capture_id = capture_id
+
+
+def customers_of(legs: list[dict], leg_owner_ids: list[str | None]) -> list[str]:
+    """The customers a transfer concerns, each once: payers (debited) first, then payees,
+    each in leg order; the bank's internal accounts (None) name no one."""
+    paying = [owner for leg, owner in zip(legs, leg_owner_ids, strict=True) if leg["amount_minor"] < 0]
+    paid = [owner for leg, owner in zip(legs, leg_owner_ids, strict=True) if leg["amount_minor"] >= 0]
+    return list(dict.fromkeys(owner for owner in paying + paid if owner is not None))
+

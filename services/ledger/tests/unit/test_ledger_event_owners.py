@@ -142,7 +142,7 @@ def as_stored_before(world: World, event: Any) -> Any:
     mapper = world.app.mapper
     stored = mapper.to_stored_event(event)
     state = mapper.transcoder.decode(stored.state)
-    added = ["customer_id", "debit_customer_id", "leg_customer_ids", "requested_by"]
+    added = ["customer_id", "debit_customer_id", "leg_owner_ids", "leg_customer_ids", "requested_by"]
     if type(event).__qualname__ in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
         added.append("currency")
     for field in added:
@@ -175,8 +175,36 @@ def test_a_transfer_stored_before_it_named_its_legs_customers_replays_and_names_
                              customer_ids=("bank", "bob", "alice")))
     [new] = [e for e in world.saved_events if type(e).__qualname__ == "Transfer.Posted"]
     old = as_stored_before(world, new)
-    assert "leg_customer_ids" not in old.__dict__
+    assert "leg_owner_ids" not in old.__dict__ and "leg_customer_ids" not in old.__dict__
     replayed = old.mutate(None)
     assert (replayed.id, replayed.version, replayed.legs) == (new.originator_id, 1, new.legs)
     assert to_integration(new, 1).customer_id == "alice"
     assert to_integration(old, 1).customer_id == "bob"
+
+
+def test_each_leg_of_a_published_transfer_names_its_accounts_customer_so_the_payee_learns_she_was_paid(world):
+    # Notifications tells Bob "Alice sent you 100" from the event alone: no directory of accounts.
+    alice, bob, fees = world.open(owner="alice", limit=1_000), world.open(owner="bob"), world.open("fee_income")
+    world.one(c.PostTransfer("gift", (c.Leg(bob, 100, "RUB"), c.Leg(alice, -103, "RUB"), c.Leg(fees, 3, "RUB")), "p2p"))
+    [posted] = [e for e in published(world) if e.type == "ledger.transfer_posted"]
+    assert posted.schema_version == 2
+    assert [(leg["amount_minor"], leg["customer_id"]) for leg in posted.payload["legs"]] == [
+        (100, "bob"), (-103, "alice"), (3, None)]
+    assert posted.customer_id == "alice", "the envelope names the payer first"
+
+
+def test_a_transfer_stored_when_it_listed_its_customers_without_telling_legs_apart_still_publishes(world):
+    alice, bob = world.open(owner="alice", limit=1_000), world.open(owner="bob")
+    world.one(c.PostTransfer("gift", (c.Leg(bob, 100, "RUB"), c.Leg(alice, -100, "RUB")), "p2p"))
+    [new] = [e for e in world.saved_events if type(e).__qualname__ == "Transfer.Posted"]
+    mapper = world.app.mapper
+    stored = mapper.to_stored_event(new)
+    state = mapper.transcoder.decode(stored.state)
+    del state["leg_owner_ids"]
+    state["leg_customer_ids"] = ["alice", "bob"]  # payers first: as the ledger stored it then
+    old = mapper.to_domain_event(StoredEvent(stored.originator_id, stored.originator_version, stored.topic,
+                                             mapper.transcoder.encode(state)))
+    published_old = to_integration(old, 1)
+    assert published_old.customer_id == "alice"
+    assert [leg["customer_id"] for leg in published_old.payload["legs"]] == [None, None], "whose leg is whose is unknown"
+
