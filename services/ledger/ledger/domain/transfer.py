@@ -74,4 +74,3 @@ def customers_of(legs: list[dict], leg_owner_ids: list[str | None]) -> list[str]
     paying = [owner for leg, owner in zip(legs, leg_owner_ids, strict=True) if leg["amount_minor"] < 0]
     paid = [owner for leg, owner in zip(legs, leg_owner_ids, strict=True) if leg["amount_minor"] >= 0]
     return list(dict.fromkeys(owner for owner in paying + paid if owner is not None))
-

@@ -207,4 +207,3 @@ def test_a_transfer_stored_when_it_listed_its_customers_without_telling_legs_apa
     published_old = to_integration(old, 1)
     assert published_old.customer_id == "alice"
     assert [leg["customer_id"] for leg in published_old.payload["legs"]] == [None, None], "whose leg is whose is unknown"
-
