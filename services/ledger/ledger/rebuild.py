@@ -104,11 +104,28 @@ async def _swap(app: LedgerApplication, connection: asyncpg.Connection, live: st
         head = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
         position, applied = await _apply_events(app, connection, position, up_to=head)
         for table in projections.READ_MODEL_TABLES:
+            await _take_over_privileges(connection, f"{live}.{table}", f"{building}.{table}")
             await connection.execute(f"DROP TABLE {live}.{table}")
             await connection.execute(f"ALTER TABLE {building}.{table} SET SCHEMA {live}")
         await connection.execute(f"UPDATE {live}.projection_position SET position = $2 WHERE projection = $1",
                                  projections.READ_MODEL_PROJECTION, position)
     return position, applied
+
+
+async def _take_over_privileges(connection: asyncpg.Connection, live_table: str, new_table: str) -> None:
+    """The new table gets the live one's owner and grants: a rebuild run under another role (an
+    operator's) must not leave the service's own role unable to write its read model, nor take
+    away a reporting role's right to read it."""
+    owner = await connection.fetchval("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = $1::regclass",
+                                      live_table)
+    await connection.execute(f"ALTER TABLE {new_table} OWNER TO {quoted(owner)}")
+    grants = await connection.fetch(
+        "SELECT CASE WHEN grantee = 0 THEN NULL ELSE pg_get_userbyid(grantee) END AS grantee, privilege_type, is_grantable"
+        " FROM aclexplode((SELECT relacl FROM pg_class WHERE oid = $1::regclass))", live_table)
+    for grant in grants:
+        grantee = "PUBLIC" if grant["grantee"] is None else quoted(grant["grantee"])
+        await connection.execute(f"GRANT {grant['privilege_type']} ON {new_table} TO {grantee}"
+                                 + (" WITH GRANT OPTION" if grant["is_grantable"] else ""))
 
 
 async def _apply_events(app: LedgerApplication, connection: asyncpg.Connection, after: int, up_to: int | None

@@ -9,11 +9,12 @@ import asyncio
 import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-from ledger import rebuild
+from ledger import projections, rebuild
 from ledger.domain import commands as c
 from ledger.rebuild import REBUILD_LOCK, REBUILD_SCHEMA, rebuild_read_model
 from services.ledger.tests.integration.ledger_support import failed_checks, funded_card, run_cli
@@ -152,3 +153,32 @@ async def test_a_long_read_holding_up_the_swap_delays_the_rebuild_and_does_not_f
         await report.close()
     assert rebuilt.took_s > 1.0
     assert await failed_checks(ledger) == {}
+
+
+async def test_the_rebuilt_read_model_keeps_the_owner_and_grants_of_the_old(ledger):
+    # A reporting role reads the entries; an operator's own role runs the rebuild. Afterwards the
+    # service's role still owns (and writes) its read model, and the report still reads it.
+    await a_month_of_alice(ledger)
+    pool, reporting, operator = ledger.parts.pool, f"reporting_{uuid.uuid4().hex[:8]}", f"operator_{uuid.uuid4().hex[:8]}"
+    service_role = await pool.fetchval("SELECT current_user")
+    await pool.execute(f'CREATE ROLE "{reporting}"')
+    await pool.execute(f'GRANT SELECT ON ledger_entries TO "{reporting}"')
+    await pool.execute(f'CREATE ROLE "{operator}" LOGIN SUPERUSER PASSWORD \'operator\'')
+    try:
+        url = urlsplit(ledger.settings.service_database_url)
+        operator_url = urlunsplit(url._replace(netloc=f"{operator}:operator@{url.hostname}:{url.port}"))
+        await rebuild_read_model(ledger.parts.app, operator_url)
+        owners = {row["relname"]: row["owner"] for row in await pool.fetch(
+            "SELECT relname, pg_get_userbyid(relowner) AS owner FROM pg_class WHERE relname = ANY($1)"
+            " AND relnamespace = current_schema()::regnamespace", list(projections.READ_MODEL_TABLES))}
+        assert owners == dict.fromkeys(projections.READ_MODEL_TABLES, service_role)
+        assert await pool.fetchval("SELECT has_table_privilege($1, 'ledger_entries', 'SELECT')", reporting)
+        assert not await pool.fetchval("SELECT has_table_privilege($1, 'ledger_holds', 'SELECT')", reporting)
+        await ledger.parts.writer.submit(c.FreezeAccount((await pool.fetchval(
+            "SELECT account_id FROM ledger_accounts WHERE owner_id = 'alice'")), "customer_request"))
+        await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)  # the service writes the new tables
+        assert await failed_checks(ledger) == {}
+    finally:  # roles are the server's, shared by every test's database
+        await pool.execute(f'REASSIGN OWNED BY "{operator}" TO "{service_role}"')
+        await pool.execute(f'DROP OWNED BY "{reporting}"')
+        await pool.execute(f'DROP ROLE "{reporting}", "{operator}"')
