@@ -21,6 +21,7 @@ from kabinet_chassis.devstack.stack import DevStack
 from kabinet_chassis.ed25519_keys import public_pem
 from kabinet_chassis.eventstore import event_store_env
 from kabinet_chassis.settings import ServiceSettings
+from ledger.domain.stored import stored_later
 
 app = typer.Typer(help="The ledger: double-entry accounts, transfers and holds.", no_args_is_help=True)
 console = Console()
@@ -162,4 +163,4 @@ def _event_line(position: int, event) -> dict:
             if name not in ("originator_id", "originator_version", "timestamp", "requested_by")}
     return {"position": position, "type": type(event).__qualname__, "stream_id": str(event.originator_id),
             "version": event.originator_version, "occurred_at": event.timestamp.isoformat(),
-            "requested_by": vars(event).get("requested_by"), "data": data}
+            "requested_by": stored_later(event, "requested_by"), "data": data}

@@ -17,6 +17,7 @@ from typing import Any
 
 from kabinet_contracts import ledger as public
 from kabinet_contracts.envelope import IntegrationEvent, event_id_for
+from ledger.domain.stored import stored_later
 from ledger.domain.transfer import customers_of
 
 SOURCE = "ledger"
@@ -34,16 +35,6 @@ PUBLISHED_AS: dict[str, tuple[str, int]] = {
 
 def _customer(owner_id: str | None) -> str | None:
     return None if owner_id in (None, public.BANK_OWNER_ID) else owner_id
-
-
-def stored_later(event: Any, field: str) -> Any:
-    """A field added to a domain event after events of its kind were stored (the customer
-    of an account's or a hold's later events, a hold's currency, a transfer's legs'
-    customers): None on those. The event store rebuilds an event from its stored fields
-    without calling its class (eventsourcing's Mapper.to_domain_event), so an event stored
-    before has no such attribute at all; the default on the method's parameter only
-    serves its replay."""
-    return event.__dict__.get(field)
 
 
 def _transfer_customer(event: Any) -> str | None:

@@ -18,7 +18,7 @@ import asyncpg
 
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
 from ledger.domain.account import freezes_after
-from ledger.integration import stored_later
+from ledger.domain.stored import stored_later
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger_accounts (
@@ -154,7 +154,7 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
         elif kind == "Account.Closed":
             await connection.execute(
                 "UPDATE ledger_accounts SET state = 'closed', close_reason = $2, updated_at = $3 WHERE account_id = $1",
-                event.originator_id, vars(event).get("reason"), event.timestamp,
+                event.originator_id, stored_later(event, "reason"), event.timestamp,
             )
         elif kind == "Account.CreditLimitSet":
             await connection.execute(

@@ -64,8 +64,9 @@ from ledger import projections
 from ledger.application import LedgerApplication
 from ledger.domain.account import freezes_after
 from ledger.domain.hold import Hold
+from ledger.domain.stored import stored_later
 from ledger.domain.transfer import Transfer, customers_of
-from ledger.integration import SOURCE, stored_later
+from ledger.integration import SOURCE
 
 PAGE_SIZE = 5000
 PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
@@ -397,7 +398,7 @@ class _Replay:
             elif kind in ("Account.Frozen", "Account.Unfrozen"):
                 account.freeze_reasons, account.state = freezes_after(event, account.freeze_reasons)
             elif kind == "Account.Closed":
-                account.state, account.close_reason = "closed", vars(event).get("reason")
+                account.state, account.close_reason = "closed", stored_later(event, "reason")
             account.updated_at = event.timestamp
         elif kind == "Transfer.Posted":
             self._post(position, event, page)

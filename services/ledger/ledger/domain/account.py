@@ -11,6 +11,7 @@ from eventsourcing.domain import Aggregate, event
 
 from kabinet_contracts.ledger import BANK_OWNER_ID, FREEZE_REASON_NOT_RECORDED, CloseReason, FreezeReason
 from ledger.domain.errors import AccountClosed, AccountNotEmpty, InsufficientFunds, InvalidAccount
+from ledger.domain.stored import stored_later
 
 
 class AccountKind(StrEnum):
@@ -69,7 +70,7 @@ def freezes_after(event: Any, freeze_reasons: tuple[str, ...]) -> tuple[tuple[st
     """The freezes left, and the account's state, after its Frozen or Unfrozen event: what
     the read model and verify apply, as the aggregate does (an event stored before freezes
     had reasons has none)."""
-    reason = vars(event).get("reason")
+    reason = stored_later(event, "reason")
     left = (frozen_for if isinstance(event, Account.Frozen) else unfrozen_for)(freeze_reasons, reason)
     return left, state_with(left)
 
@@ -191,7 +192,7 @@ class Account(Aggregate):
     # The events after the opening name the account's customer too (None for the bank's
     # own), so that a subscriber can tell her "your card was frozen" from the event alone,
     # without the account's opening, which may reach it later or not at all. Events stored
-    # before they did lack the field (see `stored_later` in ledger/integration.py); the
+    # before they did lack the field (see `stored_later` in ledger/domain/stored.py); the
     # default only lets the aggregate replay them.
     #
     # A freeze's and an unfreeze's event record the freezes left after it too, so that a

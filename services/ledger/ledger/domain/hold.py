@@ -85,7 +85,7 @@ class Hold(Aggregate):
     # her "500 RUB were authorised on your card" from the event alone. The later events name
     # the hold's currency too, so that an amount on its own is never "500 of something".
     # Events stored before they did lack these fields (see `stored_later` in
-    # ledger/integration.py); the defaults only let the aggregate replay them.
+    # ledger/domain/stored.py); the defaults only let the aggregate replay them.
 
     def capture(self, client_hold_id: str, capture_id: str, amount_minor: int, transfer_id: str,
                 debit_customer_id: str | None, at: datetime, requested_by: str | None) -> None:

@@ -24,7 +24,7 @@ class Transfer(Aggregate):
     transfer concerns are those owning its legs' accounts: `leg_owner_ids` on the event, the
     customer of each leg's account in leg order (None for the bank's internal accounts),
     which the Batch gives from the accounts it loaded. Events stored before that field lack
-    it (see `stored_later` in ledger/integration.py); the defaults only let them replay. Of
+    it (see `stored_later` in ledger/domain/stored.py); the defaults only let them replay. Of
     those, the later ones carry `leg_customer_ids` instead: the same customers as
     `customers_of` lists them, but no longer telling which leg is whose.
     """
