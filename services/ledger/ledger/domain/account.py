@@ -120,7 +120,7 @@ class Account(Aggregate):
     def freeze(self, reason: str, at: datetime, requested_by: str | None) -> None:
         """Freezes stack, one per reason: freezing again for a reason it is frozen for changes nothing."""
         self.check_freeze(reason)
-        if reason not in self.freeze_reasons:
+        if self.adds_a_freeze(reason):
             self._freeze(reason=reason, freezes_left=list(frozen_for(self.freeze_reasons, reason)),
                          customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
 
@@ -131,6 +131,9 @@ class Account(Aggregate):
         if self.lifts_a_freeze(reason):
             self._unfreeze(reason=reason, freezes_left=list(unfrozen_for(self.freeze_reasons, reason)),
                            customer_id=self.customer_id, timestamp=at, requested_by=requested_by)
+
+    def adds_a_freeze(self, reason: str) -> bool:
+        return reason not in self.freeze_reasons
 
     def lifts_a_freeze(self, reason: str) -> bool:
         return reason in self.freeze_reasons or FREEZE_REASON_NOT_RECORDED in self.freeze_reasons

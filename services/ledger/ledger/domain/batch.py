@@ -248,7 +248,7 @@ class Batch:
     def _freeze(self, command: c.FreezeAccount) -> AccountResult:
         account = self.account(command.account_id)
         account.check_freeze(command.reason)
-        if command.reason not in account.freeze_reasons:
+        if account.adds_a_freeze(command.reason):
             self._touch(account, resave_balance=True)
             account.freeze(command.reason, at=self.now, requested_by=command.requested_by)
         return AccountResult(str(account.id), account.state)
