@@ -1,8 +1,8 @@
 """Read side of the ledger (asyncpg), fed from the ledger's own log in order.
 
 Tables: accounts; one row per account entry (a transfer's leg) with the running balance
-after it (so a balance at any past instant is one indexed lookup and a statement is a
-range scan); transfers; holds. Current balances are not here: they are saved with the
+and running credits after it (so a balance at any past instant is one indexed lookup, a
+statement's totals two, and its lines a range scan); transfers; holds. Current balances are not here: they are saved with the
 events that change them (`ledger_balances`, see application.py), and read from there.
 """
 
@@ -45,6 +45,24 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
     PRIMARY KEY (account_id, position, seq)
 );
 CREATE INDEX IF NOT EXISTS ledger_entries_time ON ledger_entries (account_id, occurred_at, position, seq);
+-- The account's credits summed up to and including this entry, as balance_after_minor sums
+-- its amounts: a period's credits are the difference of two entries', so a statement page
+-- reads two rows instead of summing the period again. numeric: a bank account's turnover
+-- may pass a bigint though no balance does. Entries from before it are summed once, here.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'ledger_entries'::regclass
+                   AND attname = 'credits_after_minor' AND NOT attisdropped) THEN
+        ALTER TABLE ledger_entries ADD COLUMN credits_after_minor numeric;
+        UPDATE ledger_entries e SET credits_after_minor = summed.credits_minor
+        FROM (SELECT account_id, position, seq, sum(greatest(amount_minor, 0))
+                  OVER (PARTITION BY account_id ORDER BY position, seq) AS credits_minor
+              FROM ledger_entries) AS summed
+        WHERE (e.account_id, e.position, e.seq) = (summed.account_id, summed.position, summed.seq);
+        ALTER TABLE ledger_entries ALTER COLUMN credits_after_minor SET NOT NULL;
+    END IF;
+END
+$$;
 CREATE TABLE IF NOT EXISTS ledger_transfers (
     transfer_id text PRIMARY KEY,
     code text NOT NULL,
@@ -117,16 +135,22 @@ WITH transfers AS (
     SELECT * FROM unnest($9::uuid[], $10::bigint[], $11::integer[], $12::integer[], $13::bigint[])
         AS leg(account_id, position, seq, transfer_index, amount_minor)
 ), opening AS (
-    SELECT account_id, coalesce((SELECT balance_after_minor FROM ledger_entries e WHERE e.account_id = first.account_id
-                                 AND e.position < first.position ORDER BY position DESC, seq DESC LIMIT 1), 0) AS balance_minor
+    SELECT first.account_id, coalesce(last.balance_after_minor, 0) AS balance_minor,
+           coalesce(last.credits_after_minor, 0) AS credits_minor
     FROM (SELECT account_id, min(position) AS position FROM legs GROUP BY account_id) AS first
+    LEFT JOIN LATERAL (SELECT balance_after_minor, credits_after_minor FROM ledger_entries e
+                       WHERE e.account_id = first.account_id AND e.position < first.position
+                       ORDER BY position DESC, seq DESC LIMIT 1) AS last ON true
 )
-INSERT INTO ledger_entries (account_id, position, seq, transfer_id, code, amount_minor, balance_after_minor, occurred_at)
+INSERT INTO ledger_entries (account_id, position, seq, transfer_id, code, amount_minor, balance_after_minor,
+                            credits_after_minor, occurred_at)
 SELECT leg.account_id, leg.position, leg.seq, ($1::text[])[leg.transfer_index], ($2::text[])[leg.transfer_index],
        leg.amount_minor,
-       opening.balance_minor + sum(leg.amount_minor) OVER (PARTITION BY leg.account_id ORDER BY leg.position, leg.seq),
+       opening.balance_minor + sum(leg.amount_minor) OVER running,
+       opening.credits_minor + sum(greatest(leg.amount_minor, 0)) OVER running,
        ($7::timestamptz[])[leg.transfer_index]
 FROM legs AS leg JOIN opening USING (account_id)
+WINDOW running AS (PARTITION BY leg.account_id ORDER BY leg.position, leg.seq)
 ON CONFLICT DO NOTHING
 """
 
@@ -274,8 +298,9 @@ def _account(row: asyncpg.Record) -> dict:
 # The balance at an instant is what stood just before it: entries posted at that very
 # instant belong to the period it opens. So a statement for [since, until) opens at the
 # balance at `since` and closes at the balance at `until`, and consecutive ones chain.
-_BALANCE_AT = ("SELECT balance_after_minor FROM ledger_entries WHERE account_id = $1 AND occurred_at < $2"
-               " AND position <= $3 ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1")
+# Its credits so far come with it (a statement's totals are two of these apart).
+_BALANCE_AT = ("SELECT balance_after_minor, credits_after_minor FROM ledger_entries WHERE account_id = $1"
+               " AND occurred_at < $2 AND position <= $3 ORDER BY occurred_at DESC, position DESC, seq DESC LIMIT 1")
 # Counting every entry: no log position is past bigint. (A statement counts entries up to its `as_of`.)
 _EVERY_POSITION = 2**63 - 1
 
@@ -406,16 +431,13 @@ async def statement(
             as_of = await connection.fetchval(
                 "SELECT coalesce(max(position), 0) FROM ledger_entries WHERE account_id = $1", account_id,
             )
-        opening = await connection.fetchval(_BALANCE_AT, account_id, since, as_of) or 0
-        closing = await connection.fetchval(_BALANCE_AT, account_id, until, as_of) or 0
-        # sum() of bigints is numeric, exact: kept so, as a period's turnover may pass a
-        # bigint though no balance does, and made an int here (never a float).
-        credits, debits = await connection.fetchrow(
-            "SELECT coalesce(sum(amount_minor) FILTER (WHERE amount_minor > 0), 0),"
-            " coalesce(-sum(amount_minor) FILTER (WHERE amount_minor < 0), 0)"
-            " FROM ledger_entries WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3 AND position <= $4",
-            account_id, since, until, as_of,
-        )
+        # Posting times never go back along the log, so the period's entries (up to as_of)
+        # are those after the opening's entry up to the closing's: their credits are the
+        # difference of the two running sums (numeric, exact, made an int: never a float).
+        opening, opening_credits = await connection.fetchrow(_BALANCE_AT, account_id, since, as_of) or (0, 0)
+        closing, closing_credits = await connection.fetchrow(_BALANCE_AT, account_id, until, as_of) or (0, 0)
+        credits = int(closing_credits - opening_credits)
+        debits = credits - (closing - opening)
         rows = await connection.fetch(
             "SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
             " WHERE e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3 AND (e.position, e.seq) > ($4, $5)"
@@ -428,7 +450,7 @@ async def statement(
         "until": until.isoformat(),
         "opening_balance_minor": opening,
         "closing_balance_minor": closing,
-        "credits_minor": int(credits),
-        "debits_minor": int(debits),
+        "credits_minor": credits,
+        "debits_minor": debits,
         "lines": [_line(row) for row in rows[:limit]],
     }, (*next_after, as_of) if next_after else None

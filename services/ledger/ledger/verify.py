@@ -13,7 +13,7 @@ Everything is recomputed from the event store and compared with what the ledger 
 6. the read model equals the event store at the read model's own position, row by row
    and column by column: every account (owner, kind, currency, state, credit limit,
    opening and last change times), every entry (account, position, seq, transfer, code,
-   amount, running balance, time), every transfer (code, legs, references, customers,
+   amount, running balance and credits, time), every transfer (code, legs, references, customers,
    metadata, posting time, who asked) and every hold (accounts, amounts, state, deadline, which the
    expiry sweep acts on, code); and it reached the log's head as verify began;
 7. no customer account is below its credit limit;
@@ -165,7 +165,8 @@ def _differences(names: Sequence[str], shown: Sequence[Any], want: Sequence[Any]
 # The read model's columns verify compares, as the projection fills them (projections.py).
 _ACCOUNT_COLUMNS = ("owner_id", "kind", "currency", "state", "freeze_reasons", "close_reason", "credit_limit_minor",
                     "opened_at", "updated_at")
-_ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", "occurred_at")  # after the key
+_ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", "credits_after_minor",
+                  "occurred_at")  # after the key
 _TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
                      "requested_by")  # after the id
 _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captured_minor", "currency", "state",
@@ -185,6 +186,7 @@ class _Account:
     opened_at: datetime | None = None
     updated_at: datetime | None = None
     legs_minor: int = 0
+    credits_minor: int = 0  # its legs' credits alone, as the read model's entries run them
     held_minor: int = 0
     incoming_held_minor: int = 0  # what live holds on other accounts will pay into this one
     version: int = 0  # of the account's own stream, at the snapshot
@@ -460,9 +462,11 @@ class _Replay:
                                    f" account {account_id}")
             sums[leg["currency"]] += leg["amount_minor"]
             account.legs_minor += leg["amount_minor"]
+            account.credits_minor += max(leg["amount_minor"], 0)
             if page is not None:
                 page.entries[(position, seq, account_id)] = (
-                    event.client_transfer_id, event.code, leg["amount_minor"], account.legs_minor, event.posted_at)
+                    event.client_transfer_id, event.code, leg["amount_minor"], account.legs_minor, account.credits_minor,
+                    event.posted_at)
         if any(sums.values()):
             self.unbalanced.append(f"transfer {event.client_transfer_id} is off by {dict(sums)}")
         # Whom the event is published for: each leg's account's customer, the bank never.
@@ -521,7 +525,7 @@ class _ReadModelComparison:
 
     async def start(self) -> None:
         self._shown = _ShownEntries(await self.connection.cursor(
-            "SELECT account_id, position, seq, transfer_id, code, amount_minor, balance_after_minor, occurred_at"
+            f"SELECT account_id, position, seq, {', '.join(_ENTRY_COLUMNS)}"
             " FROM ledger_entries ORDER BY position, seq, account_id"))
 
     async def page(self, page: _Page) -> None:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from ledger import projections
-from services.ledger.tests.integration.ledger_support import open_account, transfer_body
+from services.ledger.tests.integration.ledger_support import failed_checks, open_account, transfer_body
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +49,63 @@ async def test_a_statement_paged_while_money_keeps_arriving_adds_up_to_what_its_
     fresh = (await ledger.get(f"/accounts/{card}/statement", params=period)).json()
     assert fresh["closing_balance_minor"] == 11_000 and fresh["lines"][-1]["transfer_id"] == "salary"
 
+
+
+async def post_at(ledger, instant: datetime, settlement: str, card: str, *amounts_minor: int) -> None:
+    """Money into (positive) and out of (negative) the card, posted at `instant`."""
+    ledger.parts.writer.clock = lambda: instant
+    for amount in amounts_minor:
+        response = await ledger.post("/transfers", json=transfer_body(str(uuid.uuid4()), (settlement, -amount), (card, amount)))
+        assert response.status_code == 201, response.text
+
+
+async def statement_pages(ledger, card: str, since: datetime, until: datetime, limit: int) -> list[dict]:
+    period = {"since": since.isoformat(), "until": until.isoformat(), "limit": limit}
+    pages = [(await ledger.get(f"/accounts/{card}/statement", params=period)).json()]
+    for _ in range(20):  # bounded
+        if pages[-1]["next_cursor"] is None:
+            break
+        pages.append((await ledger.get(f"/accounts/{card}/statement",
+                                       params={**period, "cursor": pages[-1]["next_cursor"]})).json())
+    return pages
+
+
+async def test_a_statement_for_a_period_in_the_middle_counts_only_its_own_credits_and_debits_on_every_page(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    before = (datetime.now(UTC) + timedelta(seconds=5)).replace(microsecond=0)  # within the clock's tolerance
+    await post_at(ledger, before, settlement, card, 5_000, -1_200)
+    await post_at(ledger, before + timedelta(seconds=10), settlement, card, 700, -300, -100, 50)
+    await post_at(ledger, before + timedelta(seconds=20), settlement, card, 9_999, -1)
+    await settled(ledger)
+
+    pages = await statement_pages(ledger, card, before + timedelta(seconds=5), before + timedelta(seconds=15), limit=3)
+    totals = {(p["opening_balance_minor"], p["closing_balance_minor"], p["credits_minor"], p["debits_minor"]) for p in pages}
+    assert totals == {(3_800, 4_150, 750, 400)}, "the period's own turnover, the same on every page"
+    amounts = [line["amount_minor"] for page in pages for line in page["lines"]]
+    assert len(pages) == 2 and amounts == [700, -300, -100, 50]
+    assert [line["balance_after_minor"] for page in pages for line in page["lines"]] == [4_500, 4_200, 4_100, 4_150]
+
+
+async def test_a_read_model_from_before_running_credits_gets_them_at_the_next_start_and_its_statements_agree(ledger):
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    before = (datetime.now(UTC) + timedelta(seconds=5)).replace(microsecond=0)
+    await post_at(ledger, before, settlement, card, 2_000, -500)
+    await post_at(ledger, before + timedelta(seconds=10), settlement, card, 300, -50)
+    await settled(ledger)
+    period = (before + timedelta(seconds=5), before + timedelta(seconds=15))
+    expected = await statement_pages(ledger, card, *period, limit=1)
+
+    await ledger.parts.pool.execute("ALTER TABLE ledger_entries DROP COLUMN credits_after_minor")  # as the ledger left it then
+    await projections.ensure_schema(ledger.parts.pool)  # at the next start
+    assert await statement_pages(ledger, card, *period, limit=1) == expected
+    assert (expected[0]["credits_minor"], expected[0]["debits_minor"]) == (300, 50)
+    assert await failed_checks(ledger) == {}, "every entry's running credits, old and new, are what the events say"
+    await post_at(ledger, before + timedelta(seconds=20), settlement, card, 40)  # and the next entries run on from them
+    await settled(ledger)
+    whole = await statement_pages(ledger, card, before, before + timedelta(seconds=30), limit=10)
+    assert (whole[0]["credits_minor"], whole[0]["debits_minor"], whole[0]["closing_balance_minor"]) == (2_340, 550, 1_790)
 
 async def test_an_owners_accounts_come_in_bounded_pages_that_join_into_all_of_them(ledger):
     owner = f"business-{uuid.uuid4().hex[:8]}"

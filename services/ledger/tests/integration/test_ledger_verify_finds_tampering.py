@@ -42,6 +42,7 @@ async def three_entries(ledger):
 @pytest.mark.parametrize(("change", "column"), [
     ("amount_minor = -1", "amount_minor"),
     ("balance_after_minor = 999", "balance_after_minor"),
+    ("credits_after_minor = credits_after_minor + 1", "credits_after_minor"),  # a statement's totals would lie
     ("occurred_at = occurred_at - interval '1 day'", "occurred_at"),
     ("transfer_id = 'spend-b'", "transfer_id"),
     ("code = 'p2p'", "code"),
