@@ -22,8 +22,9 @@ from tests.support.tokens import bearer, ledger_poster
 UNREACHED = {"database_url": "postgresql://nobody@127.0.0.1:1/none", "kafka_bootstrap_servers": "127.0.0.1:1"}
 LEDGER_POSTS = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit",
                 "post_transfer", "place_hold", "capture_hold", "void_hold"}
-LEDGER_READS = {"get_account", "list_accounts", "get_balance", "get_history", "get_statement", "get_transfer"}
-CUSTOMER_READS = {"my_accounts", "my_account", "my_balance", "my_history", "my_statement"}
+LEDGER_READS = {"get_account", "list_accounts", "get_balance", "get_history", "get_statement", "get_transfer",
+                "get_hold", "get_pending_holds"}
+CUSTOMER_READS = {"my_accounts", "my_account", "my_balance", "my_history", "my_statement", "my_pending_holds"}
 KEYED = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit"}
 
 
@@ -144,7 +145,7 @@ def test_the_customer_api_documents_the_query_the_ledger_checks_for_it(documents
     # The gateway passes a read's query on to the ledger, which checks it: documented alike.
     ledger = operations(documents["ledger"], "/ledger/v1")
     pairs = {"my_accounts": "list_accounts", "my_balance": "get_balance", "my_history": "get_history",
-             "my_statement": "get_statement"}
+             "my_statement": "get_statement", "my_pending_holds": "get_pending_holds"}
 
     def query(operation: dict) -> dict[str, tuple]:
         return {p["name"]: (p["required"], {k: v for k, v in p["schema"].items() if k != "title"})
@@ -205,7 +206,13 @@ async def test_the_answers_of_a_running_bank_fit_the_documented_schemas(bank, do
     check(doc, "place_hold", 201, await ledger.post("/holds", json=hold))
     check(doc, "capture_hold", 201, await ledger.post(f"/holds/{hold['hold_id']}/captures",
                                                       json={"capture_id": "c1", "amount_minor": 100}))
+    pending = {**hold, "hold_id": f"pending-{card}"}
+    check(doc, "place_hold", 201, await ledger.post("/holds", json=pending))
+    check(doc, "get_hold", 200, await ledger.get(f"/holds/{hold['hold_id']}"))
     check(doc, "void_hold", 200, await ledger.post(f"/holds/{hold['hold_id']}/void"))
+    check(doc, "get_hold", 200, await ledger.get(f"/holds/{hold['hold_id']}"))
+    check(doc, "get_hold", 404, await ledger.get("/holds/never-placed"))
+    check(doc, "get_hold", 403, await ledger.get(f"/holds/{hold['hold_id']}", headers=bearer(tmp_path, "alice")))
     check(doc, "post_transfer", 409, await ledger.post("/transfers", json={
         "transfer_id": "too-much", "code": "top_up", "legs": [{**legs[0], "account_id": card, "amount_minor": -10**9},
                                                               {**legs[1], "account_id": other, "amount_minor": 10**9}]}))
@@ -220,7 +227,8 @@ async def test_the_answers_of_a_running_bank_fit_the_documented_schemas(bank, do
              ("get_balance", "my_balance", f"/accounts/{card}/balance", {}),
              ("get_balance", "my_balance", f"/accounts/{card}/balance", {"at": now.isoformat()}),
              ("get_history", "my_history", f"/accounts/{card}/history", {}),
-             ("get_statement", "my_statement", f"/accounts/{card}/statement", period)]
+             ("get_statement", "my_statement", f"/accounts/{card}/statement", period),
+             ("get_pending_holds", "my_pending_holds", f"/accounts/{card}/holds", {"limit": 1})]
     for ledger_read, customer_read, path, params in reads:
         check(doc, ledger_read, 200, await ledger.get(path, params=params))
         check(gw, customer_read, 200, await customer.get(path, params=params))

@@ -148,6 +148,46 @@ class Hold(_Body):
     replayed: bool = Field(description="true when this command had already been applied: nothing changed again")
 
 
+
+class PlacedHold(_Body):
+    """A hold as it stands: what it reserves on the debit account for the credit account."""
+
+    hold_id: str = Field(description="the client-given id")
+    state: Literal["active", "captured", "voided", "expired"]
+    debit_account_id: UUID = Field(description="the account whose money it reserves")
+    credit_account_id: UUID = Field(description="the account its captures pay into")
+    currency: str = Currency
+    amount_minor: int = Field(description="what was held, in `currency`")
+    captured_minor: int = Field(description="what its captures took")
+    remaining_minor: int = Field(description="what it still reserves: 0 once captured in full, voided or expired")
+    code: str = Field(description="why the money is held (`card_purchase`…)")
+    placed_at: AwareDatetime
+    expires_at: AwareDatetime = Field(description="when what is left is released, unless captured or voided first")
+
+
+class PendingHold(_Body):
+    """A live hold on the account: money reserved but not moved yet (a card purchase awaiting
+    its clearing, say)."""
+
+    hold_id: str
+    code: str = Field(description="why the money is held (`card_purchase`…)")
+    amount_minor: int = Field(description="what it still reserves, in the account's currency: negative reserves the"
+                                          " account's money, positive will pay into it")
+    captured_minor: int = Field(description="what its captures have moved already")
+    counterparty_account_id: UUID = Field(description="the account the money will go to (negative) or come from")
+    placed_at: AwareDatetime
+    expires_at: AwareDatetime = Field(description="when it is released, unless captured or voided first")
+
+
+class PendingHoldsPage(_Body):
+    """An account's live holds, newest first: those reserving its money add up to its `pending` balance."""
+
+    account_id: UUID
+    currency: str = Currency
+    holds: list[PendingHold]
+    next_cursor: str | None = Field(description="the next page's `cursor`; null on the last page")
+
+
 # The query parameters of the customer API's reads, as the gateway passes them on to the
 # ledger (which checks them: the ledger declares its own, and tests/contract checks the two agree).
 
@@ -173,6 +213,11 @@ class HistoryQuery(BaseModel):
     cursor: str | None = Field(default=None, pattern=r"^\d{1,18}\.\d{1,4}$",
                                description="the `next_cursor` of the page before")
     limit: int = Field(default=50, ge=1, le=200, description="the most lines on the page")
+
+
+class PendingHoldsQuery(BaseModel):
+    cursor: str | None = Field(default=None, pattern=r"^\d{1,18}$", description="the `next_cursor` of the page before")
+    limit: int = Field(default=50, ge=1, le=200, description="the most holds on the page")
 
 
 class StatementQuery(BaseModel):

@@ -212,6 +212,14 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
         await own_account(me, account_id, request)
         return await ledger.get(f"/accounts/{account_id}/history", *passed_on(request))
 
+    @router.get("/accounts/{account_id}/holds", **_documented(
+        "My account's pending holds, a page at a time", ledger_api.PendingHoldsPage, ledger_api.PendingHoldsQuery))
+    async def my_pending_holds(account_id: UUID, request: Request, me: Principal = me_dependency):
+        """Money reserved and not moved yet (card purchases awaiting their clearing), newest first
+        (follow `next_cursor` until it is null); those reserving my money add up to `pending`."""
+        await own_account(me, account_id, request)
+        return await ledger.get(f"/accounts/{account_id}/holds", *passed_on(request))
+
     @router.get("/accounts/{account_id}/statement", **_documented(
         "My account's statement for a period, a page at a time", ledger_api.StatementPage, ledger_api.StatementQuery))
     async def my_statement(account_id: UUID, request: Request, me: Principal = me_dependency):

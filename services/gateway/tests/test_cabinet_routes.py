@@ -52,10 +52,28 @@ async def test_customer_sees_own_accounts_balances_history_and_statement(bank):
     assert statement.status_code == 200 and statement.json()["closing_balance_minor"] == 5_000
 
 
+async def test_a_customer_sees_her_card_purchases_awaiting_clearing_as_pending_holds(bank):
+    card = await open_funded_card(bank, "alice", 5_000)
+    shop = (await bank.ledger.post("/accounts", json={"owner_id": "bank", "kind": "marketplace_clearing",
+                                                      "currency": "RUB"},
+                                   headers={"Idempotency-Key": str(uuid.uuid4())})).json()["account_id"]
+    placed = await bank.ledger.post("/holds", json={
+        "hold_id": f"auth-{card}", "debit_account_id": card, "credit_account_id": shop, "amount_minor": 1_250,
+        "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(days=7)).isoformat(), "code": "card_purchase"})
+    assert placed.status_code == 201, placed.text
+    me = bearer(bank, "alice")
+    pending = await bank.get(f"/v1/me/accounts/{card}/holds", headers=me)
+    assert pending.status_code == 200, pending.text
+    assert [(hold["hold_id"], hold["amount_minor"], hold["code"]) for hold in pending.json()["holds"]] == [
+        (f"auth-{card}", -1_250, "card_purchase")]
+    balance = (await bank.get(f"/v1/me/accounts/{card}/balance", headers=me)).json()
+    assert balance["pending"]["amount_minor"] == 1_250 and balance["available"]["amount_minor"] == 3_750
+
+
 async def test_another_customers_account_is_not_found(bank):
     bobs_card = await open_funded_card(bank, "bob", 100)
     alice = bearer(bank, "alice")
-    for path in ("", "/balance", "/history", f"/statement?since={datetime.now(UTC).isoformat()}"):
+    for path in ("", "/balance", "/history", "/holds", f"/statement?since={datetime.now(UTC).isoformat()}"):
         response = await bank.get(f"/v1/me/accounts/{bobs_card}{path}", headers=alice)
         assert response.status_code == 404, path
         assert response.json()["code"] == "account_not_found"

@@ -85,6 +85,8 @@ Cursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")]
 # A statement's page cursor also names the log position its first page was read as of
 # ("position.seq.as_of"), so every page of one statement shows the same period as then.
 StatementCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}\.\d{1,18}$")]
+# A page of pending holds: the log position of the last hold's placement on the page before.
+HoldsCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}$")]
 
 
 def _after(cursor: str | None) -> tuple[int, ...] | None:
@@ -443,6 +445,23 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             raise Problem(404, "transfer_not_found", f"no transfer {transfer_id}")
         return found
 
+    @router.get("/holds/{hold_id}", dependencies=QUERY_AS_DECLARED, summary="A hold as it stands",
+                response_model=None, responses=_answers(200, ledger_api.PlacedHold, problem_responses({
+                    **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
+                    404: "`hold_not_found`.", 422: _INVALID})))
+    async def get_hold(hold_id: HoldId, me: Principal = reads):
+        """A hold: its accounts, what it held, what its captures took and what it still
+        reserves, its state and deadline. Needs the role `ledger:read` or `ledger:post`: a
+        customer reads her account's pending holds."""
+        if not _sees_every_account(me):
+            raise Problem(403, "forbidden", f"reading a hold needs the role {LEDGER_READ} or {LEDGER_POST};"
+                                            " a customer reads her account's pending holds")
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # a hold just placed is found
+        found = await projections.hold(ledger.pool, hold_id)
+        if found is None:
+            raise Problem(404, "hold_not_found", f"no hold {hold_id}")
+        return found
+
     @router.get("/accounts/{account_id}", dependencies=QUERY_AS_DECLARED, summary="An account and its balances",
                 response_model=None, responses=_answers(200, ledger_api.Account, _ACCOUNT_READ))
     async def get_account(account_id: UUID, me: Principal = reads):
@@ -525,6 +544,26 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         )
         return {"account_id": str(account_id), "currency": found["currency"], "lines": lines,
                 "next_cursor": _cursor(next_after)}
+
+    @router.get("/accounts/{account_id}/holds", dependencies=QUERY_AS_DECLARED,
+                summary="An account's pending holds, a page at a time", response_model=None,
+                responses=_answers(200, ledger_api.PendingHoldsPage, _ACCOUNT_READ))
+    async def get_pending_holds(
+        account_id: UUID,
+        cursor: HoldsCursor = None,
+        limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
+        me: Principal = reads,
+    ):
+        """The account's live holds, newest first (follow `next_cursor` until it is null): money
+        reserved and not moved yet, such as card purchases awaiting their clearing; those that
+        reserve its money (negative) add up to its `pending` balance. Needs the role
+        `ledger:read` or `ledger:post`, or the owner's own token."""
+        found = await visible_account(account_id, me)
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)
+        holds, next_before = await projections.pending_holds(
+            ledger.pool, account_id, before=int(cursor) if cursor is not None else None, limit=limit)
+        return {"account_id": str(account_id), "currency": found["currency"], "holds": holds,
+                "next_cursor": str(next_before) if next_before is not None else None}
 
     @router.get("/accounts/{account_id}/statement", dependencies=QUERY_AS_DECLARED,
                 summary="An account's statement for a period, a page at a time", response_model=None,

@@ -20,6 +20,11 @@ from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
 from ledger.domain.account import freezes_after
 from ledger.domain.stored import stored_later
 
+# The read model's projection (its position in projection_position) and its tables, as
+# `kabinet ledger rebuild-read-model` rebuilds them (ledger/rebuild.py).
+READ_MODEL_PROJECTION = "ledger_read_model"
+READ_MODEL_TABLES = ("ledger_accounts", "ledger_entries", "ledger_transfers", "ledger_holds")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger_accounts (
     account_id uuid PRIMARY KEY,
@@ -91,12 +96,30 @@ CREATE TABLE IF NOT EXISTS ledger_holds (
     code text NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_holds_expiry ON ledger_holds (expires_at) WHERE state = 'active';
+-- When each hold was placed: its log position (an account's pending holds are listed in
+-- that order) and time. Holds placed before the read model kept them have no such record
+-- here, and only their events know it: then the read model is emptied, and its projection
+-- replays the log into it when the ledger starts.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'ledger_holds'::regclass
+                   AND attname = 'placed_position' AND NOT attisdropped) THEN
+        IF EXISTS (SELECT FROM ledger_holds) THEN
+            TRUNCATE ledger_accounts, ledger_entries, ledger_transfers, ledger_holds;
+            IF to_regclass('projection_position') IS NOT NULL THEN
+                UPDATE projection_position SET position = 0 WHERE projection = '""" + READ_MODEL_PROJECTION + """';
+            END IF;
+        END IF;
+        ALTER TABLE ledger_holds ADD COLUMN placed_position bigint NOT NULL, ADD COLUMN placed_at timestamptz NOT NULL;
+    END IF;
+END
+$$;
+-- An account's pending holds, newest first: those reserving its money, and those to pay into it.
+CREATE INDEX IF NOT EXISTS ledger_holds_debit_active ON ledger_holds (debit_account_id, placed_position)
+    WHERE state = 'active';
+CREATE INDEX IF NOT EXISTS ledger_holds_credit_active ON ledger_holds (credit_account_id, placed_position)
+    WHERE state = 'active';
 """
-
-# The read model's projection (its position in projection_position) and its tables, as
-# `kabinet ledger rebuild-read-model` rebuilds them (ledger/rebuild.py).
-READ_MODEL_PROJECTION = "ledger_read_model"
-READ_MODEL_TABLES = ("ledger_accounts", "ledger_entries", "ledger_transfers", "ledger_holds")
 
 PAGE_SIZE_MAX = 200
 # The most entries one history page reads to find its lines (see `history`).
@@ -202,10 +225,11 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
             # replayed from the start over the read model would otherwise count them twice.
             await connection.execute(
                 "INSERT INTO ledger_holds (hold_id, debit_account_id, credit_account_id, amount_minor, captured_minor,"
-                " currency, state, expires_at, code) VALUES ($1, $2, $3, $4, 0, $5, 'active', $6, $7)"
+                " currency, state, expires_at, code, placed_position, placed_at)"
+                " VALUES ($1, $2, $3, $4, 0, $5, 'active', $6, $7, $8, $9)"
                 " ON CONFLICT (hold_id) DO UPDATE SET captured_minor = 0, state = 'active'",
                 event.client_hold_id, event.debit_account_id, event.credit_account_id, event.amount_minor,
-                event.currency, event.expires_at, event.code,
+                event.currency, event.expires_at, event.code, position, event.timestamp,
             )
         elif kind == "Hold.Captured":
             await connection.execute(
@@ -265,6 +289,57 @@ async def transfer(pool: asyncpg.Pool, transfer_id: str) -> dict | None:
             "external_ref": row["external_ref"], "customer_ids": list(row["customer_ids"]),
             "metadata": json.loads(row["metadata"]), "posted_at": row["posted_at"].isoformat(),
             "requested_by": row["requested_by"]}
+
+
+async def hold(pool: asyncpg.Pool, hold_id: str) -> dict | None:
+    row = await pool.fetchrow("SELECT * FROM ledger_holds WHERE hold_id = $1", hold_id)
+    if row is None:
+        return None
+    return {
+        "hold_id": row["hold_id"],
+        "state": row["state"],
+        "debit_account_id": str(row["debit_account_id"]),
+        "credit_account_id": str(row["credit_account_id"]),
+        "currency": row["currency"],
+        "amount_minor": row["amount_minor"],
+        "captured_minor": row["captured_minor"],
+        # A voided or expired hold released the rest; a captured one has none left.
+        "remaining_minor": row["amount_minor"] - row["captured_minor"] if row["state"] == "active" else 0,
+        "code": row["code"],
+        "placed_at": row["placed_at"].isoformat(),
+        "expires_at": row["expires_at"].isoformat(),
+    }
+
+
+# An account's pending holds, newest first: each side read along its own index in order,
+# so a page reads at most `limit` rows of each however many holds the account has.
+_PENDING_HOLDS = """
+(SELECT *, credit_account_id AS counterparty_account_id, -1 AS sign FROM ledger_holds
+ WHERE debit_account_id = $1 AND state = 'active' AND placed_position < $2 ORDER BY placed_position DESC LIMIT $3)
+UNION ALL
+(SELECT *, debit_account_id AS counterparty_account_id, 1 AS sign FROM ledger_holds
+ WHERE credit_account_id = $1 AND state = 'active' AND placed_position < $2 ORDER BY placed_position DESC LIMIT $3)
+ORDER BY placed_position DESC LIMIT $3
+"""
+
+
+async def pending_holds(pool: asyncpg.Pool, account_id, *, before: int | None = None, limit: int = PAGE_SIZE_MAX
+                        ) -> tuple[list[dict], int | None]:
+    """The account's live holds, newest first, a page at a time: what they still reserve of
+    its money (negative) or will pay into it (positive). `before` is the `placed_position`
+    of the last hold of the previous page; returns the next page's."""
+    limit = max(1, min(limit, PAGE_SIZE_MAX))
+    rows = await pool.fetch(_PENDING_HOLDS, account_id, before if before is not None else _EVERY_POSITION, limit + 1)
+    holds = [{
+        "hold_id": row["hold_id"],
+        "code": row["code"],
+        "amount_minor": row["sign"] * (row["amount_minor"] - row["captured_minor"]),
+        "captured_minor": row["captured_minor"],
+        "counterparty_account_id": str(row["counterparty_account_id"]),
+        "placed_at": row["placed_at"].isoformat(),
+        "expires_at": row["expires_at"].isoformat(),
+    } for row in rows[:limit]]
+    return holds, rows[limit - 1]["placed_position"] if len(rows) > limit else None
 
 
 async def account(pool: asyncpg.Pool, account_id) -> dict | None:

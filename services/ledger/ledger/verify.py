@@ -15,7 +15,7 @@ Everything is recomputed from the event store and compared with what the ledger 
    opening and last change times), every entry (account, position, seq, transfer, code,
    amount, running balance and credits, time), every transfer (code, legs, references, customers,
    metadata, posting time, who asked) and every hold (accounts, amounts, state, deadline, which the
-   expiry sweep acts on, code); and it reached the log's head as verify began;
+   expiry sweep acts on, code, when it was placed); and it reached the log's head as verify began;
 7. no customer account is below its credit limit;
 8. the events keep the order the writer writes them in: each stream's versions one by one
    along the log, posting times never going back, transfers and holds under the ids their
@@ -170,7 +170,7 @@ _ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", 
 _TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
                      "requested_by")  # after the id
 _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captured_minor", "currency", "state",
-                 "expires_at", "code")  # after the id
+                 "expires_at", "code", "placed_position", "placed_at")  # after the id
 
 
 @dataclass
@@ -211,6 +211,8 @@ class _Hold:
     currency: str
     expires_at: datetime
     code: str
+    placed_position: int
+    placed_at: datetime
     captured_minor: int = 0
     released_minor: int = 0
     state: str = "active"
@@ -223,7 +225,7 @@ class _Hold:
     def as_read_model_shows_it(self) -> tuple:
         """In the order of _HOLD_COLUMNS."""
         return (self.debit_account_id, self.credit_account_id, self.amount_minor, self.captured_minor, self.currency,
-                self.state, self.expires_at, self.code)
+                self.state, self.expires_at, self.code, self.placed_position, self.placed_at)
 
 
 @dataclass
@@ -413,7 +415,8 @@ class _Replay:
             debit.held_minor += event.amount_minor
             credit.incoming_held_minor += event.amount_minor
             self.holds[event.client_hold_id] = _Hold(UUID(event.debit_account_id), UUID(event.credit_account_id),
-                                                     event.amount_minor, event.currency, event.expires_at, event.code)
+                                                     event.amount_minor, event.currency, event.expires_at, event.code,
+                                                     position, event.timestamp)
         elif kind in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
             hold = self._hold(event.client_hold_id, position, kind)
             if hold is not None:

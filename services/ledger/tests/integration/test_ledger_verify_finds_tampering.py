@@ -221,3 +221,19 @@ async def test_a_ledger_with_holds_partial_captures_voids_and_multi_leg_transfer
     read_model = next(check.detail for check in report.checks if check.name == READ_MODEL)
     entries = await ledger.parts.pool.fetchval("SELECT count(*) FROM ledger_entries")
     assert f"5 accounts, {entries} entries, 6 transfers, 3 holds" in read_model
+
+
+@pytest.mark.parametrize(("change", "column"), [
+    ("placed_position = placed_position - 1", "placed_position"),  # listed out of its order among pending holds
+    ("placed_at = placed_at - interval '1 day'", "placed_at"),
+])
+async def test_a_hold_shown_placed_at_another_time_or_place_in_the_log_fails_verify(ledger, change, column):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.writer.submit(c.PlaceHold("auth-moved", card, settlement, 100, "RUB",
+                                                 datetime.now(UTC) + timedelta(hours=1), "card_purchase"))
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    assert await failed_checks(ledger) == {}
+    await ledger.parts.pool.execute(f"UPDATE ledger_holds SET {change} WHERE hold_id = 'auth-moved'")
+    failed = await failed_checks(ledger)
+    assert list(failed) == [READ_MODEL]
+    assert "hold auth-moved" in failed[READ_MODEL] and column in failed[READ_MODEL]
