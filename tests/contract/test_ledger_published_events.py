@@ -129,7 +129,8 @@ async def a_day_at_the_bank(ledger) -> tuple[dict[str, str], set[str]]:
                      {"account_id": card, "amount_minor": 100_000, "currency": "RUB"}])
     purchase, expiring = f"purchase-{uuid.uuid4().hex}", f"expiring-{uuid.uuid4().hex}"
     await call(ledger, "POST", "/holds", 201, hold_id=purchase, debit_account_id=card, credit_account_id=shop,
-               amount_minor=50_000, currency="RUB", code="purchase",
+               amount_minor=50_000, currency="RUB", code="purchase", external_ref="rrn-123456789012",
+               metadata={"merchant": "Ozon", "mcc": "5399"},
                expires_at=(datetime.now(UTC) + timedelta(days=7)).isoformat())
     await call(ledger, "POST", f"/holds/{purchase}/captures", 201, capture_id="clearing-1", amount_minor=30_000)
     await call(ledger, "POST", f"/holds/{purchase}/void", 200)
@@ -246,6 +247,20 @@ async def test_every_amount_a_hold_event_publishes_names_its_currency(ledger, st
         ("ledger.hold_captured", "ledger.hold_voided", "ledger.hold_expired"), "RUB")
 
 
+async def test_a_card_purchase_is_told_with_its_merchant_when_authorised_and_again_when_cleared(ledger, stack):
+    # Notifications says "Ozon: 500 RUB authorised", then "Ozon: 300 RUB paid", from each event alone.
+    ids, aggregates = await a_day_at_the_bank(ledger)
+    records = await published(stack.bootstrap_servers, aggregates, saw_every_type)
+    envelopes = [json.loads(r.value) for r in records]
+    placed = next(e for e in envelopes if e["type"] == "ledger.hold_placed" and e["payload"]["hold_id"] == ids["purchase"])
+    cleared = next(e for e in envelopes if e["type"] == "ledger.transfer_posted"
+                   and e["payload"]["hold_id"] == ids["purchase"])
+    references = {"external_ref": "rrn-123456789012", "metadata": {"merchant": "Ozon", "mcc": "5399"}}
+    assert placed["schema_version"] == 2
+    assert {key: placed["payload"][key] for key in references} == references
+    assert {key: cleared["payload"][key] for key in references} == references
+
+
 def test_an_event_whose_time_has_no_timezone_is_refused_at_its_source_not_published_ambiguous():
     # The document promises an RFC 3339 date-time, which has an offset: "09:00" alone is a
     # different instant in Moscow and in UTC, and an analyst's replay would have to guess.
@@ -256,7 +271,8 @@ def test_an_event_whose_time_has_no_timezone_is_refused_at_its_source_not_publis
                          payload={"account_id": "a1"})
     with pytest.raises(ValueError, match="timezone"):
         HoldPlaced(hold_id="h1", debit_account_id="a1", credit_account_id="a2", code="purchase",
-                   amount=MoneyDTO(amount_minor=50_000, currency="RUB"), expires_at=naive)
+                   amount=MoneyDTO(amount_minor=50_000, currency="RUB"), expires_at=naive, external_ref=None,
+                   metadata={})
 
 
 async def test_two_requests_whose_commands_share_a_writer_batch_and_a_hold_each_keep_their_own_trace(ledger, stack):

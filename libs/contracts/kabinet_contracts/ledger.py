@@ -151,8 +151,24 @@ class TransferPostedV1(_Payload):
     hold_id: str | None = None
 
 
-@register("ledger.hold_placed", 1, LEDGER_TOPIC, "Funds were reserved on an account until captured, voided or expired.")
+@register("ledger.hold_placed", 2, LEDGER_TOPIC,
+          "Funds were reserved on an account until captured, voided or expired; with what they are for.")
 class HoldPlaced(_Payload):
+    hold_id: str
+    debit_account_id: str
+    credit_account_id: str
+    amount: MoneyDTO
+    expires_at: AwareDatetime
+    code: str
+    # Its poster's reference and what the hold is for (a card authorisation's RRN, the
+    # merchant), which each capture's transfer carries too. None and {} on holds placed
+    # before holds had references.
+    external_ref: str | None
+    metadata: dict[str, str]
+
+
+@register("ledger.hold_placed", 1, LEDGER_TOPIC, "Funds were reserved on an account until captured, voided or expired.")
+class HoldPlacedV1(_Payload):
     hold_id: str
     debit_account_id: str
     credit_account_id: str

@@ -161,6 +161,8 @@ class PlacedHold(_Body):
     captured_minor: int = Field(description="what its captures took")
     remaining_minor: int = Field(description="what it still reserves: 0 once captured in full, voided or expired")
     code: str = Field(description="why the money is held (`card_purchase`…)")
+    external_ref: str | None = Field(description="its poster's reference (a card authorisation's RRN, say)")
+    metadata: dict[str, str] = Field(description="what its poster said it is for (the merchant, say)")
     placed_at: AwareDatetime
     expires_at: AwareDatetime = Field(description="when what is left is released, unless captured or voided first")
 
@@ -171,6 +173,8 @@ class PendingHold(_Body):
 
     hold_id: str
     code: str = Field(description="why the money is held (`card_purchase`…)")
+    external_ref: str | None = Field(description="its poster's reference (a card authorisation's RRN, say)")
+    metadata: dict[str, str] = Field(description="what its poster said it is for (the merchant, say)")
     amount_minor: int = Field(description="what it still reserves, in the account's currency: negative reserves the"
                                           " account's money, positive will pay into it")
     captured_minor: int = Field(description="what its captures have moved already")

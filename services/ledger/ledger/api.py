@@ -182,6 +182,9 @@ class PlaceHoldBody(_Body):
     currency: str = Field(pattern=CURRENCY_PATTERN)
     expires_at: Instant
     code: str = Field(pattern=CODE_PATTERN)
+    # What the hold is for (a card authorisation's RRN, the merchant): its captures post with them.
+    external_ref: str | None = Field(default=None, max_length=128)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
 
 
 class CaptureBody(_Body):
@@ -400,11 +403,12 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                      422: f"{_INVALID}, `currency_mismatch`, `invalid_hold`."})))
     async def place_hold(body: PlaceHoldBody, me: Principal = post):
         """Reserves money on the debit account for the credit account until captured, voided or
-        `expires_at`. `hold_id` is the idempotency key. Needs the role `ledger:post`."""
+        `expires_at`. `hold_id` is the idempotency key. Each capture posts a transfer with the
+        hold's `code`, `external_ref` and `metadata`. Needs the role `ledger:post`."""
         command = commands.PlaceHold(
             hold_id=body.hold_id, debit_account_id=body.debit_account_id, credit_account_id=body.credit_account_id,
             amount_minor=body.amount_minor, currency=body.currency, expires_at=body.expires_at, code=body.code,
-            requested_by=me.customer_id,
+            external_ref=body.external_ref, metadata=body.metadata, requested_by=me.customer_id,
         )
         return _result(await ledger.submit(command))
 

@@ -27,7 +27,7 @@ PUBLISHED_AS: dict[str, tuple[str, int]] = {
     "Account.Opened": ("ledger.account_opened", 1), "Account.CreditLimitSet": ("ledger.account_credit_limit_set", 1),
     "Account.Frozen": ("ledger.account_frozen", 2), "Account.Unfrozen": ("ledger.account_unfrozen", 2),
     "Account.Closed": ("ledger.account_closed", 2),
-    "Transfer.Posted": ("ledger.transfer_posted", 2), "Hold.Placed": ("ledger.hold_placed", 1),
+    "Transfer.Posted": ("ledger.transfer_posted", 2), "Hold.Placed": ("ledger.hold_placed", 2),
     "Hold.Captured": ("ledger.hold_captured", 1), "Hold.Voided": ("ledger.hold_voided", 1),
     "Hold.Expired": ("ledger.hold_expired", 1),
 }
@@ -102,7 +102,8 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
             hold_id=event.client_hold_id, debit_account_id=event.debit_account_id,
             credit_account_id=event.credit_account_id,
             amount=public.MoneyDTO(amount_minor=event.amount_minor, currency=event.currency),
-            expires_at=event.expires_at, code=event.code,
+            expires_at=event.expires_at, code=event.code, external_ref=stored_later(event, "external_ref"),
+            metadata=stored_later(event, "metadata") or {},
         )
         customer_id = _customer(stored_later(event, "debit_customer_id"))
     elif kind == "Hold.Captured":

@@ -114,6 +114,9 @@ BEGIN
     END IF;
 END
 $$;
+-- What a hold is for, as its placement gave it (holds placed before holds had references have none).
+ALTER TABLE ledger_holds ADD COLUMN IF NOT EXISTS external_ref text;
+ALTER TABLE ledger_holds ADD COLUMN IF NOT EXISTS metadata jsonb NOT NULL DEFAULT '{}';
 -- An account's pending holds, newest first: those reserving its money, and those to pay into it.
 CREATE INDEX IF NOT EXISTS ledger_holds_debit_active ON ledger_holds (debit_account_id, placed_position)
     WHERE state = 'active';
@@ -225,11 +228,12 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
             # replayed from the start over the read model would otherwise count them twice.
             await connection.execute(
                 "INSERT INTO ledger_holds (hold_id, debit_account_id, credit_account_id, amount_minor, captured_minor,"
-                " currency, state, expires_at, code, placed_position, placed_at)"
-                " VALUES ($1, $2, $3, $4, 0, $5, 'active', $6, $7, $8, $9)"
+                " currency, state, expires_at, code, placed_position, placed_at, external_ref, metadata)"
+                " VALUES ($1, $2, $3, $4, 0, $5, 'active', $6, $7, $8, $9, $10, $11::jsonb)"
                 " ON CONFLICT (hold_id) DO UPDATE SET captured_minor = 0, state = 'active'",
                 event.client_hold_id, event.debit_account_id, event.credit_account_id, event.amount_minor,
                 event.currency, event.expires_at, event.code, position, event.timestamp,
+                stored_later(event, "external_ref"), json.dumps(stored_later(event, "metadata") or {}),
             )
         elif kind == "Hold.Captured":
             await connection.execute(
@@ -306,6 +310,8 @@ async def hold(pool: asyncpg.Pool, hold_id: str) -> dict | None:
         # A voided or expired hold released the rest; a captured one has none left.
         "remaining_minor": row["amount_minor"] - row["captured_minor"] if row["state"] == "active" else 0,
         "code": row["code"],
+        "external_ref": row["external_ref"],
+        "metadata": json.loads(row["metadata"]),
         "placed_at": row["placed_at"].isoformat(),
         "expires_at": row["expires_at"].isoformat(),
     }
@@ -333,6 +339,8 @@ async def pending_holds(pool: asyncpg.Pool, account_id, *, before: int | None = 
     holds = [{
         "hold_id": row["hold_id"],
         "code": row["code"],
+        "external_ref": row["external_ref"],
+        "metadata": json.loads(row["metadata"]),
         "amount_minor": row["sign"] * (row["amount_minor"] - row["captured_minor"]),
         "captured_minor": row["captured_minor"],
         "counterparty_account_id": str(row["counterparty_account_id"]),

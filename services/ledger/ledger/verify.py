@@ -15,7 +15,7 @@ Everything is recomputed from the event store and compared with what the ledger 
    opening and last change times), every entry (account, position, seq, transfer, code,
    amount, running balance and credits, time), every transfer (code, legs, references, customers,
    metadata, posting time, who asked) and every hold (accounts, amounts, state, deadline, which the
-   expiry sweep acts on, code, when it was placed); and it reached the log's head as verify began;
+   expiry sweep acts on, code, references, when it was placed); and it reached the log's head as verify began;
 7. no customer account is below its credit limit;
 8. the events keep the order the writer writes them in: each stream's versions one by one
    along the log, posting times never going back, transfers and holds under the ids their
@@ -170,7 +170,7 @@ _ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", 
 _TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
                      "requested_by")  # after the id
 _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captured_minor", "currency", "state",
-                 "expires_at", "code", "placed_position", "placed_at")  # after the id
+                 "expires_at", "code", "placed_position", "placed_at", "external_ref", "metadata")  # after the id
 
 
 @dataclass
@@ -213,6 +213,8 @@ class _Hold:
     code: str
     placed_position: int
     placed_at: datetime
+    external_ref: str | None
+    metadata: dict[str, str]
     captured_minor: int = 0
     released_minor: int = 0
     state: str = "active"
@@ -225,7 +227,8 @@ class _Hold:
     def as_read_model_shows_it(self) -> tuple:
         """In the order of _HOLD_COLUMNS."""
         return (self.debit_account_id, self.credit_account_id, self.amount_minor, self.captured_minor, self.currency,
-                self.state, self.expires_at, self.code, self.placed_position, self.placed_at)
+                self.state, self.expires_at, self.code, self.placed_position, self.placed_at, self.external_ref,
+                self.metadata)
 
 
 @dataclass
@@ -416,7 +419,8 @@ class _Replay:
             credit.incoming_held_minor += event.amount_minor
             self.holds[event.client_hold_id] = _Hold(UUID(event.debit_account_id), UUID(event.credit_account_id),
                                                      event.amount_minor, event.currency, event.expires_at, event.code,
-                                                     position, event.timestamp)
+                                                     position, event.timestamp, stored_later(event, "external_ref"),
+                                                     stored_later(event, "metadata") or {})
         elif kind in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
             hold = self._hold(event.client_hold_id, position, kind)
             if hold is not None:
@@ -751,7 +755,8 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
             account_problems.append(f"account {row['account_id']}: " + _differences(_ACCOUNT_COLUMNS, got, want))
     account_problems.extend(f"account {aid} missing from the read model" for aid in at_read_model.accounts.keys() - seen)
     hold_problems = Problems()
-    shown_holds = {row["hold_id"]: tuple(row[column] for column in _HOLD_COLUMNS) for row in hold_rows}
+    shown_holds = {row["hold_id"]: tuple(json.loads(row[column]) if column == "metadata" else row[column]
+                                         for column in _HOLD_COLUMNS) for row in hold_rows}
     for hold_id, want in at_read_model.holds.items():
         got = shown_holds.get(hold_id)
         if got is None:

@@ -384,6 +384,7 @@ class Batch:
             amount_minor=command.amount_minor, currency=command.currency, expires_at=command.expires_at,
             code=command.code, request_fingerprint=request_fingerprint, timestamp=self.now,
             debit_customer_id=debit.customer_id, requested_by=command.requested_by,
+            external_ref=command.external_ref, metadata=dict(command.metadata),
         )
         self._touch(hold)
         # The credit account's money does not move yet, but its balance row does (what holds
@@ -434,8 +435,9 @@ class Batch:
         transfer = Transfer(
             # customer_ids, the reference a client gives with its transfers, names the payer
             # (as a capture's always has); the event reaches its customers by leg_owner_ids.
-            client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=None,
-            customer_ids=[debit.customer_id] if debit.customer_id is not None else [], metadata={},
+            # Its references are the hold's: the line in history names the purchase.
+            client_transfer_id=transfer_id, legs=legs, code=hold.code, external_ref=hold.external_ref,
+            customer_ids=[debit.customer_id] if debit.customer_id is not None else [], metadata=dict(hold.metadata),
             request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now, hold_id=command.hold_id,
             capture_id=command.capture_id, requested_by=command.requested_by,
             leg_owner_ids=[debit.customer_id, credit.customer_id],

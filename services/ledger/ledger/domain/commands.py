@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import dataclass, field, is_dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 from ledger.domain.account import BANK_OWNER, CREDIT_LIMIT_MINOR_MAX, INTERNAL_KINDS, AccountKind
@@ -123,6 +123,13 @@ class PlaceHold(Command):
     currency: str
     expires_at: datetime
     code: str
+    # What the hold is for, as a transfer's references say it (a card authorisation's RRN,
+    # the merchant): each of its captures posts with them.
+    external_ref: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    # Given later than the fields above: left out of the fingerprint while empty, so a
+    # retry of a hold placed before them still fingerprints as it did.
+    FINGERPRINTED_ONLY_IF_GIVEN: ClassVar[tuple[str, ...]] = ("external_ref", "metadata")
 
 
 @dataclass(frozen=True)
@@ -156,11 +163,13 @@ def fingerprint(command: Any) -> str:
     """sha256 of the command's canonical JSON: the same body gives the same fingerprint.
 
     Keys sorted, no whitespace, UUIDs as strings, datetimes in UTC; tuples and lists
-    are the same JSON array.
+    are the same JSON array. A field a command gained later counts only when given.
     """
     # command.__dict__ rather than asdict(): the same JSON without asdict's deep copy,
     # which was the writer's costliest step per transfer.
-    request = {name: value for name, value in command.__dict__.items() if name != "requested_by"}
+    only_if_given = getattr(command, "FINGERPRINTED_ONLY_IF_GIVEN", ())
+    request = {name: value for name, value in command.__dict__.items()
+               if name != "requested_by" and (name not in only_if_given or value)}
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=_canonical)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -221,24 +230,27 @@ def check_transfer_shape(command: PostTransfer) -> None:
     unbalanced = {currency: total for currency, total in sorted(sums.items()) if total != 0}
     if unbalanced:
         raise UnbalancedTransfer(f"legs must sum to zero per currency; off by {unbalanced} (minor units)")
-    if len(command.metadata) > METADATA_KEYS_MAX or any(
-        not is_storable_text(k) or not is_storable_text(v) or len(k) > METADATA_VALUE_CHARS_MAX
-        or len(v) > METADATA_VALUE_CHARS_MAX
-        for k, v in command.metadata.items()
-    ):
-        raise InvalidTransfer(
-            f"metadata holds at most {METADATA_KEYS_MAX} string keys and values of at most {METADATA_VALUE_CHARS_MAX} chars,"
-            " without NUL or lone surrogates"
-        )
+    _check_references(command.external_ref, command.metadata, InvalidTransfer)
     if len(command.customer_ids) > CUSTOMER_IDS_MAX or any(
         not is_storable_text(i) or not 1 <= len(i) <= ID_CHARS_MAX for i in command.customer_ids
     ):
         raise InvalidTransfer(f"at most {CUSTOMER_IDS_MAX} customer ids of 1-{ID_CHARS_MAX} characters,"
                               " without NUL or lone surrogates")
-    if command.external_ref is not None and (
-        not is_storable_text(command.external_ref) or not 1 <= len(command.external_ref) <= ID_CHARS_MAX
+
+
+def _check_references(external_ref: Any, metadata: Any, error: type[InvalidTransfer]) -> None:
+    """A transfer's or a hold's external_ref and metadata."""
+    if not isinstance(metadata, dict) or len(metadata) > METADATA_KEYS_MAX or any(
+        not is_storable_text(k) or not is_storable_text(v) or len(k) > METADATA_VALUE_CHARS_MAX
+        or len(v) > METADATA_VALUE_CHARS_MAX
+        for k, v in metadata.items()
     ):
-        raise InvalidTransfer(f"external_ref must be 1-{ID_CHARS_MAX} characters, without NUL or lone surrogates")
+        raise error(
+            f"metadata holds at most {METADATA_KEYS_MAX} string keys and values of at most {METADATA_VALUE_CHARS_MAX} chars,"
+            " without NUL or lone surrogates"
+        )
+    if external_ref is not None and (not is_storable_text(external_ref) or not 1 <= len(external_ref) <= ID_CHARS_MAX):
+        raise error(f"external_ref must be 1-{ID_CHARS_MAX} characters, without NUL or lone surrogates")
 
 
 def _check_hold_id(hold_id: Any) -> None:
@@ -261,6 +273,7 @@ def check_hold_shape(command: PlaceHold) -> None:
         raise InvalidHold("expires_at must be a datetime with a timezone")
     if not INSTANT_MIN <= command.expires_at < INSTANT_MAX:
         raise InvalidHold(f"expires_at must be from {INSTANT_MIN.isoformat()} to before {INSTANT_MAX.isoformat()}")
+    _check_references(command.external_ref, command.metadata, InvalidHold)
 
 
 def check_capture_shape(command: CaptureHold) -> None:

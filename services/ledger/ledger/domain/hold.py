@@ -59,6 +59,8 @@ class Hold(Aggregate):
         timestamp: datetime,  # the batch's time, as for every ledger event (see account.py)
         debit_customer_id: str | None = None,
         requested_by: str | None = None,
+        external_ref: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         self.client_hold_id = client_hold_id
         self.debit_account_id = debit_account_id
@@ -67,6 +69,10 @@ class Hold(Aggregate):
         self.currency = currency
         self.expires_at = expires_at
         self.code = code
+        # What the hold is for (a card authorisation's RRN, the merchant), which each of its
+        # captures posts with; none on holds placed before holds had references.
+        self.external_ref = external_ref
+        self.metadata = metadata or {}
         self.request_fingerprint = request_fingerprint
         self.captured_minor = 0
         self.released_minor = 0

@@ -29,10 +29,11 @@ async def funded_card(ledger, amount_minor: int) -> tuple[str, str]:
     return card, shop
 
 
-async def place(ledger, hold_id: str, card: str, shop: str, amount_minor: int) -> None:
+async def place(ledger, hold_id: str, card: str, shop: str, amount_minor: int, **references) -> None:
     response = await ledger.post("/holds", json={
         "hold_id": hold_id, "debit_account_id": card, "credit_account_id": shop, "amount_minor": amount_minor,
-        "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(days=7)).isoformat(), "code": "card_purchase"})
+        "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(days=7)).isoformat(), "code": "card_purchase",
+        **references})
     assert response.status_code == 201, response.text
 
 
@@ -89,6 +90,36 @@ async def test_a_hold_read_on_its_own_shows_what_its_captures_took_and_what_it_s
     # A customer reads her holds through her accounts' pending lists, never by id.
     as_alice = await ledger.get(f"/holds/{hold_id}", headers=bearer(ledger.settings.data_dir, "alice"))
     assert (as_alice.status_code, as_alice.json()["code"]) == (403, "forbidden")
+
+
+async def test_a_card_purchase_names_its_merchant_while_pending_and_once_cleared(ledger):
+    card, shop = await funded_card(ledger, 1_000)
+    hold_id = f"auth-{uuid.uuid4().hex[:8]}"
+    references = {"external_ref": "rrn-602512345678", "metadata": {"merchant": "Ozon", "mcc": "5399"}}
+    await place(ledger, hold_id, card, shop, 450, **references)
+    pending = (await ledger.get(f"/accounts/{card}/holds")).json()["holds"]
+    assert [{key: hold[key] for key in references} for hold in pending] == [references]
+    assert {key: (await ledger.get(f"/holds/{hold_id}")).json()[key] for key in references} == references
+
+    assert (await ledger.post(f"/holds/{hold_id}/captures", json={"capture_id": "clearing", "amount_minor": 450})
+            ).status_code == 201
+    await settled(ledger)
+    line = (await ledger.get(f"/accounts/{card}/history")).json()["lines"][0]
+    assert (line["amount_minor"], line["external_ref"]) == (-450, "rrn-602512345678")
+    cleared = (await ledger.get(f"/transfers/{line['transfer_id']}")).json()
+    assert cleared["metadata"] == {"merchant": "Ozon", "mcc": "5399"}
+    assert await failed_checks(ledger) == {}
+
+
+async def test_a_hold_whose_metadata_is_not_text_is_refused_by_name_and_reserves_nothing(ledger):
+    card, shop = await funded_card(ledger, 1_000)
+    response = await ledger.post("/holds", json={
+        "hold_id": f"auth-{uuid.uuid4().hex[:8]}", "debit_account_id": card, "credit_account_id": shop,
+        "amount_minor": 100, "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(days=7)).isoformat(),
+        "code": "card_purchase", "metadata": {"merchant": {"name": "Ozon"}}})
+    assert response.status_code == 422, response.text
+    assert [error["field"] for error in response.json()["errors"]] == ["metadata.merchant"]
+    assert (await ledger.get(f"/accounts/{card}/balance")).json()["pending"]["amount_minor"] == 0
 
 
 async def test_a_customer_sees_the_pending_holds_of_her_own_accounts_only(ledger):

@@ -226,6 +226,7 @@ async def test_a_ledger_with_holds_partial_captures_voids_and_multi_leg_transfer
 @pytest.mark.parametrize(("change", "column"), [
     ("placed_position = placed_position - 1", "placed_position"),  # listed out of its order among pending holds
     ("placed_at = placed_at - interval '1 day'", "placed_at"),
+    ("metadata = '{\"merchant\": \"elsewhere\"}'", "metadata"),  # the purchase shown as made at another shop
 ])
 async def test_a_hold_shown_placed_at_another_time_or_place_in_the_log_fails_verify(ledger, change, column):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from uuid import uuid4
 
@@ -96,6 +97,19 @@ def test_a_capture_posts_a_transfer_that_links_back_to_its_hold(world):
                            {"account_id": str(merchant), "amount_minor": 150, "currency": "RUB"}]
 
 
+
+def test_each_capture_of_a_hold_posts_with_what_the_hold_is_for(world):
+    # The line in Alice's history names the shop and the authorisation, as the pending hold did.
+    settlement, card = funded(world, 1_000)
+    merchant = world.open("marketplace_clearing")
+    world.one(replace(hold("h1", card, merchant, 400), external_ref="rrn-42", metadata={"merchant": "Ozon"}))
+    world.one(c.CaptureHold("h1", "c1", 150))
+    world.one(c.CaptureHold("h1", "c2", 250))
+    for capture_id in ("c1", "c2"):
+        posted = world.store[Transfer.id_for(f"h1:capture:{capture_id}")]
+        assert (posted.external_ref, posted.metadata) == ("rrn-42", {"merchant": "Ozon"})
+
+
 def test_same_hold_id_same_body_returns_the_hold_and_other_body_is_conflict(world):
     settlement, card = funded(world, 1_000)
     first = world.one(hold("h1", card, settlement, 100))
@@ -103,6 +117,8 @@ def test_same_hold_id_same_body_returns_the_hold_and_other_body_is_conflict(worl
     assert again.replayed and again.hold_id == first.hold_id and world.balance(card).held_minor == 100
     with pytest.raises(IdempotencyConflict):
         world.one(hold("h1", card, settlement, 200))
+    with pytest.raises(IdempotencyConflict):  # the same hold said to be for something else
+        world.one(replace(hold("h1", card, settlement, 100), metadata={"merchant": "Ozon"}))
 
 
 def test_opening_an_existing_account_again_with_another_credit_limit_is_a_conflict_not_a_replay(world):
@@ -132,6 +148,8 @@ def test_text_no_reader_of_the_log_could_store_is_refused_at_the_door(world, tex
         c.PostTransfer("t1", (c.Leg(card, -1, "RUB"), c.Leg(settlement, 1, "RUB")), "p2p", metadata={"note": text}),
         c.PostTransfer("t2", (c.Leg(card, -1, "RUB"), c.Leg(settlement, 1, "RUB")), "p2p", external_ref=text),
         c.PostTransfer("t3", (c.Leg(card, -1, "RUB"), c.Leg(settlement, 1, "RUB")), "p2p", customer_ids=(text,)),
+        replace(hold("h1", card, settlement, 1), metadata={"merchant": text}),
+        replace(hold("h2", card, settlement, 1), external_ref=text),
     ):
         with pytest.raises(InvalidTransfer, match="NUL or lone surrogates"):
             world.one(poisoned)
@@ -324,7 +342,7 @@ def test_the_domain_layer_imports_no_io_library():
 def test_a_request_fingerprint_is_the_sha256_of_its_canonical_json_so_retries_stored_long_ago_still_match():
     import hashlib
     import json
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     account, other = uuid4(), uuid4()
     commands = [
@@ -335,6 +353,13 @@ def test_a_request_fingerprint_is_the_sha256_of_its_canonical_json_so_retries_st
     for command in commands:
         request = asdict(command)
         del request["requested_by"]  # who asked is not the request: fingerprints stored before it still match
+        if isinstance(command, c.PlaceHold):  # holds gained references later: a hold placed without them as before
+            del request["external_ref"], request["metadata"]
         canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
         assert c.fingerprint(command) == hashlib.sha256(canonical.encode()).hexdigest()
         assert c.fingerprint(replace(command, requested_by="payments")) == c.fingerprint(command)
+    # A hold placed with references is another request than the same hold without them.
+    hold = commands[1]
+    variants = [hold, replace(hold, external_ref="rrn-1"), replace(hold, metadata={"merchant": "Ozon"}),
+                replace(hold, external_ref="rrn-1", metadata={"merchant": "Ozon"})]
+    assert len({c.fingerprint(command) for command in variants}) == 4
