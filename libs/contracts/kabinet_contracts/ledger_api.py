@@ -79,6 +79,8 @@ class Line(_Body):
     counterparty_account_ids: list[UUID] = Field(description="the accounts the money came from (a credit) or went to"
                                                              " (a debit)")
     external_ref: str | None
+    metadata: dict[str, str] = Field(description="what its poster said the movement is for (the merchant of a card"
+                                                 " purchase, a transfer's message), as shown to the accounts' owners")
 
 
 class HistoryPage(_Body):

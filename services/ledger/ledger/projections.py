@@ -440,7 +440,7 @@ async def history(
         )
     if not matched:  # every entry read is shown: the page reads limit + 1 of them, no more
         rows = await pool.fetch(
-            "SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
+            "SELECT e.*, t.legs, t.external_ref, t.metadata FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
             f" WHERE {' AND '.join(scanned)} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}",
             *args,
         )
@@ -454,7 +454,7 @@ async def history(
         " edge_seq AS (SELECT min(w.seq) AS seq FROM window_read w, edge WHERE w.position = edge.position)"
         " SELECT edge.read_count, edge.position AS edge_position, edge_seq.seq AS edge_seq, page.*"
         " FROM edge CROSS JOIN edge_seq LEFT JOIN LATERAL ("
-        "  SELECT e.*, t.legs, t.external_ref FROM window_read e LEFT JOIN ledger_transfers t USING (transfer_id)"
+        "  SELECT e.*, t.legs, t.external_ref, t.metadata FROM window_read e LEFT JOIN ledger_transfers t USING (transfer_id)"
         f"  WHERE {' AND '.join(matched) or 'true'} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}"
         " ) page ON true",
         *args,
@@ -488,6 +488,7 @@ def _line(row: asyncpg.Record) -> dict:
         "occurred_at": row["occurred_at"].isoformat(),
         "counterparty_account_ids": _counterparties(legs, row["amount_minor"]),
         "external_ref": row["external_ref"],
+        "metadata": json.loads(row["metadata"]) if row["metadata"] else {},
     }
 
 
@@ -522,7 +523,7 @@ async def statement(
         credits = int(closing_credits - opening_credits)
         debits = credits - (closing - opening)
         rows = await connection.fetch(
-            "SELECT e.*, t.legs, t.external_ref FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
+            "SELECT e.*, t.legs, t.external_ref, t.metadata FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
             " WHERE e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3 AND (e.position, e.seq) > ($4, $5)"
             " AND e.position <= $6 ORDER BY e.position, e.seq LIMIT $7",
             account_id, since, until, *(after or (0, -1)), as_of, limit + 1,

@@ -105,7 +105,8 @@ async def test_a_card_purchase_names_its_merchant_while_pending_and_once_cleared
             ).status_code == 201
     await settled(ledger)
     line = (await ledger.get(f"/accounts/{card}/history")).json()["lines"][0]
-    assert (line["amount_minor"], line["external_ref"]) == (-450, "rrn-602512345678")
+    assert (line["amount_minor"], line["external_ref"], line["metadata"]) == (-450, "rrn-602512345678",
+                                                                             {"merchant": "Ozon", "mcc": "5399"})
     cleared = (await ledger.get(f"/transfers/{line['transfer_id']}")).json()
     assert cleared["metadata"] == {"merchant": "Ozon", "mcc": "5399"}
     assert await failed_checks(ledger) == {}

@@ -244,3 +244,22 @@ async def test_an_owner_id_no_account_can_have_is_refused_by_name_not_a_server_e
     assert response.status_code == 422, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     assert {error["field"] for error in response.json()["errors"]} == {"owner_id"}
+
+
+async def test_a_transfers_message_shows_on_the_lines_of_both_the_payer_and_the_payee(ledger):
+    alices, bobs = await open_account(ledger), await open_account(ledger, owner="bob")
+    settlement = await open_account(ledger, "settlement")
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    assert (await ledger.post("/transfers", json=transfer_body("fund", (settlement, -500), (alices, 500)))
+            ).status_code == 201
+    sent = await ledger.post("/transfers", json={**transfer_body("dinner", (alices, -300), (bobs, 300)),
+                                                 "metadata": {"message": "for dinner"}})
+    assert sent.status_code == 201, sent.text
+    await settled(ledger)
+    period = {"since": start.isoformat(), "until": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()}
+    for account in (alices, bobs):
+        history = (await ledger.get(f"/accounts/{account}/history")).json()["lines"]
+        statement = (await ledger.get(f"/accounts/{account}/statement", params=period)).json()["lines"]
+        for lines in (history, statement):
+            assert [line["metadata"] for line in lines if line["transfer_id"] == "dinner"] == [{"message": "for dinner"}]
+    assert (await ledger.get(f"/accounts/{alices}/history")).json()["lines"][-1]["metadata"] == {}, "the top-up said none"
