@@ -21,7 +21,8 @@ Everything is recomputed from the event store and compared with what the ledger 
    along the log, posting times never going back, transfers and holds under the ids their
    client ids make (a copied or reordered event shows);
 9. holds add up: no capture takes more than is left, a void or expiry releases exactly what
-   is left, nothing follows a finished hold, each capture's transfer moves what its hold says;
+   is left, nothing follows a finished hold, each capture's transfer moves what its hold says
+   and carries its references;
 10. the log ends where the ledger last wrote: the posting clock is the newest event's time,
    and no read model or relay position is past it (the newest event deleted shows);
 11. the events table and its seals are append-only: their guards refuse every UPDATE,
@@ -368,11 +369,16 @@ class _Replay:
 
     def _capture_met(self, transfer_id: str, position: int, said: tuple, moved: tuple) -> None:
         """A capture's transfer (at `position`) against its hold's event: the same hold and
-        capture, and two legs moving what the hold says from its debit to its credit account."""
-        hold_id, capture_id, amount_minor, currency, debit, credit = said
+        capture, two legs moving what the hold says from its debit to its credit account, and
+        the hold's references (what the purchase was, on the customer's history line)."""
+        hold_id, capture_id, amount_minor, currency, debit, credit, references = said
+        if moved[:2] == (hold_id, capture_id) and moved[3] != references:
+            self.holds_off.append(
+                f"position {position}: transfer {transfer_id} (capture {capture_id} of hold {hold_id}) says it is"
+                f" {_shown(moved[3])}, but the hold was placed for {_shown(references)}")
         legs = [{"account_id": str(debit), "amount_minor": -amount_minor, "currency": currency},
                 {"account_id": str(credit), "amount_minor": amount_minor, "currency": currency}]
-        if moved == (hold_id, capture_id, legs):
+        if moved[:3] == (hold_id, capture_id, legs):
             return
         got = moved[2]
         shown = (f"{got[1]['amount_minor']} {got[1]['currency']} from {got[0]['account_id']} to {got[1]['account_id']}"
@@ -382,7 +388,7 @@ class _Replay:
             f" but hold {hold_id}'s capture {capture_id} took {amount_minor} {currency} from {debit} to {credit}")
 
     def _capture_transfer(self, position: int, event: Any) -> None:
-        moved = (event.hold_id, event.capture_id, event.legs)
+        moved = (event.hold_id, event.capture_id, event.legs, (event.external_ref, event.metadata))
         said = self._captures_waiting.pop(event.client_transfer_id, None)
         if said is None:
             self._capture_transfers_waiting[event.client_transfer_id] = (position, moved)
@@ -447,7 +453,8 @@ class _Replay:
             hold.captured_minor += minor
             if hold.captured_minor >= hold.amount_minor:
                 hold.state = "captured"
-            said = (hold_id, event.capture_id, minor, currency, hold.debit_account_id, hold.credit_account_id)
+            said = (hold_id, event.capture_id, minor, currency, hold.debit_account_id, hold.credit_account_id,
+                    (hold.external_ref, hold.metadata))
             waiting = self._capture_transfers_waiting.pop(event.transfer_id, None)
             if waiting is None:
                 self._captures_waiting[event.transfer_id] = (position, said)
@@ -682,7 +689,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                " stored under the ids their client ids make")
     report.add("holds add up", replay.holds_off,
                f"{len(replay.holds)} holds: no capture takes more than is left, every void and expiry releases what"
-               " is left, every capture's transfer moves what its hold says")
+               " is left, every capture's transfer moves what its hold says, with its references")
     report.add("log head", _log_head_problems(replay.newest, posting_clock, position, relayed),
                f"the posting clock is the newest event's time (position {up_to}), and no position recorded is past it")
 

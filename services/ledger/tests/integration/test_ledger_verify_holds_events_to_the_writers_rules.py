@@ -99,6 +99,25 @@ async def test_a_capture_moves_exactly_what_its_hold_says_was_captured(ledger):
     assert f"hold auth's capture c1 took 100 RUB from {card} to {settlement}" in failed["holds add up"]
 
 
+async def test_a_capture_says_it_is_the_purchase_its_hold_was_placed_for(ledger):
+    # The capture's transfer rewritten to name another shop: Alice's history line would say
+    # she paid somewhere she never authorised.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
+                                    "card_purchase", external_ref="rrn-1", metadata={"merchant": "Ozon"}))
+    await writer.submit(c.CaptureHold("auth", "c1", 100))
+    await settled(ledger)
+    assert await failed_checks(ledger) == {}
+    await rewrite_event(ledger, Transfer.id_for("auth:capture:c1"), 1,
+                        lambda state: state.update(metadata={"merchant": "Casino"}))
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["holds add up", SEALED]
+    assert "transfer auth:capture:c1 (capture c1 of hold auth) says it is ('rrn-1', {'merchant': 'Casino'})" \
+        in failed["holds add up"] and "placed for ('rrn-1', {'merchant': 'Ozon'})" in failed["holds add up"]
+
+
 async def voided_hold(ledger):
     """Alice's card funded with 1,000; hold 'auth' of 300 to the settlement account,
     100 captured, the rest voided; verify passes."""
