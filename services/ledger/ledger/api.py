@@ -321,6 +321,18 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             raise Problem(404, "account_not_found", f"no account {account_id}")
         return found
 
+    async def staff_read(me: Principal, what: str, record_id: str, find, customers_read: str) -> dict:
+        """A transfer or a hold by its id, for staff and services (a customer reads `customers_read`
+        instead): 403 for a customer's token, 404 `<what>_not_found` if there is none."""
+        if not _sees_every_account(me):
+            raise Problem(403, "forbidden", f"reading a {what} needs the role {LEDGER_READ} or {LEDGER_POST};"
+                                            f" a customer reads {customers_read}")
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # one just posted or placed is found
+        found = await find(ledger.pool, record_id)
+        if found is None:
+            raise Problem(404, f"{what}_not_found", f"no {what} {record_id}")
+        return found
+
     @router.post("/accounts", status_code=201, dependencies=posts, summary="Open an account", response_model=None,
                  responses=_answers(201, ledger_api.Account, problem_responses({
                      **_KEYED, 409: f"{_KEY_REFUSALS}, `idempotency_conflict` (`account_id` exists with other"
@@ -440,14 +452,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         """A posted transfer (a capture's included, under its transfer id) as its poster gave
         it, and who asked for it. Needs the role `ledger:read` or `ledger:post`: a customer
         reads her money's movements in her accounts' history."""
-        if not _sees_every_account(me):
-            raise Problem(403, "forbidden", f"reading a transfer needs the role {LEDGER_READ} or {LEDGER_POST};"
-                                            " a customer reads her accounts' history")
-        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # a transfer just posted is found
-        found = await projections.transfer(ledger.pool, transfer_id)
-        if found is None:
-            raise Problem(404, "transfer_not_found", f"no transfer {transfer_id}")
-        return found
+        return await staff_read(me, "transfer", transfer_id, projections.transfer, "her accounts' history")
 
     @router.get("/holds/{hold_id}", dependencies=QUERY_AS_DECLARED, summary="A hold as it stands",
                 response_model=None, responses=_answers(200, ledger_api.PlacedHold, problem_responses({
@@ -457,14 +462,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         """A hold: its accounts, what it held, what its captures took and what it still
         reserves, its state and deadline. Needs the role `ledger:read` or `ledger:post`: a
         customer reads her account's pending holds."""
-        if not _sees_every_account(me):
-            raise Problem(403, "forbidden", f"reading a hold needs the role {LEDGER_READ} or {LEDGER_POST};"
-                                            " a customer reads her account's pending holds")
-        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # a hold just placed is found
-        found = await projections.hold(ledger.pool, hold_id)
-        if found is None:
-            raise Problem(404, "hold_not_found", f"no hold {hold_id}")
-        return found
+        return await staff_read(me, "hold", hold_id, projections.hold, "her accounts' pending holds")
 
     @router.get("/accounts/{account_id}", dependencies=QUERY_AS_DECLARED, summary="An account and its balances",
                 response_model=None, responses=_answers(200, ledger_api.Account, _ACCOUNT_READ))
