@@ -261,6 +261,31 @@ async def test_a_card_purchase_is_told_with_its_merchant_when_authorised_and_aga
     assert {key: cleared["payload"][key] for key in references} == references
 
 
+async def test_a_reversal_is_published_naming_the_transfer_it_reverses_and_why(ledger, stack):
+    # Notifications tells Bob "the 300 RUB from Alice were returned: posted in error", and
+    # an analyst pairs the two transfers, from the events alone.
+    settlement, alice, bob = (await open_account(ledger, "bank", "settlement"), await open_account(ledger, "alice"),
+                              await open_account(ledger, "bob"))
+    tag = uuid.uuid4().hex
+    await call(ledger, "POST", "/transfers", 201, transfer_id=f"fund-{tag}", code="top_up",
+               legs=[{"account_id": settlement, "amount_minor": -1_000, "currency": "RUB"},
+                     {"account_id": alice, "amount_minor": 1_000, "currency": "RUB"}])
+    await call(ledger, "POST", "/transfers", 201, transfer_id=f"p2p-{tag}", code="p2p",
+               legs=[{"account_id": alice, "amount_minor": -300, "currency": "RUB"},
+                     {"account_id": bob, "amount_minor": 300, "currency": "RUB"}])
+    await call(ledger, "POST", f"/transfers/p2p-{tag}/reversal", 201, reason="posted_in_error")
+    ids = {transfer_aggregate_id(f"p2p-{tag}"), transfer_aggregate_id(f"p2p-{tag}:reversal")}
+    records = await published(stack.bootstrap_servers, ids, lambda envelopes: len(envelopes) >= 2)
+    by_id = {e["payload"]["transfer_id"]: e for e in (json.loads(r.value) for r in records)}
+    reversal = by_id[f"p2p-{tag}:reversal"]
+    assert (reversal["type"], reversal["schema_version"]) == ("ledger.transfer_posted", 3)
+    assert (reversal["payload"]["reverses"], reversal["payload"]["reversal_reason"], reversal["payload"]["code"]) == (
+        f"p2p-{tag}", "posted_in_error", "reversal")
+    assert [(leg["customer_id"], leg["amount_minor"]) for leg in reversal["payload"]["legs"]] == [("alice", 300),
+                                                                                                  ("bob", -300)]
+    assert by_id[f"p2p-{tag}"]["payload"]["reverses"] is None
+
+
 def test_an_event_whose_time_has_no_timezone_is_refused_at_its_source_not_published_ambiguous():
     # The document promises an RFC 3339 date-time, which has an offset: "09:00" alone is a
     # different instant in Moscow and in UTC, and an analyst's replay would have to guess.

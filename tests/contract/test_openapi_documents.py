@@ -21,7 +21,7 @@ from tests.support.tokens import bearer, ledger_poster
 
 UNREACHED = {"database_url": "postgresql://nobody@127.0.0.1:1/none", "kafka_bootstrap_servers": "127.0.0.1:1"}
 LEDGER_POSTS = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit",
-                "post_transfer", "place_hold", "capture_hold", "void_hold"}
+                "post_transfer", "reverse_transfer", "place_hold", "capture_hold", "void_hold"}
 LEDGER_READS = {"get_account", "list_accounts", "get_balance", "get_history", "get_statement", "get_transfer",
                 "get_hold", "get_pending_holds"}
 CUSTOMER_READS = {"my_accounts", "my_account", "my_balance", "my_history", "my_statement", "my_pending_holds"}
@@ -234,6 +234,16 @@ async def test_the_answers_of_a_running_bank_fit_the_documented_schemas(bank, do
         check(gw, customer_read, 200, await customer.get(path, params=params))
     check(doc, "list_accounts", 200, await ledger.get("/accounts", params={"owner_id": "alice", "limit": 1}))
     check(doc, "get_transfer", 200, await ledger.get(f"/transfers/fund-{card}"))
+    check(doc, "reverse_transfer", 409, await ledger.post(f"/transfers/fund-{card}/reversal",  # 300 is spent
+                                                          json={"reason": "posted_in_error"}))
+    check(doc, "post_transfer", 201, await ledger.post("/transfers", json={
+        "transfer_id": f"twice-{card}", "code": "top_up", "legs": [{**legs[0], "amount_minor": -100},
+                                                                   {**legs[1], "amount_minor": 100}]}))
+    check(doc, "reverse_transfer", 201, await ledger.post(f"/transfers/twice-{card}/reversal",
+                                                          json={"reason": "duplicate"}))
+    check(doc, "reverse_transfer", 404, await ledger.post("/transfers/never-posted/reversal",
+                                                          json={"reason": "posted_in_error"}))
+    check(doc, "get_transfer", 200, await ledger.get(f"/transfers/twice-{card}:reversal"))
     check(doc, "get_transfer", 404, await ledger.get("/transfers/never-posted"))
     check(doc, "get_transfer", 403, await ledger.get(f"/transfers/fund-{card}", headers=bearer(tmp_path, "alice")))
     check(gw, "my_accounts", 200, await customer.get("/accounts", params={"limit": 1}))

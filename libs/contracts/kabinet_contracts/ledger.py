@@ -38,6 +38,16 @@ class CloseReason(StrEnum):
     PRODUCT_ENDED = "product_ended"  # a deposit's term ran out, a loan was repaid
 
 
+class ReversalReason(StrEnum):
+    """Why a posted transfer was reversed (storno): a transfer posted stays in the history,
+    and its reversal, moving the same money back, stands beside it."""
+
+    POSTED_IN_ERROR = "posted_in_error"  # a wrong account or amount, found by the bank or the customer
+    DUPLICATE = "duplicate"  # the same payment posted twice
+    FRAUD_CONFIRMED = "fraud_confirmed"  # a payment the bank found was not the customer's
+    DISPUTE_UPHELD = "dispute_upheld"  # the customer's claim against the payment was upheld
+
+
 class _Payload(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -128,14 +138,30 @@ class PostedLeg(_Payload):
     customer_id: str | None
 
 
-@register("ledger.transfer_posted", 2, LEDGER_TOPIC,
-          "A transfer of two or more legs summing to zero was posted; each leg names its account's customer.")
+@register("ledger.transfer_posted", 3, LEDGER_TOPIC,
+          "A transfer of two or more legs summing to zero was posted; each leg names its account's customer, and a"
+          " reversal names the transfer it reverses.")
 class TransferPosted(_Payload):
     transfer_id: str
     code: str
     legs: list[PostedLeg]
     external_ref: str | None
     customer_ids: list[str]  # the client's free-form reference, as given: whom legs concern is on the legs
+    metadata: dict[str, str]
+    hold_id: str | None = None
+    # A reversal (storno) names the transfer whose legs it moves back, and why; null otherwise.
+    reverses: str | None
+    reversal_reason: ReversalReason | None
+
+
+@register("ledger.transfer_posted", 2, LEDGER_TOPIC,
+          "A transfer of two or more legs summing to zero was posted; each leg names its account's customer.")
+class TransferPostedV2(_Payload):
+    transfer_id: str
+    code: str
+    legs: list[PostedLeg]
+    external_ref: str | None
+    customer_ids: list[str]
     metadata: dict[str, str]
     hold_id: str | None = None
 

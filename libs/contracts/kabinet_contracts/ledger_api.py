@@ -137,6 +137,10 @@ class Transfer(_Body):
     requested_by: str | None = Field(description="the subject of the access token that asked for it (a service, a"
                                                  " member of staff), or `ledger` for what the ledger did by itself;"
                                                  " null on transfers posted before the ledger recorded it")
+    reverses: str | None = Field(description="on a reversal (code `reversal`): the transfer whose legs it moves back")
+    reversal_reason: str | None = Field(description="on a reversal: why (posted_in_error, duplicate, fraud_confirmed,"
+                                                    " dispute_upheld)")
+    reversed_by: str | None = Field(description="the transfer that reversed this one, if one did")
 
 
 class Hold(_Body):

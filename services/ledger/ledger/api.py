@@ -24,7 +24,7 @@ from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import Problem, problem_responses
 from kabinet_chassis.idempotency import callers_scope, idempotency_key, run_once
 from kabinet_contracts import ledger_api
-from kabinet_contracts.ledger import BANK_OWNER_ID, CloseReason, FreezeReason
+from kabinet_contracts.ledger import BANK_OWNER_ID, CloseReason, FreezeReason, ReversalReason
 from kabinet_contracts.roles import LEDGER_POST, LEDGER_READ
 from ledger import projections
 from ledger.domain import commands
@@ -73,7 +73,9 @@ CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 HoldId = Annotated[str, Path(pattern=ID_PATTERN)]
-TransferId = Annotated[str, Path(pattern=ID_PATTERN)]
+# Any transfer's id: a client's, a capture's (hold id, ":capture:", capture id) or a reversal's (":reversal" after).
+_TRANSFER_ID_CHARS_MAX = commands.POSTED_TRANSFER_ID_CHARS_MAX + len(commands.REVERSAL_SUFFIX)
+TransferId = Annotated[str, Path(pattern=rf"^[A-Za-z0-9][A-Za-z0-9._:\-]{{0,{_TRANSFER_ID_CHARS_MAX - 1}}}$")]
 
 
 # Every idempotent ledger call stores a business refusal (409 account_closed, say) as its answer.
@@ -185,6 +187,10 @@ class PlaceHoldBody(_Body):
     # What the hold is for (a card authorisation's RRN, the merchant): its captures post with them.
     external_ref: str | None = Field(default=None, max_length=128)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
+
+
+class ReversalBody(_Body):
+    reason: ReversalReason
 
 
 class CaptureBody(_Body):
@@ -406,6 +412,22 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             metadata=dict(body.metadata), requested_by=me.customer_id,
         )
         return _result(await ledger.submit(command))
+
+    @router.post("/transfers/{transfer_id}/reversal", status_code=201, dependencies=posts,
+                 summary="Reverse a posted transfer", response_model=None,
+                 responses=_answers(201, ledger_api.TransferPosted, problem_responses({
+                     **_POSTER, 404: "`transfer_not_found`, `account_not_found`.",
+                     409: "`insufficient_funds` (a payee no longer has the money), `account_frozen`, `account_closed`,"
+                          " `idempotency_conflict` (reversed already, for another reason).",
+                     422: f"{_INVALID}, `invalid_transfer` (the transfer is itself a reversal)."})))
+    async def reverse_transfer(transfer_id: TransferId, body: ReversalBody, me: Principal = post):
+        """Storno: posts a transfer moving the legs of `transfer_id` back, with its references,
+        under the id `<transfer_id>:reversal` and the code `reversal`. A transfer is reversed at
+        most once: asked again for the same reason, this answers as the first time (`replayed`).
+        A refusal is not kept: once the payee has the money again, ask again. Needs the role
+        `ledger:post`."""
+        return _result(await ledger.submit(commands.ReverseTransfer(
+            transfer_id=transfer_id, reason=body.reason.value, requested_by=me.customer_id)))
 
     @router.post("/holds", status_code=201, dependencies=posts, summary="Place a hold", response_model=None,
                  responses=_answers(201, ledger_api.Hold, problem_responses({

@@ -27,7 +27,7 @@ PUBLISHED_AS: dict[str, tuple[str, int]] = {
     "Account.Opened": ("ledger.account_opened", 1), "Account.CreditLimitSet": ("ledger.account_credit_limit_set", 1),
     "Account.Frozen": ("ledger.account_frozen", 2), "Account.Unfrozen": ("ledger.account_unfrozen", 2),
     "Account.Closed": ("ledger.account_closed", 2),
-    "Transfer.Posted": ("ledger.transfer_posted", 2), "Hold.Placed": ("ledger.hold_placed", 2),
+    "Transfer.Posted": ("ledger.transfer_posted", 3), "Hold.Placed": ("ledger.hold_placed", 2),
     "Hold.Captured": ("ledger.hold_captured", 1), "Hold.Voided": ("ledger.hold_voided", 1),
     "Hold.Expired": ("ledger.hold_expired", 1),
 }
@@ -78,7 +78,8 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
             legs=[public.PostedLeg(**leg, customer_id=_customer(owner))
                   for leg, owner in zip(event.legs, leg_owner_ids, strict=True)],
             external_ref=event.external_ref, customer_ids=list(event.customer_ids), metadata=dict(event.metadata),
-            hold_id=event.hold_id,
+            hold_id=event.hold_id, reverses=stored_later(event, "reverses"),
+            reversal_reason=stored_later(event, "reversal_reason"),
         )
         customer_id = _transfer_customer(event)
         # The posting time, which statements and balances at an instant read (the same as

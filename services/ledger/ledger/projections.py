@@ -18,6 +18,7 @@ import asyncpg
 
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
 from ledger.domain.account import freezes_after
+from ledger.domain.batch import reversal_transfer_id
 from ledger.domain.stored import stored_later
 
 # The read model's projection (its position in projection_position) and its tables, as
@@ -79,6 +80,9 @@ CREATE TABLE IF NOT EXISTS ledger_transfers (
 );
 -- Who asked for it (an access token's subject); null on transfers posted before the ledger recorded it.
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS requested_by text;
+-- On a reversal: the transfer it reverses, and why.
+ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reverses text;
+ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reversal_reason text;
 -- Why an account is frozen (every freeze not lifted yet) or was closed.
 ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS freeze_reasons text[] NOT NULL DEFAULT '{}';
 ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS close_reason text;
@@ -151,14 +155,17 @@ def _kind(event: Any) -> str:
 # the legs already there twice; those it holds already are kept as they are.
 _POST_TRANSFERS = """
 WITH transfers AS (
-    INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by)
+    INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by,
+                                  reverses, reversal_reason)
     SELECT t.transfer_id, t.code, t.legs::jsonb, t.external_ref, array(SELECT jsonb_array_elements_text(t.customer_ids::jsonb)),
-           t.metadata::jsonb, t.posted_at, t.requested_by
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[])
-        AS t(transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by)
+           t.metadata::jsonb, t.posted_at, t.requested_by, t.reverses, t.reversal_reason
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[],
+                $9::text[], $10::text[])
+        AS t(transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by, reverses,
+             reversal_reason)
     ON CONFLICT DO NOTHING
 ), legs AS (
-    SELECT * FROM unnest($9::uuid[], $10::bigint[], $11::integer[], $12::integer[], $13::bigint[])
+    SELECT * FROM unnest($11::uuid[], $12::bigint[], $13::integer[], $14::integer[], $15::bigint[])
         AS leg(account_id, position, seq, transfer_index, amount_minor)
 ), opening AS (
     SELECT first.account_id, coalesce(last.balance_after_minor, 0) AS balance_minor,
@@ -183,7 +190,7 @@ ON CONFLICT DO NOTHING
 
 async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, Any]]) -> None:
     """Apply domain events in log order. Transfers, the bulk of a page, go in one statement."""
-    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [], [])
+    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [], [], [], [])
     leg_columns: tuple[list, ...] = ([], [], [], [], [])
     for position, event in page:
         kind = _kind(event)
@@ -215,7 +222,8 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
             for column, value in zip(transfer_columns, (
                 event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
                 json.dumps(list(event.customer_ids)), json.dumps(event.metadata), event.posted_at,
-                stored_later(event, "requested_by"),
+                stored_later(event, "requested_by"), stored_later(event, "reverses"),
+                stored_later(event, "reversal_reason"),
             ), strict=True):
                 column.append(value)
             transfer_index = len(transfer_columns[0])  # 1-based, as SQL arrays are
@@ -283,16 +291,19 @@ async def accounts_of(
 
 
 async def transfer(pool: asyncpg.Pool, transfer_id: str) -> dict | None:
-    """A posted transfer as its poster gave it, with who asked for it."""
+    """A posted transfer as its poster gave it, with who asked for it; and its reversal, or
+    the transfer it reverses."""
     row = await pool.fetchrow(
-        "SELECT transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by"
-        " FROM ledger_transfers WHERE transfer_id = $1", transfer_id)
+        "SELECT transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by, reverses,"
+        " reversal_reason, (SELECT r.transfer_id FROM ledger_transfers r WHERE r.transfer_id = $2) AS reversed_by"
+        " FROM ledger_transfers WHERE transfer_id = $1", transfer_id, reversal_transfer_id(transfer_id))
     if row is None:
         return None
     return {"transfer_id": row["transfer_id"], "code": row["code"], "legs": json.loads(row["legs"]),
             "external_ref": row["external_ref"], "customer_ids": list(row["customer_ids"]),
             "metadata": json.loads(row["metadata"]), "posted_at": row["posted_at"].isoformat(),
-            "requested_by": row["requested_by"]}
+            "requested_by": row["requested_by"], "reverses": row["reverses"], "reversal_reason": row["reversal_reason"],
+            "reversed_by": row["reversed_by"]}
 
 
 async def hold(pool: asyncpg.Pool, hold_id: str) -> dict | None:

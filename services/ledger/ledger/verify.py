@@ -22,7 +22,8 @@ Everything is recomputed from the event store and compared with what the ledger 
    client ids make (a copied or reordered event shows);
 9. holds add up: no capture takes more than is left, a void or expiry releases exactly what
    is left, nothing follows a finished hold, each capture's transfer moves what its hold says
-   and carries its references;
+   and carries its references; and each reversal moves back exactly the legs of the transfer
+   it names, once, for a reason the bank has;
 10. the log ends where the ledger last wrote: the posting clock is the newest event's time,
    and no read model or relay position is past it (the newest event deleted shows);
 11. the events table and its seals are append-only: their guards refuse every UPDATE,
@@ -56,6 +57,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from eventsourcing.application import AggregateNotFoundError
 
 from kabinet_chassis import append_only, history_seals
 from kabinet_chassis.eventstore import events_table
@@ -64,6 +66,8 @@ from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger import projections
 from ledger.application import LedgerApplication
 from ledger.domain.account import freezes_after
+from ledger.domain.batch import reversal_transfer_id
+from ledger.domain.commands import REVERSAL_REASONS
 from ledger.domain.hold import Hold
 from ledger.domain.stored import stored_later
 from ledger.domain.transfer import Transfer, customers_of
@@ -169,7 +173,7 @@ _ACCOUNT_COLUMNS = ("owner_id", "kind", "currency", "state", "freeze_reasons", "
 _ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", "credits_after_minor",
                   "occurred_at")  # after the key
 _TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
-                     "requested_by")  # after the id
+                     "requested_by", "reverses", "reversal_reason")  # after the id
 _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captured_minor", "currency", "state",
                  "expires_at", "code", "placed_position", "placed_at", "external_ref", "metadata")  # after the id
 
@@ -269,6 +273,8 @@ class _Replay:
         self.broken = Problems()  # events that name what does not exist, or cannot be read
         self.out_of_order = Problems()  # versions, times and ids that break the order the writer keeps
         self.holds_off = Problems()  # hold events that contradict each other or their captures' transfers
+        self.reversals = 0
+        self.reversals_off = Problems()  # reversals that do not move back exactly what they name
         self.events_read = 0
         self.newest: tuple[int, datetime] | None = None  # position and time of the last event replayed
         self._last_position = 0
@@ -395,6 +401,28 @@ class _Replay:
         else:
             self._capture_met(event.client_transfer_id, position, said[1], moved)
 
+    def _check_reversal(self, position: int, event: Any, reverses: str) -> None:
+        """A reversal moves back exactly the legs of the transfer it names, under that
+        transfer's reversal id (so there is one at most), for a reason the bank has. The
+        reversed transfer is read from the store: reversals are few."""
+        self.reversals += 1
+        what = f"position {position}: transfer {event.client_transfer_id} reverses {reverses}"
+        if event.client_transfer_id != reversal_transfer_id(reverses):
+            self.reversals_off.append(f"{what}, but is not stored under its reversal id {reversal_transfer_id(reverses)}")
+        if stored_later(event, "reversal_reason") not in REVERSAL_REASONS:
+            self.reversals_off.append(f"{what} for {stored_later(event, 'reversal_reason')!r}, not a reason the bank has")
+        try:
+            original = self.app.repository.get(Transfer.id_for(reverses))
+        except AggregateNotFoundError:
+            original = None
+        if not isinstance(original, Transfer) or original.reverses is not None:
+            self.reversals_off.append(f"{what}, which is no transfer posted to be reversed")
+            return
+        moved_back = [{**leg, "amount_minor": -leg["amount_minor"]} for leg in original.legs]
+        if list(event.legs) != moved_back:
+            self.reversals_off.append(f"{what}, but moves {_shown(event.legs)} where that transfer moved"
+                                      f" {_shown(original.legs)}")
+
     def _apply(self, position: int, event: Any, page: _Page | None) -> None:
         kind = type(event).__qualname__
         self._check_order(position, kind, event)
@@ -496,11 +524,15 @@ class _Replay:
                                f" accounts belong to {customers_of(event.legs, owners)}")
         if event.hold_id is not None:
             self._capture_transfer(position, event)
+        reverses = stored_later(event, "reverses")
+        if reverses is not None:
+            self._check_reversal(position, event, reverses)
         if page is not None:
             # As the projection stores them: legs and metadata through JSON, customers as a list.
             page.transfers[event.client_transfer_id] = (
                 event.code, json.loads(json.dumps(event.legs)), event.external_ref, list(event.customer_ids),
-                json.loads(json.dumps(event.metadata)), event.posted_at, stored_later(event, "requested_by"))
+                json.loads(json.dumps(event.metadata)), event.posted_at, stored_later(event, "requested_by"),
+                stored_later(event, "reverses"), stored_later(event, "reversal_reason"))
 
 
 class _ShownEntries:
@@ -571,7 +603,8 @@ class _ReadModelComparison:
                     self.transfers.append(f"transfer {transfer_id} missing from the read model")
                     continue
                 got = (row["code"], json.loads(row["legs"]), row["external_ref"], list(row["customer_ids"]),
-                       json.loads(row["metadata"]), row["posted_at"], row["requested_by"])
+                       json.loads(row["metadata"]), row["posted_at"], row["requested_by"], row["reverses"],
+                       row["reversal_reason"])
                 if got != want:
                     self.transfers.append(f"transfer {transfer_id}: " + _differences(_TRANSFER_COLUMNS, got, want))
 
@@ -690,6 +723,9 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     report.add("holds add up", replay.holds_off,
                f"{len(replay.holds)} holds: no capture takes more than is left, every void and expiry releases what"
                " is left, every capture's transfer moves what its hold says, with its references")
+    report.add("reversals", replay.reversals_off,
+               f"{replay.reversals} reversals: each moves back exactly the legs of the transfer it names, once,"
+               " for a reason the bank has")
     report.add("log head", _log_head_problems(replay.newest, posting_clock, position, relayed),
                f"the posting clock is the newest event's time (position {up_to}), and no position recorded is past it")
 

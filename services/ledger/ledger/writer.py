@@ -51,7 +51,7 @@ from kabinet_chassis.eventstore import events_table
 from ledger.application import CLOCK_AHEAD_SQLSTATE, LedgerApplication, append_batch, last_posted_at
 from ledger.domain.balance import Balance
 from ledger.domain.batch import Batch, aggregate_ids_of
-from ledger.domain.commands import OpenAccount
+from ledger.domain.commands import OpenAccount, ReverseTransfer
 from ledger.domain.errors import LedgerError
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ STANDBY_WAIT_S = 2.0  # a command waits this long for its process to lead, then 
 # several. Its outcome is then unknown; a retry with the same id gets the first answer.
 ANSWER_WAIT_MAX_S = 20.0
 SAVE_ATTEMPTS_MAX = 3
+# Commands whose ids the writer looks up even on a first attempt (see `_prefetch`).
+LOOKED_UP_FIRST = frozenset({OpenAccount, ReverseTransfer})
 
 
 class LedgerBusy(Exception):
@@ -383,8 +385,10 @@ class BatchedWriter:
         needed: set[UUID] = set()
         for command in commands:
             creates, needs = aggregate_ids_of(command)
-            # Openings are rare, so their ids are always looked up (in the batch's one look-up query).
-            (needed if type(command) is OpenAccount else created).update(creates)
+            # Openings and reversals are rare, so their ids are always looked up (in the batch's
+            # one look-up query). A reversal must be: its refusal is not kept, so a repeat of
+            # one posted before a restart, taken as new, would be refused for funds since spent.
+            (needed if type(command) in LOOKED_UP_FIRST else created).update(creates)
             needed.update(needs)
         cache = self._cache
         # Ids both created and needed join the one look-up query below: no extra round trip.

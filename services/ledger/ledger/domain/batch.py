@@ -52,6 +52,7 @@ from ledger.domain.errors import (
     InvalidTransfer,
     LedgerError,
     LegCurrencyMismatch,
+    TransferNotFound,
 )
 from ledger.domain.hold import Hold, HoldState
 from ledger.domain.refusal import Refusal
@@ -71,6 +72,11 @@ def capture_transfer_id(hold_id: str, capture_id: str) -> str:
     return f"{hold_id}{c.CAPTURE_INFIX}{capture_id}"
 
 
+def reversal_transfer_id(transfer_id: str) -> str:
+    """The client transfer id of a transfer's reversal: one per transfer."""
+    return f"{transfer_id}{c.REVERSAL_SUFFIX}"
+
+
 def aggregate_ids_of(command: Any) -> tuple[list[UUID], list[UUID]]:
     """The aggregates a command will look up, so that a writer can fetch them together:
     those it creates unless they exist (a retried transfer or hold finds its first
@@ -81,6 +87,8 @@ def aggregate_ids_of(command: Any) -> tuple[list[UUID], list[UUID]]:
         return [Hold.id_for(command.hold_id)], [command.debit_account_id, command.credit_account_id]
     if isinstance(command, c.CaptureHold):
         return [Transfer.id_for(capture_transfer_id(command.hold_id, command.capture_id))], [Hold.id_for(command.hold_id)]
+    if isinstance(command, c.ReverseTransfer):
+        return [Transfer.id_for(reversal_transfer_id(command.transfer_id))], [Transfer.id_for(command.transfer_id)]
     if isinstance(command, (c.VoidHold, c.ExpireHold)):
         return [], [Hold.id_for(command.hold_id)]
     return ([command.account_id], []) if isinstance(command, c.OpenAccount) else ([], [command.account_id])
@@ -157,6 +165,7 @@ class Batch:
             c.CloseAccount: self._close,
             c.SetCreditLimit: self._set_credit_limit,
             c.PostTransfer: self._post_transfer,
+            c.ReverseTransfer: self._reverse_transfer,
             c.PlaceHold: self._place_hold,
             c.CaptureHold: self._capture_hold,
             c.VoidHold: self._void_hold,
@@ -350,6 +359,41 @@ class Batch:
         self._touch(transfer)
         for leg, account in zip(command.legs, accounts, strict=True):
             self._post(account, leg.amount_minor)
+        return _transfer_result(transfer)
+
+    def _reverse_transfer(self, command: c.ReverseTransfer) -> TransferResult:
+        """A new transfer moving the legs of a posted one back, under its reversal id: at most
+        one per transfer. Its refusal is not kept (the payee may not have the money yet; the
+        bank tries again once she has), and nothing else is ever posted under that id."""
+        c.check_reversal_shape(command)
+        request_fingerprint = c.fingerprint(command)
+        reversal_id = reversal_transfer_id(command.transfer_id)
+        existing = self._get(Transfer.id_for(reversal_id))
+        if existing is not None:
+            _check_repeat(existing, Transfer, request_fingerprint, f"the reversal of transfer {command.transfer_id}")
+            return _transfer_result(existing, replayed=True)
+        original = self._get(Transfer.id_for(command.transfer_id))
+        if not isinstance(original, Transfer):
+            raise TransferNotFound(f"no transfer {command.transfer_id}")
+        legs = [{**leg, "amount_minor": -leg["amount_minor"]} for leg in original.legs]
+        accounts = [self.account(UUID(leg["account_id"])) for leg in legs]
+        # The rules of any transfer: whoever was paid must have the money to give back, and
+        # a frozen or closed account is not debited (the bank lifts a freeze first, if it may).
+        for leg, account in zip(legs, accounts, strict=True):
+            self._check_open_in(account, leg["currency"], "the reversal")
+            if leg["amount_minor"] < 0:
+                self._check_debit(account, -leg["amount_minor"], "the reversal")
+            self._check_fits(account, leg["amount_minor"], InvalidTransfer)
+        transfer = Transfer(
+            client_transfer_id=reversal_id, legs=legs, code=c.REVERSAL_CODE, external_ref=original.external_ref,
+            customer_ids=list(original.customer_ids), metadata=dict(original.metadata),
+            request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now,
+            leg_owner_ids=[account.customer_id for account in accounts], requested_by=command.requested_by,
+            reverses=command.transfer_id, reversal_reason=command.reason,
+        )
+        self._touch(transfer)
+        for leg, account in zip(legs, accounts, strict=True):
+            self._post(account, leg["amount_minor"])
         return _transfer_result(transfer)
 
     # ---- holds ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 from uuid import UUID
 
+from kabinet_contracts.ledger import ReversalReason
 from ledger.domain.account import BANK_OWNER, CREDIT_LIMIT_MINOR_MAX, INTERNAL_KINDS, AccountKind
 from ledger.domain.errors import InvalidAccount, InvalidHold, InvalidTransfer, UnbalancedTransfer
 
@@ -29,6 +30,14 @@ AMOUNT_MINOR_MAX = 10**15
 # and ends with ':'), so the infix occurs once and two different (hold, capture) pairs
 # never give the same id.
 CAPTURE_INFIX = ":capture:"
+# A reversal posts a transfer whose client id is the reversed one's with this suffix, so a
+# transfer has at most one. Client transfer ids and capture ids may not end with it (a
+# capture's transfer id ends with its capture id), so none can be taken for a reversal's.
+REVERSAL_SUFFIX = ":reversal"
+REVERSAL_CODE = "reversal"
+REVERSAL_REASONS = frozenset(ReversalReason)
+# The longest client id a posted transfer can have: a capture's, f"{hold_id}{CAPTURE_INFIX}{capture_id}".
+POSTED_TRANSFER_ID_CHARS_MAX = 2 * ID_CHARS_MAX + len(CAPTURE_INFIX)
 REQUESTED_BY_LEDGER = "ledger"  # who asks for what the ledger does by itself (a hold's expiry)
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
@@ -112,6 +121,14 @@ class PostTransfer(Command):
     external_ref: str | None = None
     customer_ids: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReverseTransfer(Command):
+    """Move a posted transfer's money back (storno): a new transfer of its legs negated."""
+
+    transfer_id: str  # the client id of the transfer to reverse
+    reason: str  # a ReversalReason
 
 
 @dataclass(frozen=True)
@@ -214,6 +231,9 @@ def check_transfer_shape(command: PostTransfer) -> None:
     check_client_id(command.transfer_id, "transfer_id")
     if CAPTURE_INFIX in command.transfer_id:
         raise InvalidTransfer(f"transfer_id {command.transfer_id!r} must not contain {CAPTURE_INFIX!r} (reserved for captures)")
+    if command.transfer_id.endswith(REVERSAL_SUFFIX):
+        raise InvalidTransfer(f"transfer_id {command.transfer_id!r} must not end with {REVERSAL_SUFFIX!r}"
+                              " (reserved for reversals)")
     check_code(command.code)
     if not LEGS_MIN <= len(command.legs) <= LEGS_MAX:
         raise InvalidTransfer(f"a transfer has {LEGS_MIN} to {LEGS_MAX} legs, got {len(command.legs)}")
@@ -284,6 +304,18 @@ def check_capture_shape(command: CaptureHold) -> None:
         raise InvalidHold(
             f"capture_id {command.capture_id!r} must not contain {CAPTURE_INFIX!r} nor start with {CAPTURE_INFIX[1:]!r}"
         )
+    if command.capture_id.endswith(REVERSAL_SUFFIX):
+        raise InvalidHold(f"capture_id {command.capture_id!r} must not end with {REVERSAL_SUFFIX!r} (reserved for reversals)")
     _check_amount(command.amount_minor, "a capture's amount_minor", InvalidHold)
     if command.amount_minor < 0:
         raise InvalidHold(f"a capture's amount_minor must be positive, got {command.amount_minor}")
+
+
+def check_reversal_shape(command: ReverseTransfer) -> None:
+    """A transfer id one could have posted or captured under, which is not a reversal's own."""
+    if not isinstance(command.transfer_id, str) or not 1 <= len(command.transfer_id) <= POSTED_TRANSFER_ID_CHARS_MAX:
+        raise InvalidTransfer(f"transfer_id must be 1-{POSTED_TRANSFER_ID_CHARS_MAX} characters")
+    if command.transfer_id.endswith(REVERSAL_SUFFIX):
+        raise InvalidTransfer(f"transfer {command.transfer_id} is a reversal; to move its money again, post a transfer")
+    if command.reason not in REVERSAL_REASONS:
+        raise InvalidTransfer(f"unknown reversal reason {command.reason!r}; one of {sorted(REVERSAL_REASONS)}")

@@ -76,6 +76,10 @@ class IdempotencyConflict(LedgerError):
     code, status = "idempotency_conflict", 409
 
 
+class TransferNotFound(LedgerError):
+    code, status = "transfer_not_found", 404
+
+
 class HoldNotFound(LedgerError):
     code, status = "hold_not_found", 404
 

@@ -55,6 +55,8 @@ class Transfer(Aggregate):
         leg_customer_ids: list[str] | None = None,
         requested_by: str | None = None,
         leg_owner_ids: list[str | None] | None = None,
+        reverses: str | None = None,
+        reversal_reason: str | None = None,
     ) -> None:
         self.client_transfer_id = client_transfer_id
         self.legs = legs  # {"account_id": str, "amount_minor": int, "currency": str}
@@ -66,6 +68,8 @@ class Transfer(Aggregate):
         self.posted_at = posted_at
         self.hold_id = hold_id  # set when this transfer is a hold's capture
         self.capture_id = capture_id
+        self.reverses = reverses  # set when this transfer is a reversal: the client id of the one it reverses
+        self.reversal_reason = reversal_reason
 
 
 def customers_of(legs: list[dict], leg_owner_ids: list[str | None]) -> list[str]:

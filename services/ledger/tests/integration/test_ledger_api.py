@@ -389,6 +389,6 @@ async def test_posted_transfer_is_published_on_the_ledger_topic(ledger, stack):
         await consumer.stop()
     assert found is not None, "the transfer never reached ledger.events.v1"
     record, envelope = found
-    assert envelope["source"] == "ledger" and envelope["schema_version"] == 2
+    assert envelope["source"] == "ledger" and envelope["schema_version"] == 3
     assert {(leg["account_id"], leg["amount_minor"]) for leg in envelope["payload"]["legs"]} == {(settlement, -42), (card, 42)}
     assert record.key.decode() == envelope["aggregate_id"]

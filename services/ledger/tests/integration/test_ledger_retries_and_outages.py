@@ -47,6 +47,21 @@ async def test_a_refused_transfer_retried_after_a_restart_and_a_top_up_is_refuse
     assert await saved_balance(ledger.parts.pool, card) == (1_100, 0)
 
 
+async def test_a_reversal_asked_again_after_a_restart_and_a_spend_answers_as_made_not_refused(ledger):
+    # A reversal's refusal is not kept, so the restarted writer must look its id up rather
+    # than take it for new: judged afresh, it would be refused for the money spent since.
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.writer.submit(c.ReverseTransfer(f"fund-{card}", "posted_in_error"))
+    await ledger.parts.writer.submit(
+        c.PostTransfer("salary", (c.Leg(settlement, -300, "RUB"), c.Leg(card, 300, "RUB")), "top_up"))
+    await ledger.parts.writer.submit(
+        c.PostTransfer("spend", (c.Leg(card, -300, "RUB"), c.Leg(settlement, 300, "RUB")), "card_purchase"))
+    async with uncached_writer(ledger.settings) as fresh:
+        again = await fresh.submit(c.ReverseTransfer(f"fund-{card}", "posted_in_error"))
+    assert again.replayed and again.transfer_id == f"fund-{card}:reversal"
+    assert await saved_balance(ledger.parts.pool, card) == (0, 0)
+
+
 async def test_a_retried_hold_that_reserved_everything_gets_its_first_result_after_a_restart(ledger):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     expires_at = datetime.now(UTC) + timedelta(hours=1)

@@ -118,6 +118,26 @@ async def test_a_capture_says_it_is_the_purchase_its_hold_was_placed_for(ledger)
         in failed["holds add up"] and "placed for ('rrn-1', {'merchant': 'Ozon'})" in failed["holds add up"]
 
 
+async def test_a_reversal_moves_back_exactly_what_the_transfer_it_names_moved(ledger):
+    # The reversal rewritten to return 250 of a 100 payment (the trial balance still holds):
+    # the payee would be debited more than she was ever paid.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.PostTransfer("pay", (c.Leg(card, -100, "RUB"), c.Leg(settlement, 100, "RUB")), "p2p"))
+    await writer.submit(c.ReverseTransfer("pay", "posted_in_error"))
+    await settled(ledger)
+    assert await failed_checks(ledger) == {}
+
+    def inflate(state):
+        for leg in state["legs"]:
+            leg["amount_minor"] = 250 if leg["amount_minor"] > 0 else -250
+    await rewrite_event(ledger, Transfer.id_for("pay:reversal"), 1, inflate)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["reversals", SEALED]
+    assert "transfer pay:reversal reverses pay, but moves" in failed["reversals"]
+
+
 async def voided_hold(ledger):
     """Alice's card funded with 1,000; hold 'auth' of 300 to the settlement account,
     100 captured, the rest voided; verify passes."""

@@ -187,7 +187,7 @@ def test_each_leg_of_a_published_transfer_names_its_accounts_customer_so_the_pay
     alice, bob, fees = world.open(owner="alice", limit=1_000), world.open(owner="bob"), world.open("fee_income")
     world.one(c.PostTransfer("gift", (c.Leg(bob, 100, "RUB"), c.Leg(alice, -103, "RUB"), c.Leg(fees, 3, "RUB")), "p2p"))
     [posted] = [e for e in published(world) if e.type == "ledger.transfer_posted"]
-    assert posted.schema_version == 2
+    assert posted.schema_version == 3
     assert [(leg["amount_minor"], leg["customer_id"]) for leg in posted.payload["legs"]] == [
         (100, "bob"), (-103, "alice"), (3, None)]
     assert posted.customer_id == "alice", "the envelope names the payer first"

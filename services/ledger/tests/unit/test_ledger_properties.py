@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from ledger.domain import commands as c
 from ledger.domain.account import CREDIT_LIMIT_MINOR_MAX, Account, AccountState
-from ledger.domain.batch import capture_transfer_id
+from ledger.domain.batch import capture_transfer_id, reversal_transfer_id
 from ledger.domain.errors import IdempotencyConflict, LedgerError
 from ledger.domain.hold import CAPTURES_PER_HOLD_MAX, Hold, HoldState
 from ledger.domain.refusal import Refusal
@@ -78,6 +78,7 @@ command_spec = st.one_of(
     st.tuples(st.just("close"), st.integers(0, 9)),
     st.tuples(st.just("close"), st.just(EMPTY)),
     st.tuples(st.just("limit"), st.integers(0, 9), st.integers(0, 500)),
+    st.tuples(st.just("reverse"), request_id, st.sampled_from(sorted(c.REVERSAL_REASONS))),  # a transfer, by its id
     st.tuples(st.just("tick"), st.integers(0, 4)),  # 0: one microsecond, to land just past a deadline
     st.tuples(st.just("tick"), st.integers(0, 4)),
     # a retry of an earlier command (by its position from the end), with its own body or another
@@ -107,6 +108,8 @@ def other_body(command: Any) -> Any:
                            command.amount_minor + 1, command.currency, command.expires_at, command.code)
     if isinstance(command, c.CaptureHold):
         return c.CaptureHold(command.hold_id, command.capture_id, command.amount_minor + 1)
+    if isinstance(command, c.ReverseTransfer):
+        return c.ReverseTransfer(command.transfer_id, "duplicate" if command.reason != "duplicate" else "fraud_confirmed")
     return command  # account and release commands carry no body besides their target
 
 
@@ -138,6 +141,8 @@ def to_command(spec: tuple, accounts: list[UUID], now, sent: list[Any], holds: l
         return c.CloseAccount(accounts[spec[1]], "customer_request")
     if kind == "limit":
         return c.SetCreditLimit(accounts[spec[1]], spec[2])
+    if kind == "reverse":
+        return c.ReverseTransfer(f"t{spec[1]}", spec[2])
     if kind == "retry":
         if not sent:
             return None
@@ -156,12 +161,14 @@ def key_of(command: Any) -> UUID | None:
         return Hold.id_for(command.hold_id)
     if isinstance(command, c.CaptureHold):
         return Transfer.id_for(capture_transfer_id(command.hold_id, command.capture_id))
+    if isinstance(command, c.ReverseTransfer):  # kept only once posted: a refusal is not
+        return Transfer.id_for(reversal_transfer_id(command.transfer_id))
     return None
 
 
 def malformed(command: Any) -> bool:
     check = {c.PostTransfer: c.check_transfer_shape, c.PlaceHold: c.check_hold_shape,
-             c.CaptureHold: c.check_capture_shape}.get(type(command))
+             c.CaptureHold: c.check_capture_shape, c.ReverseTransfer: c.check_reversal_shape}.get(type(command))
     if check is None:
         return False
     try:
@@ -219,6 +226,16 @@ def forbidden(world: World, command: Any) -> set[str]:
             reasons.add("capture_exceeds_hold")
         if accounts[UUID(hold.credit_account_id)].state == AccountState.CLOSED:
             reasons.add("account_closed")
+    elif isinstance(command, c.ReverseTransfer):
+        original = world.store.get(Transfer.id_for(command.transfer_id))
+        if not isinstance(original, Transfer):
+            return {"transfer_not_found"}
+        for leg in original.legs:  # each moved back: the payee pays, under a transfer's rules
+            account = accounts[UUID(leg["account_id"])]
+            if account.state == AccountState.CLOSED:
+                reasons.add("account_closed")
+            if leg["amount_minor"] > 0:
+                spendable(account, leg["amount_minor"])
     elif isinstance(command, (c.VoidHold, c.ExpireHold)):
         hold = world.store.get(Hold.id_for(command.hold_id))
         if not isinstance(hold, Hold):
