@@ -416,7 +416,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     @router.post("/transfers/{transfer_id}/reversal", status_code=201, dependencies=posts,
                  summary="Reverse a posted transfer", response_model=None,
                  responses=_answers(201, ledger_api.TransferPosted, problem_responses({
-                     **_POSTER, 404: "`transfer_not_found`, `account_not_found`.",
+                     **_POSTER, 404: "`transfer_not_found`.",
                      409: "`insufficient_funds` (a payee no longer has the money), `account_frozen`, `account_closed`,"
                           " `idempotency_conflict` (reversed already, for another reason).",
                      422: f"{_INVALID}, `invalid_transfer` (the transfer is itself a reversal)."})))

@@ -2,8 +2,9 @@
 
 Tables: accounts; one row per account entry (a transfer's leg) with the running balance
 and running credits after it (so a balance at any past instant is one indexed lookup, a
-statement's totals two, and its lines a range scan); transfers; holds. Current balances are not here: they are saved with the
-events that change them (`ledger_balances`, see application.py), and read from there.
+statement's totals two, and its lines a range scan); transfers; holds. Current balances
+are not here: they are saved with the events that change them (`ledger_balances`, see
+application.py), and read from there.
 """
 
 from __future__ import annotations

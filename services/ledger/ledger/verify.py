@@ -14,8 +14,9 @@ Everything is recomputed from the event store and compared with what the ledger 
    and column by column: every account (owner, kind, currency, state, credit limit,
    opening and last change times), every entry (account, position, seq, transfer, code,
    amount, running balance and credits, time), every transfer (code, legs, references, customers,
-   metadata, posting time, who asked) and every hold (accounts, amounts, state, deadline, which the
-   expiry sweep acts on, code, references, when it was placed); and it reached the log's head as verify began;
+   metadata, posting time, who asked, what it reverses) and every hold (accounts, amounts,
+   state, deadline, which the expiry sweep acts on, code, references, when it was placed);
+   and it reached the log's head as verify began;
 7. no customer account is below its credit limit;
 8. the events keep the order the writer writes them in: each stream's versions one by one
    along the log, posting times never going back, transfers and holds under the ids their
