@@ -78,6 +78,14 @@ async def test_the_forgers_cover_up_alone_leaves_the_books_verified(ledger):
     assert await failed_checks(ledger) == {}
 
 
+def moving(amount_minor: int):
+    """A rewrite of a stored two-leg transfer to move `amount_minor` the same way instead."""
+    def rewrite(state: dict) -> None:
+        for leg in state["legs"]:
+            leg["amount_minor"] = amount_minor if leg["amount_minor"] > 0 else -amount_minor
+    return rewrite
+
+
 async def test_a_capture_moves_exactly_what_its_hold_says_was_captured(ledger):
     # The capture's transfer rewritten on both legs (the trial balance still holds): the
     # card pays the shop 250 where the hold's events say 100 was captured.
@@ -88,10 +96,7 @@ async def test_a_capture_moves_exactly_what_its_hold_says_was_captured(ledger):
     await writer.submit(c.CaptureHold("auth", "c1", 100))
     await settled(ledger)
 
-    def inflate(state):
-        for leg in state["legs"]:
-            leg["amount_minor"] = 250 if leg["amount_minor"] > 0 else -250
-    await rewrite_event(ledger, Transfer.id_for("auth:capture:c1"), 1, inflate)
+    await rewrite_event(ledger, Transfer.id_for("auth:capture:c1"), 1, moving(250))
     await cover_up(ledger)
     failed = await failed_checks(ledger)
     assert list(failed) == ["holds add up", SEALED]
@@ -128,10 +133,7 @@ async def test_a_reversal_moves_back_exactly_what_the_transfer_it_names_moved(le
     await settled(ledger)
     assert await failed_checks(ledger) == {}
 
-    def inflate(state):
-        for leg in state["legs"]:
-            leg["amount_minor"] = 250 if leg["amount_minor"] > 0 else -250
-    await rewrite_event(ledger, Transfer.id_for("pay:reversal"), 1, inflate)
+    await rewrite_event(ledger, Transfer.id_for("pay:reversal"), 1, moving(250))
     await cover_up(ledger)
     failed = await failed_checks(ledger)
     assert list(failed) == ["reversals", SEALED]
