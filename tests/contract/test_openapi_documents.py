@@ -23,7 +23,7 @@ UNREACHED = {"database_url": "postgresql://nobody@127.0.0.1:1/none", "kafka_boot
 LEDGER_POSTS = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit",
                 "post_transfer", "reverse_transfer", "place_hold", "capture_hold", "void_hold"}
 LEDGER_READS = {"get_account", "list_accounts", "get_balance", "get_history", "get_statement", "get_transfer",
-                "get_hold", "get_pending_holds"}
+                "get_hold", "get_pending_holds", "find_transfers"}
 CUSTOMER_READS = {"my_accounts", "my_account", "my_balance", "my_history", "my_statement", "my_pending_holds"}
 KEYED = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit"}
 
@@ -244,6 +244,9 @@ async def test_the_answers_of_a_running_bank_fit_the_documented_schemas(bank, do
     check(doc, "reverse_transfer", 404, await ledger.post("/transfers/never-posted/reversal",
                                                           json={"reason": "posted_in_error"}))
     check(doc, "get_transfer", 200, await ledger.get(f"/transfers/twice-{card}:reversal"))
+    check(doc, "find_transfers", 200, await ledger.get("/transfers", params={"external_ref": "top-up-1", "limit": 1}))
+    check(doc, "find_transfers", 422, await ledger.get("/transfers", params={"external_ref": "top-up-1",
+                                                                             "cursor": "not-one-of-them"}))
     check(doc, "get_transfer", 404, await ledger.get("/transfers/never-posted"))
     check(doc, "get_transfer", 403, await ledger.get(f"/transfers/fund-{card}", headers=bearer(tmp_path, "alice")))
     check(gw, "my_accounts", 200, await customer.get("/accounts", params={"limit": 1}))

@@ -143,6 +143,11 @@ class Transfer(_Body):
     reversed_by: str | None = Field(description="the transfer that reversed this one, if one did")
 
 
+class TransfersPage(_Body):
+    transfers: list[Transfer] = Field(description="in posting order")
+    next_cursor: str | None = Field(description="the next page's `cursor`; null on the last page")
+
+
 class Hold(_Body):
     hold_id: str = Field(description="the client-given id")
     state: Literal["active", "captured", "voided", "expired"]

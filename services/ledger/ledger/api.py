@@ -75,7 +75,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 HoldId = Annotated[str, Path(pattern=ID_PATTERN)]
 # Any transfer's id: a client's, a capture's (hold id, ":capture:", capture id) or a reversal's (":reversal" after).
 _TRANSFER_ID_CHARS_MAX = commands.POSTED_TRANSFER_ID_CHARS_MAX + len(commands.REVERSAL_SUFFIX)
-TransferId = Annotated[str, Path(pattern=rf"^[A-Za-z0-9][A-Za-z0-9._:\-]{{0,{_TRANSFER_ID_CHARS_MAX - 1}}}$")]
+_TRANSFER_ID_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._:\-]{{0,{_TRANSFER_ID_CHARS_MAX - 1}}}$"
+TransferId = Annotated[str, Path(pattern=_TRANSFER_ID_PATTERN)]
 
 
 # Every idempotent ledger call stores a business refusal (409 account_closed, say) as its answer.
@@ -87,6 +88,8 @@ Cursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")]
 # A statement's page cursor also names the log position its first page was read as of
 # ("position.seq.as_of"), so every page of one statement shows the same period as then.
 StatementCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}\.\d{1,18}$")]
+# A page of transfers found by reference: the id of the last transfer on the page before.
+TransferCursor = Annotated[str | None, Query(pattern=_TRANSFER_ID_PATTERN)]
 # A page of pending holds: the log position of the last hold's placement on the page before.
 HoldsCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}$")]
 
@@ -465,6 +468,32 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     async def void_hold(hold_id: HoldId, me: Principal = post):
         """Releases what the hold still reserves. Needs the role `ledger:post`."""
         return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id, requested_by=me.customer_id)))
+
+    @router.get("/transfers", dependencies=QUERY_AS_DECLARED, summary="The transfers posted with a reference",
+                response_model=None, responses=_answers(200, ledger_api.TransfersPage, problem_responses({
+                    **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
+                    422: f"{_INVALID}, `invalid_cursor` (not a transfer with this `external_ref`)."})))
+    async def find_transfers(
+        # No NUL: PostgreSQL text cannot hold one, so no reference has one.
+        external_ref: Annotated[str, Query(min_length=1, max_length=commands.ID_CHARS_MAX, pattern=r"^[^\x00]+$")],
+        cursor: TransferCursor = None,
+        limit: Annotated[int, Query(ge=1, le=projections.TRANSFERS_PAGE_SIZE_MAX)] = projections.TRANSFERS_PAGE_SIZE_MAX,
+        me: Principal = reads,
+    ):
+        """The transfers posted with this `external_ref` (a card network's RRN, a payment
+        system's id): a payment, the captures of the hold placed with it, its reversal; in
+        posting order, a page at a time (follow `next_cursor` until it is null). For
+        reconciliation and the bank's staff: needs the role `ledger:read` or `ledger:post`."""
+        if not _sees_every_account(me):
+            raise Problem(403, "forbidden", f"finding transfers needs the role {LEDGER_READ} or {LEDGER_POST};"
+                                            " a customer reads her accounts' history")
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # one just posted is found
+        try:
+            found, next_after = await projections.transfers_by_reference(ledger.pool, external_ref, after=cursor,
+                                                                         limit=limit)
+        except projections.UnknownCursor as unknown:
+            raise Problem(422, "invalid_cursor", str(unknown)) from None
+        return {"transfers": found, "next_cursor": next_after}
 
     @router.get("/transfers/{transfer_id}", dependencies=QUERY_AS_DECLARED, summary="A posted transfer, and who asked",
                 response_model=None, responses=_answers(200, ledger_api.Transfer, problem_responses({

@@ -19,7 +19,7 @@ import asyncpg
 
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
 from ledger.domain.account import freezes_after
-from ledger.domain.batch import reversal_transfer_id
+from ledger.domain.commands import REVERSAL_SUFFIX
 from ledger.domain.stored import stored_later
 
 # The read model's projection (its position in projection_position) and its tables, as
@@ -81,6 +81,10 @@ CREATE TABLE IF NOT EXISTS ledger_transfers (
 );
 -- Who asked for it (an access token's subject); null on transfers posted before the ledger recorded it.
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS requested_by text;
+-- A payment found by its reference (a card network's RRN, a payment system's id), as staff
+-- and reconciliation look it up.
+CREATE INDEX IF NOT EXISTS ledger_transfers_external_ref ON ledger_transfers (external_ref, posted_at, transfer_id)
+    WHERE external_ref IS NOT NULL;
 -- On a reversal: the transfer it reverses, and why.
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reverses text;
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reversal_reason text;
@@ -134,6 +138,7 @@ PAGE_SIZE_MAX = 200
 HISTORY_SCAN_ROWS_MAX = 20_000
 # The bank itself, or a business customer, may own any number of accounts: a list of them comes in pages.
 ACCOUNTS_PAGE_SIZE_MAX = 100
+TRANSFERS_PAGE_SIZE_MAX = 100
 
 
 class UnknownCursor(ValueError):
@@ -291,15 +296,38 @@ async def accounts_of(
     return [_account(row) for row in rows[:limit]], rows[limit - 1]["account_id"] if len(rows) > limit else None
 
 
+# A transfer as GET /transfers shows it: its reversal's id, if it has one, beside it.
+_TRANSFER = ("SELECT t.transfer_id, t.code, t.legs, t.external_ref, t.customer_ids, t.metadata, t.posted_at,"
+             " t.requested_by, t.reverses, t.reversal_reason, r.transfer_id AS reversed_by FROM ledger_transfers t"
+             " LEFT JOIN ledger_transfers r ON r.transfer_id = t.transfer_id || '" + REVERSAL_SUFFIX + "'")
+
+
 async def transfer(pool: asyncpg.Pool, transfer_id: str) -> dict | None:
     """A posted transfer as its poster gave it, with who asked for it; and its reversal, or
     the transfer it reverses."""
-    row = await pool.fetchrow(
-        "SELECT transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by, reverses,"
-        " reversal_reason, (SELECT r.transfer_id FROM ledger_transfers r WHERE r.transfer_id = $2) AS reversed_by"
-        " FROM ledger_transfers WHERE transfer_id = $1", transfer_id, reversal_transfer_id(transfer_id))
-    if row is None:
-        return None
+    row = await pool.fetchrow(f"{_TRANSFER} WHERE t.transfer_id = $1", transfer_id)
+    return _transfer(row) if row is not None else None
+
+
+async def transfers_by_reference(pool: asyncpg.Pool, external_ref: str, *, after: str | None = None,
+                                 limit: int = TRANSFERS_PAGE_SIZE_MAX) -> tuple[list[dict], str | None]:
+    """The transfers posted with this `external_ref` (a payment, its captures, its reversal),
+    in posting order, a page at a time; `after` is the last transfer of the previous page,
+    which must be one of them. Returns the page and the next page's `after`."""
+    limit = max(1, min(limit, TRANSFERS_PAGE_SIZE_MAX))
+    posted_after = None
+    if after is not None:
+        posted_after = await pool.fetchval(
+            "SELECT posted_at FROM ledger_transfers WHERE transfer_id = $1 AND external_ref = $2", after, external_ref)
+        if posted_after is None:
+            raise UnknownCursor("the cursor is not a transfer with this external_ref; start again without a cursor")
+    rows = await pool.fetch(
+        f"{_TRANSFER} WHERE t.external_ref = $1 AND ($2::timestamptz IS NULL OR (t.posted_at, t.transfer_id) > ($2, $3))"
+        " ORDER BY t.posted_at, t.transfer_id LIMIT $4", external_ref, posted_after, after, limit + 1)
+    return [_transfer(row) for row in rows[:limit]], rows[limit - 1]["transfer_id"] if len(rows) > limit else None
+
+
+def _transfer(row: asyncpg.Record) -> dict:
     return {"transfer_id": row["transfer_id"], "code": row["code"], "legs": json.loads(row["legs"]),
             "external_ref": row["external_ref"], "customer_ids": list(row["customer_ids"]),
             "metadata": json.loads(row["metadata"]), "posted_at": row["posted_at"].isoformat(),
