@@ -24,7 +24,7 @@ Everything is recomputed from the event store and compared with what the ledger 
 9. holds add up: no capture takes more than is left, a void or expiry releases exactly what
    is left, nothing follows a finished hold, each capture's transfer moves what its hold says
    and carries its references; and each reversal moves back exactly the legs of the transfer
-   it names, once, for a reason the bank has;
+   it names, once, after it in the log, for a reason the bank has;
 10. the log ends where the ledger last wrote: the posting clock is the newest event's time,
    and no read model or relay position is past it (the newest event deleted shows);
 11. the events table and its seals are append-only: their guards refuse every UPDATE,
@@ -276,6 +276,9 @@ class _Replay:
         self.holds_off = Problems()  # hold events that contradict each other or their captures' transfers
         self.reversals = 0
         self.reversals_off = Problems()  # reversals that do not move back exactly what they name
+        # The writer reverses only a transfer already stored, so no transfer comes after its
+        # reversal in the log: each reversal's position waits here for a transfer that does.
+        self._reversed_at: dict[str, int] = {}  # reversed transfer id: its reversal's position
         self.events_read = 0
         self.newest: tuple[int, datetime] | None = None  # position and time of the last event replayed
         self._last_position = 0
@@ -407,6 +410,7 @@ class _Replay:
         transfer's reversal id (so there is one at most), for a reason the bank has. The
         reversed transfer is read from the store: reversals are few."""
         self.reversals += 1
+        self._reversed_at[reverses] = position
         what = f"position {position}: transfer {event.client_transfer_id} reverses {reverses}"
         if event.client_transfer_id != reversal_transfer_id(reverses):
             self.reversals_off.append(f"{what}, but is not stored under its reversal id {reversal_transfer_id(reverses)}")
@@ -496,6 +500,9 @@ class _Replay:
     def _post(self, position: int, event: Any, page: _Page | None) -> None:
         self.transfers += 1
         what = f"Transfer.Posted {event.client_transfer_id}"
+        if event.client_transfer_id in self._reversed_at:
+            self.reversals_off.append(f"position {position}: transfer {event.client_transfer_id} is posted after its"
+                                      f" reversal at position {self._reversed_at[event.client_transfer_id]}")
         sums: dict[str, int] = defaultdict(int)
         for seq, leg in enumerate(event.legs):
             account_id = UUID(leg["account_id"])
@@ -726,7 +733,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                " is left, every capture's transfer moves what its hold says, with its references")
     report.add("reversals", replay.reversals_off,
                f"{replay.reversals} reversals: each moves back exactly the legs of the transfer it names, once,"
-               " for a reason the bank has")
+               " after it, for a reason the bank has")
     report.add("log head", _log_head_problems(replay.newest, posting_clock, position, relayed),
                f"the posting clock is the newest event's time (position {up_to}), and no position recorded is past it")
 

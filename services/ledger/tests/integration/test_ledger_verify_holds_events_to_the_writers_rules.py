@@ -140,6 +140,31 @@ async def test_a_reversal_moves_back_exactly_what_the_transfer_it_names_moved(le
     assert "transfer pay:reversal reverses pay, but moves" in failed["reversals"]
 
 
+async def test_a_transfer_is_never_posted_after_its_own_reversal(ledger):
+    # The payment moved to the head of the log, dated with its reversal's time (so posting
+    # times still never go back): the statement would show the money returned before it left.
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.PostTransfer("pay", (c.Leg(card, -100, "RUB"), c.Leg(settlement, 100, "RUB")), "p2p"))
+    await writer.submit(c.ReverseTransfer("pay", "posted_in_error"))
+    await settled(ledger)
+    table = events_table(ledger.parts.app.recorder)
+    reversal = json.loads(await ledger.parts.pool.fetchval(
+        f"SELECT state FROM {table} WHERE originator_id = $1", Transfer.id_for("pay:reversal")))
+    reversal_at = await ledger.parts.pool.fetchval(
+        f"SELECT notification_id FROM {table} WHERE originator_id = $1", Transfer.id_for("pay:reversal"))
+
+    await rewrite_event(ledger, Transfer.id_for("pay"), 1,
+                        lambda state: state.update(timestamp=reversal["timestamp"], posted_at=reversal["posted_at"]))
+    await forge_history(ledger, "UPDATE {table} SET notification_id = $2 WHERE originator_id = $1",
+                        Transfer.id_for("pay"), reversal_at + 1)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["reversals", SEALED]
+    assert f"position {reversal_at + 1}: transfer pay is posted after its reversal at position {reversal_at}" \
+        in failed["reversals"]
+
+
 async def voided_hold(ledger):
     """Alice's card funded with 1,000; hold 'auth' of 300 to the settlement account,
     100 captured, the rest voided; verify passes."""
