@@ -23,7 +23,7 @@ UNREACHED = {"database_url": "postgresql://nobody@127.0.0.1:1/none", "kafka_boot
 LEDGER_POSTS = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit",
                 "post_transfer", "reverse_transfer", "place_hold", "capture_hold", "void_hold"}
 LEDGER_READS = {"get_account", "list_accounts", "get_balance", "get_history", "get_statement", "get_transfer",
-                "get_hold", "get_pending_holds", "find_transfers"}
+                "get_hold", "get_pending_holds", "find_transfers", "find_holds"}
 CUSTOMER_READS = {"my_accounts", "my_account", "my_balance", "my_history", "my_statement", "my_pending_holds"}
 KEYED = {"open_account", "freeze_account", "unfreeze_account", "close_account", "set_credit_limit"}
 
@@ -202,7 +202,8 @@ async def test_the_answers_of_a_running_bank_fit_the_documented_schemas(bank, do
     check(doc, "post_transfer", 201, await ledger.post("/transfers", json={
         "transfer_id": f"fund-{card}", "code": "top_up", "legs": legs, "external_ref": "top-up-1"}))
     hold = {"hold_id": f"hold-{card}", "debit_account_id": card, "credit_account_id": other, "amount_minor": 300,
-            "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat(), "code": "card_payment"}
+            "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat(), "code": "card_payment",
+            "external_ref": "auth-1"}
     check(doc, "place_hold", 201, await ledger.post("/holds", json=hold))
     check(doc, "capture_hold", 201, await ledger.post(f"/holds/{hold['hold_id']}/captures",
                                                       json={"capture_id": "c1", "amount_minor": 100}))
@@ -213,6 +214,10 @@ async def test_the_answers_of_a_running_bank_fit_the_documented_schemas(bank, do
     check(doc, "get_hold", 200, await ledger.get(f"/holds/{hold['hold_id']}"))
     check(doc, "get_hold", 404, await ledger.get("/holds/never-placed"))
     check(doc, "get_hold", 403, await ledger.get(f"/holds/{hold['hold_id']}", headers=bearer(tmp_path, "alice")))
+    check(doc, "find_holds", 200, await ledger.get("/holds", params={"external_ref": "auth-1", "limit": 1}))
+    check(doc, "find_holds", 403, await ledger.get("/holds", params={"external_ref": "auth-1"},
+                                                   headers=bearer(tmp_path, "alice")))
+    check(doc, "find_holds", 422, await ledger.get("/holds", params={"external_ref": "auth-1", "cursor": "x"}))
     check(doc, "post_transfer", 409, await ledger.post("/transfers", json={
         "transfer_id": "too-much", "code": "top_up", "legs": [{**legs[0], "account_id": card, "amount_minor": -10**9},
                                                               {**legs[1], "account_id": other, "amount_minor": 10**9}]}))

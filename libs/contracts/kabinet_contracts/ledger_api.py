@@ -178,6 +178,11 @@ class PlacedHold(_Body):
     expires_at: AwareDatetime = Field(description="when what is left is released, unless captured or voided first")
 
 
+class HoldsPage(_Body):
+    holds: list[PlacedHold] = Field(description="in the order they were placed")
+    next_cursor: str | None = Field(description="the next page's `cursor`; null on the last page")
+
+
 class PendingHold(_Body):
     """A live hold on the account: money reserved but not moved yet (a card purchase awaiting
     its clearing, say)."""

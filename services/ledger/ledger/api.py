@@ -90,7 +90,9 @@ Cursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")]
 StatementCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}\.\d{1,18}$")]
 # A page of transfers found by reference: the id of the last transfer on the page before.
 TransferCursor = Annotated[str | None, Query(pattern=_TRANSFER_ID_PATTERN)]
-# A page of pending holds: the log position of the last hold's placement on the page before.
+# A poster's reference to search by. No NUL: PostgreSQL text cannot hold one, so no reference has one.
+ExternalRef = Annotated[str, Query(min_length=1, max_length=commands.ID_CHARS_MAX, pattern=r"^[^\x00]+$")]
+# A page of holds: the log position of the last hold's placement on the page before.
 HoldsCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}$")]
 
 
@@ -330,13 +332,18 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             raise Problem(404, "account_not_found", f"no account {account_id}")
         return found
 
+    async def staff_only(me: Principal, doing: str, customers_do: str) -> None:
+        """403 for a customer's token (she does `customers_do` instead); then the read model
+        caught up, so what was just posted or placed is found."""
+        if not _sees_every_account(me):
+            raise Problem(403, "forbidden", f"{doing} needs the role {LEDGER_READ} or {LEDGER_POST};"
+                                            f" a customer {customers_do}")
+        await ledger.read_your_writes(READ_MODEL_WAIT_S)
+
     async def staff_read(me: Principal, what: str, record_id: str, find, customers_read: str) -> dict:
         """A transfer or a hold by its id, for staff and services (a customer reads `customers_read`
         instead): 403 for a customer's token, 404 `<what>_not_found` if there is none."""
-        if not _sees_every_account(me):
-            raise Problem(403, "forbidden", f"reading a {what} needs the role {LEDGER_READ} or {LEDGER_POST};"
-                                            f" a customer reads {customers_read}")
-        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # one just posted or placed is found
+        await staff_only(me, f"reading a {what}", f"reads {customers_read}")
         found = await find(ledger.pool, record_id)
         if found is None:
             raise Problem(404, f"{what}_not_found", f"no {what} {record_id}")
@@ -474,8 +481,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                     **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
                     422: f"{_INVALID}, `invalid_cursor` (not a transfer with this `external_ref`)."})))
     async def find_transfers(
-        # No NUL: PostgreSQL text cannot hold one, so no reference has one.
-        external_ref: Annotated[str, Query(min_length=1, max_length=commands.ID_CHARS_MAX, pattern=r"^[^\x00]+$")],
+        external_ref: ExternalRef,
         cursor: TransferCursor = None,
         limit: Annotated[int, Query(ge=1, le=projections.TRANSFERS_PAGE_SIZE_MAX)] = projections.TRANSFERS_PAGE_SIZE_MAX,
         me: Principal = reads,
@@ -484,10 +490,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         system's id): a payment, the captures of the hold placed with it, its reversal; in
         posting order, a page at a time (follow `next_cursor` until it is null). For
         reconciliation and the bank's staff: needs the role `ledger:read` or `ledger:post`."""
-        if not _sees_every_account(me):
-            raise Problem(403, "forbidden", f"finding transfers needs the role {LEDGER_READ} or {LEDGER_POST};"
-                                            " a customer reads her accounts' history")
-        await ledger.read_your_writes(READ_MODEL_WAIT_S)  # one just posted is found
+        await staff_only(me, "finding transfers", "reads her accounts' history")
         try:
             found, next_after = await projections.transfers_by_reference(ledger.pool, external_ref, after=cursor,
                                                                          limit=limit)
@@ -504,6 +507,26 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         it, and who asked for it. Needs the role `ledger:read` or `ledger:post`: a customer
         reads her money's movements in her accounts' history."""
         return await staff_read(me, "transfer", transfer_id, projections.transfer, "her accounts' history")
+
+    @router.get("/holds", dependencies=QUERY_AS_DECLARED, summary="The holds placed with a reference",
+                response_model=None, responses=_answers(200, ledger_api.HoldsPage, problem_responses({
+                    **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
+                    422: _INVALID})))
+    async def find_holds(
+        external_ref: ExternalRef,
+        cursor: HoldsCursor = None,
+        limit: Annotated[int, Query(ge=1, le=projections.HOLDS_PAGE_SIZE_MAX)] = projections.HOLDS_PAGE_SIZE_MAX,
+        me: Principal = reads,
+    ):
+        """The holds placed with this `external_ref` (a card authorisation's RRN), live or
+        finished: what each reserved, what its captures took, what became of the rest; in the
+        order placed, a page at a time (follow `next_cursor` until it is null). A hold's
+        captures are found among the transfers with the same reference. For the bank's staff
+        and card processing: needs the role `ledger:read` or `ledger:post`."""
+        await staff_only(me, "finding holds", "reads her accounts' pending holds")
+        found, next_after = await projections.holds_by_reference(
+            ledger.pool, external_ref, after=int(cursor) if cursor is not None else None, limit=limit)
+        return {"holds": found, "next_cursor": str(next_after) if next_after is not None else None}
 
     @router.get("/holds/{hold_id}", dependencies=QUERY_AS_DECLARED, summary="A hold as it stands",
                 response_model=None, responses=_answers(200, ledger_api.PlacedHold, problem_responses({

@@ -131,6 +131,9 @@ CREATE INDEX IF NOT EXISTS ledger_holds_debit_active ON ledger_holds (debit_acco
     WHERE state = 'active';
 CREATE INDEX IF NOT EXISTS ledger_holds_credit_active ON ledger_holds (credit_account_id, placed_position)
     WHERE state = 'active';
+-- The holds placed with a reference, for staff and reconciliation, in the order placed.
+CREATE INDEX IF NOT EXISTS ledger_holds_by_reference ON ledger_holds (external_ref, placed_position)
+    WHERE external_ref IS NOT NULL;
 """
 
 PAGE_SIZE_MAX = 200
@@ -139,6 +142,7 @@ HISTORY_SCAN_ROWS_MAX = 20_000
 # The bank itself, or a business customer, may own any number of accounts: a list of them comes in pages.
 ACCOUNTS_PAGE_SIZE_MAX = 100
 TRANSFERS_PAGE_SIZE_MAX = 100
+HOLDS_PAGE_SIZE_MAX = 100
 
 
 class UnknownCursor(ValueError):
@@ -337,8 +341,22 @@ def _transfer(row: asyncpg.Record) -> dict:
 
 async def hold(pool: asyncpg.Pool, hold_id: str) -> dict | None:
     row = await pool.fetchrow("SELECT * FROM ledger_holds WHERE hold_id = $1", hold_id)
-    if row is None:
-        return None
+    return _hold(row) if row is not None else None
+
+
+async def holds_by_reference(pool: asyncpg.Pool, external_ref: str, *, after: int | None = None,
+                             limit: int = HOLDS_PAGE_SIZE_MAX) -> tuple[list[dict], int | None]:
+    """The holds placed with this `external_ref` (a card authorisation's RRN, say), live or
+    finished, in the order they were placed, a page at a time; `after` is the
+    `placed_position` of the last hold of the previous page. Returns the page and the next
+    page's `after`."""
+    limit = max(1, min(limit, HOLDS_PAGE_SIZE_MAX))
+    rows = await pool.fetch("SELECT * FROM ledger_holds WHERE external_ref = $1 AND placed_position > $2"
+                            " ORDER BY placed_position LIMIT $3", external_ref, after or 0, limit + 1)
+    return [_hold(row) for row in rows[:limit]], rows[limit - 1]["placed_position"] if len(rows) > limit else None
+
+
+def _hold(row: asyncpg.Record) -> dict:
     return {
         "hold_id": row["hold_id"],
         "state": row["state"],

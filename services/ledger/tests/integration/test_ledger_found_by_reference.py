@@ -1,5 +1,6 @@
-"""Finding transfers by their reference: reconciliation matches a card network's RRN or a
-payment system's id to what the ledger posted; support finds a customer's payment by it."""
+"""Finding transfers and holds by their reference: reconciliation matches a card network's
+RRN or a payment system's id to what the ledger posted or holds; support finds a customer's
+payment, or the authorisation still reserving her money, by it."""
 
 from __future__ import annotations
 
@@ -57,3 +58,45 @@ async def test_finding_transfers_by_reference_is_for_staff_and_takes_only_its_ow
     assert (foreign.status_code, foreign.json()["code"]) == (422, "invalid_cursor")
     missing = await ledger.get("/transfers")
     assert missing.status_code == 422 and [e["field"] for e in missing.json()["errors"]] == ["external_ref"]
+
+
+async def test_the_holds_of_an_authorisation_are_found_by_its_rrn_with_what_became_of_each(ledger):
+    # A hotel stay: the first authorisation, an incremental one under the same RRN, and a
+    # third one the merchant cancelled.
+    settlement, hotel, card = (await open_account(ledger, "settlement"), await open_account(ledger, "fee_income"),
+                               await open_account(ledger))
+    rrn = f"rrn-{uuid.uuid4().hex[:12]}"
+    assert (await ledger.post("/transfers", json=transfer_body(f"fund-{rrn}", (settlement, -5_000), (card, 5_000)))
+            ).status_code == 201
+    for suffix, amount in (("first", 3_000), ("incremental", 1_000), ("cancelled", 500)):
+        placed = await ledger.post("/holds", json={
+            "hold_id": f"{rrn}-{suffix}", "debit_account_id": card, "credit_account_id": hotel, "amount_minor": amount,
+            "currency": "RUB", "expires_at": (datetime.now(UTC) + timedelta(days=30)).isoformat(),
+            "code": "card_purchase", "external_ref": rrn, "metadata": {"merchant": "Hotel Neva"}})
+        assert placed.status_code == 201, placed.text
+    assert (await ledger.post(f"/holds/{rrn}-first/captures", json={"capture_id": "night-1",
+                                                                     "amount_minor": 1_200})).status_code == 201
+    assert (await ledger.post(f"/holds/{rrn}-cancelled/void", json={})).status_code == 200
+
+    pages = [(await ledger.get("/holds", params={"external_ref": rrn, "limit": 2})).json()]
+    while pages[-1]["next_cursor"] is not None and len(pages) < 10:  # bounded
+        pages.append((await ledger.get("/holds", params={"external_ref": rrn, "limit": 2,
+                                                         "cursor": pages[-1]["next_cursor"]})).json())
+    found = [hold for page in pages for hold in page["holds"]]
+    assert [(h["hold_id"], h["state"], h["amount_minor"], h["captured_minor"], h["remaining_minor"]) for h in found] == [
+        (f"{rrn}-first", "active", 3_000, 1_200, 1_800),
+        (f"{rrn}-incremental", "active", 1_000, 0, 1_000),
+        (f"{rrn}-cancelled", "voided", 500, 0, 0)]
+    assert all(h["debit_account_id"] == card and h["metadata"] == {"merchant": "Hotel Neva"} for h in found)
+    assert [len(page["holds"]) for page in pages] == [2, 1]
+    assert (await ledger.get("/holds", params={"external_ref": "never-used"})).json() == {
+        "holds": [], "next_cursor": None}
+
+
+async def test_finding_holds_by_reference_is_for_staff(ledger):
+    as_alice = await ledger.get("/holds", params={"external_ref": "rrn-1"}, headers=bearer(ledger.settings.data_dir,
+                                                                                           "alice"))
+    assert (as_alice.status_code, as_alice.json()["code"]) == (403, "forbidden")
+    assert "a customer reads her accounts' pending holds" in as_alice.json()["detail"]
+    not_a_position = await ledger.get("/holds", params={"external_ref": "rrn-1", "cursor": "rrn-0"})
+    assert not_a_position.status_code == 422 and [e["field"] for e in not_a_position.json()["errors"]] == ["cursor"]
