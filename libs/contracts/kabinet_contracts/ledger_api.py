@@ -81,6 +81,10 @@ class Line(_Body):
     external_ref: str | None
     metadata: dict[str, str] = Field(description="what its poster said the movement is for (the merchant of a card"
                                                  " purchase, a transfer's message), as shown to the accounts' owners")
+    reverses: str | None = Field(description="on a reversal's line (code `reversal`): the transfer it moves back,"
+                                             " whose line is on this account too")
+    reversed_by: str | None = Field(description="the transfer that moved this line's money back, if one did: the"
+                                                " movement was corrected, and the reversal's line is on this account")
 
 
 class HistoryPage(_Body):

@@ -300,10 +300,12 @@ async def accounts_of(
     return [_account(row) for row in rows[:limit]], rows[limit - 1]["account_id"] if len(rows) > limit else None
 
 
+# A transfer `t`'s reversal `r`, if it has one (at most one: it is stored under the reversal id).
+_ITS_REVERSAL = "LEFT JOIN ledger_transfers r ON r.transfer_id = t.transfer_id || '" + REVERSAL_SUFFIX + "'"
 # A transfer as GET /transfers shows it: its reversal's id, if it has one, beside it.
 _TRANSFER = ("SELECT t.transfer_id, t.code, t.legs, t.external_ref, t.customer_ids, t.metadata, t.posted_at,"
-             " t.requested_by, t.reverses, t.reversal_reason, r.transfer_id AS reversed_by FROM ledger_transfers t"
-             " LEFT JOIN ledger_transfers r ON r.transfer_id = t.transfer_id || '" + REVERSAL_SUFFIX + "'")
+             " t.requested_by, t.reverses, t.reversal_reason, r.transfer_id AS reversed_by FROM ledger_transfers t "
+             + _ITS_REVERSAL)
 
 
 async def transfer(pool: asyncpg.Pool, transfer_id: str) -> dict | None:
@@ -450,6 +452,11 @@ async def balance_at(pool: asyncpg.Pool, account_id, instant: datetime) -> int:
     return await pool.fetchval(_BALANCE_AT, account_id, instant, _EVERY_POSITION) or 0
 
 
+# A history or statement line: the entry `e`, what its transfer says, and the reversal either way.
+_LINE_COLUMNS = "e.*, t.legs, t.external_ref, t.metadata, t.reverses, r.transfer_id AS reversed_by"
+_LINE_TRANSFER = "LEFT JOIN ledger_transfers t USING (transfer_id) " + _ITS_REVERSAL
+
+
 async def history(
     pool: asyncpg.Pool,
     account_id,
@@ -498,7 +505,7 @@ async def history(
         )
     if not matched:  # every entry read is shown: the page reads limit + 1 of them, no more
         rows = await pool.fetch(
-            "SELECT e.*, t.legs, t.external_ref, t.metadata FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
+            f"SELECT {_LINE_COLUMNS} FROM ledger_entries e {_LINE_TRANSFER}"
             f" WHERE {' AND '.join(scanned)} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}",
             *args,
         )
@@ -512,7 +519,7 @@ async def history(
         " edge_seq AS (SELECT min(w.seq) AS seq FROM window_read w, edge WHERE w.position = edge.position)"
         " SELECT edge.read_count, edge.position AS edge_position, edge_seq.seq AS edge_seq, page.*"
         " FROM edge CROSS JOIN edge_seq LEFT JOIN LATERAL ("
-        "  SELECT e.*, t.legs, t.external_ref, t.metadata FROM window_read e LEFT JOIN ledger_transfers t USING (transfer_id)"
+        f"  SELECT {_LINE_COLUMNS} FROM window_read e {_LINE_TRANSFER}"
         f"  WHERE {' AND '.join(matched) or 'true'} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}"
         " ) page ON true",
         *args,
@@ -547,6 +554,8 @@ def _line(row: asyncpg.Record) -> dict:
         "counterparty_account_ids": _counterparties(legs, row["amount_minor"]),
         "external_ref": row["external_ref"],
         "metadata": json.loads(row["metadata"]) if row["metadata"] else {},
+        "reverses": row["reverses"],
+        "reversed_by": row["reversed_by"],
     }
 
 
@@ -581,7 +590,7 @@ async def statement(
         credits = int(closing_credits - opening_credits)
         debits = credits - (closing - opening)
         rows = await connection.fetch(
-            "SELECT e.*, t.legs, t.external_ref, t.metadata FROM ledger_entries e LEFT JOIN ledger_transfers t USING (transfer_id)"
+            f"SELECT {_LINE_COLUMNS} FROM ledger_entries e {_LINE_TRANSFER}"
             " WHERE e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3 AND (e.position, e.seq) > ($4, $5)"
             " AND e.position <= $6 ORDER BY e.position, e.seq LIMIT $7",
             account_id, since, until, *(after or (0, -1)), as_of, limit + 1,

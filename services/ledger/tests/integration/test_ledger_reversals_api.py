@@ -43,6 +43,22 @@ async def test_staff_reverse_a_payment_made_in_error_and_both_stand_in_the_histo
     assert await failed_checks(ledger) == {}
 
 
+async def test_the_history_and_statement_show_a_reversed_line_and_its_reversal_linked_both_ways(ledger):
+    # Alice's app shows the payment as corrected and the correction as the payment's, on
+    # every page that shows either of them (a history page, a statement).
+    alice, bob, mistake = await paid(ledger)
+    assert (await ledger.post(f"/transfers/{mistake}/reversal", json={"reason": "posted_in_error"})).status_code == 201
+    statement = (await ledger.get(f"/accounts/{alice}/statement", params={
+        "since": "2000-01-01T00:00:00Z", "until": "2100-01-01T00:00:00Z"})).json()
+    history = (await ledger.get(f"/accounts/{alice}/history")).json()
+    by_code = (await ledger.get(f"/accounts/{alice}/history", params={"code": "reversal"})).json()
+    links = {(line["transfer_id"], line["amount_minor"], line["reverses"], line["reversed_by"])
+             for line in history["lines"] + statement["lines"] + by_code["lines"]}
+    assert links == {(f"fund-{mistake.removeprefix('mistake-')}", 1_000, None, None),
+                     (mistake, -300, None, f"{mistake}:reversal"), (f"{mistake}:reversal", 300, mistake, None)}
+    assert [line["transfer_id"] for line in by_code["lines"]] == [f"{mistake}:reversal"]
+
+
 async def test_asked_twice_a_reversal_answers_as_the_first_time_and_moves_nothing_again(ledger):
     alice, bob, mistake = await paid(ledger)
     first = await ledger.post(f"/transfers/{mistake}/reversal", json={"reason": "duplicate"})
