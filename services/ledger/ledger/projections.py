@@ -452,6 +452,15 @@ async def balance_at(pool: asyncpg.Pool, account_id, instant: datetime) -> int:
     return await pool.fetchval(_BALANCE_AT, account_id, instant, _EVERY_POSITION) or 0
 
 
+# An account's entries read along its time index (account, time, position, seq): posting
+# times never go back along the log (ADR-0002), so this is log order, and a period's entries
+# are one range of that index however old the period; in log order by position alone, the
+# server would sort the whole period, or read every newer entry, for each page.
+_NEWEST_FIRST = "e.occurred_at DESC, e.position DESC, e.seq DESC"
+# The time of a page cursor's entry (`position`, `seq`: parameters), where the next page's
+# range starts; a cursor that names no entry of the account bounds nothing (`missing`).
+_CURSOR_TIME = ("coalesce((SELECT c.occurred_at FROM ledger_entries c WHERE c.account_id = $1"
+                " AND c.position = {position} AND c.seq = {seq}), '{missing}')")
 # A history or statement line: the entry `e`, what its transfer says, and the reversal either way.
 _LINE_COLUMNS = "e.*, t.legs, t.external_ref, t.metadata, t.reverses, r.transfer_id AS reversed_by"
 _LINE_TRANSFER = "LEFT JOIN ledger_transfers t USING (transfer_id) " + _ITS_REVERSAL
@@ -490,7 +499,9 @@ async def history(
     if until is not None:
         scanned.append(f"e.occurred_at < {arg(until)}")
     if after is not None:
-        scanned.append(f"(e.position, e.seq) < ({arg(after[0])}, {arg(after[1])})")
+        position, seq = arg(after[0]), arg(after[1])
+        scanned.append(f"(e.position, e.seq) < ({position}, {seq})")
+        scanned.append(f"e.occurred_at <= {_CURSOR_TIME.format(position=position, seq=seq, missing='infinity')}")
     if amount_min_minor is not None:
         matched.append(f"abs(e.amount_minor) >= {arg(amount_min_minor)}")
     if amount_max_minor is not None:
@@ -506,7 +517,7 @@ async def history(
     if not matched:  # every entry read is shown: the page reads limit + 1 of them, no more
         rows = await pool.fetch(
             f"SELECT {_LINE_COLUMNS} FROM ledger_entries e {_LINE_TRANSFER}"
-            f" WHERE {' AND '.join(scanned)} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}",
+            f" WHERE {' AND '.join(scanned)} ORDER BY {_NEWEST_FIRST} LIMIT {limit + 1}",
             *args,
         )
         return [_line(row) for row in rows[:limit]], _next_after(rows, limit)
@@ -514,7 +525,7 @@ async def history(
     # agree (a second would see newer entries and shift the window).
     rows = await pool.fetch(
         f"WITH window_read AS (SELECT e.* FROM ledger_entries e WHERE {' AND '.join(scanned)}"
-        f"  ORDER BY e.position DESC, e.seq DESC LIMIT {arg(HISTORY_SCAN_ROWS_MAX)}),"
+        f"  ORDER BY {_NEWEST_FIRST} LIMIT {arg(HISTORY_SCAN_ROWS_MAX)}),"
         " edge AS (SELECT count(*) AS read_count, min(position) AS position FROM window_read),"
         " edge_seq AS (SELECT min(w.seq) AS seq FROM window_read w, edge WHERE w.position = edge.position)"
         " SELECT edge.read_count, edge.position AS edge_position, edge_seq.seq AS edge_seq, page.*"
@@ -592,7 +603,8 @@ async def statement(
         rows = await connection.fetch(
             f"SELECT {_LINE_COLUMNS} FROM ledger_entries e {_LINE_TRANSFER}"
             " WHERE e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3 AND (e.position, e.seq) > ($4, $5)"
-            " AND e.position <= $6 ORDER BY e.position, e.seq LIMIT $7",
+            f" AND e.occurred_at >= {_CURSOR_TIME.format(position='$4', seq='$5', missing='-infinity')}"
+            " AND e.position <= $6 ORDER BY e.occurred_at, e.position, e.seq LIMIT $7",
             account_id, since, until, *(after or (0, -1)), as_of, limit + 1,
         )
     next_after = _next_after(rows, limit)

@@ -87,6 +87,35 @@ async def test_a_statement_for_a_period_in_the_middle_counts_only_its_own_credit
     assert [line["balance_after_minor"] for page in pages for line in page["lines"]] == [4_500, 4_200, 4_100, 4_150]
 
 
+async def test_a_periods_history_paged_line_by_line_shows_each_line_once_newest_first_ties_included(ledger):
+    # Lines posted at one instant share a time: a page ends between them and the next goes on
+    # with the rest, filtered (a bounded window of entries) or not.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    before = (datetime.now(UTC) + timedelta(seconds=5)).replace(microsecond=0)
+    await post_at(ledger, before, settlement, card, 5_000)
+    await post_at(ledger, before + timedelta(seconds=10), settlement, card, 700, -300, -100)
+    await post_at(ledger, before + timedelta(seconds=20), settlement, card, 50, -1)
+    await post_at(ledger, before + timedelta(seconds=30), settlement, card, 9)
+    await settled(ledger)
+
+    async def paged(**filters) -> list[int]:
+        params = {"since": (before + timedelta(seconds=5)).isoformat(),
+                  "until": (before + timedelta(seconds=25)).isoformat(), "limit": 1, **filters}
+        amounts, cursor = [], None
+        for _ in range(20):  # bounded
+            page = (await ledger.get(f"/accounts/{card}/history",
+                                     params={**params, **({"cursor": cursor} if cursor else {})})).json()
+            amounts += [line["amount_minor"] for line in page["lines"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return amounts
+        raise AssertionError("more pages than lines")
+
+    assert await paged() == [-1, 50, -100, -300, 700]
+    assert await paged(amount_min_minor=50) == [50, -100, -300, 700]
+
+
 async def test_a_read_model_from_before_running_credits_gets_them_at_the_next_start_and_its_statements_agree(ledger):
     settlement = await open_account(ledger, "settlement")
     card = await open_account(ledger)
