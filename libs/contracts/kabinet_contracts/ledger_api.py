@@ -144,6 +144,8 @@ class Transfer(_Body):
     reverses: str | None = Field(description="on a reversal (code `reversal`): the transfer whose legs it moves back")
     reversal_reason: str | None = Field(description="on a reversal: why (posted_in_error, duplicate, fraud_confirmed,"
                                                     " dispute_upheld)")
+    reversal_case_ref: str | None = Field(description="on a reversal: the bank's case that decided it, if staff named"
+                                                      " one")
     reversed_by: str | None = Field(description="the transfer that reversed this one, if one did")
 
 

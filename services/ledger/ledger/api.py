@@ -196,6 +196,10 @@ class PlaceHoldBody(_Body):
 
 class ReversalBody(_Body):
     reason: ReversalReason
+    case_ref: str | None = Field(default=None, min_length=1, max_length=commands.ID_CHARS_MAX,
+                                 description="the bank's case that decided it (a dispute, a support ticket, an"
+                                             " internal memo), kept with the reversal for auditors; not shown to"
+                                             " customers")
 
 
 class CaptureBody(_Body):
@@ -428,16 +432,16 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                  responses=_answers(201, ledger_api.TransferPosted, problem_responses({
                      **_POSTER, 404: "`transfer_not_found`.",
                      409: "`insufficient_funds` (a payee no longer has the money), `account_frozen`, `account_closed`,"
-                          " `idempotency_conflict` (reversed already, for another reason).",
+                          " `idempotency_conflict` (reversed already, for another reason or case).",
                      422: f"{_INVALID}, `invalid_transfer` (the transfer is itself a reversal)."})))
     async def reverse_transfer(transfer_id: TransferId, body: ReversalBody, me: Principal = post):
         """Storno: posts a transfer moving the legs of `transfer_id` back, with its references,
         under the id `<transfer_id>:reversal` and the code `reversal`. A transfer is reversed at
-        most once: asked again for the same reason, this answers as the first time (`replayed`).
+        most once: asked again for the same reason (and case), this answers as the first time (`replayed`).
         A refusal is not kept: once the payee has the money again, ask again. Needs the role
         `ledger:post`."""
         return _result(await ledger.submit(commands.ReverseTransfer(
-            transfer_id=transfer_id, reason=body.reason.value, requested_by=me.customer_id)))
+            transfer_id=transfer_id, reason=body.reason.value, case_ref=body.case_ref, requested_by=me.customer_id)))
 
     @router.post("/holds", status_code=201, dependencies=posts, summary="Place a hold", response_model=None,
                  responses=_answers(201, ledger_api.Hold, problem_responses({

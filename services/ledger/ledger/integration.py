@@ -80,7 +80,7 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
             external_ref=event.external_ref, customer_ids=list(event.customer_ids), metadata=dict(event.metadata),
             hold_id=event.hold_id, reverses=stored_later(event, "reverses"),
             reversal_reason=stored_later(event, "reversal_reason"),
-        )
+        )  # a reversal's case_ref is the bank's own case file: for staff and auditors, not published
         customer_id = _transfer_customer(event)
         # The posting time, which statements and balances at an instant read (the same as
         # the event's timestamp, which transfers stored before that rule did not have).

@@ -85,9 +85,10 @@ ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS requested_by text;
 -- and reconciliation look it up.
 CREATE INDEX IF NOT EXISTS ledger_transfers_external_ref ON ledger_transfers (external_ref, posted_at, transfer_id)
     WHERE external_ref IS NOT NULL;
--- On a reversal: the transfer it reverses, and why.
+-- On a reversal: the transfer it reverses, why, and the bank's case that decided it.
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reverses text;
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reversal_reason text;
+ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reversal_case_ref text;
 -- Why an account is frozen (every freeze not lifted yet) or was closed.
 ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS freeze_reasons text[] NOT NULL DEFAULT '{}';
 ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS close_reason text;
@@ -166,16 +167,16 @@ def _kind(event: Any) -> str:
 _POST_TRANSFERS = """
 WITH transfers AS (
     INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by,
-                                  reverses, reversal_reason)
+                                  reverses, reversal_reason, reversal_case_ref)
     SELECT t.transfer_id, t.code, t.legs::jsonb, t.external_ref, array(SELECT jsonb_array_elements_text(t.customer_ids::jsonb)),
-           t.metadata::jsonb, t.posted_at, t.requested_by, t.reverses, t.reversal_reason
+           t.metadata::jsonb, t.posted_at, t.requested_by, t.reverses, t.reversal_reason, t.reversal_case_ref
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[],
-                $9::text[], $10::text[])
+                $9::text[], $10::text[], $11::text[])
         AS t(transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by, reverses,
-             reversal_reason)
+             reversal_reason, reversal_case_ref)
     ON CONFLICT DO NOTHING
 ), legs AS (
-    SELECT * FROM unnest($11::uuid[], $12::bigint[], $13::integer[], $14::integer[], $15::bigint[])
+    SELECT * FROM unnest($12::uuid[], $13::bigint[], $14::integer[], $15::integer[], $16::bigint[])
         AS leg(account_id, position, seq, transfer_index, amount_minor)
 ), opening AS (
     SELECT first.account_id, coalesce(last.balance_after_minor, 0) AS balance_minor,
@@ -200,7 +201,7 @@ ON CONFLICT DO NOTHING
 
 async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, Any]]) -> None:
     """Apply domain events in log order. Transfers, the bulk of a page, go in one statement."""
-    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [], [], [], [])
+    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [], [], [], [], [])
     leg_columns: tuple[list, ...] = ([], [], [], [], [])
     for position, event in page:
         kind = _kind(event)
@@ -233,7 +234,7 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                 event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
                 json.dumps(list(event.customer_ids)), json.dumps(event.metadata), event.posted_at,
                 stored_later(event, "requested_by"), stored_later(event, "reverses"),
-                stored_later(event, "reversal_reason"),
+                stored_later(event, "reversal_reason"), stored_later(event, "reversal_case_ref"),
             ), strict=True):
                 column.append(value)
             transfer_index = len(transfer_columns[0])  # 1-based, as SQL arrays are
@@ -304,7 +305,8 @@ async def accounts_of(
 _ITS_REVERSAL = "LEFT JOIN ledger_transfers r ON r.transfer_id = t.transfer_id || '" + REVERSAL_SUFFIX + "'"
 # A transfer as GET /transfers shows it: its reversal's id, if it has one, beside it.
 _TRANSFER = ("SELECT t.transfer_id, t.code, t.legs, t.external_ref, t.customer_ids, t.metadata, t.posted_at,"
-             " t.requested_by, t.reverses, t.reversal_reason, r.transfer_id AS reversed_by FROM ledger_transfers t "
+             " t.requested_by, t.reverses, t.reversal_reason, t.reversal_case_ref, r.transfer_id AS reversed_by"
+             " FROM ledger_transfers t "
              + _ITS_REVERSAL)
 
 
@@ -338,7 +340,7 @@ def _transfer(row: asyncpg.Record) -> dict:
             "external_ref": row["external_ref"], "customer_ids": list(row["customer_ids"]),
             "metadata": json.loads(row["metadata"]), "posted_at": row["posted_at"].isoformat(),
             "requested_by": row["requested_by"], "reverses": row["reverses"], "reversal_reason": row["reversal_reason"],
-            "reversed_by": row["reversed_by"]}
+            "reversal_case_ref": row["reversal_case_ref"], "reversed_by": row["reversed_by"]}
 
 
 async def hold(pool: asyncpg.Pool, hold_id: str) -> dict | None:

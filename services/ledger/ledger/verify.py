@@ -14,8 +14,9 @@ Everything is recomputed from the event store and compared with what the ledger 
    and column by column: every account (owner, kind, currency, state, credit limit,
    opening and last change times), every entry (account, position, seq, transfer, code,
    amount, running balance and credits, time), every transfer (code, legs, references, customers,
-   metadata, posting time, who asked, what it reverses) and every hold (accounts, amounts,
-   state, deadline, which the expiry sweep acts on, code, references, when it was placed);
+   metadata, posting time, who asked, what it reverses, why and on which case) and every hold
+   (accounts, amounts, state, deadline, which the expiry sweep acts on, code, references,
+   when it was placed);
    and it reached the log's head as verify began;
 7. no customer account is below its credit limit;
 8. the events keep the order the writer writes them in: each stream's versions one by one
@@ -174,7 +175,7 @@ _ACCOUNT_COLUMNS = ("owner_id", "kind", "currency", "state", "freeze_reasons", "
 _ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", "credits_after_minor",
                   "occurred_at")  # after the key
 _TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
-                     "requested_by", "reverses", "reversal_reason")  # after the id
+                     "requested_by", "reverses", "reversal_reason", "reversal_case_ref")  # after the id
 _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captured_minor", "currency", "state",
                  "expires_at", "code", "placed_position", "placed_at", "external_ref", "metadata")  # after the id
 
@@ -540,7 +541,8 @@ class _Replay:
             page.transfers[event.client_transfer_id] = (
                 event.code, json.loads(json.dumps(event.legs)), event.external_ref, list(event.customer_ids),
                 json.loads(json.dumps(event.metadata)), event.posted_at, stored_later(event, "requested_by"),
-                stored_later(event, "reverses"), stored_later(event, "reversal_reason"))
+                stored_later(event, "reverses"), stored_later(event, "reversal_reason"),
+                stored_later(event, "reversal_case_ref"))
 
 
 class _ShownEntries:
@@ -612,7 +614,7 @@ class _ReadModelComparison:
                     continue
                 got = (row["code"], json.loads(row["legs"]), row["external_ref"], list(row["customer_ids"]),
                        json.loads(row["metadata"]), row["posted_at"], row["requested_by"], row["reverses"],
-                       row["reversal_reason"])
+                       row["reversal_reason"], row["reversal_case_ref"])
                 if got != want:
                     self.transfers.append(f"transfer {transfer_id}: " + _differences(_TRANSFER_COLUMNS, got, want))
 

@@ -389,7 +389,7 @@ class Batch:
             customer_ids=list(original.customer_ids), metadata=dict(original.metadata),
             request_fingerprint=request_fingerprint, posted_at=self.now, timestamp=self.now,
             leg_owner_ids=[account.customer_id for account in accounts], requested_by=command.requested_by,
-            reverses=command.transfer_id, reversal_reason=command.reason,
+            reverses=command.transfer_id, reversal_reason=command.reason, reversal_case_ref=command.case_ref,
         )
         self._touch(transfer)
         for leg, account in zip(legs, accounts, strict=True):

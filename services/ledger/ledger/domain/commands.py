@@ -129,6 +129,9 @@ class ReverseTransfer(Command):
 
     transfer_id: str  # the client id of the transfer to reverse
     reason: str  # a ReversalReason
+    case_ref: str | None = None  # the bank's case that decided it (a dispute, a ticket, a memo): for auditors
+
+    FINGERPRINTED_ONLY_IF_GIVEN: ClassVar[tuple[str, ...]] = ("case_ref",)
 
 
 @dataclass(frozen=True)
@@ -319,3 +322,6 @@ def check_reversal_shape(command: ReverseTransfer) -> None:
         raise InvalidTransfer(f"transfer {command.transfer_id} is a reversal; to move its money again, post a transfer")
     if command.reason not in REVERSAL_REASONS:
         raise InvalidTransfer(f"unknown reversal reason {command.reason!r}; one of {sorted(REVERSAL_REASONS)}")
+    if command.case_ref is not None and (not is_storable_text(command.case_ref)
+                                         or not 1 <= len(command.case_ref) <= ID_CHARS_MAX):
+        raise InvalidTransfer(f"case_ref must be 1-{ID_CHARS_MAX} characters, without NUL or lone surrogates")

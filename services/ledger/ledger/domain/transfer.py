@@ -57,6 +57,7 @@ class Transfer(Aggregate):
         leg_owner_ids: list[str | None] | None = None,
         reverses: str | None = None,
         reversal_reason: str | None = None,
+        reversal_case_ref: str | None = None,
     ) -> None:
         self.client_transfer_id = client_transfer_id
         self.legs = legs  # {"account_id": str, "amount_minor": int, "currency": str}
@@ -70,6 +71,7 @@ class Transfer(Aggregate):
         self.capture_id = capture_id
         self.reverses = reverses  # set when this transfer is a reversal: the client id of the one it reverses
         self.reversal_reason = reversal_reason
+        self.reversal_case_ref = reversal_case_ref  # the bank's case that decided the reversal, if staff named one
 
 
 def customers_of(legs: list[dict], leg_owner_ids: list[str | None]) -> list[str]:

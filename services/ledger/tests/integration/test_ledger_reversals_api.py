@@ -69,6 +69,34 @@ async def test_asked_twice_a_reversal_answers_as_the_first_time_and_moves_nothin
     assert (await ledger.get(f"/accounts/{alice}/balance")).json()["posted"]["amount_minor"] == 1_000
 
 
+async def test_a_reversal_keeps_the_case_that_decided_it_for_staff_and_auditors_not_for_customers(ledger):
+    alice, bob, mistake = await paid(ledger)
+    case = {"reason": "dispute_upheld", "case_ref": "DSP-2026-0042"}
+    first = await ledger.post(f"/transfers/{mistake}/reversal", json=case)
+    assert first.status_code == 201, first.text
+    again = await ledger.post(f"/transfers/{mistake}/reversal", json=case)
+    assert (again.status_code, again.json()["replayed"]) == (201, True)
+    for other_case in ({**case, "case_ref": "DSP-2026-0043"}, {"reason": "dispute_upheld"}):
+        other = await ledger.post(f"/transfers/{mistake}/reversal", json=other_case)
+        assert (other.status_code, other.json()["code"]) == (409, "idempotency_conflict"), other_case
+    shown = (await ledger.get(f"/transfers/{mistake}:reversal")).json()
+    assert (shown["reversal_reason"], shown["reversal_case_ref"]) == ("dispute_upheld", "DSP-2026-0042")
+    assert (await ledger.get(f"/transfers/{mistake}")).json()["reversal_case_ref"] is None
+    lines = (await ledger.get(f"/accounts/{alice}/history")).json()["lines"]
+    assert "DSP-2026-0042" not in str(lines), "a customer's history shows no case file"
+    assert await failed_checks(ledger) == {}
+
+
+async def test_a_reversals_case_is_a_reference_or_nothing(ledger):
+    alice, bob, mistake = await paid(ledger)
+    for case_ref in ("", "x" * 129, "DSP\x00"):
+        refused = await ledger.post(f"/transfers/{mistake}/reversal",
+                                    json={"reason": "posted_in_error", "case_ref": case_ref})
+        assert refused.status_code == 422, (case_ref, refused.text)
+        assert "case_ref" in str(refused.json()), refused.json()
+    assert (await ledger.get(f"/accounts/{bob}/balance")).json()["posted"]["amount_minor"] == 300
+
+
 async def test_a_reversal_is_refused_by_name_when_it_cannot_be_made_and_changes_nothing(ledger):
     alice, bob, mistake = await paid(ledger)
     spent = await ledger.post("/transfers", json=transfer_body(f"spent-{mistake}", (bob, -200), (alice, 200)))

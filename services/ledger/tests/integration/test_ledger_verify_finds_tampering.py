@@ -103,6 +103,9 @@ async def test_an_account_shown_of_another_kind_or_age_fails_verify(ledger, chan
     ("metadata = '{\"mcc\": \"6011\"}'::jsonb", "metadata"),
     ("posted_at = posted_at + interval '1 hour'", "posted_at"),
     ("requested_by = 'staff-7'", "requested_by"),  # someone else made to have asked for it
+    ("reverses = 'top-up'", "reverses"),  # a payment shown as a reversal
+    ("reversal_reason = 'duplicate'", "reversal_reason"),
+    ("reversal_case_ref = 'DSP-1'", "reversal_case_ref"),  # a case shown to have decided it
 ])
 async def test_a_transfer_rewritten_in_the_read_model_fails_verify(ledger, change, column):
     settlement, card = await three_entries(ledger)
