@@ -306,8 +306,7 @@ _ITS_REVERSAL = "LEFT JOIN ledger_transfers r ON r.transfer_id = t.transfer_id |
 # A transfer as GET /transfers shows it: its reversal's id, if it has one, beside it.
 _TRANSFER = ("SELECT t.transfer_id, t.code, t.legs, t.external_ref, t.customer_ids, t.metadata, t.posted_at,"
              " t.requested_by, t.reverses, t.reversal_reason, t.reversal_case_ref, r.transfer_id AS reversed_by"
-             " FROM ledger_transfers t "
-             + _ITS_REVERSAL)
+             " FROM ledger_transfers t " + _ITS_REVERSAL)
 
 
 async def transfer(pool: asyncpg.Pool, transfer_id: str) -> dict | None:
