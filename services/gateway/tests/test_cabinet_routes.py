@@ -70,6 +70,20 @@ async def test_a_customer_sees_her_card_purchases_awaiting_clearing_as_pending_h
     assert balance["pending"]["amount_minor"] == 1_250 and balance["available"]["amount_minor"] == 3_750
 
 
+async def test_a_customer_sees_a_top_up_the_bank_reversed_as_corrected_in_her_history(bank):
+    card = await open_funded_card(bank, "alice", 5_000)
+    reversed_ = await bank.ledger.post(f"/transfers/fund-{card}/reversal",
+                                       json={"reason": "posted_in_error", "case_ref": "MEMO-17"})
+    assert reversed_.status_code == 201, reversed_.text
+    await bank.ledger_parts.projection.wait_for(bank.ledger_parts.writer.last_position)
+    history = await bank.get(f"/v1/me/accounts/{card}/history", headers=bearer(bank, "alice"))
+    assert history.status_code == 200, history.text
+    assert [(line["transfer_id"], line["amount_minor"], line["reverses"], line["reversed_by"])
+            for line in history.json()["lines"]] == [(f"fund-{card}:reversal", -5_000, f"fund-{card}", None),
+                                                     (f"fund-{card}", 5_000, None, f"fund-{card}:reversal")]
+    assert "MEMO-17" not in history.text, "the bank's case file is not the customer's"
+
+
 async def test_another_customers_account_is_not_found(bank):
     bobs_card = await open_funded_card(bank, "bob", 100)
     alice = bearer(bank, "alice")
