@@ -176,7 +176,7 @@ class TransferBody(_Body):
     transfer_id: str = Field(pattern=ID_PATTERN, description="client-given; the idempotency key")
     legs: list[LegBody] = Field(min_length=2, max_length=64)
     code: str = Field(pattern=CODE_PATTERN)
-    external_ref: str | None = Field(default=None, max_length=128)
+    external_ref: str | None = Field(default=None, max_length=commands.ID_CHARS_MAX)
     customer_ids: list[str] = Field(default_factory=list, max_length=16)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
 
@@ -190,7 +190,7 @@ class PlaceHoldBody(_Body):
     expires_at: Instant
     code: str = Field(pattern=CODE_PATTERN)
     # What the hold is for (a card authorisation's RRN, the merchant): its captures post with them.
-    external_ref: str | None = Field(default=None, max_length=128)
+    external_ref: str | None = Field(default=None, max_length=commands.ID_CHARS_MAX)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
 
 
@@ -308,6 +308,8 @@ _INVALID = "`validation_error` (each field in `errors`)"
 _REUSED = "`idempotency_key_reused` (another body with this key)"
 _READER = {**_REFUSED_TOKEN, 403: "`forbidden`: the token names the bank but has no ledger role.",
            503: f"{_TRY_AGAIN} `read_model_behind`, `dependency_unavailable`."}
+# The reads for staff and services only (a transfer, a hold, a search by reference).
+_STAFF_READER = {**_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`."}
 _NO_ACCOUNT = {404: "`account_not_found`."}
 _ACCOUNT_READ = problem_responses({**_READER, **_NO_ACCOUNT, 422: _INVALID})
 
@@ -482,8 +484,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
 
     @router.get("/transfers", dependencies=QUERY_AS_DECLARED, summary="The transfers posted with a reference",
                 response_model=None, responses=_answers(200, ledger_api.TransfersPage, problem_responses({
-                    **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
-                    422: f"{_INVALID}, `invalid_cursor` (not a transfer with this `external_ref`)."})))
+                    **_STAFF_READER, 422: f"{_INVALID}, `invalid_cursor` (not a transfer with this `external_ref`)."})))
     async def find_transfers(
         external_ref: ExternalRef,
         cursor: TransferCursor = None,
@@ -504,8 +505,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
 
     @router.get("/transfers/{transfer_id}", dependencies=QUERY_AS_DECLARED, summary="A posted transfer, and who asked",
                 response_model=None, responses=_answers(200, ledger_api.Transfer, problem_responses({
-                    **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
-                    404: "`transfer_not_found`.", 422: _INVALID})))
+                    **_STAFF_READER, 404: "`transfer_not_found`.", 422: _INVALID})))
     async def get_transfer(transfer_id: TransferId, me: Principal = reads):
         """A posted transfer (a capture's included, under its transfer id) as its poster gave
         it, and who asked for it. Needs the role `ledger:read` or `ledger:post`: a customer
@@ -514,8 +514,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
 
     @router.get("/holds", dependencies=QUERY_AS_DECLARED, summary="The holds placed with a reference",
                 response_model=None, responses=_answers(200, ledger_api.HoldsPage, problem_responses({
-                    **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
-                    422: _INVALID})))
+                    **_STAFF_READER, 422: _INVALID})))
     async def find_holds(
         external_ref: ExternalRef,
         cursor: HoldsCursor = None,
@@ -534,8 +533,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
 
     @router.get("/holds/{hold_id}", dependencies=QUERY_AS_DECLARED, summary="A hold as it stands",
                 response_model=None, responses=_answers(200, ledger_api.PlacedHold, problem_responses({
-                    **_READER, 403: f"`forbidden`: the token has no role `{LEDGER_READ}` or `{LEDGER_POST}`.",
-                    404: "`hold_not_found`.", 422: _INVALID})))
+                    **_STAFF_READER, 404: "`hold_not_found`.", 422: _INVALID})))
     async def get_hold(hold_id: HoldId, me: Principal = reads):
         """A hold: its accounts, what it held, what its captures took and what it still
         reserves, its state and deadline. Needs the role `ledger:read` or `ledger:post`: a
