@@ -21,7 +21,7 @@ from ledger import cli
 from ledger.application import LedgerApplication
 from ledger.clock import system_clock
 from ledger.domain import commands as c
-from ledger.projections import apply_page
+from ledger.projections import READ_MODEL_PROJECTION, apply_page
 from ledger.verify import verify
 from ledger.writer import BatchedWriter
 
@@ -120,10 +120,14 @@ async def cover_up(ledger) -> None:
             held[debit] -= minor
             incoming[credit] -= minor
     async with pool.acquire() as connection, connection.transaction():
+        # The read model's position locked first, as the live projection and rebuild lock it:
+        # a projection batch caught between the two locks would otherwise deadlock with us.
+        await connection.execute("SELECT position FROM projection_position WHERE projection = $1 FOR UPDATE",
+                                 READ_MODEL_PROJECTION)
         await connection.execute("TRUNCATE ledger_accounts, ledger_entries, ledger_transfers, ledger_holds")
         await apply_page(connection, page)
-        await connection.execute("UPDATE projection_position SET position = $1 WHERE projection = 'ledger_read_model'",
-                                 page[-1][0])
+        await connection.execute("UPDATE projection_position SET position = $2 WHERE projection = $1",
+                                 READ_MODEL_PROJECTION, page[-1][0])
         await connection.execute("UPDATE ledger_balances SET posted_minor = 0, held_minor = 0, incoming_held_minor = 0")
         for account_id in {*posted, *held, *incoming}:
             await connection.execute(
