@@ -32,6 +32,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.relay
 	$(BIN)/python -m bench.ledger
+	$(BIN)/python -m bench.verify
 
 clean:
 	rm -rf $(VENV) .data
