@@ -511,9 +511,11 @@ class _Replay:
             self.reversals_off.append(f"position {position}: transfer {event.client_transfer_id} is posted after its"
                                       f" reversal at position {self._reversed_at[event.client_transfer_id]}")
         sums: dict[str, int] = defaultdict(int)
+        leg_accounts = []
         for seq, leg in enumerate(event.legs):
             account_id = UUID(leg["account_id"])
             account = self._account(account_id, position, what)
+            leg_accounts.append(account)
             if account.opened and account.currency != leg["currency"]:
                 self.broken.append(f"position {position}: {what} posts {leg['currency']} to {account.currency}"
                                    f" account {account_id}")
@@ -527,8 +529,7 @@ class _Replay:
         if any(sums.values()):
             self.unbalanced.append(f"transfer {event.client_transfer_id} is off by {dict(sums)}")
         # Whom the event is published for: each leg's account's customer, the bank never.
-        owners = [None if owner == BANK_OWNER_ID else owner
-                  for owner in (self.accounts[UUID(leg["account_id"])].owner_id for leg in event.legs)]
+        owners = [None if account.owner_id == BANK_OWNER_ID else account.owner_id for account in leg_accounts]
         named_per_leg = stored_later(event, "leg_owner_ids")  # None on transfers stored before it
         named = stored_later(event, "leg_customer_ids")  # on some of those: customers_of, no legs told apart
         if named_per_leg is not None and list(named_per_leg) != owners:
