@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from kabinet_chassis import history_seals
@@ -97,8 +98,16 @@ def verify(
         noted_seal = history_seals.parse_receipt(seal) if seal is not None else None
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--seal") from None
-    with ledger_application() as (settings, ledger_app), ERRORS.status("reading the event store…"):
-        report = asyncio.run(run_verify(ledger_app, settings, noted_seal))
+    with ledger_application() as (settings, ledger_app), Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=ERRORS,
+            transient=True) as progress:
+        reading = progress.add_task("verifying: reading the event store…", total=None)
+
+        def replayed(position: int, head: int) -> None:  # a long history shows how far verify is, and how long to go
+            progress.update(reading, completed=position, total=head,
+                            description=f"verifying: events replayed up to position {position:,} of {head:,}")
+
+        report = asyncio.run(run_verify(ledger_app, settings, noted_seal, on_progress=replayed))
     if as_json:
         typer.echo(json.dumps(report.as_json()))
     else:

@@ -53,7 +53,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -669,9 +669,12 @@ def _log_head_problems(newest: tuple[int, datetime] | None, posting_clock: datet
     return problems
 
 
-async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: tuple[int, str] | None = None) -> Report:
+async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: tuple[int, str] | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> Report:
     """The ledger of `settings` (its database, and the seal key its history was sealed with);
-    `noted_seal`, the receipt of the last seal an earlier verify showed, must still be there."""
+    `noted_seal`, the receipt of the last seal an earlier verify showed, must still be there.
+    `on_progress(position, head)` is told after each page how far the replay has read, for
+    a long history's auditor to see how far verify is."""
     import anyio
 
     report = Report()
@@ -716,6 +719,8 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                         break
                     replaying = asyncio.ensure_future(anyio.to_thread.run_sync(replay.next_page))
                     await compared.page(page)
+                    if on_progress is not None:
+                        on_progress(page.last_position, up_to)
             finally:
                 replaying.cancel()
             await compared.finish()

@@ -356,6 +356,20 @@ async def test_an_auditors_tool_reads_the_verdict_as_json_with_every_check_and_i
     assert failed[0]["problems_count"] == 1 and str(card) in failed[0]["problems"][0]
 
 
+async def test_an_auditor_is_told_how_far_verify_has_read_the_history_page_by_page(ledger, monkeypatch):
+    # On a history of hours, the auditor sees verify move towards the head it started from.
+    monkeypatch.setattr("ledger.verify.PAGE_SIZE", 2)
+    await three_transfers(ledger)
+    head = await ledger.parts.pool.fetchval(f"SELECT max(notification_id) FROM {events_table(ledger.parts.app.recorder)}")
+    told: list[tuple[int, int]] = []
+    report = await verify(ledger.parts.app, ledger.settings, on_progress=lambda position, up_to: told.append(
+        (position, up_to)))
+    assert report.ok
+    positions = [position for position, _ in told]
+    assert len(told) >= 3 and positions == sorted(set(positions))  # a page at a time, never back
+    assert {up_to for _, up_to in told} == {head} and positions[-1] == head
+
+
 async def test_a_wrong_balance_says_by_how_much_and_in_what_currency(ledger):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     await settled(ledger)
