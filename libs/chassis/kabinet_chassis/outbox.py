@@ -37,7 +37,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, wait_for_lead
-from kabinet_chassis.eventstore import TracingMapper, events_table
+from kabinet_chassis.eventstore import TracingMapper, events_table, notifications_after
 from kabinet_chassis.kafka import (
     DEFAULT_PARTITIONS,
     BrokerDidNotAnswer,
@@ -115,16 +115,9 @@ class OutboxRelay:
         self.mapper = mapper
         self.to_integration = to_integration
         self.database_url = database_url
-        # The notification log, read with asyncpg on the relay's own connection: rows
-        # are decoded in C and the query runs while the event loop maps the previous
-        # page. (eventsourcing's reader runs in a worker thread, whose fight with the
-        # event loop for the GIL cost more than the read itself.) Notification ids
-        # become visible in commit order, as the recorder locks the table to insert.
-        self._select_page = (
-            "SELECT notification_id, originator_id, originator_version, topic, state"
-            f" FROM {events_table(recorder)}"
-            " WHERE notification_id > $1 ORDER BY notification_id LIMIT $2"
-        )
+        # The notification log, read on the relay's own connection while the event loop
+        # maps the previous page (eventstore.notifications_after).
+        self._events_table = events_table(recorder)
         # Called after a page is on the broker and before its position is recorded:
         # the exact window a crash must survive (fault-injection tests use it).
         self.on_page_published = on_page_published
@@ -290,11 +283,7 @@ class OutboxRelay:
         return asyncio.ensure_future(self._read_page(read_connection, position))
 
     async def _read_page(self, read_connection: asyncpg.Connection, after_position: int) -> list[Notification]:
-        rows = await read_connection.fetch(self._select_page, after_position, self.config.page_size)
-        return [
-            Notification(id=row[0], originator_id=row[1], originator_version=row[2], topic=row[3], state=row[4])
-            for row in rows
-        ]
+        return await notifications_after(read_connection, self._events_table, after_position, self.config.page_size)
 
     async def _send_page(self, producer, notifications: Sequence[Notification]) -> list[tuple[Any, list[int]]]:
         """Build one record batch per partition and hand them to the producer.

@@ -45,7 +45,7 @@ Memory stays bounded by the number of accounts and holds, not of entries or tran
 the events are replayed a page at a time, and each page's entries and transfers are
 compared with the read model's as the replay goes (entries stream from a cursor in log
 order, transfers are looked up by id), all in one repeatable-read snapshot of the read
-model.
+model, from which the events are read too.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ from uuid import UUID
 
 import asyncpg
 from eventsourcing.application import AggregateNotFoundError, project_aggregate
+from eventsourcing.persistence import Notification
 
 from kabinet_chassis import append_only, history_seals
-from kabinet_chassis.eventstore import events_table
+from kabinet_chassis.eventstore import events_table, notifications_after
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_contracts.ledger import BANK_OWNER_ID
 from ledger import projections
@@ -263,11 +264,12 @@ class _Page:
 
 
 class _Replay:
-    """The event store replayed in log order, a page at a time (`next_page`, in a worker
-    thread: eventsourcing is synchronous)."""
+    """The event store replayed in log order, a page of notifications at a time (`replay`, in
+    a worker thread: decoding and checking is CPU work that the page's comparison with the
+    read model, in the database, runs beside)."""
 
-    def __init__(self, app: LedgerApplication, up_to: int, read_model_at: int) -> None:
-        self.app, self.up_to, self.read_model_at = app, up_to, read_model_at
+    def __init__(self, app: LedgerApplication, read_model_at: int) -> None:
+        self.app, self.read_model_at = app, read_model_at
         self.accounts: dict[UUID, _Account] = {}
         # Each account's own events, for rebuilding it as the writer does: an account's
         # stream is short (opened, frozen, limits), so memory stays bounded by the accounts.
@@ -286,7 +288,6 @@ class _Replay:
         self._reversed_at: dict[str, int] = {}  # reversed transfer id: its reversal's position
         self.events_read = 0
         self.newest: tuple[int, datetime] | None = None  # position and time of the last event replayed
-        self._last_position = 0
         # A capture is two events of one batch (the hold's and its transfer's), in either
         # order: each waits here for the other, so a few at a time, not one per capture.
         self._captures_waiting: dict[str, tuple[int, tuple]] = {}  # transfer id: position, the move the hold says
@@ -300,9 +301,8 @@ class _Replay:
     def read_model_view(self) -> _ReadModelView:
         return self.at_read_model if self.at_read_model is not None else self._view()
 
-    def next_page(self) -> _Page | None:
-        notifications = self.app.recorder.select_notifications(
-            start=self._last_position, stop=self.up_to, limit=PAGE_SIZE, inclusive_of_start=False)
+    def replay(self, notifications: Sequence[Notification]) -> _Page | None:
+        """The page of these notifications, the next in the log (None for none: the end)."""
         if not notifications:
             return None
         page = _Page(notifications[-1].id)
@@ -314,7 +314,6 @@ class _Replay:
                 self._apply(notification.id, event, page if notification.id <= self.read_model_at else None)
             except Exception as error:  # an auditor's tool reports what it cannot read, and reads on
                 self.broken.append(f"position {notification.id}: {notification.topic} cannot be replayed: {error!r}")
-        self._last_position = page.last_position
         self.events_read += len(notifications)
         return page
 
@@ -707,17 +706,23 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                 "SELECT max(position) FROM outbox_relay_position WHERE source = $1", SOURCE
             ) if await connection.fetchval("SELECT to_regclass('outbox_relay_position') IS NOT NULL") else None
 
-            replay = _Replay(app, up_to, position)
+            replay = _Replay(app, position)
             compared = _ReadModelComparison(connection, position)
             await compared.start()
+
+            async def replaying_after(after: int) -> asyncio.Future:
+                # The events of this snapshot too: read here, replayed in a thread.
+                notifications = await notifications_after(connection, events_table(app.recorder), after, PAGE_SIZE, up_to)
+                return asyncio.ensure_future(anyio.to_thread.run_sync(replay.replay, notifications))
+
             # The next page is replayed (in a thread) while this one is compared (in the database).
-            replaying = asyncio.ensure_future(anyio.to_thread.run_sync(replay.next_page))
+            replaying = await replaying_after(0)
             try:
                 for _ in range(PAGES_MAX):
                     page = await replaying
                     if page is None:
                         break
-                    replaying = asyncio.ensure_future(anyio.to_thread.run_sync(replay.next_page))
+                    replaying = await replaying_after(page.last_position)
                     await compared.page(page)
                     if on_progress is not None:
                         on_progress(page.last_position, up_to)
