@@ -170,8 +170,10 @@ def quoted(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def event_store_env(settings: ServiceSettings, *, encrypted: bool = False) -> dict[str, str]:
-    """The environment an eventsourcing Application needs for this service's database."""
+def event_store_env(settings: ServiceSettings, *, encrypted: bool = False, creates_tables: bool = True) -> dict[str, str]:
+    """The environment an eventsourcing Application needs for this service's database. A
+    service creates its event tables if they are not there; a tool that only reads
+    (`creates_tables=False`) creates nothing, and finds a database without them no ledger."""
     url = urlsplit(settings.service_database_url)
     env = {
         "PERSISTENCE_MODULE": "kabinet_chassis.eventstore:BoundedPostgresFactory",
@@ -184,7 +186,7 @@ def event_store_env(settings: ServiceSettings, *, encrypted: bool = False) -> di
         "POSTGRES_MAX_OVERFLOW": "0",
         "POSTGRES_CONNECT_TIMEOUT": "10",
         POSTGRES_STATEMENT_TIMEOUT: str(DATABASE_COMMAND_TIMEOUT_S),
-        "CREATE_TABLE": "y",
+        "CREATE_TABLE": "y" if creates_tables else "n",
         "MAPPER_TOPIC": "kabinet_chassis.eventstore:TracingMapper",
         "APPLICATION_RECORDER_TOPIC": "kabinet_chassis.eventstore:ArrayInsertRecorder",
     }

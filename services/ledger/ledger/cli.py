@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import typer
+from eventsourcing.persistence import ProgrammingError as EventStoreProgrammingError
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -44,6 +45,7 @@ DATABASE_UNREADABLE_ERRORS = (
     asyncpg.InsufficientPrivilegeError,
     asyncpg.UndefinedTableError,  # not (yet) a ledger's database
     asyncpg.UndefinedColumnError,
+    EventStoreProgrammingError,  # the same, met by eventsourcing's reader: a table it may not read, say
 )
 
 
@@ -65,7 +67,9 @@ def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
 
     settings = settings_or_exit()
     try:
-        ledger_app = LedgerApplication(env=event_store_env(settings))
+        # Created nothing: an auditor's role may only read, and verify run on a database
+        # that is not (yet) a ledger's must leave it as it is.
+        ledger_app = LedgerApplication(env=event_store_env(settings, creates_tables=False))
         try:
             yield settings, ledger_app
         finally:

@@ -135,9 +135,10 @@ async def cover_up(ledger) -> None:
                 " WHERE account_id = $1", account_id, posted[account_id], held[account_id], incoming[account_id])
 
 
-async def run_cli(ledger, monkeypatch, command: str, *args: str):
-    """`kabinet ledger <command> [args]` on this ledger's database (in a thread: verify runs its own event loop)."""
-    monkeypatch.setattr("ledger.cli.ledger_settings", lambda: ledger.settings)
+async def run_cli(ledger, monkeypatch, command: str, *args: str, settings: ServiceSettings | None = None):
+    """`kabinet ledger <command> [args]` on this ledger's database, with its settings or others (an
+    auditor's role, say), in a thread: verify runs its own event loop."""
+    monkeypatch.setattr("ledger.cli.ledger_settings", lambda: settings or ledger.settings)
     kabinet = typer.Typer()
     kabinet.add_typer(cli.app, name="ledger")  # as the `kabinet.cli` entry point registers it
     return await anyio.to_thread.run_sync(lambda: CliRunner().invoke(kabinet, ["ledger", command, *args]))

@@ -18,10 +18,13 @@ import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from kabinet_chassis.eventstore import events_table
+from kabinet_chassis.settings import database_name_for
 from ledger.domain import commands as c
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
@@ -368,6 +371,53 @@ async def test_an_auditor_is_told_how_far_verify_has_read_the_history_page_by_pa
     positions = [position for position, _ in told]
     assert len(told) >= 3 and positions == sorted(set(positions))  # a page at a time, never back
     assert {up_to for _, up_to in told} == {head} and positions[-1] == head
+
+
+async def test_an_auditors_role_that_may_only_read_verifies_the_books(ledger, monkeypatch):
+    # The auditor is given SELECT on the ledger's tables and nothing else: verify creates,
+    # writes and locks nothing.
+    await three_transfers(ledger)
+    pool, auditor = ledger.parts.pool, f"auditor_{uuid.uuid4().hex[:8]}"
+    await pool.execute(f"CREATE ROLE \"{auditor}\" LOGIN PASSWORD 'auditor'")
+    try:
+        await pool.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA {await pool.fetchval("SELECT current_schema()")}'
+                           f' TO "{auditor}"')
+        server = urlsplit(ledger.settings.database_url)
+        as_auditor = ledger.settings.model_copy(update={"database_url": urlunsplit(server._replace(
+            netloc=f"{auditor}:auditor@{server.hostname}:{server.port}"))})
+        result = await run_cli(ledger, monkeypatch, "verify", "--json", settings=as_auditor)
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert json.loads(result.stdout)["ok"] is True
+        printed = await run_cli(ledger, monkeypatch, "events", settings=as_auditor)
+        assert printed.exit_code == 0 and "Transfer.Posted" in printed.stdout, (printed.output, printed.exception)
+
+        # Without the grants, no verdict and no events: one line that says why (exit 2).
+        await pool.execute(f'REVOKE SELECT ON ALL TABLES IN SCHEMA {await pool.fetchval("SELECT current_schema()")}'
+                           f' FROM "{auditor}"')
+        for command in ("verify", "events"):
+            refused = await run_cli(ledger, monkeypatch, command, settings=as_auditor)
+            assert refused.exit_code == 2, (command, refused.output, refused.exception)
+            assert "cannot read the ledger's database" in refused.output and "permission denied" in refused.output
+    finally:  # roles are the server's, shared by every test's database
+        await pool.execute(f'DROP OWNED BY "{auditor}"')
+        await pool.execute(f'DROP ROLE "{auditor}"')
+
+
+async def test_verify_pointed_at_a_database_that_is_no_ledger_says_so_and_leaves_it_as_it_was(ledger, monkeypatch):
+    name = f"empty_{uuid.uuid4().hex[:8]}"
+    elsewhere = ledger.settings.model_copy(update={"service_name": name})
+    await ledger.parts.pool.execute(f'CREATE DATABASE "{database_name_for(name)}"')
+    try:
+        result = await run_cli(ledger, monkeypatch, "verify", settings=elsewhere)
+        assert result.exit_code == 2, (result.output, result.exception)
+        assert "cannot read the ledger's database" in result.output
+        empty = await asyncpg.connect(elsewhere.service_database_url)
+        try:
+            assert await empty.fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()") == []
+        finally:
+            await empty.close()
+    finally:
+        await ledger.parts.pool.execute(f'DROP DATABASE "{database_name_for(name)}"')
 
 
 async def test_a_wrong_balance_says_by_how_much_and_in_what_currency(ledger):
