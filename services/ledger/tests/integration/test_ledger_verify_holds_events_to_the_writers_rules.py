@@ -374,12 +374,13 @@ async def test_an_auditor_is_told_how_far_verify_has_read_the_history_page_by_pa
 
 
 async def test_an_auditors_role_that_may_only_read_verifies_the_books(ledger, monkeypatch):
-    # The auditor is given SELECT on the ledger's tables and nothing else: verify creates,
-    # writes and locks nothing.
+    # The auditor is given SELECT on the ledger's tables and nothing else, in read-only
+    # transactions (as on a replica): verify creates and writes nothing.
     await three_transfers(ledger)
     pool, auditor = ledger.parts.pool, f"auditor_{uuid.uuid4().hex[:8]}"
     await pool.execute(f"CREATE ROLE \"{auditor}\" LOGIN PASSWORD 'auditor'")
     try:
+        await pool.execute(f'ALTER ROLE "{auditor}" SET default_transaction_read_only = on')
         await pool.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA {await pool.fetchval("SELECT current_schema()")}'
                            f' TO "{auditor}"')
         server = urlsplit(ledger.settings.database_url)
