@@ -378,11 +378,11 @@ async def test_an_auditors_role_that_may_only_read_verifies_the_books(ledger, mo
     # transactions (as on a replica): verify creates and writes nothing.
     await three_transfers(ledger)
     pool, auditor = ledger.parts.pool, f"auditor_{uuid.uuid4().hex[:8]}"
+    schema = await pool.fetchval("SELECT current_schema()")
     await pool.execute(f"CREATE ROLE \"{auditor}\" LOGIN PASSWORD 'auditor'")
     try:
         await pool.execute(f'ALTER ROLE "{auditor}" SET default_transaction_read_only = on')
-        await pool.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA {await pool.fetchval("SELECT current_schema()")}'
-                           f' TO "{auditor}"')
+        await pool.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO "{auditor}"')
         server = urlsplit(ledger.settings.database_url)
         as_auditor = ledger.settings.model_copy(update={"database_url": urlunsplit(server._replace(
             netloc=f"{auditor}:auditor@{server.hostname}:{server.port}"))})
@@ -393,8 +393,7 @@ async def test_an_auditors_role_that_may_only_read_verifies_the_books(ledger, mo
         assert printed.exit_code == 0 and "Transfer.Posted" in printed.stdout, (printed.output, printed.exception)
 
         # Without the grants, no verdict and no events: one line that says why (exit 2).
-        await pool.execute(f'REVOKE SELECT ON ALL TABLES IN SCHEMA {await pool.fetchval("SELECT current_schema()")}'
-                           f' FROM "{auditor}"')
+        await pool.execute(f'REVOKE SELECT ON ALL TABLES IN SCHEMA {schema} FROM "{auditor}"')
         for command in ("verify", "events"):
             refused = await run_cli(ledger, monkeypatch, command, settings=as_auditor)
             assert refused.exit_code == 2, (command, refused.output, refused.exception)
