@@ -678,20 +678,21 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
 
     report = Report()
     database_url, seal_keys = settings.service_database_url, history_seals.verification_keys_for(settings)
+    log_table = events_table(app.recorder)  # the events, in log order
     # One snapshot of what the ledger serves, then the events up to that snapshot: balances
     # commit with their events, and the read model is compared at its own position, so a
     # ledger that keeps writing still verifies. The snapshot stays open while the events
     # are replayed: entries and transfers are compared page by page against it.
     connection = await asyncpg.connect(database_url, timeout=10, command_timeout=VERIFY_STATEMENT_TIMEOUT_S)
     try:
-        head_at_start = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
+        head_at_start = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {log_table}")
         guards_off = {table: await append_only.missing_guards(connection, table) for table in (
-            events_table(app.recorder), history_seals.SEALS_TABLE)
+            log_table, history_seals.SEALS_TABLE)
             if await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", table)}
         await _wait_for_read_model(connection, head_at_start)
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             up_to = await connection.fetchval(
-                f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}"
+                f"SELECT coalesce(max(notification_id), 0) FROM {log_table}"
             )
             balances = {row["account_id"]: tuple(row)[1:] for row in await connection.fetch(
                 "SELECT account_id, posted_minor, held_minor, incoming_held_minor FROM ledger_balances")}
@@ -712,7 +713,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
 
             async def replaying_after(after: int) -> asyncio.Future:
                 # The events of this snapshot too: read here, replayed in a thread.
-                notifications = await notifications_after(connection, events_table(app.recorder), after, PAGE_SIZE, up_to)
+                notifications = await notifications_after(connection, log_table, after, PAGE_SIZE, up_to)
                 return asyncio.ensure_future(anyio.to_thread.run_sync(replay.replay, notifications))
 
             # The next page is replayed (in a thread) while this one is compared (in the database).
@@ -730,7 +731,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                 replaying.cancel()
             await compared.finish()
             replay.finish()
-            seals = await history_seals.check_seals(connection, events_table(app.recorder), seal_keys, noted_seal)
+            seals = await history_seals.check_seals(connection, log_table, seal_keys, noted_seal)
     except BaseException:
         # A server that hangs would hold a polite close too (asyncpg cancels the timed-out
         # statement first): drop the connection instead.
