@@ -35,7 +35,7 @@ import hashlib
 import logging
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -268,11 +268,13 @@ def parse_receipt(receipt: str) -> tuple[int, str]:
 
 
 async def check_seals(connection: asyncpg.Connection, events_table: str, keys: dict[str, Ed25519PublicKey],
-                      noted: tuple[int, str] | None = None) -> SealCheck:
+                      noted: tuple[int, str] | None = None,
+                      on_progress: Callable[[int], None] | None = None) -> SealCheck:
     """Recompute every seal's range of events from the link of the seal before it, and find
     the seal an auditor `noted` (parse_receipt) still there with its link: seals cut from the
     end with their events look like a younger history otherwise. Call it in a
-    repeatable-read transaction: events and seals are then read in one snapshot."""
+    repeatable-read transaction: events and seals are then read in one snapshot.
+    `on_progress(position)` is told after each seal the position its range ends at."""
     problems: list[str] = []
     count = 0
 
@@ -310,6 +312,8 @@ async def check_seals(connection: asyncpg.Connection, events_table: str, keys: d
             problem(f"seal {seal.seal_no} is not the one noted ({noted[0]}:{noted[1]}): the seals were rewritten")
         sealed += len(in_range)
         link, after, last_no, last_seal = seal.chain_link, seal.last_position, seal.seal_no, seal  # each range on its own
+        if on_progress is not None:
+            on_progress(seal.last_position)
     if noted is not None and noted[0] > last_no:
         problem(f"seal {noted[0]}, noted by an earlier check, is gone: the newest is {last_no}; seals and their events"
                 " were cut from the end")

@@ -107,11 +107,11 @@ def verify(
             transient=True) as progress:
         reading = progress.add_task("verifying: reading the event store…", total=None)
 
-        def replayed(position: int, head: int) -> None:  # a long history shows how far verify is, and how long to go
+        def read_to(stage: str, position: int, head: int) -> None:  # a long history shows how far verify is
             progress.update(reading, completed=position, total=head,
-                            description=f"verifying: events replayed up to position {position:,} of {head:,}")
+                            description=f"verifying: {stage} up to position {position:,} of {head:,}")
 
-        report = asyncio.run(run_verify(ledger_app, settings, noted_seal, on_progress=replayed))
+        report = asyncio.run(run_verify(ledger_app, settings, noted_seal, on_progress=read_to))
     if as_json:
         typer.echo(json.dumps(report.as_json()))
     else:

@@ -87,6 +87,9 @@ CATCH_UP_POLL_S = 0.05
 # ends as "could not read" instead of waiting for ever.
 VERIFY_STATEMENT_TIMEOUT_S = 600.0
 PROBLEMS_SHOWN = 10
+# What verify is doing as it tells its progress: two passes over the history.
+REPLAYING = "events replayed"
+CHECKING_SEALS = "seals checked"
 VALUE_SHOWN_MAX = 200  # characters of one value in a problem line
 
 
@@ -714,11 +717,12 @@ def _log_head_problems(newest: tuple[int, datetime] | None, posting_clock: datet
 
 
 async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: tuple[int, str] | None = None,
-                 on_progress: Callable[[int, int], None] | None = None) -> Report:
+                 on_progress: Callable[[str, int, int], None] | None = None) -> Report:
     """The ledger of `settings` (its database, and the seal key its history was sealed with);
     `noted_seal`, the receipt of the last seal an earlier verify showed, must still be there.
-    `on_progress(position, head)` is told after each page how far the replay has read, for
-    a long history's auditor to see how far verify is."""
+    `on_progress(stage, position, head)` is told how far verify has read the history, for a
+    long history's auditor to see: after each page of the replay (stage REPLAYING), then after
+    each seal checked (stage CHECKING_SEALS), which reads the events again."""
     import anyio
 
     report = Report()
@@ -771,12 +775,14 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                     replaying = await replaying_after(page.last_position)
                     await compared.page(page)
                     if on_progress is not None:
-                        on_progress(page.last_position, up_to)
+                        on_progress(REPLAYING, page.last_position, up_to)
             finally:
                 replaying.cancel()
             await compared.finish()
             replay.finish()
-            seals = await history_seals.check_seals(connection, log_table, seal_keys, noted_seal)
+            seals = await history_seals.check_seals(
+                connection, log_table, seal_keys, noted_seal,
+                on_progress=None if on_progress is None else lambda sealed_to: on_progress(CHECKING_SEALS, sealed_to, up_to))
     except BaseException:
         # A server that hangs would hold a polite close too (asyncpg cancels the timed-out
         # statement first): drop the connection instead.

@@ -23,12 +23,13 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from kabinet_chassis import history_seals
 from kabinet_chassis.eventstore import events_table
 from kabinet_chassis.settings import database_name_for
 from ledger.domain import commands as c
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
-from ledger.verify import verify
+from ledger.verify import CHECKING_SEALS, REPLAYING, verify
 from services.ledger.tests.integration.ledger_support import cover_up, failed_checks, forge_history, funded_card, run_cli
 
 pytestmark = pytest.mark.integration
@@ -385,17 +386,23 @@ async def test_an_auditors_tool_reads_the_verdict_as_json_with_every_check_and_i
 
 
 async def test_an_auditor_is_told_how_far_verify_has_read_the_history_page_by_page(ledger, monkeypatch):
-    # On a history of hours, the auditor sees verify move towards the head it started from.
+    # On a history of hours, the auditor sees verify move towards the head it started from:
+    # once replaying the events, then once more checking them against their seals.
     monkeypatch.setattr("ledger.verify.PAGE_SIZE", 2)
+    monkeypatch.setattr("kabinet_chassis.history_seals.SEAL_EVENTS_MAX", 2)
     await three_transfers(ledger)
-    head = await ledger.parts.pool.fetchval(f"SELECT max(notification_id) FROM {events_table(ledger.parts.app.recorder)}")
-    told: list[tuple[int, int]] = []
-    report = await verify(ledger.parts.app, ledger.settings, on_progress=lambda position, up_to: told.append(
-        (position, up_to)))
+    table = events_table(ledger.parts.app.recorder)
+    await history_seals.seal_new_events(ledger.parts.pool, table, history_seals.seal_key_for(ledger.settings))
+    head = await ledger.parts.pool.fetchval(f"SELECT max(notification_id) FROM {table}")
+    told: list[tuple[str, int, int]] = []
+    report = await verify(ledger.parts.app, ledger.settings, on_progress=lambda *progress: told.append(progress))
     assert report.ok
-    positions = [position for position, _ in told]
-    assert len(told) >= 3 and positions == sorted(set(positions))  # a page at a time, never back
-    assert {up_to for _, up_to in told} == {head} and positions[-1] == head
+    assert [stage for stage, _, _ in told] == sorted((stage for stage, _, _ in told), key=[REPLAYING, CHECKING_SEALS].index)
+    assert {up_to for _, _, up_to in told} == {head}
+    for stage in (REPLAYING, CHECKING_SEALS):
+        positions = [position for told_stage, position, _ in told if told_stage == stage]
+        assert len(positions) >= 3 and positions == sorted(set(positions)), (stage, told)  # a page (a seal) at a time
+        assert positions[-1] == head, (stage, told)
 
 
 async def test_an_auditors_role_that_may_only_read_verifies_the_books(ledger, monkeypatch):
