@@ -142,9 +142,18 @@ def rebuild_read_model() -> None:
     from ledger.rebuild import RebuildRunning
     from ledger.rebuild import rebuild_read_model as rebuild
 
-    with ledger_application() as (settings, ledger_app), ERRORS.status("applying every event to a new read model…"):
+    with ledger_application() as (settings, ledger_app), Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=ERRORS,
+            transient=True) as progress:
+        building = progress.add_task("rebuilding the read model…", total=None)
+
+        def applied_to(position: int, head: int) -> None:  # rebuilding a long history takes a while
+            progress.update(building, completed=position, total=head,
+                            description=f"rebuilding the read model: events applied up to position {position:,}"
+                                        f" of {head:,}")
+
         try:
-            rebuilt = asyncio.run(rebuild(ledger_app, settings.service_database_url))
+            rebuilt = asyncio.run(rebuild(ledger_app, settings.service_database_url, on_progress=applied_to))
         except RebuildRunning as error:
             ERRORS.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
             raise typer.Exit(1) from None

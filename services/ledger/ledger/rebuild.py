@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -49,8 +50,11 @@ class Rebuilt:
     took_s: float
 
 
-async def rebuild_read_model(app: LedgerApplication, database_url: str) -> Rebuilt:
-    """Build the read model again from every event, then put it live in one transaction."""
+async def rebuild_read_model(app: LedgerApplication, database_url: str,
+                             on_progress: Callable[[int, int], None] | None = None) -> Rebuilt:
+    """Build the read model again from every event, then put it live in one transaction.
+    `on_progress(position, head)` is told after each page applied how far the new read model
+    has come, and where the log's head was when that round began (it moves on while the ledger posts)."""
     started = time.monotonic()
     connection = await asyncpg.connect(database_url)
     try:
@@ -67,7 +71,8 @@ async def rebuild_read_model(app: LedgerApplication, database_url: str) -> Rebui
             await connection.execute(projections.SCHEMA)
             position, applied = 0, 0
             for _ in range(CATCH_UP_ROUNDS_MAX):
-                position, round_applied = await _apply_events(app, connection, position, up_to=None)
+                position, round_applied = await _apply_events(app, connection, position, up_to=None,
+                                                              on_progress=on_progress)
                 applied += round_applied
                 if round_applied < PAGE_EVENTS:
                     break
@@ -128,11 +133,14 @@ async def _take_over_privileges(connection: asyncpg.Connection, live_table: str,
                                  + (" WITH GRANT OPTION" if grant["is_grantable"] else ""))
 
 
-async def _apply_events(app: LedgerApplication, connection: asyncpg.Connection, after: int, up_to: int | None
-                        ) -> tuple[int, int]:
+async def _apply_events(app: LedgerApplication, connection: asyncpg.Connection, after: int, up_to: int | None,
+                        on_progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
     """Apply the events after position `after` (up to `up_to`, or as many as there are) to the
     read model the connection finds first; the position reached and how many were applied."""
     applied = 0
+    if on_progress is not None:
+        head = up_to if up_to is not None else await connection.fetchval(
+            f"SELECT coalesce(max(notification_id), 0) FROM {events_table(app.recorder)}")
     for _ in range(PAGES_MAX):
         notifications = await anyio.to_thread.run_sync(lambda after=after: app.recorder.select_notifications(
             start=after, limit=PAGE_EVENTS, stop=up_to, inclusive_of_start=False))
@@ -142,4 +150,6 @@ async def _apply_events(app: LedgerApplication, connection: asyncpg.Connection, 
         async with connection.transaction():
             await projections.apply_page(connection, page)
         after, applied = page[-1][0], applied + len(page)
+        if on_progress is not None:
+            on_progress(after, max(after, head))  # events committed since the round began are in it too
     return after, applied

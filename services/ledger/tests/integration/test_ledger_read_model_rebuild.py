@@ -155,6 +155,20 @@ async def test_a_long_read_holding_up_the_swap_delays_the_rebuild_and_does_not_f
     assert await failed_checks(ledger) == {}
 
 
+async def test_an_operator_is_told_how_far_the_rebuild_has_come_page_by_page(ledger, monkeypatch):
+    # Rebuilding years of history takes a while: the operator sees it move towards the head.
+    monkeypatch.setattr(rebuild, "PAGE_EVENTS", 5)
+    await a_month_of_alice(ledger)
+    head = ledger.parts.writer.last_position
+    told: list[tuple[int, int]] = []
+    rebuilt = await rebuild_read_model(ledger.parts.app, ledger.settings.service_database_url,
+                                       on_progress=lambda *progress: told.append(progress))
+    positions = [position for position, _ in told]
+    assert len(told) >= head // 5 and positions == sorted(set(positions))  # a page at a time, never back
+    assert told[-1] == (head, head) and rebuilt.position == head
+    assert all(position <= up_to for position, up_to in told)
+
+
 async def test_the_rebuilt_read_model_keeps_the_owner_and_grants_of_the_old(ledger):
     # A reporting role reads the entries; an operator's own role runs the rebuild. Afterwards the
     # service's role still owns (and writes) its read model, and the report still reads it.
