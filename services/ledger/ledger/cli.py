@@ -58,6 +58,12 @@ def settings_or_exit() -> ServiceSettings:
         raise typer.Exit(2) from None
 
 
+def _progress_bar() -> Progress:
+    """How far a long pass over the history has come, on stderr (stdout stays the answer),
+    gone once it ends."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=ERRORS, transient=True)
+
+
 @contextlib.contextmanager
 def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
     """The ledger's settings and event store, for a command that reads them. A database
@@ -102,9 +108,7 @@ def verify(
         noted_seal = history_seals.parse_receipt(seal) if seal is not None else None
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--seal") from None
-    with ledger_application() as (settings, ledger_app), Progress(
-            TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=ERRORS,
-            transient=True) as progress:
+    with ledger_application() as (settings, ledger_app), _progress_bar() as progress:
         reading = progress.add_task("verifying: reading the event store…", total=None)
 
         def read_to(stage: str, position: int, head: int) -> None:  # a long history shows how far verify is
@@ -142,9 +146,7 @@ def rebuild_read_model() -> None:
     from ledger.rebuild import RebuildRunning
     from ledger.rebuild import rebuild_read_model as rebuild
 
-    with ledger_application() as (settings, ledger_app), Progress(
-            TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=ERRORS,
-            transient=True) as progress:
+    with ledger_application() as (settings, ledger_app), _progress_bar() as progress:
         building = progress.add_task("rebuilding the read model…", total=None)
 
         def applied_to(position: int, head: int) -> None:  # rebuilding a long history takes a while
