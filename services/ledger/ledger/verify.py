@@ -224,8 +224,9 @@ def _hold_standing(hold: Any) -> str:
 class _Rebuilt:
     """Aggregates rebuilt as the writer's repository rebuilds them: each stream's events in
     version order, each through its own mutator. Rebuilt as the replay reads the log, so
-    memory holds one aggregate per stream, not its events; only an event that comes before
-    an earlier version of its own stream (a reordered log) waits for that version."""
+    memory holds one aggregate per stream, not its events (and the replay lets a finished
+    hold's go once compared); only an event that comes before an earlier version of its own
+    stream (a reordered log) waits for that version."""
 
     def __init__(self) -> None:
         self.aggregates: dict[UUID, Any] = {}
