@@ -40,6 +40,12 @@ pytestmark = pytest.mark.integration
 SEALED = "history matches its seals"
 
 
+def authorisation(card, shop, **references) -> c.PlaceHold:
+    """A card purchase of 300 authorised as hold 'auth', for an hour."""
+    return c.PlaceHold("auth", card, shop, 300, "RUB", datetime.now(UTC) + timedelta(hours=1), "card_purchase",
+                       **references)
+
+
 async def settled(ledger) -> None:
     await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
     assert await failed_checks(ledger) == {}
@@ -57,6 +63,15 @@ async def rewrite_event(ledger, originator_id, version, change) -> None:
     change(state)
     await forge_history(ledger, "UPDATE {table} SET state = $3 WHERE originator_id = $1 AND originator_version = $2",
                         originator_id, version, json.dumps(state).encode())
+
+
+async def swap_versions(ledger, originator_id, version_a, version_b) -> None:
+    """Two events of one stream trade versions; each keeps its place in the log."""
+    parked = 1_000_000  # a version no test stream reaches
+    for version_from, version_to in ((version_a, parked), (version_b, version_a), (parked, version_b)):
+        await forge_history(
+            ledger, "UPDATE {table} SET originator_version = $3 WHERE originator_id = $1 AND originator_version = $2",
+            originator_id, version_from, version_to)
 
 
 async def delete_event(ledger, originator_id, version) -> None:
@@ -96,8 +111,7 @@ async def test_a_capture_moves_exactly_what_its_hold_says_was_captured(ledger):
     # card pays the shop 250 where the hold's events say 100 was captured.
     writer = ledger.parts.writer
     settlement, card = await funded_card(writer, 1_000)
-    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
-                                    "card_purchase"))
+    await writer.submit(authorisation(card, settlement))
     await writer.submit(c.CaptureHold("auth", "c1", 100))
     await settled(ledger)
 
@@ -114,8 +128,7 @@ async def test_a_capture_says_it_is_the_purchase_its_hold_was_placed_for(ledger)
     # she paid somewhere she never authorised.
     writer = ledger.parts.writer
     settlement, card = await funded_card(writer, 1_000)
-    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
-                                    "card_purchase", external_ref="rrn-1", metadata={"merchant": "Ozon"}))
+    await writer.submit(authorisation(card, settlement, external_ref="rrn-1", metadata={"merchant": "Ozon"}))
     await writer.submit(c.CaptureHold("auth", "c1", 100))
     await settled(ledger)
     assert await failed_checks(ledger) == {}
@@ -173,8 +186,7 @@ async def voided_hold(ledger):
     100 captured, the rest voided; verify passes."""
     writer = ledger.parts.writer
     settlement, card = await funded_card(writer, 1_000)
-    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
-                                    "card_purchase"))
+    await writer.submit(authorisation(card, settlement))
     await writer.submit(c.CaptureHold("auth", "c1", 100))
     await writer.submit(c.VoidHold("auth"))
     await settled(ledger)
@@ -207,8 +219,7 @@ async def test_a_streams_versions_follow_the_log_one_by_one_so_a_deleted_capture
     # transfer) deleted: the hold now looks live with 100 left, and everything derived agrees.
     writer = ledger.parts.writer
     settlement, card = await funded_card(writer, 1_000)
-    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
-                                    "card_purchase"))
+    await writer.submit(authorisation(card, settlement))
     await writer.submit(c.CaptureHold("auth", "c1", 100))
     await writer.submit(c.CaptureHold("auth", "c2", 200))
     await settled(ledger)
@@ -231,10 +242,7 @@ async def test_an_accounts_events_reordered_are_found_and_the_account_rebuilt_as
     await writer.submit(c.FreezeAccount(card, "customer_request"))
     await writer.submit(c.UnfreezeAccount(card, "customer_request"))
     await settled(ledger)
-    for version_from, version_to in ((2, 99), (3, 2), (99, 3)):
-        await forge_history(
-            ledger, "UPDATE {table} SET originator_version = $3 WHERE originator_id = $1 AND originator_version = $2",
-            card, version_from, version_to)
+    await swap_versions(ledger, card, 2, 3)
     await cover_up(ledger)
     failed = await failed_checks(ledger)
     assert f"Account.Unfrozen is version 2 of account {card}, after version 3" in failed["event order"]
@@ -247,15 +255,11 @@ async def test_a_holds_events_reordered_are_found_and_the_hold_rebuilt_as_the_wr
     # captured in full. Each rule sees its half.
     writer = ledger.parts.writer
     settlement, card = await funded_card(writer, 1_000)
-    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
-                                    "card_purchase"))
+    await writer.submit(authorisation(card, settlement))
     await writer.submit(c.CaptureHold("auth", "c1", 100))
     await writer.submit(c.VoidHold("auth"))
     await settled(ledger)
-    for version_from, version_to in ((2, 99), (3, 2), (99, 3)):
-        await forge_history(
-            ledger, "UPDATE {table} SET originator_version = $3 WHERE originator_id = $1 AND originator_version = $2",
-            Hold.id_for("auth"), version_from, version_to)
+    await swap_versions(ledger, Hold.id_for("auth"), 2, 3)
     await cover_up(ledger)
     failed = await failed_checks(ledger)
     assert f"Hold.Voided is version 2 of hold auth ({Hold.id_for('auth')}), after version 3" in failed["event order"]
