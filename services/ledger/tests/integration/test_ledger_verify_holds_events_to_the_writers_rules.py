@@ -253,12 +253,7 @@ async def test_a_holds_events_reordered_are_found_and_the_hold_rebuilt_as_the_wr
     # Captured 100 (version 2), then voided, releasing 200 (version 3), swapped: replayed in
     # log order the hold is voided; the writer, rebuilding it in version order, would hold it
     # captured in full. Each rule sees its half.
-    writer = ledger.parts.writer
-    settlement, card = await funded_card(writer, 1_000)
-    await writer.submit(authorisation(card, settlement))
-    await writer.submit(c.CaptureHold("auth", "c1", 100))
-    await writer.submit(c.VoidHold("auth"))
-    await settled(ledger)
+    await voided_hold(ledger)
     await swap_versions(ledger, Hold.id_for("auth"), 2, 3)
     await cover_up(ledger)
     failed = await failed_checks(ledger)
