@@ -144,6 +144,7 @@ class Problems:
 class Report:
     checks: list[Check] = field(default_factory=list)
     events_read: int = 0
+    last_seal: str | None = None  # the newest seal's receipt, for the next verify's `noted_seal` (None: no seal)
 
     @property
     def ok(self) -> bool:
@@ -158,9 +159,9 @@ class Report:
                                  problems.count))
 
     def as_json(self) -> dict[str, Any]:
-        """For auditors' tools: the verdict, and each check with its problems (the first
-        PROBLEMS_SHOWN of them, and how many there are)."""
-        return {"ok": self.ok, "events_read": self.events_read, "checks": [
+        """For auditors' tools: the verdict, the receipt to note for the next run, and each
+        check with its problems (the first PROBLEMS_SHOWN of them, and how many there are)."""
+        return {"ok": self.ok, "events_read": self.events_read, "last_seal": self.last_seal, "checks": [
             {"name": check.name, "ok": check.ok, "detail": None if check.problems_count else check.detail,
              "problems_count": check.problems_count, "problems": check.problems} for check in self.checks]}
 
@@ -831,6 +832,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
         raise
     await connection.close()
     report.events_read = replay.events_read
+    report.last_seal = seals.last_seal.receipt if seals.last_seal is not None else None
     accounts, at_read_model = replay.accounts, replay.read_model_view()
 
     report.add("events replay", replay.broken,
