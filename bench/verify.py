@@ -6,7 +6,9 @@ captured, posted by 32 clients through the batched writer, with the read model, 
 and the sealer running as in production), stops it (the sealer seals the rest), and then
 measures, side by side on the same PostgreSQL: reading every event in log order with one
 COPY (what the database alone costs) and verify itself. Reported: events per second of
-each and their ratio. Last line: one JSON object.
+each and their ratio, and the most memory verify held at once (measured in a second run
+under tracemalloc, which slows it: an auditor sizes the machine verify runs on by it, and
+it grows with the ledger). Last line: one JSON object.
 
     .venv/bin/python -m bench.verify [--accounts 10000] [--transfers 50000]
 """
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import random
 import time
+import tracemalloc
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -96,17 +99,25 @@ async def main(account_count: int, transfers: int) -> dict:
                 started = time.perf_counter()
                 report = await verify(app, settings)
                 verify_s = time.perf_counter() - started
+            with console.status(f"verifying {events} events again, its memory traced…"):
+                tracemalloc.start()
+                try:
+                    await verify(app, settings)
+                    peak_bytes = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
         finally:
             app.close()
     failed = [check.name for check in report.checks if not check.ok]
     assert not failed, f"verify failed on the bench's own ledger: {failed}"
     print_table("kabinet ledger verify vs a plain read of the same events (same PostgreSQL)",
-                ("events", "plain read s", "plain read events/s", "verify s", "verify events/s", "verify÷read"),
+                ("events", "plain read s", "plain read events/s", "verify s", "verify events/s", "verify÷read",
+                 "verify peak MiB"),
                 [(str(events), f"{read_s:.2f}", f"{events / read_s:.0f}", f"{verify_s:.2f}", f"{events / verify_s:.0f}",
-                  f"{read_s / verify_s:.3f}")])
+                  f"{read_s / verify_s:.3f}", f"{peak_bytes / 2**20:.1f}")])
     return {"events": events, "accounts": account_count + 2, "verify_s": round(verify_s, 2),
             "verify_events_per_s": round(events / verify_s), "plain_read_events_per_s": round(events / read_s),
-            "verify_to_read_ratio": round(read_s / verify_s, 4)}
+            "verify_to_read_ratio": round(read_s / verify_s, 4), "verify_peak_mib": round(peak_bytes / 2**20, 1)}
 
 
 if __name__ == "__main__":
