@@ -42,11 +42,12 @@ Everything is recomputed from the event store and compared with what the ledger 
    last seal is shown as a receipt: given to a later verify (`noted_seal`), it must still
    be there, which catches seals cut from the end together with their events.
 
-Memory stays bounded by the number of accounts and holds, not of entries or transfers:
-the events are replayed a page at a time, and each page's entries and transfers are
-compared with the read model's as the replay goes (entries stream from a cursor in log
-order, transfers are looked up by id), all in one repeatable-read snapshot of the read
-model, from which the events are read too.
+Memory stays bounded by the number of accounts and holds (a few hundred bytes each), not
+of entries or transfers: the events are replayed a page at a time, and each page's entries
+and transfers are compared with the read model's as the replay goes (entries stream from a
+cursor in log order, transfers are looked up by id); the read model's accounts and holds
+stream from a cursor after the replay, each looked up among the replayed ones. All in one
+repeatable-read snapshot of the read model, from which the events are read too.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from typing import Any
 from uuid import UUID
 
@@ -82,8 +84,8 @@ PAGE_SIZE = 5000
 PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
 CATCH_UP_WAIT_S = 30.0  # how long the read model may take to reach the head verify began at
 CATCH_UP_POLL_S = 0.05
-# The most one statement may take: far above the largest (a whole table of balances or
-# accounts read at once), so that only a database that hangs runs into it; verify then
+# The most one statement may take: far above the largest (the whole table of balances,
+# read at once), so that only a database that hangs runs into it; verify then
 # ends as "could not read" instead of waiting for ever.
 VERIFY_STATEMENT_TIMEOUT_S = 600.0
 PROBLEMS_SHOWN = 10
@@ -187,8 +189,9 @@ _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captu
                  "expires_at", "code", "placed_position", "placed_at", "external_ref", "metadata")  # after the id
 
 
-@dataclass
+@dataclass(slots=True)  # one per account and hold in the ledger: no __dict__ each
 class _Account:
+    account_id: UUID
     opened: bool = False
     owner_id: str = "?"
     kind: str = "?"
@@ -268,10 +271,10 @@ class _Rebuilt:
         self._waiting.clear()
 
 
-@dataclass
+@dataclass(slots=True)  # one per account and hold in the ledger: no __dict__ each
 class _Hold:
-    debit_account_id: UUID
-    credit_account_id: UUID
+    debit: _Account  # the account's own (holds name it, not a copy of its id each)
+    credit: _Account
     amount_minor: int
     currency: str
     expires_at: datetime
@@ -294,19 +297,9 @@ class _Hold:
 
     def as_read_model_shows_it(self) -> tuple:
         """In the order of _HOLD_COLUMNS."""
-        return (self.debit_account_id, self.credit_account_id, self.amount_minor, self.captured_minor, self.currency,
+        return (self.debit.account_id, self.credit.account_id, self.amount_minor, self.captured_minor, self.currency,
                 self.state, self.expires_at, self.code, self.placed_position, self.placed_at, self.external_ref,
                 self.metadata)
-
-
-@dataclass
-class _ReadModelView:
-    """What the read model should show at a position (besides entries and transfers,
-    which are compared page by page as the replay passes them)."""
-
-    accounts: dict[UUID, tuple]  # opened accounts, as _Account.as_read_model_shows_it
-    holds: dict[str, tuple]  # client hold id: as _Hold.as_read_model_shows_it
-    transfers: int
 
 
 EntryKey = tuple[int, int, UUID]  # position, seq, account
@@ -334,7 +327,13 @@ class _Replay:
         self.rebuilt_off = Problems()  # rebuilt otherwise than their events say, or not at all
         self.holds: dict[str, _Hold] = {}  # by client hold id
         self.transfers = 0
-        self.at_read_model: _ReadModelView | None = None
+        self.transfers_at_read_model = 0  # posted at the read model's position or before
+        # How the read model, behind the replay, should still show the accounts and holds that
+        # events past its position changed (None: not yet opened or placed). Kept for those
+        # alone, before the first such event: a copy of every account and hold at the read
+        # model's position would double the memory verify needs.
+        self._accounts_at_read_model: dict[UUID, tuple | None] = {}
+        self._holds_at_read_model: dict[str, tuple | None] = {}
         self.unbalanced = Problems()
         self.broken = Problems()  # events that name what does not exist, or cannot be read
         self.out_of_order = Problems()  # versions, times and ids that break the order the writer keeps
@@ -351,13 +350,33 @@ class _Replay:
         self._captures_waiting: dict[str, tuple[int, tuple]] = {}  # transfer id: position, the move the hold says
         self._capture_transfers_waiting: dict[str, tuple[int, tuple]] = {}  # transfer id: position, what it moves
 
-    def _view(self) -> _ReadModelView:
-        return _ReadModelView(
-            {aid: account.as_read_model_shows_it() for aid, account in self.accounts.items() if account.opened},
-            {hold_id: hold.as_read_model_shows_it() for hold_id, hold in self.holds.items()}, self.transfers)
+    def account_at_read_model(self, account_id: UUID) -> tuple | None:
+        """The account as the read model should show it at its position (None: not opened by then)."""
+        if account_id in self._accounts_at_read_model:
+            return self._accounts_at_read_model[account_id]
+        account = self.accounts.get(account_id)
+        return account.as_read_model_shows_it() if account is not None and account.opened else None
 
-    def read_model_view(self) -> _ReadModelView:
-        return self.at_read_model if self.at_read_model is not None else self._view()
+    def hold_at_read_model(self, client_hold_id: str) -> tuple | None:
+        """The hold as the read model should show it at its position (None: not placed by then)."""
+        if client_hold_id in self._holds_at_read_model:
+            return self._holds_at_read_model[client_hold_id]
+        hold = self.holds.get(client_hold_id)
+        return hold.as_read_model_shows_it() if hold is not None else None
+
+    def accounts_at_read_model(self) -> Iterator[UUID]:
+        return (account_id for account_id in self.accounts if self.account_at_read_model(account_id) is not None)
+
+    def holds_at_read_model(self) -> Iterator[str]:
+        return (hold_id for hold_id in self.holds if self.hold_at_read_model(hold_id) is not None)
+
+    def _keep_as_read_model_shows(self, event: Any) -> None:
+        """Before an event past the read model's position changes an account or a hold."""
+        kind = type(event).__qualname__
+        if kind.startswith("Account.") and event.originator_id not in self._accounts_at_read_model:
+            self._accounts_at_read_model[event.originator_id] = self.account_at_read_model(event.originator_id)
+        elif kind.startswith("Hold.") and event.client_hold_id not in self._holds_at_read_model:
+            self._holds_at_read_model[event.client_hold_id] = self.hold_at_read_model(event.client_hold_id)
 
     def replay(self, notifications: Sequence[Notification]) -> _Page | None:
         """The page of these notifications, the next in the log (None for none: the end)."""
@@ -365,20 +384,25 @@ class _Replay:
             return None
         page = _Page(notifications[-1].id)
         for notification in notifications:
-            if self.at_read_model is None and notification.id > self.read_model_at:
-                self.at_read_model = self._view()
             try:
                 event = self.app.mapper.to_domain_event(notification)
+                if notification.id > self.read_model_at:
+                    self._keep_as_read_model_shows(event)
                 self._apply(notification.id, event, page if notification.id <= self.read_model_at else None)
             except Exception as error:  # an auditor's tool reports what it cannot read, and reads on
                 self.broken.append(f"position {notification.id}: {notification.topic} cannot be replayed: {error!r}")
         self.events_read += len(notifications)
         return page
 
-    def _account(self, account_id: UUID, position: int, what: str) -> _Account:
+    def _account_stream(self, account_id: UUID) -> _Account:
+        """The account as replayed so far: unopened, the first time it is named."""
         account = self.accounts.get(account_id)
         if account is None:
-            account = self.accounts[account_id] = _Account()
+            account = self.accounts[account_id] = _Account(account_id)
+        return account
+
+    def _account(self, account_id: UUID, position: int, what: str) -> _Account:
+        account = self._account_stream(account_id)
         if not account.opened:
             self.broken.append(f"position {position}: {what} names account {account_id}, which no Account.Opened"
                                " opens before it")
@@ -417,7 +441,7 @@ class _Replay:
         if kind.startswith("Account.") or (kind.startswith("Hold.") and kind != "Hold.Placed"):
             stream: _Account | _Hold | None
             if kind.startswith("Account."):
-                stream = self.accounts.setdefault(event.originator_id, _Account())  # unopened: "events replay" says so
+                stream = self._account_stream(event.originator_id)  # unopened: "events replay" says so
                 named = f"account {event.originator_id}"
             else:
                 stream = self.holds.get(event.client_hold_id)  # None: unplaced, "events replay" says so
@@ -502,7 +526,7 @@ class _Replay:
             if placed is None or not placed.rebuilt_compared:  # (an event after that: "holds add up" names it)
                 self.rebuilt.add(event, f"hold {event.client_hold_id}")
         if kind == "Account.Opened":
-            account = self.accounts.setdefault(event.originator_id, _Account())
+            account = self._account_stream(event.originator_id)
             account.opened = True
             account.owner_id, account.kind, account.currency = event.owner_id, str(event.kind), event.currency
             account.credit_limit_minor = event.credit_limit_minor
@@ -526,9 +550,9 @@ class _Replay:
                 self.broken.append(f"position {position}: {what} holds {event.currency} on a {debit.currency} account")
             debit.held_minor += event.amount_minor
             credit.incoming_held_minor += event.amount_minor
-            self.holds[event.client_hold_id] = _Hold(UUID(event.debit_account_id), UUID(event.credit_account_id),
-                                                     event.amount_minor, event.currency, event.expires_at, event.code,
-                                                     position, event.timestamp, stored_later(event, "external_ref"),
+            self.holds[event.client_hold_id] = _Hold(debit, credit, event.amount_minor, event.currency,
+                                                     event.expires_at, event.code, position, event.timestamp,
+                                                     stored_later(event, "external_ref"),
                                                      stored_later(event, "metadata") or {})
         elif kind in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
             hold = self._hold(event.client_hold_id, position, kind)
@@ -576,13 +600,13 @@ class _Replay:
         elif not capture and minor != hold.left_minor:
             self.holds_off.append(f"hold {hold_id}: {what} at position {position} releasing {minor} {currency}"
                                   f" where {hold.left_minor} {currency} was left")
-        self.accounts[hold.debit_account_id].held_minor -= minor
-        self.accounts[hold.credit_account_id].incoming_held_minor -= minor
+        hold.debit.held_minor -= minor
+        hold.credit.incoming_held_minor -= minor
         if capture:
             hold.captured_minor += minor
             if hold.captured_minor >= hold.amount_minor:
                 hold.state = "captured"
-            said = (hold_id, event.capture_id, minor, currency, hold.debit_account_id, hold.credit_account_id,
+            said = (hold_id, event.capture_id, minor, currency, hold.debit.account_id, hold.credit.account_id,
                     (hold.external_ref, hold.metadata))
             waiting = self._capture_transfers_waiting.pop(event.transfer_id, None)
             if waiting is None:
@@ -633,6 +657,7 @@ class _Replay:
         if reverses is not None:
             self._check_reversal(position, event, reverses)
         if page is not None:
+            self.transfers_at_read_model += 1
             # As the projection stores them: legs and metadata through JSON, customers as a list.
             page.transfers[event.client_transfer_id] = (
                 event.code, json.loads(json.dumps(event.legs)), event.external_ref, list(event.customer_ids),
@@ -723,6 +748,60 @@ class _ReadModelComparison:
                                 f" seq {row['seq']} that no transfer leg up to position {self.read_model_at} makes")
 
 
+@dataclass(frozen=True)
+class _ReadModelTable:
+    name: str
+    key: str
+    key_type: str  # PostgreSQL's name for the key's type
+    columns: tuple[str, ...]  # after the key, in the order the replay shows a row's values
+    row_named: str  # what one row is, in a problem line
+    json_columns: tuple[str, ...] = ()  # stored as JSON text
+
+
+_ACCOUNTS_SHOWN = _ReadModelTable("ledger_accounts", "account_id", "uuid", _ACCOUNT_COLUMNS, "account")
+_HOLDS_SHOWN = _ReadModelTable("ledger_holds", "hold_id", "text", _HOLD_COLUMNS, "hold", ("metadata",))
+
+
+async def _compare_rows(connection: asyncpg.Connection, table: _ReadModelTable,
+                        expected: Callable[[Any], tuple | None], expected_keys: Callable[[], Iterator[Any]],
+                        position: int) -> tuple[Problems, int]:
+    """A read model table's rows against what the replay says it should show at its
+    `position` (`expected` of a key: None for a row it should not have), streamed a page at a
+    time from the snapshot: memory for a page, not for every hold a ledger ever placed. The
+    rows it should have but lacks are looked up by key, and only when fewer rows matched than
+    `expected_keys` names. Returns the problems and the rows read."""
+    problems = Problems()
+    rows_read = rows_expected = 0
+    select = f"SELECT {table.key}, {', '.join(table.columns)} FROM {table.name}"
+    cursor = await connection.cursor(select)
+    for _ in range(PAGES_MAX):
+        rows = await cursor.fetch(PAGE_SIZE)
+        for row in rows:
+            key, want = row[table.key], expected(row[table.key])
+            if want is None:
+                problems.append(f"read model has {table.row_named} {key} the event store does not (at {position})")
+                continue
+            rows_expected += 1
+            got = tuple(json.loads(row[column]) if column in table.json_columns else row[column]
+                        for column in table.columns)
+            if got != want:
+                problems.append(f"{table.row_named} {key}: " + _differences(table.columns, got, want))
+        rows_read += len(rows)
+        if len(rows) < PAGE_SIZE:
+            break
+    if rows_expected == sum(1 for _ in expected_keys()):
+        return problems, rows_read
+    keys = expected_keys()
+    for _ in range(PAGES_MAX):
+        page = list(islice(keys, PAGE_SIZE))
+        if not page:
+            break
+        shown = {row[table.key] for row in await connection.fetch(
+            f"SELECT {table.key} FROM {table.name} WHERE {table.key} = ANY($1::{table.key_type}[])", page)}
+        problems.extend(f"{table.row_named} {key} missing from the read model" for key in page if key not in shown)
+    return problems, rows_read
+
+
 async def _wait_for_read_model(connection: asyncpg.Connection, position: int) -> None:
     """Give the read model a bounded time to reach `position` (a live ledger keeps writing)."""
     for _ in range(int(CATCH_UP_WAIT_S / CATCH_UP_POLL_S)):
@@ -790,8 +869,6 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
             position = await connection.fetchval(
                 "SELECT position FROM projection_position WHERE projection = $1", projections.READ_MODEL_PROJECTION,
             ) or 0
-            account_rows = await connection.fetch(f"SELECT account_id, {', '.join(_ACCOUNT_COLUMNS)} FROM ledger_accounts")
-            hold_rows = await connection.fetch(f"SELECT hold_id, {', '.join(_HOLD_COLUMNS)} FROM ledger_holds")
             transfers_shown = await connection.fetchval("SELECT count(*) FROM ledger_transfers")
             posting_clock = await connection.fetchval("SELECT posted_at FROM ledger_posting_clock")
             relayed = await connection.fetchval(  # a ledger that never ran its relay has no table for it
@@ -822,6 +899,10 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                 replaying.cancel()
             await compared.finish()
             replay.finish()
+            account_problems, accounts_shown = await _compare_rows(
+                connection, _ACCOUNTS_SHOWN, replay.account_at_read_model, replay.accounts_at_read_model, position)
+            hold_problems, holds_shown = await _compare_rows(
+                connection, _HOLDS_SHOWN, replay.hold_at_read_model, replay.holds_at_read_model, position)
             seals = await history_seals.check_seals(
                 connection, log_table, seal_keys, noted_seal,
                 on_progress=None if on_progress is None else lambda sealed_to: on_progress(CHECKING_SEALS, sealed_to, up_to))
@@ -833,7 +914,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     await connection.close()
     report.events_read = replay.events_read
     report.last_seal = seals.last_seal.receipt if seals.last_seal is not None else None
-    accounts, at_read_model = replay.accounts, replay.read_model_view()
+    accounts = replay.accounts
 
     report.add("events replay", replay.broken,
                "every leg and hold names an opened account in its currency, every hold event a placed hold, every"
@@ -897,34 +978,11 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     caught_up = Problems([] if position >= head_at_start else [
         f"read model at position {position} did not reach {head_at_start}, the head when verify began,"
         f" within {CATCH_UP_WAIT_S:.0f} s"])
-    account_problems = Problems()
-    seen = set()
-    for row in account_rows:
-        seen.add(row["account_id"])
-        want = at_read_model.accounts.get(row["account_id"])
-        if want is None:
-            account_problems.append(f"read model has account {row['account_id']} the event store does not (at {position})")
-            continue
-        got = tuple(row[column] for column in _ACCOUNT_COLUMNS)
-        if got != want:
-            account_problems.append(f"account {row['account_id']}: " + _differences(_ACCOUNT_COLUMNS, got, want))
-    account_problems.extend(f"account {aid} missing from the read model" for aid in at_read_model.accounts.keys() - seen)
-    hold_problems = Problems()
-    shown_holds = {row["hold_id"]: tuple(json.loads(row[column]) if column == "metadata" else row[column]
-                                         for column in _HOLD_COLUMNS) for row in hold_rows}
-    for hold_id, want in at_read_model.holds.items():
-        got = shown_holds.get(hold_id)
-        if got is None:
-            hold_problems.append(f"hold {hold_id} missing from the read model")
-        elif got != want:
-            hold_problems.append(f"hold {hold_id}: " + _differences(_HOLD_COLUMNS, got, want))
-    hold_problems.extend(f"read model has hold {hold_id} the event store does not (at {position})"
-                         for hold_id in shown_holds.keys() - at_read_model.holds.keys())
-    if transfers_shown != at_read_model.transfers:
+    if transfers_shown != replay.transfers_at_read_model:
         compared.transfers.append(
-            f"read model has {transfers_shown} transfers, event store {at_read_model.transfers} (at {position})")
+            f"read model has {transfers_shown} transfers, event store {replay.transfers_at_read_model} (at {position})")
     report.add("read model equals event store",
                Problems.joined(caught_up, account_problems, compared.transfers, compared.entries, hold_problems),
-               f"{len(account_rows)} accounts, {compared.entries_compared} entries, {transfers_shown} transfers,"
-               f" {len(hold_rows)} holds at position {position} (event store at {up_to})")
+               f"{accounts_shown} accounts, {compared.entries_compared} entries, {transfers_shown} transfers,"
+               f" {holds_shown} holds at position {position} (event store at {up_to})")
     return report

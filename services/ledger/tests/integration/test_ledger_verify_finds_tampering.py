@@ -241,3 +241,60 @@ async def test_a_hold_shown_placed_at_another_time_or_place_in_the_log_fails_ver
     failed = await failed_checks(ledger)
     assert list(failed) == [READ_MODEL]
     assert "hold auth-moved" in failed[READ_MODEL] and column in failed[READ_MODEL]
+
+
+async def test_holds_and_accounts_missing_from_the_read_model_or_made_up_in_it_are_found_page_by_page(
+        ledger, monkeypatch):
+    # The read model's accounts and holds are read a page at a time, not all at once: with
+    # pages of two, a row deleted and a row made up are still each named.
+    monkeypatch.setattr("ledger.verify.PAGE_SIZE", 2)
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    for number in range(5):
+        await writer.submit(c.PlaceHold(f"auth-{number}", card, settlement, 10, "RUB", soon, "card_purchase"))
+    await ledger.parts.projection.wait_for(writer.last_position)
+    assert await failed_checks(ledger) == {}
+    pool, made_up = ledger.parts.pool, uuid.uuid4()
+    await pool.execute("DELETE FROM ledger_holds WHERE hold_id = 'auth-3'")
+    await pool.execute("INSERT INTO ledger_holds SELECT 'auth-made-up', debit_account_id, credit_account_id,"
+                       " amount_minor, captured_minor, currency, state, expires_at, code, placed_position, placed_at,"
+                       " external_ref, metadata FROM ledger_holds WHERE hold_id = 'auth-1'")
+    await pool.execute("DELETE FROM ledger_accounts WHERE account_id = $1", settlement)
+    await pool.execute("INSERT INTO ledger_accounts (account_id, owner_id, kind, currency, state, freeze_reasons,"
+                       " credit_limit_minor, opened_at, updated_at) SELECT $2, owner_id, kind, currency, state,"
+                       " freeze_reasons, credit_limit_minor, opened_at, updated_at FROM ledger_accounts"
+                       " WHERE account_id = $1", card, made_up)
+    failed = await failed_checks(ledger)
+    assert list(failed) == [READ_MODEL]
+    assert "hold auth-3 missing from the read model" in failed[READ_MODEL]
+    assert "read model has hold auth-made-up the event store does not" in failed[READ_MODEL]
+    assert f"account {settlement} missing from the read model" in failed[READ_MODEL]
+    assert f"read model has account {made_up} the event store does not" in failed[READ_MODEL]
+    assert failed[READ_MODEL].count("\n") == 3  # those four, and nothing else
+
+
+async def test_a_read_model_behind_the_events_is_compared_as_it_stood_at_its_own_position(ledger, monkeypatch):
+    # Events past the read model's position change accounts and holds it has not caught up
+    # with yet: verify compares it with the books as they stood at its position, so the one
+    # problem is that it is behind.
+    monkeypatch.setattr("ledger.verify.CATCH_UP_WAIT_S", 0.2)
+    writer, pool = ledger.parts.writer, ledger.parts.pool
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.PlaceHold("auth", card, settlement, 300, "RUB", datetime.now(UTC) + timedelta(hours=1),
+                                    "card_purchase"))
+    await ledger.parts.projection.wait_for(writer.last_position)
+    async with pool.acquire() as connection, connection.transaction():
+        # The live projection waits for this lock before it applies anything.
+        position = await connection.fetchval("SELECT position FROM projection_position FOR UPDATE")
+        await writer.submit(c.CaptureHold("auth", "part", 100))
+        await writer.submit(c.PlaceHold("auth-later", card, settlement, 50, "RUB",
+                                        datetime.now(UTC) + timedelta(hours=1), "card_purchase"))
+        await writer.submit(c.FreezeAccount(card, "court_order"))
+        await writer.submit(c.OpenAccount(uuid.uuid4(), "bob", "card", "RUB"))
+        behind = await failed_checks(ledger)
+    assert list(behind) == [READ_MODEL]
+    assert behind[READ_MODEL] == (f"read model at position {position} did not reach {writer.last_position},"
+                                  " the head when verify began, within 0 s")
+    await ledger.parts.projection.wait_for(writer.last_position)
+    assert await failed_checks(ledger) == {}
