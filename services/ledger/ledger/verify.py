@@ -185,6 +185,7 @@ _ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", 
                   "occurred_at")  # after the key
 _TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
                      "requested_by", "reverses", "reversal_reason", "reversal_case_ref")  # after the id
+_TRANSFER_JSON_COLUMNS = ("legs", "metadata")  # stored as JSON text
 _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captured_minor", "currency", "state",
                  "expires_at", "code", "placed_position", "placed_at", "external_ref", "metadata")  # after the id
 
@@ -212,6 +213,12 @@ class _Account:
         """In the order of _ACCOUNT_COLUMNS."""
         return (self.owner_id, self.kind, self.currency, self.state, list(self.freeze_reasons), self.close_reason,
                 self.credit_limit_minor, self.opened_at, self.updated_at)
+
+
+def _through_json(values: Sequence[Any], columns: Sequence[str], json_columns: Sequence[str]) -> tuple:
+    """A row's values as they come back from being stored: those of `json_columns` through JSON."""
+    return tuple(json.loads(json.dumps(value)) if column in json_columns else value
+                 for column, value in zip(columns, values, strict=True))
 
 
 def _standing(account: Any) -> str:
@@ -658,10 +665,9 @@ class _Replay:
             self._check_reversal(position, event, reverses)
         if page is not None:
             self.transfers_at_read_model += 1
-            # As the projection stores them: legs and metadata through JSON, customers as a list.
-            page.transfers[event.client_transfer_id] = (
-                event.code, json.loads(json.dumps(event.legs)), event.external_ref, list(event.customer_ids),
-                json.loads(json.dumps(event.metadata)), event.posted_at, stored_later(event, "requested_by"),
+            page.transfers[event.client_transfer_id] = (  # customers as the projection stores them: a list
+                event.code, event.legs, event.external_ref, list(event.customer_ids),
+                event.metadata, event.posted_at, stored_later(event, "requested_by"),
                 stored_later(event, "reverses"), stored_later(event, "reversal_reason"),
                 stored_later(event, "reversal_case_ref"))
 
@@ -737,7 +743,12 @@ class _ReadModelComparison:
                        json.loads(row["metadata"]), row["posted_at"], row["requested_by"], row["reverses"],
                        row["reversal_reason"], row["reversal_case_ref"])
                 if got != want:
-                    self.transfers.append(f"transfer {transfer_id}: " + _differences(_TRANSFER_COLUMNS, got, want))
+                    # As the projection stores legs and metadata: through JSON, which may change their
+                    # types. Only here: taking every transfer's through JSON was a fifth of the replay.
+                    want = _through_json(want, _TRANSFER_COLUMNS, _TRANSFER_JSON_COLUMNS)
+                    if got != want:
+                        self.transfers.append(f"transfer {transfer_id}: "
+                                              + _differences(_TRANSFER_COLUMNS, got, want))
 
     async def finish(self) -> None:
         """Entries left once every event is replayed are entries no event made."""
