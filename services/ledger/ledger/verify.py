@@ -59,6 +59,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
+from sys import intern
 from typing import Any
 from uuid import UUID
 
@@ -535,7 +536,9 @@ class _Replay:
         if kind == "Account.Opened":
             account = self._account_stream(event.originator_id)
             account.opened = True
-            account.owner_id, account.kind, account.currency = event.owner_id, str(event.kind), event.currency
+            account.owner_id = event.owner_id
+            # A few kinds, codes and currencies: each name kept once, not once per account and hold.
+            account.kind, account.currency = intern(str(event.kind)), intern(event.currency)
             account.credit_limit_minor = event.credit_limit_minor
             account.opened_at = account.updated_at = event.timestamp
         elif kind.startswith("Account."):
@@ -557,8 +560,8 @@ class _Replay:
                 self.broken.append(f"position {position}: {what} holds {event.currency} on a {debit.currency} account")
             debit.held_minor += event.amount_minor
             credit.incoming_held_minor += event.amount_minor
-            self.holds[event.client_hold_id] = _Hold(debit, credit, event.amount_minor, event.currency,
-                                                     event.expires_at, event.code, position, event.timestamp,
+            self.holds[event.client_hold_id] = _Hold(debit, credit, event.amount_minor, intern(event.currency),
+                                                     event.expires_at, intern(event.code), position, event.timestamp,
                                                      stored_later(event, "external_ref"),
                                                      stored_later(event, "metadata") or {})
         elif kind in ("Hold.Captured", "Hold.Voided", "Hold.Expired"):
