@@ -14,6 +14,7 @@ import pytest
 
 from ledger.domain import commands as c
 from ledger.domain.hold import Hold
+from ledger.projections import READ_MODEL_PROJECTION
 from ledger.verify import verify
 from services.ledger.tests.integration.ledger_support import failed_checks, forge_history, funded_card
 
@@ -286,7 +287,8 @@ async def test_a_read_model_behind_the_events_is_compared_as_it_stood_at_its_own
     await ledger.parts.projection.wait_for(writer.last_position)
     async with pool.acquire() as connection, connection.transaction():
         # The live projection waits for this lock before it applies anything.
-        position = await connection.fetchval("SELECT position FROM projection_position FOR UPDATE")
+        position = await connection.fetchval(
+            "SELECT position FROM projection_position WHERE projection = $1 FOR UPDATE", READ_MODEL_PROJECTION)
         await writer.submit(c.CaptureHold("auth", "part", 100))
         await writer.submit(c.PlaceHold("auth-later", card, settlement, 50, "RUB",
                                         datetime.now(UTC) + timedelta(hours=1), "card_purchase"))
