@@ -85,9 +85,9 @@ PAGE_SIZE = 5000
 PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
 CATCH_UP_WAIT_S = 30.0  # how long the read model may take to reach the head verify began at
 CATCH_UP_POLL_S = 0.05
-# The most one statement may take: far above the largest (the whole table of balances,
-# read at once), so that only a database that hangs runs into it; verify then
-# ends as "could not read" instead of waiting for ever.
+# The most one statement may take: far above the largest (counting every transfer), so
+# that only a database that hangs runs into it; verify then ends as "could not read"
+# instead of waiting for ever.
 VERIFY_STATEMENT_TIMEOUT_S = 600.0
 PROBLEMS_SHOWN = 10
 # What verify is doing as it tells its progress: two passes over the history.
@@ -220,6 +220,14 @@ def _through_json(values: Sequence[Any], columns: Sequence[str], json_columns: S
     """A row's values as they come back from being stored: those of `json_columns` through JSON."""
     return tuple(json.loads(json.dumps(value)) if column in json_columns else value
                  for column, value in zip(columns, values, strict=True))
+
+
+def _balance_off(currency: str, saved: tuple, said: tuple) -> str:
+    """How a saved balance (posted, held, incoming held) differs from what legs and holds say."""
+    return (f"saved balance {'/'.join(map(str, saved))} (posted/held/incoming held), legs and holds say"
+            f" {'/'.join(map(str, said))} ({currency} minor units; " + ", ".join(
+                f"{what} off by {saved_minor - said_minor}" for what, saved_minor, said_minor in zip(
+                    ("posted", "held", "incoming held"), saved, said, strict=True) if saved_minor != said_minor) + ")")
 
 
 def _standing(account: Any) -> str:
@@ -364,6 +372,12 @@ class _Replay:
             return self._accounts_at_read_model[account_id]
         account = self.accounts.get(account_id)
         return account.as_read_model_shows_it() if account is not None and account.opened else None
+
+    def balance_of(self, account_id: UUID) -> tuple[int, int, int] | None:
+        """What the account's legs and holds say its saved balance is (posted, held,
+        incoming held), at the events' head (None: no event names the account)."""
+        account = self.accounts.get(account_id)
+        return None if account is None else (account.legs_minor, account.held_minor, account.incoming_held_minor)
 
     def hold_at_read_model(self, client_hold_id: str) -> tuple | None:
         """The hold as the read model should show it at its position (None: not placed by then)."""
@@ -763,43 +777,65 @@ class _ReadModelComparison:
 
 
 @dataclass(frozen=True)
-class _ReadModelTable:
+class _ComparedTable:
+    """A table of what the ledger serves, compared row by row with what the replay says it
+    should hold, and how its problems read (each formatted with `key` and `position`)."""
+
     name: str
     key: str
     key_type: str  # PostgreSQL's name for the key's type
-    columns: tuple[str, ...]  # after the key, in the order the replay shows a row's values
-    row_named: str  # what one row is, in a problem line
+    columns: tuple[str, ...]  # after the key, in the order the replay gives a row's values
+    missing: str  # a row it should hold and does not
+    unexpected: str  # a row it should not hold
+    differs: str  # a row that differs, followed by how (`_compare_rows`'s `how_it_differs`)
     json_columns: tuple[str, ...] = ()  # stored as JSON text
 
 
-_ACCOUNTS_SHOWN = _ReadModelTable("ledger_accounts", "account_id", "uuid", _ACCOUNT_COLUMNS, "account")
-_HOLDS_SHOWN = _ReadModelTable("ledger_holds", "hold_id", "text", _HOLD_COLUMNS, "hold", ("metadata",))
+def _read_model_table(name: str, key: str, key_type: str, columns: tuple[str, ...], row_named: str,
+                      json_columns: tuple[str, ...] = ()) -> _ComparedTable:
+    return _ComparedTable(name, key, key_type, columns, f"{row_named} {{key}} missing from the read model",
+                          f"read model has {row_named} {{key}} the event store does not (at {{position}})",
+                          f"{row_named} {{key}}: ", json_columns)
 
 
-async def _compare_rows(connection: asyncpg.Connection, table: _ReadModelTable,
+_ACCOUNTS_SHOWN = _read_model_table("ledger_accounts", "account_id", "uuid", _ACCOUNT_COLUMNS, "account")
+_HOLDS_SHOWN = _read_model_table("ledger_holds", "hold_id", "text", _HOLD_COLUMNS, "hold", ("metadata",))
+# Saved by the writer with their events: compared at the events' head, not the read model's position.
+_BALANCES_SAVED = _ComparedTable("ledger_balances", "account_id", "uuid",
+                                 ("posted_minor", "held_minor", "incoming_held_minor"),
+                                 "account {key} has no saved balance",
+                                 "a balance is saved for {key}, which the event store has no account for",
+                                 "account {key}: ")
+
+
+async def _compare_rows(connection: asyncpg.Connection, table: _ComparedTable,
                         expected: Callable[[Any], tuple | None], expected_keys: Callable[[], Iterator[Any]],
-                        position: int) -> tuple[Problems, int]:
-    """A read model table's rows against what the replay says it should show at its
-    `position` (`expected` of a key: None for a row it should not have), streamed a page at a
-    time from the snapshot: memory for a page, not for every hold a ledger ever placed. The
-    rows it should have but lacks are looked up by key, and only when fewer rows matched than
-    `expected_keys` names. Returns the problems and the rows read."""
+                        position: int, how_it_differs: Callable[[Any, tuple, tuple], str] | None = None,
+                        ) -> tuple[Problems, int]:
+    """A table's rows against what the replay says it should hold at `position` (`expected`
+    of a key: None for a row it should not hold), streamed a page at a time from the snapshot:
+    memory for a page, not for every hold a ledger ever placed. The rows it should hold but
+    does not are looked up by key, and only when fewer rows matched than `expected_keys`
+    names. `how_it_differs(key, values, expected values)` words a difference (by default,
+    column by column). Returns the problems and the rows read."""
+    if how_it_differs is None:
+        def how_it_differs(_: Any, got: tuple, want: tuple) -> str:
+            return _differences(table.columns, got, want)
     problems = Problems()
     rows_read = rows_expected = 0
-    select = f"SELECT {table.key}, {', '.join(table.columns)} FROM {table.name}"
-    cursor = await connection.cursor(select)
+    cursor = await connection.cursor(f"SELECT {table.key}, {', '.join(table.columns)} FROM {table.name}")
     for _ in range(PAGES_MAX):
         rows = await cursor.fetch(PAGE_SIZE)
         for row in rows:
             key, want = row[table.key], expected(row[table.key])
             if want is None:
-                problems.append(f"read model has {table.row_named} {key} the event store does not (at {position})")
+                problems.append(table.unexpected.format(key=key, position=position))
                 continue
             rows_expected += 1
             got = tuple(json.loads(row[column]) if column in table.json_columns else row[column]
                         for column in table.columns)
             if got != want:
-                problems.append(f"{table.row_named} {key}: " + _differences(table.columns, got, want))
+                problems.append(table.differs.format(key=key) + how_it_differs(key, got, want))
         rows_read += len(rows)
         if len(rows) < PAGE_SIZE:
             break
@@ -810,9 +846,9 @@ async def _compare_rows(connection: asyncpg.Connection, table: _ReadModelTable,
         page = list(islice(keys, PAGE_SIZE))
         if not page:
             break
-        shown = {row[table.key] for row in await connection.fetch(
+        held = {row[table.key] for row in await connection.fetch(
             f"SELECT {table.key} FROM {table.name} WHERE {table.key} = ANY($1::{table.key_type}[])", page)}
-        problems.extend(f"{table.row_named} {key} missing from the read model" for key in page if key not in shown)
+        problems.extend(table.missing.format(key=key) for key in page if key not in held)
     return problems, rows_read
 
 
@@ -878,8 +914,6 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
             up_to = await connection.fetchval(
                 f"SELECT coalesce(max(notification_id), 0) FROM {log_table}"
             )
-            balances = {row["account_id"]: tuple(row)[1:] for row in await connection.fetch(
-                "SELECT account_id, posted_minor, held_minor, incoming_held_minor FROM ledger_balances")}
             position = await connection.fetchval(
                 "SELECT position FROM projection_position WHERE projection = $1", projections.READ_MODEL_PROJECTION,
             ) or 0
@@ -917,6 +951,9 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                 connection, _ACCOUNTS_SHOWN, replay.account_at_read_model, replay.accounts_at_read_model, position)
             hold_problems, holds_shown = await _compare_rows(
                 connection, _HOLDS_SHOWN, replay.hold_at_read_model, replay.holds_at_read_model, position)
+            balance_problems, balances_saved = await _compare_rows(
+                connection, _BALANCES_SAVED, replay.balance_of, lambda: iter(replay.accounts), up_to,
+                lambda account_id, saved, said: _balance_off(replay.accounts[account_id].currency, saved, said))
             seals = await history_seals.check_seals(
                 connection, log_table, seal_keys, noted_seal,
                 on_progress=None if on_progress is None else lambda sealed_to: on_progress(CHECKING_SEALS, sealed_to, up_to))
@@ -963,19 +1000,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     report.add("trial balance", [f"{cur} off by {total}" for cur, total in totals.items() if total],
                "zero in " + (", ".join(sorted(totals)) or "no currency"))
 
-    problems = Problems(f"account {aid} has no saved balance" for aid in accounts.keys() - balances.keys())
-    problems.extend(f"a balance is saved for {aid}, which the event store has no account for"
-                    for aid in balances.keys() - accounts.keys())
-    problems.extend(
-        f"account {aid}: saved balance {'/'.join(map(str, balances[aid]))} (posted/held/incoming held),"
-        f" legs and holds say {a.legs_minor}/{a.held_minor}/{a.incoming_held_minor} ({a.currency} minor units; "
-        + ", ".join(f"{what} off by {saved - said}" for what, saved, said in zip(
-            ("posted", "held", "incoming held"), balances[aid], (a.legs_minor, a.held_minor, a.incoming_held_minor),
-            strict=True) if saved != said) + ")"
-        for aid, a in accounts.items()
-        if aid in balances and balances[aid] != (a.legs_minor, a.held_minor, a.incoming_held_minor)
-    )
-    report.add("balances equal legs and holds", problems, f"{len(balances)} accounts")
+    report.add("balances equal legs and holds", balance_problems, f"{balances_saved} accounts")
 
     # Rebuilt from the events the replay read (up to the snapshot), not read again one
     # stream at a time: a query per stream made this check most of verify's time.

@@ -300,3 +300,25 @@ async def test_a_read_model_behind_the_events_is_compared_as_it_stood_at_its_own
                                   " the head when verify began, within 0 s")
     await ledger.parts.projection.wait_for(writer.last_position)
     assert await failed_checks(ledger) == {}
+
+
+async def test_a_saved_balance_deleted_or_made_up_is_found_page_by_page(ledger, monkeypatch):
+    # Saved balances are read a page at a time too: a card with no balance would be refused
+    # every payment, and a made-up one is money the books never held.
+    monkeypatch.setattr("ledger.verify.PAGE_SIZE", 2)
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    others = [uuid.uuid4() for _ in range(4)]
+    for account_id in others:
+        await writer.submit(c.OpenAccount(account_id, "bob", "card", "RUB"))
+    await ledger.parts.projection.wait_for(writer.last_position)
+    assert await failed_checks(ledger) == {}
+    made_up = uuid.uuid4()
+    await ledger.parts.pool.execute("DELETE FROM ledger_balances WHERE account_id = $1", card)
+    await ledger.parts.pool.execute("INSERT INTO ledger_balances (account_id, posted_minor, held_minor, version)"
+                                    " VALUES ($1, 500, 0, 1)", made_up)
+    failed = await failed_checks(ledger)
+    assert list(failed) == ["balances equal legs and holds"]
+    assert failed["balances equal legs and holds"] == (
+        f"a balance is saved for {made_up}, which the event store has no account for\n"
+        f"account {card} has no saved balance")
