@@ -902,7 +902,8 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     # One snapshot of what the ledger serves, then the events up to that snapshot: balances
     # commit with their events, and the read model is compared at its own position, so a
     # ledger that keeps writing still verifies. The snapshot stays open while the events
-    # are replayed: entries and transfers are compared page by page against it.
+    # are replayed: entries and transfers are compared page by page against it; accounts,
+    # holds and balances after the replay, streamed from it.
     connection = await asyncpg.connect(database_url, timeout=10, command_timeout=VERIFY_STATEMENT_TIMEOUT_S)
     try:
         head_at_start = await connection.fetchval(f"SELECT coalesce(max(notification_id), 0) FROM {log_table}")
