@@ -42,12 +42,13 @@ Everything is recomputed from the event store and compared with what the ledger 
    last seal is shown as a receipt: given to a later verify (`noted_seal`), it must still
    be there, which catches seals cut from the end together with their events.
 
-Memory stays bounded by the number of accounts and holds (a few hundred bytes each), not
-of entries or transfers: the events are replayed a page at a time, and each page's entries
-and transfers are compared with the read model's as the replay goes (entries stream from a
-cursor in log order, transfers are looked up by id); the read model's accounts and holds
-stream from a cursor after the replay, each looked up among the replayed ones. All in one
-repeatable-read snapshot of the read model, from which the events are read too.
+Memory stays bounded by the number of accounts and holds (about 1 KB an account and 450
+bytes a hold, bench/verify.py), not of entries or transfers: the events are replayed a page
+at a time, and each page's entries and transfers are compared with the read model's as the
+replay goes (entries stream from a cursor in log order, transfers are looked up by id); the
+read model's accounts and holds, and the saved balances, stream from a cursor after the
+replay, each row looked up among the replayed ones. All in one repeatable-read snapshot of
+the read model, from which the events are read too.
 """
 
 from __future__ import annotations
