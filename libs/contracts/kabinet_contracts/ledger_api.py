@@ -53,7 +53,9 @@ class Account(_Body):
     freeze_reasons: list[str] = Field(description="why it is frozen: every freeze not lifted yet, by reason"
                                                   " (customer_request, fraud_suspected, court_order,"
                                                   " compliance_review; not_recorded for a freeze older than reasons);"
-                                                  " empty unless frozen. A customer's own token sees by_the_bank"
+                                                  " empty unless frozen, or closed while she had frozen it herself"
+                                                  " (customer_request: the one freeze an account closes under)."
+                                                  " A customer's own token sees by_the_bank"
                                                   " for a reason the bank does not disclose (compliance_review)")
     close_reason: str | None = Field(description="why it was closed (customer_request, bank_decision,"
                                                  " customer_deceased, product_ended); null unless closed, or closed"

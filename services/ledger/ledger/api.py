@@ -383,7 +383,8 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
             ("unfreeze", commands.UnfreezeAccount, UnfreezeBody, "Lift an account's freeze of a reason",
              "`account_closed`"),
             ("close", commands.CloseAccount, CloseBody, "Close an account for good, for a reason",
-             "`account_not_empty` (money or live holds left on it)")):
+             "`account_not_empty` (money or live holds left on it), `account_frozen` (a freeze other than the"
+             " customer's own is left)")):
         router.add_api_route(
             f"/accounts/{{account_id}}/{action}", _account_action(ledger, command_type, body_type, post), methods=["POST"],
             name=f"{action}_account", dependencies=posts, summary=summary, response_model=None,

@@ -10,7 +10,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from kabinet_contracts.ledger import BANK_OWNER_ID, FREEZE_REASON_NOT_RECORDED, CloseReason, FreezeReason
-from ledger.domain.errors import AccountClosed, AccountNotEmpty, InsufficientFunds, InvalidAccount
+from ledger.domain.errors import AccountClosed, AccountFrozen, AccountNotEmpty, InsufficientFunds, InvalidAccount
 from ledger.domain.stored import stored_later
 
 
@@ -48,6 +48,11 @@ class AccountState(StrEnum):
 
 FREEZE_REASONS = frozenset(FreezeReason)
 CLOSE_REASONS = frozenset(CloseReason)
+# The one freeze an account closes under: the customer's own. Another (a court's arrest, an
+# anti-fraud or compliance block, one whose reason was not recorded) is lifted first, by
+# whoever imposed it: a closed account can no longer be unfrozen, so closing under it would
+# leave the freeze unanswerable, and the customer walks off with an account still arrested.
+FREEZES_AN_ACCOUNT_CLOSES_UNDER = frozenset({FreezeReason.CUSTOMER_REQUEST})
 
 
 def frozen_for(reasons: tuple[str, ...], reason: str | None) -> tuple[str, ...]:
@@ -168,6 +173,10 @@ class Account(Aggregate):
         self.check_not_closed()
         if reason not in CLOSE_REASONS:
             raise InvalidAccount(f"{reason!r} is no reason to close an account: one of {', '.join(sorted(CLOSE_REASONS))}")
+        blocking = [r for r in self.freeze_reasons if r not in FREEZES_AN_ACCOUNT_CLOSES_UNDER]
+        if blocking:
+            raise AccountFrozen(f"account {self.id} is frozen for {', '.join(blocking)}: that freeze must be lifted"
+                                " before the account closes")
         if posted_minor != 0 or held_minor != 0:
             raise AccountNotEmpty(
                 f"account {self.id} has balance {posted_minor} and holds {held_minor}"

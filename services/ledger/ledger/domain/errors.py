@@ -23,7 +23,8 @@ class InsufficientFunds(LedgerError):
 
 
 class AccountFrozen(LedgerError):
-    """A frozen account takes credits only: no debits, no new holds."""
+    """A frozen account takes credits only: no debits, no new holds; and it does not close
+    while a freeze other than the customer's own is left."""
 
     code, status = "account_frozen", 409
 

@@ -76,6 +76,30 @@ def test_a_closed_account_says_why(world):
     assert world.saved_events[-1].reason == "customer_deceased"
 
 
+@pytest.mark.parametrize("freeze", ["court_order", "compliance_review", "fraud_suspected"])
+def test_an_empty_account_under_a_freeze_the_customer_did_not_ask_for_does_not_close_until_it_is_lifted(world, freeze):
+    # A closed account can no longer be unfrozen: closed under a bailiff's arrest, it would
+    # stay arrested with nobody able to answer the bailiff.
+    shop = world.open("card", owner="shop")
+    world.one(c.FreezeAccount(shop, "customer_request", requested_by="shop"))
+    world.one(c.FreezeAccount(shop, freeze, requested_by="staff-olga"))
+    since = len(world.saved_events)
+    with pytest.raises(AccountFrozen, match=f"frozen for {freeze}: that freeze must be lifted before the account closes"):
+        world.one(c.CloseAccount(shop, "customer_request", requested_by="shop"))
+    assert world.events_of(shop, since) == [] and world.account(shop).state == "frozen"
+
+    world.one(c.UnfreezeAccount(shop, freeze, requested_by="staff-olga"))
+    assert world.one(c.CloseAccount(shop, "customer_request", requested_by="shop")).state == "closed", (
+        "her own freeze does not keep her account open")
+
+
+def test_a_freeze_and_the_closing_it_forbids_in_one_batch_are_judged_in_order(world):
+    shop = world.open("card", owner="shop")
+    outcomes = world.run(c.FreezeAccount(shop, "court_order"), c.CloseAccount(shop, "bank_decision"))
+    assert outcomes[0].state == "frozen" and isinstance(outcomes[1], AccountFrozen)
+    assert world.account(shop).state == "frozen"
+
+
 def test_a_freeze_stored_before_freezes_had_reasons_is_lifted_by_any_unfreeze(world):
     _, card = funded(world)
     account = world.account(card)

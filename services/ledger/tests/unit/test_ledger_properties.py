@@ -250,6 +250,8 @@ def forbidden(world: World, command: Any) -> set[str]:
         elif isinstance(command, c.CloseAccount):
             if money(world, account) != (0, 0, 0):
                 reasons.add("account_not_empty")
+            if set(account.freeze_reasons) - {"customer_request"}:
+                reasons.add("account_frozen")
         elif isinstance(command, c.SetCreditLimit):
             posted, held, _ = money(world, account)
             if account.is_internal or not 0 <= command.credit_limit_minor <= CREDIT_LIMIT_MINOR_MAX:
@@ -316,6 +318,8 @@ def check_invariants(world: World, accounts: list[UUID]) -> None:
         if account.state != AccountState.CLOSED:
             assert (account.state == AccountState.FROZEN) == bool(account.freeze_reasons), (
                 "an account is frozen exactly while a freeze of some reason is not lifted")
+        else:
+            assert set(account.freeze_reasons) <= {"customer_request"}, "an account closed under a court's freeze"
     for hold in holds:
         assert currency_of[hold.debit_account_id] == currency_of[hold.credit_account_id] == hold.currency
         assert hold.captured_minor == sum(hold.captures.values())
