@@ -18,7 +18,17 @@ from uuid import UUID, uuid5
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import Problem, problem_responses
@@ -43,11 +53,25 @@ def _within_the_ledgers_calendar(instant: datetime) -> datetime:
     return instant
 
 
+# An instant as RFC 3339 writes it: a date, a time to the second (with a fraction if need
+# be, after a point or, as ISO 8601 allows, a comma) and its offset from UTC. Parsing alone
+# would take a number too, as seconds since 1970, or as milliseconds once it is large
+# enough: a bank's API does not guess which, and its fraction would come rounded.
+_RFC_3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+
+
+def _written_as_rfc_3339(value: Any) -> Any:
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC_3339.fullmatch(value)):
+        return value
+    raise ValueError("an instant is written as RFC 3339: 2026-11-26T12:00:00Z, or with its offset, +03:00")
+
+
+WrittenAsRfc3339 = BeforeValidator(_written_as_rfc_3339)  # last in an Annotated list: it runs first
 # An instant with a timezone, in the range the ledger stores (a far-off one would overflow
 # on its way to UTC and answer 500 instead of naming the field).
-Instant = Annotated[AwareDatetime, AfterValidator(_within_the_ledgers_calendar)]
+Instant = Annotated[AwareDatetime, AfterValidator(_within_the_ledgers_calendar), WrittenAsRfc3339]
 
-_BEYOND_MICROSECONDS = re.compile(r"\.\d{6}(\d+)")
+_BEYOND_MICROSECONDS = re.compile(r"[.,]\d{6}(\d+)")
 
 
 def _rounded_up_to_a_microsecond(value: Any, parse: ValidatorFunctionWrapHandler) -> datetime:
@@ -67,7 +91,11 @@ def _rounded_up_to_a_microsecond(value: Any, parse: ValidatorFunctionWrapHandler
 
 # An instant a read is asked at or bounded by (`at`, `since`, `until`).
 BoundaryInstant = Annotated[AwareDatetime, WrapValidator(_rounded_up_to_a_microsecond),
-                            AfterValidator(_within_the_ledgers_calendar)]
+                            AfterValidator(_within_the_ledgers_calendar), WrittenAsRfc3339]
+# An amount of money in a request body: a JSON integer and nothing else. Parsed leniently,
+# `true` would move one kopeck, "250" or 300.0 three hundred: a client's serialisation bug
+# must be refused by name, not paid out.
+MinorUnits = Annotated[int, Strict()]
 
 CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
@@ -146,7 +174,7 @@ class OpenAccountBody(_Body):
     owner_id: str = Field(min_length=1, max_length=128)
     kind: AccountKind  # named in the schema; an unknown one is refused by name (never echoed back, whatever its size)
     currency: str = Field(pattern=CURRENCY_PATTERN)
-    credit_limit_minor: int = Field(default=0, ge=0)
+    credit_limit_minor: MinorUnits = Field(default=0, ge=0)
 
 
 class FreezeBody(_Body):
@@ -163,12 +191,12 @@ class CloseBody(_Body):
 
 
 class CreditLimitBody(_Body):
-    credit_limit_minor: int = Field(ge=0, description="how far below zero the account may go; 0 for none")
+    credit_limit_minor: MinorUnits = Field(ge=0, description="how far below zero the account may go; 0 for none")
 
 
 class LegBody(_Body):
     account_id: UUID
-    amount_minor: int = Field(description="positive credits the account, negative debits it")
+    amount_minor: MinorUnits = Field(description="positive credits the account, negative debits it")
     currency: str = Field(pattern=CURRENCY_PATTERN)
 
 
@@ -185,7 +213,7 @@ class PlaceHoldBody(_Body):
     hold_id: str = Field(pattern=ID_PATTERN)
     debit_account_id: UUID
     credit_account_id: UUID
-    amount_minor: int = Field(gt=0)
+    amount_minor: MinorUnits = Field(gt=0)
     currency: str = Field(pattern=CURRENCY_PATTERN)
     expires_at: Instant
     code: str = Field(pattern=CODE_PATTERN)
@@ -204,7 +232,7 @@ class ReversalBody(_Body):
 
 class CaptureBody(_Body):
     capture_id: str = Field(pattern=ID_PATTERN)
-    amount_minor: int = Field(gt=0)
+    amount_minor: MinorUnits = Field(gt=0)
 
 
 # How long a read from the read model waits for it to show what was committed before the

@@ -114,6 +114,45 @@ async def test_an_instant_written_in_nanoseconds_counts_a_posting_made_before_it
     later = (await ledger.get(f"/accounts/{card}/statement", params={
         "since": just_after, "until": (posted_at + timedelta(days=1)).isoformat()})).json()
     assert later["opening_balance_minor"] == 100 and later["lines"] == []
+    written_with_a_comma = just_after.replace(".", ",")  # as ISO 8601 allows
+    balance = (await ledger.get(f"/accounts/{card}/balance", params={"at": written_with_a_comma})).json()
+    assert balance["posted"]["amount_minor"] == 100
+
+
+async def test_an_instant_not_written_as_rfc_3339_is_refused_by_name_never_guessed(ledger):
+    # 1795735433 could be seconds or (were it larger) milliseconds since 1970, and parsing
+    # rounds its fraction to the nearest microsecond, which may put a posting on the wrong
+    # side of a period's bound.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    for at in ("1795735433.1234567", "1795735433", "2026-11-26T12:00Z", "2026-11-26T12:00:00+0300", "26.11.2026 12:00"):
+        response = await ledger.get(f"/accounts/{card}/balance", params={"at": at})
+        assert response.status_code == 422, (at, response.text)
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert [error["field"] for error in response.json()["errors"]] == ["at"], response.text
+        assert "RFC 3339" in response.text
+    in_a_week = int((datetime.now(UTC) + timedelta(days=7)).timestamp())
+    refused = await ledger.post("/holds", json={**hold_body("h-unix", card, settlement, 100), "expires_at": in_a_week})
+    assert refused.status_code == 422 and "expires_at" in refused.text, refused.text
+
+
+async def test_an_amount_that_is_not_a_json_integer_moves_no_money(ledger):
+    # A client's serialisation bug (`true`, "250", 300.0) is refused by name, not paid out.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    for number, amount in enumerate((True, "250", 300.0, "1_000")):
+        body = transfer_body(f"lenient-{number}", (settlement, -1), (card, 1))
+        body["legs"][0]["amount_minor"], body["legs"][1]["amount_minor"] = amount, amount
+        response = await ledger.post("/transfers", json=body)
+        assert response.status_code == 422, (amount, response.text)
+        assert [error["field"] for error in response.json()["errors"]] == ["legs[0].amount_minor", "legs[1].amount_minor"]
+    for path, body in ((f"/accounts/{card}/credit-limit", {"credit_limit_minor": True}),
+                       ("/accounts", {"owner_id": "alice", "kind": "card", "currency": "RUB", "credit_limit_minor": "100"})):
+        response = await (ledger.put if path.endswith("credit-limit") else ledger.post)(
+            path, json=body, headers={"Idempotency-Key": str(uuid.uuid4())})
+        assert response.status_code == 422 and "credit_limit_minor" in response.text, (path, response.text)
+    await settled(ledger)
+    assert (await ledger.get(f"/accounts/{card}/balance")).json()["posted"]["amount_minor"] == 0
 
 
 async def test_a_payment_the_ledger_confirmed_is_in_every_read_asked_after_the_confirmation(ledger, monkeypatch):
