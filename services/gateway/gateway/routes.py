@@ -27,8 +27,9 @@ from kabinet_contracts.ledger import BANK_OWNER_ID
 # For the whole answer: httpx's own timeout limits each read, so a ledger sending a byte a
 # second (stuck mid-answer) would hold the customer for as long as it kept that up.
 LEDGER_TIMEOUT_S = 5.0
-# The most of a ledger answer the gateway reads: its largest page (a statement's 5,000
-# lines) is a few MB; whatever a runaway answer holds past this is not kept in memory.
+# The most of a ledger answer the gateway reads: the ledger ends a page of lines once they
+# pass 4 MiB, a line being at most about 100 KB (its transfer's metadata); whatever a
+# runaway answer holds past this is not kept in memory.
 LEDGER_ANSWER_BYTES_MAX = 16 * 2**20
 
 
@@ -208,7 +209,8 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
     async def my_history(account_id: UUID, request: Request, me: Principal = me_dependency):
         """The account's lines, newest first (follow `next_cursor` until it is null). A filtered
         page reads at most 20,000 entries, so with a rarely matching filter it may hold fewer
-        lines than `limit`, even none, and still have a `next_cursor`."""
+        lines than `limit`, even none, and still have a `next_cursor`; so may a page whose
+        lines carry much metadata (a page ends once they pass 4 MiB)."""
         await own_account(me, account_id, request)
         return await ledger.get(f"/accounts/{account_id}/history", *passed_on(request))
 
@@ -224,7 +226,8 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
         "My account's statement for a period, a page at a time", ledger_api.StatementPage, ledger_api.StatementQuery))
     async def my_statement(account_id: UUID, request: Request, me: Principal = me_dependency):
         """The period [since, until): balances and totals for the whole period, lines a page at
-        a time (follow `next_cursor` until it is null), every page as the period stood at the first."""
+        a time (follow `next_cursor` until it is null), every page as the period stood at the first;
+        a page holds fewer lines than `limit` once they pass 4 MiB (transfers' metadata)."""
         await own_account(me, account_id, request)
         return await ledger.get(f"/accounts/{account_id}/statement", *passed_on(request))
 

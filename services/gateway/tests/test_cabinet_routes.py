@@ -224,3 +224,43 @@ async def test_a_customer_sees_her_account_frozen_but_not_that_the_bank_reviews_
     for seen in (mine, *listed):
         assert (seen["state"], seen["freeze_reasons"]) == ("frozen", ["by_the_bank", "customer_request"]), seen
     assert "compliance_review" not in str(mine) + str(listed)
+
+
+async def test_a_statement_of_lines_heavy_with_metadata_reaches_the_customer_page_by_page(bank):
+    # A business customer's payroll lines may each carry the most metadata the ledger takes
+    # (32 keys and values of 256 characters; Cyrillic is 2 bytes a character). 600 of them
+    # are some 20 MB: one page would pass what the gateway takes from the ledger, and answer
+    # 503 on every retry. Pages end by size too, so she gets every line, each once.
+    card = await open_funded_card(bank, "alice", 1)
+    settlement = (await bank.ledger.post("/accounts", json={"owner_id": "bank", "kind": "settlement", "currency": "RUB"},
+                                         headers={"Idempotency-Key": str(uuid.uuid4())})).json()["account_id"]
+    metadata = {f"{key:02d}" + "к" * 254: "д" * 256 for key in range(32)}
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    lines_posted = 600
+
+    async def pay(number: int) -> None:
+        posted = await bank.ledger.post("/transfers", json={
+            "transfer_id": f"salary-{number}", "code": "top_up", "metadata": metadata, "legs": [
+                {"account_id": settlement, "amount_minor": -1, "currency": "RUB"},
+                {"account_id": card, "amount_minor": 1, "currency": "RUB"}]})
+        assert posted.status_code == 201, posted.text
+
+    for first in range(0, lines_posted, 50):
+        await asyncio.gather(*(pay(number) for number in range(first, first + 50)))
+    await bank.ledger_parts.projection.wait_for(bank.ledger_parts.writer.last_position)
+    me = bearer(bank, "alice")
+    period = {"since": since.isoformat(), "until": (datetime.now(UTC) + timedelta(hours=1)).isoformat()}
+    seen, pages, cursor = [], 0, None
+    while pages < 20:
+        page = await bank.get(f"/v1/me/accounts/{card}/statement", headers=me,
+                              params={**period, **({"cursor": cursor} if cursor else {})})
+        assert page.status_code == 200, page.text[:300]
+        assert len(page.content) <= projections.PAGE_LINES_BYTES_MAX + 200_000, "a page ends once its lines pass 4 MiB"
+        seen += [line["transfer_id"] for line in page.json()["lines"]]
+        pages, cursor = pages + 1, page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted([f"fund-{card}", *(f"salary-{number}" for number in range(lines_posted))])
+    assert pages > 1 and page.json()["closing_balance_minor"] == 1 + lines_posted
+    history = await bank.get(f"/v1/me/accounts/{card}/history", headers=me, params={"limit": 200})
+    assert history.status_code == 200 and 0 < len(history.json()["lines"]) < 200 and history.json()["next_cursor"]

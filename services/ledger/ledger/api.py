@@ -634,7 +634,8 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     ):
         """The account's lines, newest first (follow `next_cursor` until it is null), filtered
         by period, amount, counterparty and code; every amount in the account's `currency`. A
-        filtered page reads at most 20,000 entries, so it may hold fewer lines than `limit`.
+        filtered page reads at most 20,000 entries, so it may hold fewer lines than `limit`;
+        so may a page whose lines carry much metadata (a page ends once they pass 4 MiB).
         Needs the role `ledger:read` or `ledger:post`, or the owner's own token."""
         found = await visible_account(account_id, me)
         # An empty range is a mistake in the request, as for a statement, not an empty history.
@@ -685,8 +686,9 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         me: Principal = reads,
     ):
         """The period [since, until): balances and totals for the whole period, lines a page
-        at a time (follow `next_cursor` until it is null), all as of the first page. Needs
-        the role `ledger:read` or `ledger:post`, or the owner's own token."""
+        at a time (follow `next_cursor` until it is null), all as of the first page. A page
+        holds fewer lines than `limit` once they pass 4 MiB (transfers' metadata). Needs the
+        role `ledger:read` or `ledger:post`, or the owner's own token."""
         found = await visible_account(account_id, me)
         if until <= since:
             raise _invalid_period()

@@ -521,7 +521,7 @@ async def history(
             f" WHERE {' AND '.join(scanned)} ORDER BY {_NEWEST_FIRST} LIMIT {limit + 1}",
             *args,
         )
-        return [_line(row) for row in rows[:limit]], _next_after(rows, limit)
+        return _page(rows, limit)
     # One statement, so that the window read, the lines found in it and where it stopped
     # agree (a second would see newer entries and shift the window).
     rows = await pool.fetch(
@@ -537,16 +537,35 @@ async def history(
         *args,
     )
     found = [row for row in rows if row["position"] is not None]
-    lines = [_line(row) for row in found[:limit]]
-    cursor = _next_after(found, limit)
+    lines, cursor = _page(found, limit)
     if cursor is None and rows and rows[0]["read_count"] == HISTORY_SCAN_ROWS_MAX:
         cursor = (rows[0]["edge_position"], rows[0]["edge_seq"])  # the page stopped reading here: go on from it
     return lines, cursor
 
 
-def _next_after(rows: Sequence[asyncpg.Record], limit: int) -> tuple[int, int] | None:
-    """The cursor of the next page: the last line shown, when one more was fetched than shown."""
-    return (rows[limit - 1]["position"], rows[limit - 1]["seq"]) if len(rows) > limit else None
+# A line carries its transfer's metadata and counterparties: up to about 100 KB a line, at
+# the most the ledger takes (32 keys and values of 256 characters, up to 6 bytes each in
+# JSON). So a page also ends once its lines pass this many bytes, with a cursor to go on
+# from: any page can then be passed on whole (the gateway takes answers of up to 16 MiB
+# from the ledger), whatever its line count.
+PAGE_LINES_BYTES_MAX = 4 * 2**20
+_LINE_FIXED_BYTES = 512  # its ids, amounts and times
+
+
+def _page(rows: Sequence[asyncpg.Record], limit: int) -> tuple[list[dict], tuple[int, int] | None]:
+    """The lines of a page, from rows fetched one past `limit`: up to `limit` of them, fewer
+    once they pass PAGE_LINES_BYTES_MAX; and the next page's cursor, the last line shown,
+    when a row follows it."""
+    lines: list[dict] = []
+    size_bytes = 0
+    for row in rows[:limit]:
+        if size_bytes >= PAGE_LINES_BYTES_MAX:
+            break
+        lines.append(_line(row))
+        # Counted as stored: a line shows no more of its transfer than its legs and metadata.
+        size_bytes += _LINE_FIXED_BYTES + len((row["legs"] or "").encode()) + len((row["metadata"] or "").encode())
+    last = rows[len(lines) - 1] if len(rows) > len(lines) else None
+    return lines, (last["position"], last["seq"]) if last is not None else None
 
 
 def _counterparties(legs: list[dict], amount_minor: int) -> list[str]:
@@ -608,7 +627,7 @@ async def statement(
             " AND e.position <= $6 ORDER BY e.occurred_at, e.position, e.seq LIMIT $7",
             account_id, since, until, *(after or (0, -1)), as_of, limit + 1,
         )
-    next_after = _next_after(rows, limit)
+    lines, next_after = _page(rows, limit)
     return {
         "since": since.isoformat(),
         "until": until.isoformat(),
@@ -616,5 +635,5 @@ async def statement(
         "closing_balance_minor": closing,
         "credits_minor": credits,
         "debits_minor": debits,
-        "lines": [_line(row) for row in rows[:limit]],
+        "lines": lines,
     }, (*next_after, as_of) if next_after else None
