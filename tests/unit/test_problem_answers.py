@@ -9,6 +9,7 @@ import httpx
 import pytest
 from eventsourcing.persistence import OperationalError as EventStoreOperationalError
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from kabinet_chassis.errors import install_problem_handlers
 
@@ -53,3 +54,21 @@ async def test_a_method_not_allowed_is_a_problem_that_says_which_methods_are():
         response = await client.delete("/read")
     assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
     assert response.headers["allow"] == "GET"
+
+
+class Order(BaseModel):
+    metadata: dict[str, int]
+
+
+async def test_a_refused_field_is_named_by_its_whole_path_even_when_a_part_is_called_body_or_path():
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    @app.post("/orders")
+    async def order(order: Order, body: int = 0):
+        return {}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as client:
+        response = await client.post("/orders", params={"body": "x"}, json={"metadata": {"path": "x", "legs": 1}})
+    assert response.status_code == 422
+    assert sorted(error["field"] for error in response.json()["errors"]) == ["body", "metadata.path"]

@@ -118,8 +118,9 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
 
 
 def _field_name(location: tuple[Any, ...]) -> str:
-    # ("body", "legs", 0, "amount_minor") -> "legs[0].amount_minor"
-    parts = [p for p in location if p not in ("body", "query", "path", "header")]
+    # ("body", "legs", 0, "amount_minor") -> "legs[0].amount_minor". Only the first part says
+    # where: a metadata key or a query parameter may be called "path" or "body" too.
+    parts = location[1:] if location and location[0] in ("body", "query", "path", "header") else location
     name = ""
     for part in parts:
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
