@@ -202,6 +202,9 @@ def check_client_id(value: str, what: str, error: type[InvalidTransfer] = Invali
 def check_code(code: str, error: type[InvalidTransfer] = InvalidTransfer) -> None:
     if not isinstance(code, str) or not _CODE.match(code):
         raise error(f"code {code!r} must be lower_snake_case, at most 64 characters")
+    if code == REVERSAL_CODE:  # else a plain transfer would show in history as a reversal of nothing
+        raise error(f"code {code!r} is the ledger's own: a transfer is reversed by asking for its reversal,"
+                    " which names the transfer it reverses")
 
 
 def _check_amount(amount_minor: Any, what: str, error: type[InvalidTransfer]) -> None:

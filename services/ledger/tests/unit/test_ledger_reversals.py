@@ -99,6 +99,17 @@ def test_no_client_id_can_take_a_reversals_id(world):
         world.one(c.CaptureHold("h1", "x:reversal", 5))
 
 
+def test_no_transfer_or_hold_may_pass_for_a_reversal_by_its_code(world):
+    # In history, a plain transfer coded "reversal" would show as a reversal of nothing.
+    settlement, card = world.open("settlement"), world.open()
+    since = len(world.saved_events)
+    with pytest.raises(InvalidTransfer, match="'reversal' is the ledger's own"):
+        world.one(transfer("refund-by-hand", (settlement, -1), (card, 1), code="reversal"))
+    with pytest.raises(InvalidHold, match="'reversal' is the ledger's own"):
+        world.one(c.PlaceHold("h1", settlement, card, 10, "RUB", T0.replace(year=2027), "reversal"))
+    assert world.saved_events[since:] == [], "refused for its shape: nothing kept"
+
+
 def test_a_captured_card_purchase_is_reversed_as_its_capture_transfer(world):
     settlement, card = world.open("settlement"), world.open()
     shop = world.open("marketplace_clearing")
