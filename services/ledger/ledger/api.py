@@ -484,7 +484,8 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                      422: f"{_INVALID}, `currency_mismatch`, `invalid_hold`."})))
     async def place_hold(body: PlaceHoldBody, me: Principal = post):
         """Reserves money on the debit account for the credit account until captured, voided or
-        `expires_at`. `hold_id` is the idempotency key. Each capture posts a transfer with the
+        `expires_at`. `hold_id` is the idempotency key: a repeat answers with the hold as it was
+        placed, whatever became of it since. Each capture posts a transfer with the
         hold's `code`, `external_ref` and `metadata`. Needs the role `ledger:post`."""
         command = commands.PlaceHold(
             hold_id=body.hold_id, debit_account_id=body.debit_account_id, credit_account_id=body.credit_account_id,
@@ -501,7 +502,8 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                      422: _INVALID})))
     async def capture_hold(hold_id: HoldId, body: CaptureBody, me: Principal = post):
         """Moves all or part of what the hold reserves, once per `capture_id` (the idempotency
-        key); several captures may take up to the held amount. Needs the role `ledger:post`."""
+        key: a repeat answers with the hold as it stood just after that capture); several
+        captures may take up to the held amount. Needs the role `ledger:post`."""
         return _result(await ledger.submit(commands.CaptureHold(hold_id=hold_id, capture_id=body.capture_id,
                                                                 amount_minor=body.amount_minor,
                                                                 requested_by=me.customer_id)))

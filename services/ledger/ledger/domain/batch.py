@@ -21,8 +21,8 @@ Decisions the writer and callers rely on:
 - `ExpireHold` uses the batch's `now`; before `expires_at` it changes nothing and
   answers `replayed=True`. A capture at or after `expires_at` is refused even before
   the expiry sweep ran.
-- replays answer `replayed=True`: a transfer with its first result; a hold or capture
-  with the hold as it is now. A repeat of a refused transfer, hold or capture is refused
+- replays answer `replayed=True` with their first result: a transfer's, or a hold as it
+  stood just placed or just after that capture. A repeat of a refused transfer, hold or capture is refused
   again with its first refusal (code and message); a malformed one is not kept.
 - every command's shape is checked before its id is looked up: no command is refused
   after finding its new id absent without keeping that refusal (the writer relies on it).
@@ -411,7 +411,7 @@ class Batch:
         existing = self._get(hold_id)
         if existing is not None:
             _check_repeat(existing, Hold, request_fingerprint, f"hold {command.hold_id}")
-            return _hold_result(existing, replayed=True)
+            return _first_hold_result(existing)
         with self._refusal_kept(hold_id, command.hold_id, request_fingerprint, command.requested_by):
             debit, credit = self.account(command.debit_account_id), self.account(command.credit_account_id)
             for account in (debit, credit):
@@ -449,7 +449,7 @@ class Batch:
             if command.capture_id in hold.captures:
                 if hold.captures[command.capture_id] != command.amount_minor:
                     raise IdempotencyConflict(f"capture {command.capture_id} of hold {command.hold_id} had another amount")
-                return _hold_result(hold, transfer_id=transfer_id, replayed=True)
+                return _first_hold_result(hold, command.capture_id, transfer_id)
             if hold.state != HoldState.ACTIVE:
                 raise HoldNotActive(f"hold {command.hold_id} is {hold.state}")
             if self.now >= hold.expires_at:
@@ -539,6 +539,24 @@ def _transfer_result(transfer: Transfer, replayed: bool = False) -> TransferResu
     return TransferResult(
         transfer_id=transfer.client_transfer_id, code=transfer.code, legs=list(transfer.legs),
         posted_at=transfer.posted_at, hold_id=transfer.hold_id, replayed=replayed,
+    )
+
+
+def _first_hold_result(hold: Hold, capture_id: str | None = None, transfer_id: str | None = None) -> HoldResult:
+    """A repeated placement's or capture's answer: its first one, the hold as it stood just
+    placed or just after that capture, whatever became of it since (a card network retrying
+    its first capture after the second must not read the second's outcome as its own)."""
+    captured_minor = 0
+    if capture_id is not None:
+        for earlier_id, amount_minor in hold.captures.items():  # in the order made; at most CAPTURES_PER_HOLD_MAX
+            captured_minor += amount_minor
+            if earlier_id == capture_id:
+                break
+    remaining_minor = hold.amount_minor - captured_minor
+    return HoldResult(
+        hold_id=hold.client_hold_id, state=HoldState.ACTIVE.value if remaining_minor else HoldState.CAPTURED.value,
+        amount_minor=hold.amount_minor, captured_minor=captured_minor, remaining_minor=remaining_minor,
+        expires_at=hold.expires_at, transfer_id=transfer_id, replayed=True,
     )
 
 

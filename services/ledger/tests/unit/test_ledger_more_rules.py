@@ -121,6 +121,22 @@ def test_same_hold_id_same_body_returns_the_hold_and_other_body_is_conflict(worl
         world.one(replace(hold("h1", card, settlement, 100), metadata={"merchant": "Ozon"}))
 
 
+def test_a_retried_placement_or_capture_gets_its_first_answer_whatever_became_of_the_hold_since(world):
+    # The card network retries its first clearing after the second has settled the rest:
+    # reading the second's outcome as its own, it would book 400 captured, not 150.
+    settlement, card = funded(world, 1_000)
+    placed = world.one(hold("h1", card, settlement, 400))
+    first = world.one(c.CaptureHold("h1", "c1", 150))
+    world.one(c.CaptureHold("h1", "c2", 250))
+    again = world.one(c.CaptureHold("h1", "c1", 150))
+    assert again.replayed and (again.state, again.captured_minor, again.remaining_minor, again.transfer_id) == (
+        "active", 150, 250, "h1:capture:c1") == (first.state, first.captured_minor, first.remaining_minor,
+                                                 first.transfer_id)
+    placed_again = world.one(hold("h1", card, settlement, 400))
+    assert placed_again == replace(placed, replayed=True)
+    assert world.store[Hold.id_for("h1")].state == "captured" and world.balance(card).posted_minor == 600, "no second effect"
+
+
 def test_opening_an_existing_account_again_with_another_credit_limit_is_a_conflict_not_a_replay(world):
     card = world.open(limit=0)
     with pytest.raises(IdempotencyConflict):
