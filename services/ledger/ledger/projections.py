@@ -38,8 +38,6 @@ CREATE TABLE IF NOT EXISTS ledger_accounts (
     opened_at timestamptz NOT NULL,
     updated_at timestamptz NOT NULL
 );
--- An owner's accounts in pages, in the order they were opened (ledger_accounts_owner, on owner_id alone, came first).
-CREATE INDEX IF NOT EXISTS ledger_accounts_owner_order ON ledger_accounts (owner_id, opened_at, account_id);
 CREATE TABLE IF NOT EXISTS ledger_entries (
     account_id uuid NOT NULL,
     position bigint NOT NULL,
@@ -81,10 +79,6 @@ CREATE TABLE IF NOT EXISTS ledger_transfers (
 );
 -- Who asked for it (an access token's subject); null on transfers posted before the ledger recorded it.
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS requested_by text;
--- A payment found by its reference (a card network's RRN, a payment system's id), as staff
--- and reconciliation look it up.
-CREATE INDEX IF NOT EXISTS ledger_transfers_external_ref ON ledger_transfers (external_ref, posted_at, transfer_id)
-    WHERE external_ref IS NOT NULL;
 -- On a reversal: the transfer it reverses, why, and the bank's case that decided it.
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reverses text;
 ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS reversal_reason text;
@@ -135,6 +129,40 @@ CREATE INDEX IF NOT EXISTS ledger_holds_credit_active ON ledger_holds (credit_ac
 -- The holds placed with a reference, for staff and reconciliation, in the order placed.
 CREATE INDEX IF NOT EXISTS ledger_holds_by_reference ON ledger_holds (external_ref, placed_position)
     WHERE external_ref IS NOT NULL;
+-- The log position of the event that opened each account and posted each transfer (no two
+-- share one): an owner's accounts and a reference's transfers are paged in that order. Not
+-- by time and id: batches after a clock step-back share the last batch's time (ADR 0002),
+-- so a row added at that time after a page was read, with an id below the page's cursor,
+-- was never listed. Rows stored before the read model kept positions have none, and an
+-- account's is in its events alone (the events table is the recorder's, which this script
+-- does not know): as for holds' placed_position, the read model is emptied and its
+-- projection replays the log into it when the ledger starts.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'ledger_accounts'::regclass
+                   AND attname = 'opened_position' AND NOT attisdropped)
+       OR NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'ledger_transfers'::regclass
+                      AND attname = 'posted_position' AND NOT attisdropped) THEN
+        IF EXISTS (SELECT FROM ledger_accounts) OR EXISTS (SELECT FROM ledger_transfers) THEN
+            TRUNCATE ledger_accounts, ledger_entries, ledger_transfers, ledger_holds;
+            IF to_regclass('projection_position') IS NOT NULL THEN
+                UPDATE projection_position SET position = 0 WHERE projection = '""" + READ_MODEL_PROJECTION + """';
+            END IF;
+        END IF;
+        ALTER TABLE ledger_accounts ADD COLUMN IF NOT EXISTS opened_position bigint NOT NULL;
+        ALTER TABLE ledger_transfers ADD COLUMN IF NOT EXISTS posted_position bigint NOT NULL;
+    END IF;
+END
+$$;
+-- They replace indexes on (time, id), which paged by time.
+DROP INDEX IF EXISTS ledger_accounts_owner_order;
+DROP INDEX IF EXISTS ledger_transfers_external_ref;
+-- An owner's accounts in pages, in the order they were opened (ledger_accounts_owner, on owner_id alone, came first).
+CREATE INDEX IF NOT EXISTS ledger_accounts_by_owner ON ledger_accounts (owner_id, opened_position);
+-- A payment found by its reference (a card network's RRN, a payment system's id), as staff
+-- and reconciliation look it up, in posting order.
+CREATE INDEX IF NOT EXISTS ledger_transfers_by_reference ON ledger_transfers (external_ref, posted_position)
+    WHERE external_ref IS NOT NULL;
 """
 
 PAGE_SIZE_MAX = 200
@@ -167,16 +195,17 @@ def _kind(event: Any) -> str:
 _POST_TRANSFERS = """
 WITH transfers AS (
     INSERT INTO ledger_transfers (transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by,
-                                  reverses, reversal_reason, reversal_case_ref)
+                                  reverses, reversal_reason, reversal_case_ref, posted_position)
     SELECT t.transfer_id, t.code, t.legs::jsonb, t.external_ref, array(SELECT jsonb_array_elements_text(t.customer_ids::jsonb)),
-           t.metadata::jsonb, t.posted_at, t.requested_by, t.reverses, t.reversal_reason, t.reversal_case_ref
+           t.metadata::jsonb, t.posted_at, t.requested_by, t.reverses, t.reversal_reason, t.reversal_case_ref,
+           t.posted_position
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $8::text[],
-                $9::text[], $10::text[], $11::text[])
+                $9::text[], $10::text[], $11::text[], $12::bigint[])
         AS t(transfer_id, code, legs, external_ref, customer_ids, metadata, posted_at, requested_by, reverses,
-             reversal_reason, reversal_case_ref)
+             reversal_reason, reversal_case_ref, posted_position)
     ON CONFLICT DO NOTHING
 ), legs AS (
-    SELECT * FROM unnest($12::uuid[], $13::bigint[], $14::integer[], $15::integer[], $16::bigint[])
+    SELECT * FROM unnest($13::uuid[], $14::bigint[], $15::integer[], $16::integer[], $17::bigint[])
         AS leg(account_id, position, seq, transfer_index, amount_minor)
 ), opening AS (
     SELECT first.account_id, coalesce(last.balance_after_minor, 0) AS balance_minor,
@@ -201,15 +230,16 @@ ON CONFLICT DO NOTHING
 
 async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, Any]]) -> None:
     """Apply domain events in log order. Transfers, the bulk of a page, go in one statement."""
-    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [], [], [], [], [])
+    transfer_columns: tuple[list, ...] = ([], [], [], [], [], [], [], [], [], [], [], [])
     leg_columns: tuple[list, ...] = ([], [], [], [], [])
     for position, event in page:
         kind = _kind(event)
         if kind == "Account.Opened":
             await connection.execute(
-                "INSERT INTO ledger_accounts (account_id, owner_id, kind, currency, state, credit_limit_minor, opened_at, updated_at)"
-                " VALUES ($1, $2, $3, $4, 'open', $5, $6, $6) ON CONFLICT DO NOTHING",
+                "INSERT INTO ledger_accounts (account_id, owner_id, kind, currency, state, credit_limit_minor, opened_at,"
+                " updated_at, opened_position) VALUES ($1, $2, $3, $4, 'open', $5, $6, $6, $7) ON CONFLICT DO NOTHING",
                 event.originator_id, event.owner_id, str(event.kind), event.currency, event.credit_limit_minor, event.timestamp,
+                position,
             )
         elif kind in ("Account.Frozen", "Account.Unfrozen"):
             reasons = await connection.fetchval(
@@ -234,7 +264,7 @@ async def apply_page(connection: asyncpg.Connection, page: Sequence[tuple[int, A
                 event.client_transfer_id, event.code, json.dumps(event.legs), event.external_ref,
                 json.dumps(list(event.customer_ids)), json.dumps(event.metadata), event.posted_at,
                 stored_later(event, "requested_by"), stored_later(event, "reverses"),
-                stored_later(event, "reversal_reason"), stored_later(event, "reversal_case_ref"),
+                stored_later(event, "reversal_reason"), stored_later(event, "reversal_case_ref"), position,
             ), strict=True):
                 column.append(value)
             transfer_index = len(transfer_columns[0])  # 1-based, as SQL arrays are
@@ -281,22 +311,22 @@ async def accounts_of(
     pool: asyncpg.Pool, owner_id: str, *, after: UUID | None = None, limit: int = ACCOUNTS_PAGE_SIZE_MAX,
 ) -> tuple[list[dict], UUID | None]:
     """An owner's accounts in the order they were opened, a page at a time; `after` is the
-    last account of the previous page (an account's opening time never changes, so pages
-    neither skip nor repeat one, whatever is opened meanwhile). Returns the page and the
-    next page's `after`."""
+    last account of the previous page. They are paged by the log position of their opening,
+    which never changes and no two share (times do: ADR 0002), and an account opened
+    meanwhile comes after every one opened before it, so pages neither skip nor repeat one.
+    Returns the page and the next page's `after`."""
     limit = max(1, min(limit, ACCOUNTS_PAGE_SIZE_MAX))
-    opened_after = None
+    opened_after = 0  # positions start at 1
     if after is not None:
         # The cursor must be one of this owner's accounts: an unknown one is refused, never
         # answered as "no more accounts", and another owner's answers the same as an unknown.
         opened_after = await pool.fetchval(
-            "SELECT opened_at FROM ledger_accounts WHERE account_id = $1 AND owner_id = $2", after, owner_id)
+            "SELECT opened_position FROM ledger_accounts WHERE account_id = $1 AND owner_id = $2", after, owner_id)
         if opened_after is None:
             raise UnknownCursor("the cursor is not one of this owner's accounts; start again without a cursor")
     rows = await pool.fetch(
-        f"{_ACCOUNTS} WHERE a.owner_id = $1 AND ($2::timestamptz IS NULL OR (a.opened_at, a.account_id) > ($2, $3))"
-        " ORDER BY a.opened_at, a.account_id LIMIT $4",
-        owner_id, opened_after, after, limit + 1,
+        f"{_ACCOUNTS} WHERE a.owner_id = $1 AND a.opened_position > $2 ORDER BY a.opened_position LIMIT $3",
+        owner_id, opened_after, limit + 1,
     )
     return [_account(row) for row in rows[:limit]], rows[limit - 1]["account_id"] if len(rows) > limit else None
 
@@ -319,18 +349,20 @@ async def transfer(pool: asyncpg.Pool, transfer_id: str) -> dict | None:
 async def transfers_by_reference(pool: asyncpg.Pool, external_ref: str, *, after: str | None = None,
                                  limit: int = TRANSFERS_PAGE_SIZE_MAX) -> tuple[list[dict], str | None]:
     """The transfers posted with this `external_ref` (a payment, its captures, its reversal),
-    in posting order, a page at a time; `after` is the last transfer of the previous page,
-    which must be one of them. Returns the page and the next page's `after`."""
+    in posting order (their log positions: times may tie, ADR 0002), a page at a time; `after`
+    is the last transfer of the previous page, which must be one of them. Returns the page
+    and the next page's `after`."""
     limit = max(1, min(limit, TRANSFERS_PAGE_SIZE_MAX))
-    posted_after = None
+    posted_after = 0  # positions start at 1
     if after is not None:
         posted_after = await pool.fetchval(
-            "SELECT posted_at FROM ledger_transfers WHERE transfer_id = $1 AND external_ref = $2", after, external_ref)
+            "SELECT posted_position FROM ledger_transfers WHERE transfer_id = $1 AND external_ref = $2",
+            after, external_ref)
         if posted_after is None:
             raise UnknownCursor("the cursor is not a transfer with this external_ref; start again without a cursor")
     rows = await pool.fetch(
-        f"{_TRANSFER} WHERE t.external_ref = $1 AND ($2::timestamptz IS NULL OR (t.posted_at, t.transfer_id) > ($2, $3))"
-        " ORDER BY t.posted_at, t.transfer_id LIMIT $4", external_ref, posted_after, after, limit + 1)
+        f"{_TRANSFER} WHERE t.external_ref = $1 AND t.posted_position > $2 ORDER BY t.posted_position LIMIT $3",
+        external_ref, posted_after, limit + 1)
     return [_transfer(row) for row in rows[:limit]], rows[limit - 1]["transfer_id"] if len(rows) > limit else None
 
 

@@ -182,10 +182,10 @@ def _differences(names: Sequence[str], shown: Sequence[Any], want: Sequence[Any]
 
 # The read model's columns verify compares, as the projection fills them (projections.py).
 _ACCOUNT_COLUMNS = ("owner_id", "kind", "currency", "state", "freeze_reasons", "close_reason", "credit_limit_minor",
-                    "opened_at", "updated_at")
+                    "opened_at", "updated_at", "opened_position")
 _ENTRY_COLUMNS = ("transfer_id", "code", "amount_minor", "balance_after_minor", "credits_after_minor",
                   "occurred_at")  # after the key
-_TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at",
+_TRANSFER_COLUMNS = ("code", "legs", "external_ref", "customer_ids", "metadata", "posted_at", "posted_position",
                      "requested_by", "reverses", "reversal_reason", "reversal_case_ref")  # after the id
 _TRANSFER_JSON_COLUMNS = ("legs", "metadata")  # stored as JSON text
 _HOLD_COLUMNS = ("debit_account_id", "credit_account_id", "amount_minor", "captured_minor", "currency", "state",
@@ -205,6 +205,7 @@ class _Account:
     close_reason: str | None = None
     opened_at: datetime | None = None
     updated_at: datetime | None = None
+    opened_position: int | None = None
     legs_minor: int = 0
     credits_minor: int = 0  # its legs' credits alone, as the read model's entries run them
     held_minor: int = 0
@@ -214,7 +215,7 @@ class _Account:
     def as_read_model_shows_it(self) -> tuple:
         """In the order of _ACCOUNT_COLUMNS."""
         return (self.owner_id, self.kind, self.currency, self.state, list(self.freeze_reasons), self.close_reason,
-                self.credit_limit_minor, self.opened_at, self.updated_at)
+                self.credit_limit_minor, self.opened_at, self.updated_at, self.opened_position)
 
 
 def _through_json(values: Sequence[Any], columns: Sequence[str], json_columns: Sequence[str]) -> tuple:
@@ -556,6 +557,7 @@ class _Replay:
             account.kind, account.currency = intern(str(event.kind)), intern(event.currency)
             account.credit_limit_minor = event.credit_limit_minor
             account.opened_at = account.updated_at = event.timestamp
+            account.opened_position = position
         elif kind.startswith("Account."):
             account = self._account(event.originator_id, position, kind)
             if kind == "Account.CreditLimitSet":
@@ -685,7 +687,7 @@ class _Replay:
             self.transfers_at_read_model += 1
             page.transfers[event.client_transfer_id] = (  # customers as the projection stores them: a list
                 event.code, event.legs, event.external_ref, list(event.customer_ids),
-                event.metadata, event.posted_at, stored_later(event, "requested_by"),
+                event.metadata, event.posted_at, position, stored_later(event, "requested_by"),
                 stored_later(event, "reverses"), stored_later(event, "reversal_reason"),
                 stored_later(event, "reversal_case_ref"))
 
@@ -758,8 +760,8 @@ class _ReadModelComparison:
                     self.transfers.append(f"transfer {transfer_id} missing from the read model")
                     continue
                 got = (row["code"], json.loads(row["legs"]), row["external_ref"], list(row["customer_ids"]),
-                       json.loads(row["metadata"]), row["posted_at"], row["requested_by"], row["reverses"],
-                       row["reversal_reason"], row["reversal_case_ref"])
+                       json.loads(row["metadata"]), row["posted_at"], row["posted_position"], row["requested_by"],
+                       row["reverses"], row["reversal_reason"], row["reversal_case_ref"])
                 if got != want:
                     # As the projection stores legs and metadata: through JSON, which may change their
                     # types. Only here: taking every transfer's through JSON was a fifth of the replay.

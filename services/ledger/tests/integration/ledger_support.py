@@ -26,9 +26,10 @@ from ledger.verify import verify
 from ledger.writer import BatchedWriter
 
 
-async def open_account(client, kind="card", owner="alice", currency="RUB", limit=0) -> str:
+async def open_account(client, kind="card", owner="alice", currency="RUB", limit=0, account_id=None) -> str:
     response = await client.post("/accounts", json={"owner_id": "bank" if kind in ("settlement", "fee_income") else owner,
-                                                    "kind": kind, "currency": currency, "credit_limit_minor": limit},
+                                                    "kind": kind, "currency": currency, "credit_limit_minor": limit,
+                                                    **({"account_id": str(account_id)} if account_id else {})},
                                  headers={"Idempotency-Key": str(uuid.uuid4())})
     assert response.status_code == 201, response.text
     return response.json()["account_id"]

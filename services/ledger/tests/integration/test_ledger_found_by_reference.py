@@ -46,6 +46,35 @@ async def test_a_card_purchase_its_clearings_and_its_reversal_are_found_by_the_a
         "transfers": [], "next_cursor": None}
 
 
+async def test_transfers_posted_within_one_instant_are_each_found_once_in_posting_order_while_more_are_posted(ledger):
+    # After the clock steps back (or beside a writer whose clock is slow) batches post at the
+    # last batch's time (ADR 0002): a payment's transfers posted then share one instant, and
+    # the order they were posted in is not their ids'. A clearing posted while staff page
+    # through them, its id below the cursor's, comes on a later page all the same.
+    settlement, card = await open_account(ledger, "settlement"), await open_account(ledger)
+    rrn = f"rrn-{uuid.uuid4().hex[:12]}"
+    instant = datetime.now(UTC) + timedelta(seconds=5)
+    ledger.parts.writer.clock = lambda: instant
+
+    async def post(transfer_id: str) -> None:
+        response = await ledger.post("/transfers", json={
+            **transfer_body(transfer_id, (settlement, -10), (card, 10)), "external_ref": rrn})
+        assert response.status_code == 201, response.text
+
+    for transfer_id in (f"{rrn}-2", f"{rrn}-4"):
+        await post(transfer_id)
+    pages = [(await ledger.get("/transfers", params={"external_ref": rrn, "limit": 1})).json()]
+    await post(f"{rrn}-1")
+    for _ in range(10):  # bounded
+        if pages[-1]["next_cursor"] is None:
+            break
+        pages.append((await ledger.get("/transfers", params={"external_ref": rrn, "limit": 1,
+                                                             "cursor": pages[-1]["next_cursor"]})).json())
+    found = [transfer for page in pages for transfer in page["transfers"]]
+    assert {transfer["posted_at"] for transfer in found} == {instant.isoformat()}
+    assert [transfer["transfer_id"] for transfer in found] == [f"{rrn}-2", f"{rrn}-4", f"{rrn}-1"]
+
+
 async def test_finding_transfers_by_reference_is_for_staff_and_takes_only_its_own_cursor(ledger):
     settlement, card = await open_account(ledger, "settlement"), await open_account(ledger)
     ref = f"sbp-{uuid.uuid4().hex[:12]}"

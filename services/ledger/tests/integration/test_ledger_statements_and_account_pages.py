@@ -155,6 +155,49 @@ async def test_an_owners_accounts_come_in_bounded_pages_that_join_into_all_of_th
     assert too_many.status_code == 422 and {e["field"] for e in too_many.json()["errors"]} == {"limit"}
 
 
+async def test_accounts_opened_within_one_instant_are_each_listed_once_in_opening_order_while_more_are_opened(ledger):
+    # After the clock steps back (or beside a writer whose clock is slow) batches post at the
+    # last batch's time (ADR 0002): accounts opened then share one instant, and the order
+    # they were opened in is not their ids'. An account opened while the owner pages through
+    # them, its id below the cursor's, comes on a later page all the same.
+    owner = f"business-{uuid.uuid4().hex[:8]}"
+    instant = datetime.now(UTC) + timedelta(seconds=5)
+    ledger.parts.writer.clock = lambda: instant
+    lowest, middle, highest = sorted(str(uuid.uuid4()) for _ in range(3))
+    for account_id in (middle, highest):
+        await open_account(ledger, owner=owner, account_id=account_id)
+    pages = [(await ledger.get("/accounts", params={"owner_id": owner, "limit": 1})).json()]
+    await open_account(ledger, owner=owner, account_id=lowest)
+    for _ in range(10):  # bounded
+        if pages[-1]["next_cursor"] is None:
+            break
+        pages.append((await ledger.get("/accounts", params={"owner_id": owner, "limit": 1,
+                                                            "cursor": pages[-1]["next_cursor"]})).json())
+    listed = [account for page in pages for account in page["accounts"]]
+    assert {account["opened_at"] for account in listed} == {instant.isoformat()}
+    assert [account["account_id"] for account in listed] == [middle, highest, lowest]
+
+
+async def test_a_read_model_from_before_opening_positions_is_replayed_from_the_log_and_pages_every_account(ledger):
+    owner = f"business-{uuid.uuid4().hex[:8]}"
+    opened = [await open_account(ledger, owner=owner) for _ in range(3)]
+    await settled(ledger)
+    await ledger.parts.pool.execute(  # as the ledger left it then
+        "ALTER TABLE ledger_accounts DROP COLUMN opened_position; ALTER TABLE ledger_transfers DROP COLUMN posted_position;"
+        " CREATE INDEX ledger_accounts_owner_order ON ledger_accounts (owner_id, opened_at, account_id)")
+    await projections.ensure_schema(ledger.parts.pool)  # at the next start: the read model is emptied
+    assert await ledger.parts.pool.fetchval("SELECT count(*) FROM ledger_accounts") == 0
+    assert await ledger.parts.pool.fetchval("SELECT to_regclass('ledger_accounts_owner_order')") is None
+    opened.append(await open_account(ledger, owner=owner))  # the running projection finds its position reset
+    await settled(ledger)
+    pages = [(await ledger.get("/accounts", params={"owner_id": owner, "limit": 3})).json()]
+    pages.append((await ledger.get("/accounts", params={"owner_id": owner, "limit": 3,
+                                                        "cursor": pages[-1]["next_cursor"]})).json())
+    assert [account["account_id"] for page in pages for account in page["accounts"]] == opened
+    assert pages[-1]["next_cursor"] is None
+    assert await failed_checks(ledger) == {}
+
+
 async def test_an_account_page_cursor_must_be_one_of_the_owners_accounts(ledger):
     # A stale or mistyped cursor must not read as "no more accounts"; another owner's
     # account as a cursor answers exactly as an unknown id (nothing learnt about it).

@@ -86,9 +86,10 @@ async def test_an_account_shown_in_another_currency_fails_verify(ledger):
 
 @pytest.mark.parametrize(("change", "column"), [
     ("kind = 'savings'", "kind"),
-    ("opened_at = opened_at - interval '1 year'", "opened_at"),  # the order an owner's accounts are paged in
+    ("opened_at = opened_at - interval '1 year'", "opened_at"),
+    ("opened_position = opened_position + 1000", "opened_position"),  # the order an owner's accounts are paged in
 ])
-async def test_an_account_shown_of_another_kind_or_age_fails_verify(ledger, change, column):
+async def test_an_account_shown_of_another_kind_age_or_opening_order_fails_verify(ledger, change, column):
     settlement, card = await three_entries(ledger)
     await ledger.parts.pool.execute(f"UPDATE ledger_accounts SET {change} WHERE account_id = $1", card)
     failed = await failed_checks(ledger)
@@ -103,6 +104,7 @@ async def test_an_account_shown_of_another_kind_or_age_fails_verify(ledger, chan
     ("customer_ids = ARRAY['mallory']", "customer_ids"),
     ("metadata = '{\"mcc\": \"6011\"}'::jsonb", "metadata"),
     ("posted_at = posted_at + interval '1 hour'", "posted_at"),
+    ("posted_position = posted_position + 1000", "posted_position"),  # the order a reference's transfers are paged in
     ("requested_by = 'staff-7'", "requested_by"),  # someone else made to have asked for it
     ("reverses = 'top-up'", "reverses"),  # a payment shown as a reversal
     ("reversal_reason = 'duplicate'", "reversal_reason"),
@@ -263,9 +265,9 @@ async def test_holds_and_accounts_missing_from_the_read_model_or_made_up_in_it_a
                        " external_ref, metadata FROM ledger_holds WHERE hold_id = 'auth-1'")
     await pool.execute("DELETE FROM ledger_accounts WHERE account_id = $1", settlement)
     await pool.execute("INSERT INTO ledger_accounts (account_id, owner_id, kind, currency, state, freeze_reasons,"
-                       " credit_limit_minor, opened_at, updated_at) SELECT $2, owner_id, kind, currency, state,"
-                       " freeze_reasons, credit_limit_minor, opened_at, updated_at FROM ledger_accounts"
-                       " WHERE account_id = $1", card, made_up)
+                       " credit_limit_minor, opened_at, updated_at, opened_position) SELECT $2, owner_id, kind,"
+                       " currency, state, freeze_reasons, credit_limit_minor, opened_at, updated_at, opened_position"
+                       " FROM ledger_accounts WHERE account_id = $1", card, made_up)
     failed = await failed_checks(ledger)
     assert list(failed) == [READ_MODEL]
     assert "hold auth-3 missing from the read model" in failed[READ_MODEL]
