@@ -72,3 +72,21 @@ async def test_a_refused_field_is_named_by_its_whole_path_even_when_a_part_is_ca
         response = await client.post("/orders", params={"body": "x"}, json={"metadata": {"path": "x", "legs": 1}})
     assert response.status_code == 422
     assert sorted(error["field"] for error in response.json()["errors"]) == ["body", "metadata.path"]
+
+
+async def test_a_number_too_long_to_read_is_a_named_problem_that_changes_nothing():
+    app = FastAPI()
+    install_problem_handlers(app)
+    received = []
+
+    @app.post("/orders")
+    async def order(order: Order):
+        received.append(order)
+        return {}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as client:
+        response = await client.post("/orders", content='{"metadata": {"limit": ' + "9" * 5_000 + "}}",
+                                     headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "malformed_body" and "4300 digits" in response.json()["detail"]
+    assert received == []

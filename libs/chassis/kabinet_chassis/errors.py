@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 DEPENDENCY_RETRY_AFTER_S = 5
+# What FastAPI says of a body it could not parse for a reason other than bad JSON syntax.
+_BODY_NOT_PARSED = "There was an error parsing the body"
 
 
 class Problem(Exception):
@@ -150,9 +153,14 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(
             error.status_code, f"http_{error.status_code}"
         )
+        detail = str(error.detail)
+        if error.status_code == 400 and detail == _BODY_NOT_PARSED:
+            # Valid JSON that Python will not read: an integer of more than 4,300 digits, which
+            # would take quadratic time to convert. Named, as any refused input is.
+            code, detail = "malformed_body", ("the body could not be read: it is not JSON, or holds a number of more"
+                                              f" than {sys.get_int_max_str_digits()} digits")
         # Its headers too: a 405 names what is Allowed, a 401 how to authenticate.
-        return problem_response(Problem(error.status_code, code, str(error.detail), headers=dict(error.headers or {})),
-                                request)
+        return problem_response(Problem(error.status_code, code, detail, headers=dict(error.headers or {})), request)
 
     async def on_domain(request: Request, error: Exception) -> JSONResponse:
         return problem_response(domain_problem(error), request)
