@@ -144,10 +144,13 @@ async def test_an_attempt_that_outlived_its_lease_and_failed_does_not_free_the_k
 
 
 async def lock_connection_dropped(store: KeyStore, claimant: idempotency.Claimant) -> None:
-    """What the server sees when the claimant's process is killed: its lock's connection closes."""
+    """What the server sees when the claimant's process is killed: its lock's connection closes.
+    Waited for (up to 5 s): a backend told to terminate lets its locks go as it exits, a
+    moment later, and a repeat asking before then would find the claim's process alive."""
     dropped = await store.pool.fetchval(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::bigint::oid"
-        " AND objid = $2::bigint::oid AND objsubid = 2 AND granted", idempotency.CLAIMANT_LOCK_CLASS, claimant.id)
+        "SELECT count(*) FILTER (WHERE terminated) FROM (SELECT pg_terminate_backend(pid, 5000) AS terminated"
+        " FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::bigint::oid AND objid = $2::bigint::oid"
+        " AND objsubid = 2 AND granted) AS killed", idempotency.CLAIMANT_LOCK_CLASS, claimant.id)
     assert dropped == 1
 
 
