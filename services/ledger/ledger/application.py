@@ -62,8 +62,9 @@ CLOCK_AHEAD_SQLSTATE = "LD001"
 # that fills in later) and its NOTIFY, moves the posting clock forward (never back),
 # saves the new balances only over the versions they were computed from (version - 1; a
 # new account's row must not exist yet), checks that the balances the batch judged by but
-# does not save (a refusal's account) are still at the versions it read, and appends the
-# events. A writer that read a
+# does not save (a refusal's account) are still at the versions it read, and that the
+# accounts and holds it found absent (read at version 0) still have no events, and appends
+# the events. A writer that read a
 # stale balance or an old posting time gets an integrity error and validates its batch
 # again instead of overwriting money it never saw; an event already stored at its
 # (id, version) is refused by the table's primary key the same way.
@@ -98,9 +99,11 @@ BEGIN
         WHERE current.version = excluded.version - 1;
     GET DIAGNOSTICS saved = ROW_COUNT;
     IF saved <> cardinality(balance_ids) OR cardinality(read_ids) <> (
-        SELECT count(*) FROM ledger_balances current JOIN unnest(read_ids, read_versions) AS read(id, version)
-        ON current.account_id = read.id AND current.version = read.version) THEN
-        RAISE EXCEPTION 'ledger balances were changed by another writer (% of % saved, or one only read moved on)',
+        SELECT count(*) FROM unnest(read_ids, read_versions) AS read(id, version)
+        WHERE CASE WHEN read.version = 0 THEN NOT EXISTS (SELECT FROM {events} stored WHERE stored.originator_id = read.id)
+                   ELSE EXISTS (SELECT FROM ledger_balances current
+                                WHERE current.account_id = read.id AND current.version = read.version) END) THEN
+        RAISE EXCEPTION 'another writer came first (% of % balances saved, or one read moved on, or one found absent was made)',
             saved, cardinality(balance_ids)
             USING ERRCODE = 'integrity_constraint_violation';
     END IF;

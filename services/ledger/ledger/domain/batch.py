@@ -117,6 +117,7 @@ class Batch:
         self._held_delta: dict[UUID, int] = {}
         self._incoming_held_delta: dict[UUID, int] = {}
         self._judged_by: dict[UUID, None] = {}  # every existing account a command looked at, in order
+        self._judged_absent: dict[UUID, None] = {}  # every account or hold a command looked for and did not find
 
     # ---- lookups -------------------------------------------------------------------------
 
@@ -133,6 +134,8 @@ class Batch:
     def account(self, account_id: UUID) -> Account:
         account = self._get(account_id)
         if not isinstance(account, Account):
+            if account is None:
+                self._judged_absent[account_id] = None
             raise AccountNotFound(f"no account {account_id}")
         self._judged_by[account.id] = None
         return account
@@ -200,9 +203,14 @@ class Batch:
         """The saved balance version of every account this batch judged by but does not
         save (`saved` is what `finish` returned): a refusal, or a no-op, for the account's
         funds or state holds only if that balance row (which moves with the state too) is
-        still at this version when the batch commits."""
-        return {account_id: self._balance(account_id).version for account_id in self._judged_by
+        still at this version when the batch commits. And version 0 (no balance yet, no
+        events) for every account or hold it found absent: a payment refused for want of
+        its account is kept for good, so it holds only if nothing is stored under that id
+        when the batch commits either."""
+        read = {account_id: self._balance(account_id).version for account_id in self._judged_by
                 if account_id not in saved}
+        read.update((aggregate_id, 0) for aggregate_id in self._judged_absent if aggregate_id not in saved)
+        return read
 
     @contextmanager
     def _refusal_kept(self, refused_id: UUID, client_id: str, request_fingerprint: str, requested_by: str | None
@@ -401,6 +409,8 @@ class Batch:
     def hold(self, hold_id: str) -> Hold:
         hold = self._get(Hold.id_for(hold_id))
         if not isinstance(hold, Hold):
+            if hold is None:
+                self._judged_absent[Hold.id_for(hold_id)] = None
             raise HoldNotFound(f"no hold {hold_id}")
         return hold
 

@@ -15,6 +15,7 @@ import pytest
 
 from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, create_pool, ensure_database
 from kabinet_chassis.eventstore import event_store_env, events_table
+from ledger import writer as writer_module
 from ledger.application import LedgerApplication, ensure_store_schema
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountClosed, AccountFrozen, AccountNotEmpty, IdempotencyConflict, InsufficientFunds
@@ -62,6 +63,34 @@ async def test_a_second_writer_that_missed_a_top_up_judges_a_payment_again_inste
         paid = await first.submit(spend(card, settlement, 500))
     assert not paid.replayed
     assert await saved_balance(ledger.parts.pool, card) == (600, 0)
+
+
+async def test_a_second_writer_that_missed_an_opening_judges_a_payment_to_it_again_instead_of_keeping_a_refusal(
+        ledger, monkeypatch):
+    # A payment refused for want of its account is kept for good too: it must not rest on an
+    # account another writer opened while this writer's batch was being judged.
+    first = ledger.parts.writer
+    settlement, card = await funded_card(first, 1_000)
+    shop = uuid.uuid4()
+    real_append_batch, opened = writer_module.append_batch, []
+
+    async def the_shop_opened_meanwhile(connection, *args):
+        if not opened:  # between the second writer's judging and its commit
+            opened.append(shop)
+            await first.submit(c.OpenAccount(shop, "shop", "card", "RUB"))
+        return await real_append_batch(connection, *args)
+
+    async with uncached_writer(ledger.settings) as second:
+        # The opening posts before the payment's batch time, as a batch judged a moment
+        # earlier would: the posting clock, which refuses a batch older than the last one,
+        # does not stand in the payment's way, and only what it judged absent can.
+        now = datetime.now(UTC)
+        first.clock, second.clock = (lambda: now + timedelta(seconds=1)), (lambda: now + timedelta(seconds=2))
+        monkeypatch.setattr(writer_module, "append_batch", the_shop_opened_meanwhile)
+        paid = await second.submit(c.PostTransfer(f"purchase-{shop}", (c.Leg(card, -300, "RUB"), c.Leg(shop, 300, "RUB")),
+                                                  "card_purchase"))
+    assert opened and not paid.replayed, "judged again once the shop was there, not refused for good"
+    assert await saved_balance(ledger.parts.pool, shop) == (300, 0)
 
 
 async def test_a_second_writer_that_missed_an_unfreeze_judges_a_payment_again_instead_of_keeping_a_refusal(ledger):
