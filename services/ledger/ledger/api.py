@@ -98,6 +98,9 @@ BoundaryInstant = Annotated[AwareDatetime, WrapValidator(_rounded_up_to_a_micros
 MinorUnits = Annotated[int, Strict()]
 
 CODE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+# A transfer's or a hold's code.
+PostingCode = Annotated[str, Field(pattern=CODE_PATTERN, description="why the money moves (`top_up`, `card_purchase`…);"
+                                                                      " not `reversal`, which only reversals carry")]
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
 HoldId = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -203,8 +206,7 @@ class LegBody(_Body):
 class TransferBody(_Body):
     transfer_id: str = Field(pattern=ID_PATTERN, description="client-given; the idempotency key")
     legs: list[LegBody] = Field(min_length=2, max_length=64)
-    code: str = Field(pattern=CODE_PATTERN, description="why the money moves (`top_up`, `card_purchase`…);"
-                                                        " not `reversal`, which only the ledger's reversals carry")
+    code: PostingCode
     external_ref: str | None = Field(default=None, max_length=commands.ID_CHARS_MAX)
     customer_ids: list[str] = Field(default_factory=list, max_length=16)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
@@ -217,8 +219,7 @@ class PlaceHoldBody(_Body):
     amount_minor: MinorUnits = Field(gt=0)
     currency: str = Field(pattern=CURRENCY_PATTERN)
     expires_at: Instant
-    code: str = Field(pattern=CODE_PATTERN, description="why the money moves (`top_up`, `card_purchase`…);"
-                                                        " not `reversal`, which only the ledger's reversals carry")
+    code: PostingCode
     # What the hold is for (a card authorisation's RRN, the merchant): its captures post with them.
     external_ref: str | None = Field(default=None, max_length=commands.ID_CHARS_MAX)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)

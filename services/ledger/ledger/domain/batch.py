@@ -22,8 +22,9 @@ Decisions the writer and callers rely on:
   answers `replayed=True`. A capture at or after `expires_at` is refused even before
   the expiry sweep ran.
 - replays answer `replayed=True` with their first result: a transfer's, or a hold as it
-  stood just placed or just after that capture. A repeat of a refused transfer, hold or capture is refused
-  again with its first refusal (code and message); a malformed one is not kept.
+  stood just placed or just after that capture. A repeat of a refused transfer, hold or
+  capture is refused again with its first refusal (code and message); a malformed one is
+  not kept.
 - every command's shape is checked before its id is looked up: no command is refused
   after finding its new id absent without keeping that refusal (the writer relies on it).
 """
