@@ -26,6 +26,8 @@ sealed ones shows as the seal whose range it is in. What a seal cannot cover is 
 not sealed yet: the events of the last SEAL_INTERVAL_S, reported as unsealed, and a seal
 deleted from the end together with its events (an auditor who notes the last seal's
 receipt a check showed, `Seal.receipt`, and gives it to the next check notices that one).
+A seal deleted from the end with its events rewritten is not sealed again by a running
+sealer: it remembers its newest seal (`LastSeal`) and stops.
 """
 
 from __future__ import annotations
@@ -144,21 +146,52 @@ async def ensure_schema(pool: asyncpg.Pool) -> None:
     await append_only.guard(pool, SEALS_TABLE)
 
 
-async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: Ed25519PrivateKey) -> int:
+class SealsRewritten(Exception):
+    """The seals table no longer holds, as it was, the seal a sealer made or started from."""
+
+
+@dataclass
+class LastSeal:
+    """The newest seal a sealer made, or found when it started: the table must still hold
+    it, with this link, at its next pass. A forger who deleted the newest seals and then
+    rewrote the events they covered would otherwise have the ledger's own sealer sign the
+    forgery as new history."""
+
+    seal_no: int = 0  # 0: none known yet (the sealer's first pass trusts the table's newest)
+    chain_link: bytes = GENESIS_LINK
+
+
+async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: Ed25519PrivateKey,
+                          last_seal: LastSeal | None = None) -> int:
     """Seal the events committed since the last seal, up to SEAL_ROUNDS_MAX seals of
     SEAL_EVENTS_MAX; the number sealed. Another process sealing the same table at the
     moment makes this one wait, then seal what is left. Events become visible in log
     order (the recorder locks its table to insert), so a seal never passes over one that
-    commits later. The hashing runs in a worker thread: the loop keeps serving meanwhile."""
+    commits later. The hashing runs in a worker thread: the loop keeps serving meanwhile.
+
+    With `last_seal` (a sealer's memory, kept up to date here), nothing is sealed, and
+    SealsRewritten raised, unless the table still holds that seal as it was."""
     sealed = 0
     for _ in range(SEAL_ROUNDS_MAX):
         async with pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{SEALS_TABLE}:{events_table}")
+            if last_seal is not None and last_seal.seal_no:
+                kept_link = await connection.fetchval(
+                    f"SELECT chain_link FROM {SEALS_TABLE} WHERE events_table = $1 AND seal_no = $2",
+                    events_table, last_seal.seal_no)
+                if kept_link != last_seal.chain_link:
+                    raise SealsRewritten(
+                        f"seal {last_seal.seal_no} of {events_table}, which this sealer made or started from, is"
+                        f" {'gone' if kept_link is None else 'changed'}: the seals were deleted or rewritten. Sealing"
+                        " stops (it would sign the history that now follows as it stands); an auditor's verify shows"
+                        " what changed")
             last = await connection.fetchrow(
                 f"SELECT seal_no, last_position, chain_link FROM {SEALS_TABLE} WHERE events_table = $1"
                 " ORDER BY seal_no DESC LIMIT 1", events_table)
             seal_no, after, link = (last["seal_no"], last["last_position"], last["chain_link"]) if last else (
                 0, 0, GENESIS_LINK)
+            if last_seal is not None:
+                last_seal.seal_no, last_seal.chain_link = seal_no, link
             events = await connection.fetch(
                 f"SELECT {_EVENT_COLUMNS} FROM {events_table} WHERE notification_id > $1"
                 " ORDER BY notification_id LIMIT $2", after, SEAL_EVENTS_MAX)
@@ -171,6 +204,8 @@ async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: Ed25519Pri
                 f"INSERT INTO {SEALS_TABLE} (events_table, seal_no, first_position, last_position, events_count,"
                 " chain_link, sealed_at, key_id, signature) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 *seal, key_id(key.public_key()), key.sign(signed_part(*seal)))
+        if last_seal is not None:  # committed
+            last_seal.seal_no, last_seal.chain_link = seal[1], seal[5]
         sealed += len(events)
         if len(events) < SEAL_EVENTS_MAX:
             return sealed
@@ -185,7 +220,9 @@ class Sealer:
     """A service's sealer: every SEAL_INTERVAL_S, the events committed since (`run`). A
     database that fails is tried again at the next interval. Its health (`check`, watched in
     /health/ready) is down once no pass has finished for `stall_max_s`: an operator sees
-    sealing stuck before an auditor finds the events unsealed."""
+    sealing stuck before an auditor finds the events unsealed. It remembers the newest seal
+    it made (`LastSeal`): should that seal be deleted or changed, it seals nothing more and
+    is down at once, until an operator has looked (a restart starts from the table again)."""
 
     def __init__(self, pool: asyncpg.Pool, events_table: str, key: Ed25519PrivateKey, stall_max_s: float = SEAL_STALL_MAX_S
                  ) -> None:
@@ -193,12 +230,19 @@ class Sealer:
         self.last_pass_at = time.monotonic()
         self.sealed_total = 0  # since this process started
         self.last_error: str | None = None
+        self.last_seal = LastSeal()
+        self.seals_rewritten: str | None = None  # why sealing stopped for good, if it did
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(SEAL_INTERVAL_S)
             try:
-                self.sealed_total += await seal_new_events(self.pool, self.events_table, self.key)
+                await self._pass()
+            except SealsRewritten as rewritten:
+                if self.seals_rewritten is None:
+                    log.critical("%s", rewritten)
+                self.seals_rewritten = str(rewritten)
+                continue
             except Exception as error:
                 if self.last_error is None:  # once per outage, not every interval
                     log.exception("sealing the history of %s failed; trying again every %.0f s", self.events_table,
@@ -215,11 +259,16 @@ class Sealer:
         fails or hangs is logged, not raised: the next process seals them at its first pass."""
         try:
             async with asyncio.timeout(LAST_PASS_WAIT_S):
-                self.sealed_total += await seal_new_events(self.pool, self.events_table, self.key)
+                await self._pass()
         except Exception:
             log.exception("the last sealing pass of %s failed; the next start seals what is left", self.events_table)
 
+    async def _pass(self) -> None:
+        self.sealed_total += await seal_new_events(self.pool, self.events_table, self.key, self.last_seal)
+
     async def check(self) -> str:
+        if self.seals_rewritten is not None:
+            raise SealsRewritten(self.seals_rewritten)
         idle_s = time.monotonic() - self.last_pass_at
         if idle_s > self.stall_max_s:
             raise SealingStuck(f"the history of {self.events_table} has not been sealed for {idle_s:.0f} s (a pass is"

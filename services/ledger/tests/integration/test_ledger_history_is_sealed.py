@@ -109,6 +109,44 @@ async def test_a_sealer_that_cannot_seal_is_down_in_readiness_until_it_seals_aga
         running.cancel()
 
 
+async def test_a_sealer_whose_newest_seal_was_deleted_signs_no_history_after_it_and_is_down(ledger):
+    # The forger deletes the newest seal and rewrites the events it covered: without the
+    # seal key he cannot sign them again, but the ledger's own sealer, every 2 s, would have
+    # sealed them as new history. It remembers its newest seal and stops instead.
+    await card_spending_twice(ledger)
+    sealer, pool, table = ledger.parts.sealer, ledger.parts.pool, events_table(ledger.parts.app.recorder)
+    head = ledger.parts.writer.last_position
+    for _ in range(int(SEALING_WAIT_S / 0.1)):
+        newest = (await seals(ledger) or [None])[-1]
+        if newest is not None and newest["last_position"] >= head and sealer.last_seal.seal_no == newest["seal_no"]:
+            break
+        await asyncio.sleep(0.1)
+    assert newest is not None and sealer.last_seal.seal_no == newest["seal_no"], "the service's sealer sealed the head"
+    state = json.loads(await pool.fetchval(f"SELECT state FROM {table} WHERE originator_id = $1",
+                                           Transfer.id_for("spend-a")))
+    for leg in state["legs"]:
+        leg["amount_minor"] *= 3
+    async with pool.acquire() as connection, connection.transaction():  # the sealer kept out while he works
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{history_seals.SEALS_TABLE}:{table}")
+        for guarded in (history_seals.SEALS_TABLE, table):
+            for guard in append_only.GUARDS:
+                await connection.execute(f"ALTER TABLE {guarded} DISABLE TRIGGER {guard}")
+        await connection.execute(f"DELETE FROM {history_seals.SEALS_TABLE} WHERE events_table = $1 AND seal_no = $2",
+                                 table, newest["seal_no"])
+        await connection.execute(f"UPDATE {table} SET state = $2 WHERE originator_id = $1", Transfer.id_for("spend-a"),
+                                 json.dumps(state).encode())
+        for guarded in (history_seals.SEALS_TABLE, table):
+            for guard in append_only.GUARDS:
+                await connection.execute(f"ALTER TABLE {guarded} ENABLE ALWAYS TRIGGER {guard}")
+    await cover_up(ledger)
+    await asyncio.sleep(3 * history_seals.SEAL_INTERVAL_S)  # passes were due
+    assert newest["seal_no"] not in [seal["seal_no"] for seal in await seals(ledger)], "the forgery was not sealed"
+    with pytest.raises(history_seals.SealsRewritten, match=f"seal {newest['seal_no']} .* is gone: the seals were"):
+        await sealer.check()
+    ready = await ledger.get("http://ledger/health/ready")
+    assert ready.json()["watched"]["history_sealer"]["status"] == "down", ready.text
+
+
 async def _up(sealer) -> bool:
     try:
         await sealer.check()
