@@ -103,12 +103,15 @@ def seal_key_for(settings: ServiceSettings) -> Ed25519PrivateKey:
 
 
 def verification_keys_for(settings: ServiceSettings) -> dict[str, Ed25519PublicKey]:
-    """Every key a seal of the service may have been signed with, by key id: the public key
-    of its seal key, and those of KABINET_HISTORY_SEAL_PUBLIC_KEYS (the keys it replaced:
-    seals signed before a rotation are still checked)."""
-    public_keys = [seal_key_for(settings).public_key(), *(
-        load_public_keys(settings.history_seal_public_keys, SEAL_PUBLIC_KEYS_WHAT, PUBLIC_KEYS_MAX)
-        if settings.history_seal_public_keys else ())]
+    """Every key a seal of the service may have been signed with, by key id: those of
+    KABINET_HISTORY_SEAL_PUBLIC_KEYS (an auditor's, or the keys a rotation replaced: seals
+    signed before it are still checked), and the public key of the seal key, if there is one
+    (the development key when no key is given at all). An auditor given public keys alone
+    checks with those: no private key is read, nor a development one made for them."""
+    public_keys = list(load_public_keys(settings.history_seal_public_keys, SEAL_PUBLIC_KEYS_WHAT, PUBLIC_KEYS_MAX)
+                       if settings.history_seal_public_keys else ())
+    if settings.history_seal_key or not public_keys:
+        public_keys.append(seal_key_for(settings).public_key())
     return {key_id(key): key for key in public_keys}
 
 

@@ -209,17 +209,18 @@ async def test_seals_are_judged_with_the_key_that_signed_them_and_another_key_ch
     assert "was signed with key" in failed[SEALED] and "its signature is not checked" in failed[SEALED]
 
 
-async def test_an_auditor_checks_the_seals_with_the_public_key_the_bank_gave_alone(ledger, monkeypatch):
+async def test_an_auditor_checks_the_seals_with_the_public_key_the_bank_gave_alone(ledger, monkeypatch, tmp_path):
     await card_spending_twice(ledger)
     signing_key = history_seals.seal_key_for(ledger.settings)
     await history_seals.seal_new_events(ledger.parts.pool, events_table(ledger.parts.app.recorder), signing_key)
     given = await run_cli(ledger, monkeypatch, "seal-public-key")
     assert given.exit_code == 0 and given.stdout.startswith("-----BEGIN PUBLIC KEY-----"), given.output
     assert "PRIVATE" not in given.stdout
-    # The auditor's own settings: no seal key of the bank's (a development key of their own), the public key given.
-    auditors = ledger.settings.model_copy(update={"history_seal_key": new_private_pem().decode(),
-                                                  "history_seal_public_keys": given.stdout})
+    # The auditor's own settings: no seal key at all, the public key given, a directory of their own.
+    auditors = ledger.settings.model_copy(update={"history_seal_key": None, "history_seal_public_keys": given.stdout,
+                                                  "data_dir": tmp_path / "auditor"})
     assert history_seals.key_id(signing_key.public_key()) in await passed_detail(ledger, SEALED, auditors)
+    assert not (tmp_path / "auditor").exists(), "a check writes nothing: no development key made for the auditor"
 
 
 async def test_a_forger_who_recomputes_the_chain_after_his_change_is_caught_by_the_signatures(ledger):
