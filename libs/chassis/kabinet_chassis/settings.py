@@ -14,7 +14,8 @@ from kabinet_chassis.ed25519_keys import load_private_key, load_public_keys
 class StackSettings(BaseSettings):
     """Where the dev stack lives, or which external servers replace it."""
 
-    model_config = SettingsConfigDict(env_prefix="KABINET_", extra="ignore")
+    # A refused setting is named, never echoed: a database URL holds a password, a seal key is a private key.
+    model_config = SettingsConfigDict(env_prefix="KABINET_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Path(".data")
     pg_port: int = Field(default=55432, ge=1, le=65535)
@@ -29,7 +30,8 @@ class StackSettings(BaseSettings):
 class ServiceSettings(BaseSettings):
     """What one service process needs; `kabinet up` passes these in its environment."""
 
-    model_config = SettingsConfigDict(env_prefix="KABINET_", extra="ignore")
+    # A refused setting is named, never echoed: a database URL holds a password, a seal key is a private key.
+    model_config = SettingsConfigDict(env_prefix="KABINET_", extra="ignore", hide_input_in_errors=True)
 
     service_name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     # The PostgreSQL *server*; each service uses its own database on it.
@@ -70,7 +72,13 @@ class ServiceSettings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("postgresql", "postgres"):
+        url = urlsplit(value)
+        try:
+            url.port  # parsed lazily: a port that is no number would fail far from here, as a traceback
+        except ValueError as error:
+            raise ValueError(f"KABINET_DATABASE_URL has a bad port ({error}); it must look like"
+                             " postgresql://user:password@host:port/db") from None
+        if url.scheme not in ("postgresql", "postgres"):
             raise ValueError("KABINET_DATABASE_URL must look like postgresql://user:password@host:port/db")
         return value
 

@@ -16,7 +16,8 @@ from kabinet_chassis.topology import GATEWAY_PORT, SERVICE_PORTS, service_url
 
 
 class GatewaySettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="KABINET_", extra="ignore")
+    # A refused setting is named, never echoed: a database URL holds a password, a seal key is a private key.
+    model_config = SettingsConfigDict(env_prefix="KABINET_", extra="ignore", hide_input_in_errors=True)
 
     service_name: str = "gateway"
     http_port: int = GATEWAY_PORT
