@@ -39,8 +39,16 @@ SWAP_LOCK_TIMEOUT_S = 10
 SWAP_ATTEMPTS_MAX = 3
 
 
-class RebuildRunning(Exception):
+class RebuildNotDone(Exception):
+    """The read model was not rebuilt, and nothing changed: the command may simply be run again."""
+
+
+class RebuildRunning(RebuildNotDone):
     """Another rebuild of the read model is running."""
+
+
+class ReadModelBusy(RebuildNotDone):
+    """Readers held the live read model's tables through every attempt to put the new one live."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,10 @@ async def rebuild_read_model(app: LedgerApplication, database_url: str,
                     break
                 except asyncpg.LockNotAvailableError:
                     if attempt == SWAP_ATTEMPTS_MAX:
-                        raise
+                        raise ReadModelBusy(
+                            f"readers held the live read model's tables for more than {SWAP_LOCK_TIMEOUT_S} s at each"
+                            f" of {SWAP_ATTEMPTS_MAX} attempts to put the rebuilt one live; nothing changed: run it"
+                            " again once the long reads (reports, exports) are done") from None
             applied += last_applied
         except BaseException:
             with contextlib.suppress(Exception):  # the database may be what failed: the next rebuild drops it

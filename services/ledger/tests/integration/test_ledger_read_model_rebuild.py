@@ -137,6 +137,25 @@ async def test_a_second_rebuild_while_one_runs_is_refused_exit_1(ledger, monkeyp
     assert "another rebuild of the ledger's read model is running" in result.output
 
 
+async def test_readers_holding_the_live_tables_through_every_attempt_leave_it_unrebuilt_exit_1_in_one_line(
+        ledger, monkeypatch):
+    await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position)
+    monkeypatch.setattr(rebuild, "SWAP_LOCK_TIMEOUT_S", 1)
+    entries_before = await ledger.parts.pool.fetch("SELECT * FROM ledger_entries ORDER BY position, seq")
+    report = await asyncpg.connect(ledger.settings.service_database_url)
+    try:
+        async with report.transaction():
+            await report.fetchval("SELECT count(*) FROM ledger_entries")  # a report longer than every attempt
+            result = await run_cli(ledger, monkeypatch, "rebuild-read-model")
+    finally:
+        await report.close()
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "readers held the live read model's tables" in result.output and "nothing changed" in result.output
+    assert await ledger.parts.pool.fetch("SELECT * FROM ledger_entries ORDER BY position, seq") == entries_before
+    assert await ledger.parts.pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", REBUILD_SCHEMA) == 0
+
+
 async def test_a_long_read_holding_up_the_swap_delays_the_rebuild_and_does_not_fail_it(ledger, monkeypatch):
     # A staff report reading every entry for longer than the swap waits for its lock: the
     # swap gives up at once, so the readers queued behind it are not held up, and tries again.
