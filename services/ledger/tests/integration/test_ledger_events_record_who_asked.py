@@ -7,6 +7,7 @@ whoever asks."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from ledger.domain.commands import REQUESTED_BY_LEDGER
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import open_account, run_cli, transfer_body
+from services.ledger.tests.integration.ledger_support import forge_history, open_account, run_cli, transfer_body
 from tests.support.tokens import bearer
 
 pytestmark = pytest.mark.integration
@@ -134,3 +135,22 @@ async def test_an_auditor_reads_the_history_as_stored_a_page_at_a_time_with_who_
 
     too_many = await run_cli(ledger, monkeypatch, "events", "--limit", "10001")
     assert too_many.exit_code == 2 and "--limit" in too_many.output
+
+
+async def test_an_event_stored_in_a_form_the_ledger_cannot_read_is_exported_as_stored_and_the_export_goes_on(
+        ledger, monkeypatch):
+    # Changed by hand, say: the auditor must see it as it is and the events after it, not a
+    # traceback with no position to page on from.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    for transfer_id in ("salary-1", "salary-2"):
+        await ledger.post("/transfers", json=transfer_body(transfer_id, (settlement, -700), (card, 700), code="top_up"))
+    await forge_history(ledger, "UPDATE {table} SET state = $2 WHERE originator_id = $1",
+                        Transfer.id_for("salary-1"), b"{not json")
+    printed = await run_cli(ledger, monkeypatch, "events")
+    assert printed.exit_code == 0, (printed.output, printed.exception)
+    lines = [json.loads(line) for line in printed.stdout.splitlines()]
+    unreadable = next(line for line in lines if line["stream_id"] == str(Transfer.id_for("salary-1")))
+    assert unreadable["type"] == "ledger.domain.transfer:Transfer.Posted" and "unreadable" in unreadable
+    assert base64.b64decode(unreadable["stored_state_base64"]) == b"{not json"
+    assert lines[-1]["data"]["client_transfer_id"] == "salary-2", "the export went on past it"
