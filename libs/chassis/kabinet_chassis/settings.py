@@ -74,7 +74,7 @@ class ServiceSettings(BaseSettings):
     def _postgres_url(cls, value: str) -> str:
         url = urlsplit(value)
         try:
-            url.port  # parsed lazily: a port that is no number would fail far from here, as a traceback
+            _ = url.port  # parsed lazily: a port that is no number would fail far from here, as a traceback
         except ValueError as error:
             raise ValueError(f"KABINET_DATABASE_URL has a bad port ({error}); it must look like"
                              " postgresql://user:password@host:port/db") from None
