@@ -148,7 +148,7 @@ class Problems:
 class Report:
     checks: list[Check] = field(default_factory=list)
     events_read: int = 0
-    last_seal: str | None = None  # the newest seal's receipt, for the next verify's `noted_seal` (None: no seal)
+    last_seal: str | None = None  # the newest seal's receipt, for the next verify's `noted_seal` (None: no seal, or seals that failed)
 
     @property
     def ok(self) -> bool:
@@ -968,7 +968,9 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
         raise
     await connection.close()
     report.events_read = replay.events_read
-    report.last_seal = seals.last_seal.receipt if seals.last_seal is not None else None
+    # A receipt for the next check only from seals that held: a forged seal's would have the
+    # next check vouch for the forgery.
+    report.last_seal = seals.last_seal.receipt if seals.last_seal is not None and not seals.problems_count else None
     accounts = replay.accounts
 
     report.add("events replay", replay.broken,

@@ -174,6 +174,8 @@ async def test_a_transfers_amounts_changed_on_both_legs_break_no_rule_but_its_se
     failed = await failed_checks(ledger)
     assert list(failed) == [SEALED]
     assert "are not those sealed" in failed[SEALED] and "one was changed, deleted or slipped in" in failed[SEALED]
+    report = await verify(ledger.parts.app, ledger.settings)
+    assert report.last_seal is None, "no receipt to note from seals that did not hold"
 
 
 async def test_a_whole_transfer_deleted_from_the_middle_shows_in_its_seal(ledger):
