@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 import asyncpg
@@ -93,6 +93,10 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
 # against a database that hangs, a read or save through it waited for ever. This one (seconds)
 # bounds every statement, as DATABASE_COMMAND_TIMEOUT_S does for asyncpg (ARCHITECTURE.md §7).
 POSTGRES_STATEMENT_TIMEOUT = "POSTGRES_STATEMENT_TIMEOUT"
+# The database URL's query (sslmode, sslrootcert, a socket's host…), as libpq reads it: the
+# event store's connections are made with it too, as asyncpg's are from the whole URL. Left
+# out, they went without the TLS checks asked for, or to another server than the URL names.
+POSTGRES_URL_QUERY = "POSTGRES_URL_QUERY"
 # The server cancels a statement past the limit (statement_timeout), which also takes a lock
 # waiter out of the lock's queue; a server that answers nothing at all (stopped, frozen
 # storage, a dead network) is given up by the client this much later.
@@ -111,6 +115,7 @@ class BoundedPostgresFactory(PostgresFactory):
         statement_timeout_s = float(self.env.get(POSTGRES_STATEMENT_TIMEOUT) or DATABASE_COMMAND_TIMEOUT_S)
         pool = self.datastore.pool  # not opened yet: its connections are made with these
         pool.connection_class = _BoundedConnection
+        pool.kwargs.update(parse_qsl(self.env.get(POSTGRES_URL_QUERY) or "", keep_blank_values=True, strict_parsing=False))
         pool.kwargs.update(
             options=f"-c statement_timeout={round(statement_timeout_s * 1000)}",
             # psycopg's own default (130 s) otherwise: the pool's waiter gives up sooner, its filler would not
@@ -186,6 +191,7 @@ def event_store_env(settings: ServiceSettings, *, encrypted: bool = False, creat
         "POSTGRES_MAX_OVERFLOW": "0",
         "POSTGRES_CONNECT_TIMEOUT": "10",
         POSTGRES_STATEMENT_TIMEOUT: str(DATABASE_COMMAND_TIMEOUT_S),
+        POSTGRES_URL_QUERY: url.query,
         "CREATE_TABLE": "y" if creates_tables else "n",
         "MAPPER_TOPIC": "kabinet_chassis.eventstore:TracingMapper",
         "APPLICATION_RECORDER_TOPIC": "kabinet_chassis.eventstore:ArrayInsertRecorder",
