@@ -38,18 +38,37 @@ async def settled(predicate, timeout_s: float = SETTLE_S) -> bool:
     return False
 
 
-def chain_with_poison_at_position_2() -> list:
-    # As the relay publishes them on partition 0: position p follows p - 1; position 2 has no text.
+class WithAnEnvelopeFieldUnknownHere:
+    """An event as a producer on a newer envelope writes it: a field this consumer's
+    contracts do not know, so its envelope does not hold here, though it names its position."""
+
+    def __init__(self, event) -> None:
+        self.event, self.aggregate_id = event, event.aggregate_id
+
+    def json_bytes(self) -> bytes:
+        return self.event.json_bytes()[:-1] + b',"new_envelope_field":1}'
+
+
+# Position 2's poison: an event that fails to apply (a note with no text), or one whose envelope does not hold.
+POISONS = {
+    "fails_to_apply": lambda: note_event(2, {}),
+    "envelope_does_not_hold": lambda: WithAnEnvelopeFieldUnknownHere(note_event(2, {"text": "two"})),
+}
+
+
+def chain_with_poison_at_position_2(poison: str = "fails_to_apply") -> list:
+    # As the relay publishes them on partition 0: position p follows p - 1.
     return [
         (note_event(1, {"text": "one"}), 0),
-        (note_event(2, {}), 1),
+        (POISONS[poison](), 1),
         (note_event(3, {"text": "three"}), 2),
         (note_event(4, {"text": "four"}), 3),
     ]
 
 
+@pytest.mark.parametrize("poison", POISONS)
 async def test_a_poison_event_is_dead_lettered_once_and_the_read_model_applies_the_rest_of_its_partition(
-    stack, unique_name
+    stack, unique_name, poison
 ):
     """The record after the poison names the poison's position as its previous one: that
     must not look like a gap (which would send the consumer back to the start, dead-letter
@@ -58,7 +77,7 @@ async def test_a_poison_event_is_dead_lettered_once_and_the_read_model_applies_t
     await ensure_topics(stack.bootstrap_servers, [topic])
     settings = stack.service_settings(f"{unique_name}_b")
     consumer_name = f"{settings.service_name}_board"
-    await produce(stack.bootstrap_servers, topic, chain_with_poison_at_position_2())
+    await produce(stack.bootstrap_servers, topic, chain_with_poison_at_position_2(poison))
     board_service, board_parts = build_board_service(settings, topic)
     async with board_service.running():
         consumer = board_parts["consumer"]
@@ -101,13 +120,14 @@ async def test_a_redelivered_poison_event_is_skipped_not_dead_lettered_again(sta
         assert consumer.dead_letters.sent_total == 1
 
 
+@pytest.mark.parametrize("poison", POISONS)
 async def test_a_poison_event_is_dead_lettered_once_and_a_reaction_applies_the_rest_of_its_partition(
-    stack, unique_name
+    stack, unique_name, poison
 ):
     """The same rule for event-sourced reactions (ReactionConsumer)."""
     topic = topic_for(unique_name)
     await ensure_topics(stack.bootstrap_servers, [topic])
-    await produce(stack.bootstrap_servers, topic, chain_with_poison_at_position_2())
+    await produce(stack.bootstrap_servers, topic, chain_with_poison_at_position_2(poison))
     mentions, parts = build_mentions_service(stack.service_settings(f"{unique_name}_m"), topic)
     async with mentions.running():
         consumer = parts["consumer"]

@@ -25,7 +25,9 @@ error that is not transient, the batch is replayed one event at a time so that o
 poison event goes to the dead-letter topic and the others are applied. A dead-lettered
 event is then tracked like an applied one (with no effect): the record after it names its
 position as the previous one, and must not look like a gap; a redelivery of the poison is
-skipped instead of dead-lettered again. So a dead letter comes back only through
+skipped instead of dead-lettered again. A record whose envelope does not hold here (a field
+of a newer contract) but names its source and position is poison the same way (Unreadable).
+So a dead letter comes back only through
 `replay_dead_letters`, after the fix: it applies each of the consumer's dead letters once,
 recording the replay with its effects (its own table, or its own tracking name).
 """
@@ -33,7 +35,9 @@ recording the replay with its effects (its own table, or its own tracking name).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +56,7 @@ from pydantic import ValidationError
 
 from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
 from kabinet_chassis.eventstore import WorkerThreads
-from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
+from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, SOURCE_CHARS_MAX, SOURCE_PATTERN, IntegrationEvent
 from kabinet_contracts.registry import dead_letter_topic
 
 log = logging.getLogger(__name__)
@@ -93,11 +97,13 @@ class PoisonMessage(Exception):
 Reads = Mapping[str, int]
 
 
-def is_read(event: IntegrationEvent, reads: Reads | None) -> bool:
+def is_read(event: IntegrationEvent | Unreadable, reads: Reads | None) -> bool:
     """Whether the consumer applies the event: False for a type it does not read (it passes
     by, tracked with no effect: producers add types); PoisonMessage for a schema version
     newer than it understands (dead-lettered, to replay once it is upgraded), never applied
-    as the version it knows. A dict lookup per event."""
+    as the version it knows; PoisonMessage for an Unreadable record too. A dict lookup per event."""
+    if isinstance(event, Unreadable):
+        raise PoisonMessage(event.reason)
     if reads is None:
         return True
     newest = reads.get(event.type)
@@ -217,15 +223,39 @@ class ConsumerHealth:
         return f"{self.failed_rounds} failed batches in a row" if self.failed_rounds else "consuming"
 
 
-def parse(record: ConsumerRecord) -> IntegrationEvent | str:
-    """The record's envelope, or why the record is poison."""
+@dataclass(frozen=True)
+class Unreadable:
+    """A record whose envelope does not hold (a field this consumer's contracts do not know,
+    a value out of range) but which names its place in its source's log. It is poison like
+    an event that fails to apply (is_read raises PoisonMessage): dead-lettered once, and
+    tracked at its position as if applied with no effect. Untracked, the record after it,
+    naming its position as the previous one, looked like a gap, and every later record of
+    the partition was passed over for good."""
+
+    source: str
+    position: int
+    reason: str
+
+
+def parse(record: ConsumerRecord) -> IntegrationEvent | Unreadable | str:
+    """The record's envelope; or, if it does not hold, its place in its source's log where
+    that can be read (Unreadable); or, if not even that, why the record is poison."""
     try:
         return IntegrationEvent.model_validate_json(record.value)
     except (ValidationError, ValueError, TypeError) as error:
-        return f"malformed integration event: {error}"
+        reason = f"malformed integration event: {error}"
+    try:
+        raw = json.loads(record.value)
+        source, position = raw["source"], raw["position"]
+    except (ValueError, TypeError, KeyError):
+        return reason
+    if (isinstance(source, str) and len(source) <= SOURCE_CHARS_MAX and re.fullmatch(SOURCE_PATTERN, source)
+            and type(position) is int and position >= 1):
+        return Unreadable(source, position, reason)
+    return reason
 
 
-def tracking_key(record: ConsumerRecord, event: IntegrationEvent) -> tuple[str, str, int]:
+def tracking_key(record: ConsumerRecord, event: IntegrationEvent | Unreadable) -> tuple[str, str, int]:
     return (event.source, record.topic, record.partition)
 
 
@@ -310,7 +340,7 @@ class ReadModelConsumer:
         # Two parallel lists rather than an object per record: a batch's objects outlive
         # several young-generation collections, and each one kept adds to the full ones.
         good_records: list[ConsumerRecord] = []
-        events: list[IntegrationEvent] = []
+        events: list[IntegrationEvent | Unreadable] = []
         for record in records:
             parsed = parse(record)
             if isinstance(parsed, str):
@@ -340,7 +370,8 @@ class ReadModelConsumer:
                     await self.dead_letters.send(record, self.name, f"{type(single_error).__name__}: {single_error}")
                     await self._track_dead_lettered(record, event)
 
-    async def _apply_in_one_transaction(self, records: Sequence[ConsumerRecord], events: Sequence[IntegrationEvent]) -> None:
+    async def _apply_in_one_transaction(self, records: Sequence[ConsumerRecord],
+                                        events: Sequence[IntegrationEvent | Unreadable]) -> None:
         async with self.pool.acquire() as connection, connection.transaction():
             # Sorted, so that two transactions lock the rows in one order (no deadlock).
             keys = sorted({tracking_key(record, event) for record, event in zip(records, events, strict=True)})

@@ -38,13 +38,18 @@ def event_id_for(source: str, position: int) -> UUID:
     return UUID(int=(value & ~_UUID_VERSION_AND_VARIANT_MASK) | _UUID_VERSION_5_AND_VARIANT_BITS)
 
 
+# The service an event comes from: its name, as its tracking and dead letters are keyed.
+SOURCE_PATTERN = r"^[a-z][a-z0-9_]*$"
+SOURCE_CHARS_MAX = 64
+
+
 class IntegrationEvent(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     event_id: UUID
     type: str = Field(pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$", max_length=128)
     schema_version: int = Field(ge=1)
-    source: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)
+    source: str = Field(pattern=SOURCE_PATTERN, max_length=SOURCE_CHARS_MAX)
     position: int = Field(ge=1, description="notification id in the source's event log")
     aggregate_id: str = Field(max_length=128)
     aggregate_version: int = Field(ge=1)
