@@ -53,6 +53,9 @@ class Service:
         # our own handling (bench/relay.py).
         self.broker = KafkaBroker(
             settings.kafka_bootstrap_servers,
+            # What this broker publishes is dead letters: an event is tracked as handled once its
+            # dead letter is acknowledged, so it must survive a leader's failover, as the relay's do.
+            acks="all",
             enable_idempotence=settings.kafka_enable_idempotence,
             logger=logging.getLogger(f"kabinet.{settings.service_name}.broker"),
         )
