@@ -49,6 +49,9 @@ DATABASE_UNREADABLE_ERRORS = (
     asyncpg.UndefinedColumnError,
     EventStoreProgrammingError,  # the same, met by eventsourcing's reader: a table it may not read, say
 )
+# On a replica, where the README has a long verify run, a read the replica's recovery
+# conflicts with is cancelled with SQLSTATE 40001.
+READS_CANCELLED_ERRORS = (asyncpg.SerializationError,)
 
 
 def settings_or_exit() -> ServiceSettings:
@@ -91,6 +94,11 @@ def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
         ERRORS.print(f"[red]error:[/red] cannot read the ledger's database ({type(error).__name__}:"
                      f" {escape(str(error))}); is KABINET_DATABASE_URL the ledger's, and may its role read every"
                      " table?", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+    except READS_CANCELLED_ERRORS as error:
+        ERRORS.print(f"[red]error:[/red] the database cancelled the reads ({escape(str(error))}); on a replica, its"
+                     " recovery conflicted with them: run it again with hot_standby_feedback = on there, or on a"
+                     " restored copy", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
 

@@ -487,6 +487,18 @@ async def test_a_wrong_balance_says_by_how_much_and_in_what_currency(ledger):
            " (RUB minor units; posted off by 5)" in failed["balances equal legs and holds"]
 
 
+async def test_reads_a_replica_cancels_give_no_verdict_exit_2_saying_what_to_do(ledger, monkeypatch):
+    # A long verify on a replica, as the README suggests: the replica's recovery may cancel its
+    # reads (SQLSTATE 40001). No verdict, and how to run it so that they are not.
+    async def cancelled_by_recovery(*args, **kwargs):
+        raise asyncpg.SerializationError("canceling statement due to conflict with recovery")
+
+    monkeypatch.setattr("ledger.verify.verify", cancelled_by_recovery)
+    result = await run_cli(ledger, monkeypatch, "verify")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "conflict with recovery" in result.output and "hot_standby_feedback" in result.output
+
+
 async def test_a_database_verify_cannot_read_gives_no_verdict_exit_2_in_one_line(ledger, monkeypatch):
     # A wrong database, or an auditor's role without the grants: nothing was checked, so not exit 1.
     await settled(ledger)
