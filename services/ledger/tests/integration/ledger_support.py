@@ -145,6 +145,16 @@ async def run_cli(ledger, monkeypatch, command: str, *args: str, settings: Servi
     return await anyio.to_thread.run_sync(lambda: CliRunner().invoke(kabinet, ["ledger", command, *args]))
 
 
+async def pages_after(client, path: str, params: dict, first_page: dict, pages_max: int = 10) -> list[dict]:
+    """The first page and every page after it, following `next_cursor` (at most `pages_max`)."""
+    pages = [first_page]
+    for _ in range(pages_max):
+        if pages[-1]["next_cursor"] is None:
+            break
+        pages.append((await client.get(path, params={**params, "cursor": pages[-1]["next_cursor"]})).json())
+    return pages
+
+
 async def failed_checks(ledger, settings: ServiceSettings | None = None) -> dict[str, str]:
     """`kabinet ledger verify`'s failed checks and what each says (with the ledger's own
     settings, or others: another seal key, say)."""

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.ledger.tests.integration.ledger_support import open_account, transfer_body
+from services.ledger.tests.integration.ledger_support import open_account, pages_after, transfer_body
 from tests.support.tokens import bearer
 
 pytestmark = pytest.mark.integration
@@ -63,14 +63,11 @@ async def test_transfers_posted_within_one_instant_are_each_found_once_in_postin
 
     for transfer_id in (f"{rrn}-2", f"{rrn}-4"):
         await post(transfer_id)
-    pages = [(await ledger.get("/transfers", params={"external_ref": rrn, "limit": 1})).json()]
+    one_at_a_time = {"external_ref": rrn, "limit": 1}
+    first_page = (await ledger.get("/transfers", params=one_at_a_time)).json()
     await post(f"{rrn}-1")
-    for _ in range(10):  # bounded
-        if pages[-1]["next_cursor"] is None:
-            break
-        pages.append((await ledger.get("/transfers", params={"external_ref": rrn, "limit": 1,
-                                                             "cursor": pages[-1]["next_cursor"]})).json())
-    found = [transfer for page in pages for transfer in page["transfers"]]
+    found = [transfer for page in await pages_after(ledger, "/transfers", one_at_a_time, first_page)
+             for transfer in page["transfers"]]
     assert {transfer["posted_at"] for transfer in found} == {instant.isoformat()}
     assert [transfer["transfer_id"] for transfer in found] == [f"{rrn}-2", f"{rrn}-4", f"{rrn}-1"]
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from ledger import projections
-from services.ledger.tests.integration.ledger_support import failed_checks, open_account, transfer_body
+from services.ledger.tests.integration.ledger_support import failed_checks, open_account, pages_after, transfer_body
 
 pytestmark = pytest.mark.integration
 
@@ -166,14 +166,11 @@ async def test_accounts_opened_within_one_instant_are_each_listed_once_in_openin
     lowest, middle, highest = sorted(str(uuid.uuid4()) for _ in range(3))
     for account_id in (middle, highest):
         await open_account(ledger, owner=owner, account_id=account_id)
-    pages = [(await ledger.get("/accounts", params={"owner_id": owner, "limit": 1})).json()]
+    one_at_a_time = {"owner_id": owner, "limit": 1}
+    first_page = (await ledger.get("/accounts", params=one_at_a_time)).json()
     await open_account(ledger, owner=owner, account_id=lowest)
-    for _ in range(10):  # bounded
-        if pages[-1]["next_cursor"] is None:
-            break
-        pages.append((await ledger.get("/accounts", params={"owner_id": owner, "limit": 1,
-                                                            "cursor": pages[-1]["next_cursor"]})).json())
-    listed = [account for page in pages for account in page["accounts"]]
+    listed = [account for page in await pages_after(ledger, "/accounts", one_at_a_time, first_page)
+              for account in page["accounts"]]
     assert {account["opened_at"] for account in listed} == {instant.isoformat()}
     assert [account["account_id"] for account in listed] == [middle, highest, lowest]
 
