@@ -85,6 +85,8 @@ def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
             yield settings, ledger_app
         finally:
             ledger_app.close()
+    except BrokenPipeError:  # stdout's reader left (`… | head`), not the database: click ends it quietly
+        raise
     except DATABASE_DOWN_ERRORS as error:
         ERRORS.print(
             f"[red]error:[/red] cannot reach the ledger's database ({type(error).__name__}); is the bank"

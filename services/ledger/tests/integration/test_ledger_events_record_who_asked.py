@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -135,6 +136,20 @@ async def test_an_auditor_reads_the_history_as_stored_a_page_at_a_time_with_who_
 
     too_many = await run_cli(ledger, monkeypatch, "events", "--limit", "10001")
     assert too_many.exit_code == 2 and "--limit" in too_many.output
+
+
+async def test_an_export_whose_reader_stops_early_ends_quietly_without_blaming_the_database(ledger, monkeypatch):
+    # `kabinet ledger events | head`: the pipe breaks under the export. That is the reader's
+    # choice, not a database that cannot be reached (a broken pipe is an OSError too).
+    await open_account(ledger)
+
+    def reader_gone(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr("ledger.cli.typer.echo", reader_gone)
+    printed = await run_cli(ledger, monkeypatch, "events")
+    assert "database" not in printed.output
+    assert printed.exit_code == 1 and not isinstance(printed.exception, BrokenPipeError), printed.output
 
 
 async def test_an_event_stored_in_a_form_the_ledger_cannot_read_is_exported_as_stored_and_the_export_goes_on(
