@@ -14,10 +14,12 @@ def dev_key_file(data_dir: Path, file_name: str, generate: Callable[[], bytes]) 
     own file and link it into place: the first link wins, and both read that key, whole."""
     path = data_dir / "keys" / file_name
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         written = path.with_name(f"{file_name}.{os.getpid()}")
-        written.write_bytes(generate())
-        written.chmod(0o600)
+        # Created owner-only, never chmod'ed after: another user could open it in between and keep reading.
+        written.unlink(missing_ok=True)  # left by a process of the same pid that died writing it
+        with os.fdopen(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as key_file:
+            key_file.write(generate())
         try:
             os.link(written, path)
         except FileExistsError:
