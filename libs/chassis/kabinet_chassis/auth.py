@@ -8,6 +8,7 @@ rotates its key, the old and the new PEM one after the other).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ _DEV_KEY_FILE = "dev-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
 SUBJECT_LENGTH_MAX = 128
 # Trusted at once: the old and the new key of a rotation, with room for a rollback.
 PUBLIC_KEYS_MAX = 4
+# A JWS in compact form: three base64url parts. Anything else is refused before decoding:
+# base64 decoding skips stray characters, so a token followed by a non-ASCII space (0xA0)
+# would verify, and the gateway would then fail to pass its header on to the ledger (a 500).
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _DECODE_RULES = {"algorithms": ["EdDSA"], "audience": AUDIENCE, "issuer": ISSUER, "leeway": CLOCK_SKEW_S,
                  "options": {"require": ["exp", "iat", "sub"]}}
 
@@ -92,6 +97,9 @@ class TokenVerifier:
         return jwt.decode(token, last, **_DECODE_RULES)
 
     def verify(self, token: str) -> Principal:
+        if not _COMPACT_JWS.fullmatch(token):
+            raise Problem(401, "invalid_token", "the access token is not a JWT in compact form (three base64url parts)",
+                          headers={"WWW-Authenticate": "Bearer"})
         try:
             claims = self._claims(token)
         except jwt.ExpiredSignatureError:
@@ -138,4 +146,4 @@ class BearerToken(HTTPBearer):
         if scheme.lower() != "bearer":
             raise Problem(401, "unauthorized", "send an access token: Authorization: Bearer <token>",
                           headers={"WWW-Authenticate": "Bearer"})
-        return self.verifier.verify(token.strip())
+        return self.verifier.verify(token.strip(" \t"))  # RFC 9110's optional whitespace, not Unicode's
