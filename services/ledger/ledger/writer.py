@@ -134,6 +134,9 @@ class BatchedWriter:
         self.last_position = 0  # notification id of the last saved event
         self._active = asyncio.Event()  # set by start(): this process's writer is the one that writes
         self._last_posted_at: datetime | None = None  # time of the last committed batch (start() reads it)
+        # A commit whose answer was lost (the connection dropped after it, say) may have
+        # landed: until the log is read again, last_position and _last_posted_at may be behind.
+        self._maybe_behind_the_log = False
         # Held while a batch is written, and by start(): a process that regains the lead
         # must not drop its cache, or move its position back, under a batch still in flight.
         self._writing = asyncio.Lock()
@@ -282,6 +285,12 @@ class BatchedWriter:
         Validating may load aggregates through eventsourcing (blocking), so it runs in a
         worker thread; the commit is one asyncpg call on the event loop.
         """
+        if self._maybe_behind_the_log:
+            # Else the retry of that commit, answered as replayed (it commits nothing), would be
+            # answered from a read model without it: an account's opening as null, a freeze as open.
+            self.last_position = max(self.last_position, await self.log_head())
+            self._last_posted_at = await last_posted_at(self.pool)
+            self._maybe_behind_the_log = False
         for attempt in range(1, SAVE_ATTEMPTS_MAX + 1):
             now = self.ledger_time()
             outcomes, changes = await anyio.to_thread.run_sync(self._validate, commands, traces, now, attempt == 1)
@@ -303,6 +312,7 @@ class BatchedWriter:
                 continue
             except BaseException as error:
                 self._forget(touched)  # committed or not, the store is the truth now
+                self._maybe_behind_the_log = True
                 if isinstance(error, asyncpg.PostgresError) and error.sqlstate == CLOCK_AHEAD_SQLSTATE:
                     log.error("ledger batch refused: %s", error)
                     raise LedgerUnavailable(f"the ledger's clock is wrong: {error}") from None

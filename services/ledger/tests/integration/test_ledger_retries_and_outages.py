@@ -197,3 +197,49 @@ async def test_a_command_the_writer_cannot_answer_in_time_gets_503_and_its_retry
         stuck.tasks.append(asyncio.create_task(stuck.run()))  # it gets going again: the queued command posts
         again = await stuck.submit(pay)
     assert again.replayed and await saved_balance(ledger.parts.pool, card) == (900, 0)
+
+
+def a_commits_answer_is_lost_once(monkeypatch) -> None:
+    """The next batch commits, then its connection drops before the answer reaches the writer
+    (a failover, a network cut after COMMIT)."""
+    append_batch = writer_module.append_batch
+    lost = []
+
+    async def committed_then_dropped(connection, *args, **kwargs):
+        notification_ids = await append_batch(connection, *args, **kwargs)  # one statement: committed
+        if not lost:
+            lost.append(True)
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        return notification_ids
+
+    monkeypatch.setattr(writer_module, "append_batch", committed_then_dropped)
+
+
+async def test_after_a_commit_whose_answer_was_lost_the_retry_waits_for_the_read_model_to_show_it(ledger, monkeypatch):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    a_commits_answer_is_lost_once(monkeypatch)
+    pay = c.PostTransfer("answer-lost", (c.Leg(card, -100, "RUB"), c.Leg(settlement, 100, "RUB")), "card_purchase")
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await writer.submit(pay)
+    assert (await writer.submit(pay)).replayed, "the first attempt was posted"
+    assert writer.last_position == await writer.log_head(), "read-your-writes must cover the lost answer's commit"
+
+
+@pytest.mark.parametrize(("action", "state"), [("freeze", "frozen"), ("open", "open")])
+async def test_an_account_action_retried_after_its_commits_answer_was_lost_answers_the_account_as_it_now_is(
+        ledger, monkeypatch, action, state):
+    # Answered from a read model without the first attempt's commit, staff were told the
+    # account they froze for fraud was open, or given an opening of null; and the key kept that answer.
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.projection.wait_for(ledger.parts.writer.last_position, 10)
+    a_commits_answer_is_lost_once(monkeypatch)
+    path, body = {"freeze": (f"/accounts/{card}/freeze", {"reason": "fraud_suspected"}),
+                  "open": ("/accounts", {"owner_id": "carol", "kind": "card", "currency": "RUB"})}[action]
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    first = await ledger.post(path, json=body, headers=key)
+    assert first.status_code == 503, first.text
+    retry = await ledger.post(path, json=body, headers=key)
+    assert retry.status_code in (200, 201) and retry.json()["state"] == state, retry.text
+    kept = await ledger.post(path, json=body, headers=key)
+    assert kept.json() == retry.json(), "the key keeps the true answer"
