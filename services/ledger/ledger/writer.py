@@ -354,7 +354,9 @@ class BatchedWriter:
                     _note_trace(trace_of_event, batch, command, command_trace)
             aggregates, balances = batch.finish()
             versions_only_read = batch.versions_only_read(balances)
-            events = [event for aggregate in aggregates for event in aggregate.collect_events()]
+            for aggregate in aggregates:
+                aggregate.collect_events()  # saved below, as batch.events: in the order they were triggered
+            events = batch.events
             stored_events = [self._stored(event, trace_of_event) for event in events]
         except BaseException:
             # The store failed mid-batch (a load, say): cached aggregates the earlier

@@ -109,6 +109,12 @@ class Batch:
         self._balance_of = balance_of
         self.now = now
         self._touched: dict[UUID, Any] = {}  # every aggregate changed in this batch, in first-touch order
+        # Every event of the batch in the order its commands triggered them, as the log must
+        # tell it: an account unfrozen, paid from and frozen again in one batch was logged
+        # unfrozen, frozen, paid (aggregate after aggregate), a payment on a card frozen for fraud.
+        self.events: list[Any] = []
+        self._events_taken: dict[UUID, int] = {}  # of each touched aggregate's pending events, how many are in `events`
+        self._touched_by_command: list[Any] = []
         self._balances: dict[UUID, Balance] = {}  # as saved before this batch
         # Accounts whose balance row moves on though no money moved: new ones, and those
         # whose state or credit limit changed. The funds check depends on those too, so a
@@ -128,6 +134,7 @@ class Batch:
 
     def _touch(self, aggregate: Any, *, resave_balance: bool = False) -> None:
         self._touched.setdefault(aggregate.id, aggregate)
+        self._touched_by_command.append(aggregate)
         if resave_balance:
             self._balance(aggregate.id)
             self._resaved.append(aggregate.id)
@@ -175,7 +182,18 @@ class Batch:
             c.VoidHold: self._void_hold,
             c.ExpireHold: self._expire_hold,
         }[type(command)]
-        return handler(command)
+        self._touched_by_command = []
+        try:
+            return handler(command)
+        finally:  # a refusal kept is an event too
+            self._take_new_events()
+
+    def _take_new_events(self) -> None:
+        for aggregate in self._touched_by_command:  # bounded by what one command touches
+            pending = aggregate.pending_events
+            taken = self._events_taken.get(aggregate.id, 0)
+            self.events.extend(pending[taken:])
+            self._events_taken[aggregate.id] = len(pending)
 
     def touched(self, aggregate_id: UUID) -> Any | None:
         """The aggregate as this batch has changed it so far, or None if it has not."""
@@ -190,6 +208,8 @@ class Batch:
         """Every aggregate with new events, and the new balance of every account opened,
         changed or whose money moved in this batch: the writer saves both in one transaction."""
         aggregates = [aggregate for aggregate in self._touched.values() if aggregate.pending_events]
+        if sum(len(aggregate.pending_events) for aggregate in aggregates) != len(self.events):
+            raise AssertionError("an event was triggered on an aggregate its command did not touch")
         balances = {
             account_id: self._balance(account_id).changed(
                 self._posted_delta.get(account_id, 0), self._held_delta.get(account_id, 0),

@@ -1,5 +1,6 @@
 """Rules of one writer batch on real PostgreSQL: a command refused in a batch leaves its
-neighbours judged exactly as they would be alone, also when it names the same id as they do."""
+neighbours judged exactly as they would be alone, also when it names the same id as they do;
+and the log tells the batch's events in the order its commands made them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kabinet_chassis.eventstore import events_table, notifications_after
 from ledger.domain import commands as c
 from ledger.domain.errors import InvalidAccount, InvalidHold
+from ledger.integration import to_integration
 from ledger.writer import LedgerUnavailable
 from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
 
@@ -109,3 +112,41 @@ async def test_a_batch_whose_save_is_refused_leaves_the_writer_judging_by_what_i
     assert not rent.replayed
     assert (await writer.submit(freeze)).state == "frozen"
     assert await saved_balance(ledger.parts.pool, card) == (1_000 - 300 + 500 - 900, 200)
+
+
+async def published_after(writer, pool, position: int) -> list:
+    """The integration events of the log after `position`, in log order."""
+    async with pool.acquire() as connection:
+        notifications = await notifications_after(connection, events_table(writer.app.recorder), position, 1_000)
+    return [to_integration(writer.app.mapper.to_domain_event(n), n.id) for n in notifications]
+
+
+async def test_a_payment_between_an_unfreeze_and_a_fraud_freeze_in_one_batch_is_logged_between_them(ledger):
+    # Logged aggregate after aggregate, it read as a payment from a card frozen for fraud.
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.writer.submit(c.FreezeAccount(card, "customer_request"))
+    before = ledger.parts.writer.last_position
+    unfreeze = c.UnfreezeAccount(card, "customer_request")
+    pay = c.PostTransfer("coffee-1", (c.Leg(card, -300, "RUB"), c.Leg(settlement, 300, "RUB")), "card_purchase")
+    freeze = c.FreezeAccount(card, "fraud_suspected")
+    async with uncached_writer(ledger.settings, running=False) as writer:
+        results = await one_batch(writer, unfreeze, pay, freeze)
+        assert not [result for result in results if isinstance(result, Exception)], results
+        logged = await published_after(writer, ledger.parts.pool, before)
+    assert [event.type for event in logged] == [
+        "ledger.account_unfrozen", "ledger.transfer_posted", "ledger.account_frozen"]
+
+
+async def test_the_transfer_that_empties_an_account_is_logged_before_the_closing_in_its_batch(ledger):
+    settlement, card = await funded_card(ledger.parts.writer, 1_000)
+    await ledger.parts.writer.submit(c.FreezeAccount(card, "customer_request"))
+    before = ledger.parts.writer.last_position
+    unfreeze = c.UnfreezeAccount(card, "customer_request")
+    sweep = c.PostTransfer("sweep-1", (c.Leg(card, -1_000, "RUB"), c.Leg(settlement, 1_000, "RUB")), "payout")
+    close = c.CloseAccount(card, "customer_request")
+    async with uncached_writer(ledger.settings, running=False) as writer:
+        results = await one_batch(writer, unfreeze, sweep, close)
+        assert not [result for result in results if isinstance(result, Exception)], results
+        logged = await published_after(writer, ledger.parts.pool, before)
+    assert [event.type for event in logged] == [
+        "ledger.account_unfrozen", "ledger.transfer_posted", "ledger.account_closed"]
