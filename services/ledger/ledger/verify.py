@@ -356,6 +356,7 @@ class _Replay:
         self.broken = Problems()  # events that name what does not exist, or cannot be read
         self.out_of_order = Problems()  # versions, times and ids that break the order the writer keeps
         self.holds_off = Problems()  # hold events that contradict each other or their captures' transfers
+        self.states_off = Problems()  # money moved that the accounts' states, as the log stood then, forbade
         self.reversals = 0
         self.reversals_off = Problems()  # reversals that do not move back exactly what they name
         # The writer reverses only a transfer already stored, so no transfer comes after its
@@ -565,6 +566,10 @@ class _Replay:
             elif kind in ("Account.Frozen", "Account.Unfrozen"):
                 account.freeze_reasons, account.state = freezes_after(event, account.freeze_reasons)
             elif kind == "Account.Closed":
+                if account.legs_minor or account.held_minor or account.incoming_held_minor:
+                    self.states_off.append(f"position {position}: account {account.account_id} closed holding"
+                                           f" {account.legs_minor}/{account.held_minor}/{account.incoming_held_minor}"
+                                           f" {account.currency} (posted/held/incoming held)")
                 account.state, account.close_reason = "closed", stored_later(event, "reason")
             account.updated_at = event.timestamp
         elif kind == "Transfer.Posted":
@@ -575,6 +580,8 @@ class _Replay:
             credit = self._account(UUID(event.credit_account_id), position, what)
             if debit.opened and debit.currency != event.currency:
                 self.broken.append(f"position {position}: {what} holds {event.currency} on a {debit.currency} account")
+            self._check_state(position, what, debit, -event.amount_minor, settles_a_hold=False)
+            self._check_state(position, what, credit, 0, settles_a_hold=False)
             debit.held_minor += event.amount_minor
             credit.incoming_held_minor += event.amount_minor
             self.holds[event.client_hold_id] = _Hold(debit, credit, event.amount_minor, intern(event.currency),
@@ -644,6 +651,18 @@ class _Replay:
             hold.released_minor += minor
             hold.state = "voided" if kind == "Hold.Voided" else "expired"
 
+    def _check_state(self, position: int, what: str, account: _Account, amount_minor: int, *,
+                     settles_a_hold: bool) -> None:
+        """Nothing is posted to or held on a closed account, and nothing taken from a frozen
+        one (a debit, a new hold) but the capture of a hold placed before: the writer's rules,
+        against the account as the log stood at the event."""
+        if account.state == "closed":
+            self.states_off.append(f"position {position}: {what} moves money on account {account.account_id},"
+                                   " closed by then")
+        elif account.state == "frozen" and amount_minor < 0 and not settles_a_hold:
+            self.states_off.append(f"position {position}: {what} takes {-amount_minor} {account.currency} from account"
+                                   f" {account.account_id}, frozen by then (for {', '.join(account.freeze_reasons)})")
+
     def _post(self, position: int, event: Any, page: _Page | None) -> None:
         self.transfers += 1
         what = f"Transfer.Posted {event.client_transfer_id}"
@@ -659,6 +678,7 @@ class _Replay:
             if account.opened and account.currency != leg["currency"]:
                 self.broken.append(f"position {position}: {what} posts {leg['currency']} to {account.currency}"
                                    f" account {account_id}")
+            self._check_state(position, what, account, leg["amount_minor"], settles_a_hold=event.hold_id is not None)
             sums[leg["currency"]] += leg["amount_minor"]
             account.legs_minor += leg["amount_minor"]
             account.credits_minor += max(leg["amount_minor"], 0)
@@ -983,6 +1003,9 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
     report.add("holds add up", replay.holds_off,
                f"{len(replay.holds)} holds: no capture takes more than is left, every void and expiry releases what"
                " is left, every capture's transfer moves what its hold says, with its references")
+    report.add("account states", replay.states_off,
+               "no money taken from a frozen account but a hold's capture, none moved on a closed one, and every"
+               " account empty when it closed, as the log stood at each event")
     report.add("reversals", replay.reversals_off,
                f"{replay.reversals} reversals: each moves back exactly the legs of the transfer it names, once,"
                " after it, for a reason the bank has")

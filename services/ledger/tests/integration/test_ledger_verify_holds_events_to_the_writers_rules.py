@@ -150,6 +150,43 @@ async def a_payment_and_its_reversal(ledger) -> None:
     await settled(ledger)
 
 
+async def test_no_money_leaves_an_account_while_it_is_frozen_as_the_log_stood_then(ledger):
+    # Alice's card arrested by a court; the forger makes a later purchase from her other card
+    # come from the arrested one, as if the ledger had let it through.
+    writer = ledger.parts.writer
+    _, arrested = await funded_card(writer, 1_000)
+    shop, other = await funded_card(writer, 1_000)
+    await writer.submit(c.FreezeAccount(arrested, "court_order"))
+    await writer.submit(c.PostTransfer("coffee", (c.Leg(other, -300, "RUB"), c.Leg(shop, 300, "RUB")), "card_purchase"))
+    await settled(ledger)
+
+    def from_the_arrested_card(state: dict) -> None:
+        for leg in state["legs"]:
+            if leg["account_id"] == str(other):
+                leg["account_id"] = str(arrested)
+
+    await rewrite_event(ledger, Transfer.id_for("coffee"), 1, from_the_arrested_card)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert set(failed) == {SEALED, "account states"}, failed
+    assert (f"Transfer.Posted coffee takes 300 RUB from account {arrested}, frozen by then (for court_order)"
+            in failed["account states"])
+
+
+async def test_an_account_closes_only_empty_as_the_log_stood_then(ledger):
+    writer = ledger.parts.writer
+    settlement, card = await funded_card(writer, 1_000)
+    await writer.submit(c.PostTransfer("payout", (c.Leg(card, -1_000, "RUB"), c.Leg(settlement, 1_000, "RUB")),
+                                       "payout"))
+    await writer.submit(c.CloseAccount(card, "customer_request"))
+    await settled(ledger)
+    await rewrite_event(ledger, Transfer.id_for("payout"), 1, moving(900))  # 100 left behind on a closed card
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert set(failed) == {SEALED, "account states"}, failed
+    assert f"account {card} closed holding 100/0/0 RUB (posted/held/incoming held)" in failed["account states"]
+
+
 async def test_a_reversal_moves_back_exactly_what_the_transfer_it_names_moved(ledger):
     # The reversal rewritten to return 250 of a 100 payment (the trial balance still holds):
     # the payee would be debited more than she was ever paid.

@@ -15,7 +15,12 @@ from ledger.domain import commands as c
 from ledger.domain.errors import InvalidAccount, InvalidHold
 from ledger.integration import to_integration
 from ledger.writer import LedgerUnavailable
-from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
+from services.ledger.tests.integration.ledger_support import (
+    failed_checks,
+    funded_card,
+    saved_balance,
+    uncached_writer,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +140,8 @@ async def test_a_payment_between_an_unfreeze_and_a_fraud_freeze_in_one_batch_is_
         logged = await published_after(writer, ledger.parts.pool, before)
     assert [event.type for event in logged] == [
         "ledger.account_unfrozen", "ledger.transfer_posted", "ledger.account_frozen"]
+    await ledger.parts.projection.wait_for(logged[-1].position)
+    assert await failed_checks(ledger) == {}, "verify holds the log to the accounts' states as they stood"
 
 
 async def test_the_transfer_that_empties_an_account_is_logged_before_the_closing_in_its_batch(ledger):
