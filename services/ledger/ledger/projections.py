@@ -548,11 +548,7 @@ async def history(
             "  AND sign((leg->>'amount_minor')::bigint) <> sign(e.amount_minor))"  # the other side only, as _counterparties
         )
     if not matched:  # every entry read is shown: the page reads limit + 1 of them, no more
-        rows = await pool.fetch(
-            f"SELECT {_LINE_COLUMNS} FROM ledger_entries e {_LINE_TRANSFER}"
-            f" WHERE {' AND '.join(scanned)} ORDER BY {_NEWEST_FIRST} LIMIT {limit + 1}",
-            *args,
-        )
+        rows = await pool.fetch(_page_rows("ledger_entries", " AND ".join(scanned), _NEWEST_FIRST, limit + 1), *args)
         return _page(rows, limit)
     # One statement, so that the window read, the lines found in it and where it stopped
     # agree (a second would see newer entries and shift the window).
@@ -563,8 +559,7 @@ async def history(
         " edge_seq AS (SELECT min(w.seq) AS seq FROM window_read w, edge WHERE w.position = edge.position)"
         " SELECT edge.read_count, edge.position AS edge_position, edge_seq.seq AS edge_seq, page.*"
         " FROM edge CROSS JOIN edge_seq LEFT JOIN LATERAL ("
-        f"  SELECT {_LINE_COLUMNS} FROM window_read e {_LINE_TRANSFER}"
-        f"  WHERE {' AND '.join(matched) or 'true'} ORDER BY e.position DESC, e.seq DESC LIMIT {limit + 1}"
+        f"  {_page_rows('window_read', ' AND '.join(matched), 'e.position DESC, e.seq DESC', limit + 1)}"
         " ) page ON true",
         *args,
     )
@@ -598,6 +593,29 @@ def _page(rows: Sequence[asyncpg.Record], limit: int) -> tuple[list[dict], tuple
         size_bytes += _LINE_FIXED_BYTES + len((row["legs"] or "").encode()) + len((row["metadata"] or "").encode())
     last = rows[len(lines) - 1] if len(rows) > len(lines) else None
     return lines, (last["position"], last["seq"]) if last is not None else None
+
+
+# A line's bytes as _page counts them, in SQL: its legs and metadata as they come to the
+# ledger (jsonb's text, UTF-8, which is what asyncpg hands over) and the fixed part.
+_LINE_BYTES = (f"{_LINE_FIXED_BYTES} + coalesce(octet_length(t.legs::text), 0)"
+               " + coalesce(octet_length(t.metadata::text), 0)")
+
+
+def _page_rows(entries: str, where: str, order: str, limit: int | str) -> str:
+    """The query of a page's rows for _page: the lines of `entries` (as `e`) where `where`,
+    in `order`, up to `limit` of them, and of those only what _page reads.
+
+    A page ends once its lines pass PAGE_LINES_BYTES_MAX, and a line may carry 100 KB: a
+    statement page of 5,000 such would be 500 MB in the ledger's memory (the bank's only
+    writer) to show some 40 of them. So PostgreSQL sums the lines' bytes in the page's
+    order, and sends a row only while the one before it is still within the budget: the
+    lines _page shows, and the one row after them that tells it another page follows."""
+    return (
+        f"SELECT * FROM (SELECT {_LINE_COLUMNS}, coalesce(sum({_LINE_BYTES}) OVER (ORDER BY {order}"
+        "  ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0) AS bytes_before_previous"
+        f"  FROM {entries} e {_LINE_TRANSFER} WHERE {where or 'true'} ORDER BY {order} LIMIT {limit}) e"
+        f" WHERE bytes_before_previous < {PAGE_LINES_BYTES_MAX} ORDER BY {order}"
+    )
 
 
 def _counterparties(legs: list[dict], amount_minor: int) -> list[str]:
@@ -653,10 +671,13 @@ async def statement(
         credits = int(closing_credits - opening_credits)
         debits = credits - (closing - opening)
         rows = await connection.fetch(
-            f"SELECT {_LINE_COLUMNS} FROM ledger_entries e {_LINE_TRANSFER}"
-            " WHERE e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3 AND (e.position, e.seq) > ($4, $5)"
-            f" AND e.occurred_at >= {_CURSOR_TIME.format(position='$4', seq='$5', missing='-infinity')}"
-            " AND e.position <= $6 ORDER BY e.occurred_at, e.position, e.seq LIMIT $7",
+            _page_rows(
+                "ledger_entries",
+                "e.account_id = $1 AND e.occurred_at >= $2 AND e.occurred_at < $3 AND (e.position, e.seq) > ($4, $5)"
+                f" AND e.occurred_at >= {_CURSOR_TIME.format(position='$4', seq='$5', missing='-infinity')}"
+                " AND e.position <= $6",
+                "e.occurred_at, e.position, e.seq", "$7",
+            ),
             account_id, since, until, *(after or (0, -1)), as_of, limit + 1,
         )
     lines, next_after = _page(rows, limit)

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from ledger import projections
@@ -332,3 +333,52 @@ async def test_a_transfers_message_shows_on_the_lines_of_both_the_payer_and_the_
         for lines in (history, statement):
             assert [line["metadata"] for line in lines if line["transfer_id"] == "dinner"] == [{"message": "for dinner"}]
     assert (await ledger.get(f"/accounts/{alices}/history")).json()["lines"][-1]["metadata"] == {}, "the top-up said none"
+
+
+async def test_a_statement_page_reads_from_the_database_little_more_than_it_can_answer(ledger, monkeypatch):
+    # A payroll's lines may each carry the most metadata the ledger takes (32 keys and values
+    # of 256 characters, here 4 bytes each): some 65 KB a line. A page ends once its lines pass
+    # PAGE_LINES_BYTES_MAX, so the ledger (the bank's only writer) must not first read every
+    # line a page may ask for (5,000 on a statement) only to drop all but the first few dozen.
+    settlement = await open_account(ledger, "settlement")
+    card = await open_account(ledger)
+    metadata = {f"{key:02d}" + "\U0001F600" * 254: "\U0001F600" * 256 for key in range(32)}
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    lines_posted = 300  # some 20 MB of lines
+
+    async def pay(number: int) -> None:
+        response = await ledger.post("/transfers", json={
+            **transfer_body(f"salary-{number}", (settlement, -1), (card, 1)), "metadata": metadata})
+        assert response.status_code == 201, response.text
+
+    for first in range(0, lines_posted, 50):
+        await asyncio.gather(*(pay(number) for number in range(first, first + 50)))
+    await settled(ledger)
+
+    fetched = {"bytes": 0}  # of the lines' rows the ledger took from PostgreSQL, as they came
+    fetch = asyncpg.Connection.fetch
+
+    async def counting_fetch(connection, query, *args, **kwargs):
+        rows = await fetch(connection, query, *args, **kwargs)
+        lines = [dict(row) for row in rows if "legs" in dict(row)]  # a history or statement line's row
+        fetched["bytes"] += sum(len(str(value).encode()) for line in lines for value in line.values())
+        return rows
+
+    monkeypatch.setattr(asyncpg.Connection, "fetch", counting_fetch)
+    period = {"since": start.isoformat(), "until": (datetime.now(UTC) + timedelta(minutes=1)).isoformat()}
+    # So too a history page (200 lines), filtered or not.
+    for path, params in ((f"/accounts/{card}/statement", period),  # its default limit: 5,000 lines
+                         (f"/accounts/{card}/history", {"limit": 200}),
+                         (f"/accounts/{card}/history", {"limit": 200, "amount_min_minor": 1})):  # filtered: a window
+        fetched["bytes"] = 0
+        response = await ledger.get(path, params=params)
+        assert response.status_code == 200, response.text[:300]
+        page = response.json()
+        assert 0 < len(page["lines"]) < lines_posted and page["next_cursor"], (path, params)
+        assert len(response.content) > projections.PAGE_LINES_BYTES_MAX, "the page was cut by size, not by count"
+        assert fetched["bytes"] <= 2 * projections.PAGE_LINES_BYTES_MAX, (path, params, fetched["bytes"], len(page["lines"]))
+    # Where a page stops, the next goes on: every line once, in order (each balance one more).
+    pages = await statement_pages(ledger, card, start, datetime.now(UTC) + timedelta(minutes=1), limit=5_000)
+    lines = [line for page in pages for line in page["lines"]]
+    assert sorted(line["transfer_id"] for line in lines) == sorted(f"salary-{n}" for n in range(lines_posted))
+    assert [line["balance_after_minor"] for line in lines] == list(range(1, lines_posted + 1)) and len(pages) > 2
