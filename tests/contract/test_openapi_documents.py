@@ -142,13 +142,14 @@ def test_every_success_has_a_schema_and_money_is_integers_of_minor_units_with_a_
 
 
 def test_the_customer_api_documents_the_query_the_ledger_checks_for_it(documents):
-    # The gateway passes a read's query on to the ledger, which checks it: documented alike.
+    # The gateway passes a read's query on to the ledger, which checks it: documented alike,
+    # down to what each parameter means (the bank's services read the ledger's document).
     ledger = operations(documents["ledger"], "/ledger/v1")
     pairs = {"my_accounts": "list_accounts", "my_balance": "get_balance", "my_history": "get_history",
              "my_statement": "get_statement", "my_pending_holds": "get_pending_holds"}
 
-    def query(operation: dict) -> dict[str, tuple]:
-        return {p["name"]: (p["required"], {k: v for k, v in p["schema"].items() if k != "title"})
+    def query(operation: dict) -> dict[str, tuple]:  # what each parameter is, and what it means
+        return {p["name"]: (p["required"], p.get("description"), {k: v for k, v in p["schema"].items() if k not in ("title", "description")})
                 for p in operation.get("parameters", ()) if p["in"] == "query" and p["name"] != "owner_id"}
 
     for mine, theirs in pairs.items():

@@ -115,16 +115,24 @@ _run_once = functools.partial(run_once, refusals=(LedgerError,))
 
 # A page cursor: the (position, seq) of the last line of the page before, as "position.seq"
 # (bigint and int, so bounded in digits).
-Cursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}$")]
+_CURSOR_PATTERN = r"^\d{1,18}\.\d{1,4}$"
 # A statement's page cursor also names the log position its first page was read as of
 # ("position.seq.as_of"), so every page of one statement shows the same period as then.
-StatementCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}\.\d{1,4}\.\d{1,18}$")]
+_STATEMENT_CURSOR_PATTERN = r"^\d{1,18}\.\d{1,4}\.\d{1,18}$"
 # A page of transfers found by reference: the id of the last transfer on the page before.
 TransferCursor = Annotated[str | None, Query(pattern=_TRANSFER_ID_PATTERN)]
 # A poster's reference to search by. No NUL: PostgreSQL text cannot hold one, so no reference has one.
 ExternalRef = Annotated[str, Query(min_length=1, max_length=commands.ID_CHARS_MAX, pattern=r"^[^\x00]+$")]
 # A page of holds: the log position of the last hold's placement on the page before.
-HoldsCursor = Annotated[str | None, Query(pattern=r"^\d{1,18}$")]
+_HOLDS_CURSOR_PATTERN = r"^\d{1,18}$"
+HoldsCursor = Annotated[str | None, Query(pattern=_HOLDS_CURSOR_PATTERN)]
+
+
+def _as_the_contract_says(query: type[BaseModel], name: str, **rules: Any) -> Any:
+    """`Query(**rules)`, described as the customer API's contract (kabinet_contracts.ledger_api)
+    describes the parameter: the gateway passes these reads on, and the ledger's document must
+    say as much as the gateway's (that an amount filter takes credits and debits alike, say)."""
+    return Query(description=query.model_fields[name].description, **rules)
 
 
 def _after(cursor: str | None) -> tuple[int, ...] | None:
@@ -589,8 +597,10 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     async def list_accounts(
         # No NUL: PostgreSQL text cannot hold one (a 500, not "no such owner"), so no owner has one.
         owner_id: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[^\x00]+$")],
-        cursor: UUID | None = None,
-        limit: Annotated[int, Query(ge=1, le=projections.ACCOUNTS_PAGE_SIZE_MAX)] = projections.ACCOUNTS_PAGE_SIZE_MAX,
+        cursor: Annotated[UUID | None, _as_the_contract_says(ledger_api.AccountsQuery, "cursor")] = None,
+        limit: Annotated[int, _as_the_contract_says(ledger_api.AccountsQuery, "limit", ge=1,
+                                                    le=projections.ACCOUNTS_PAGE_SIZE_MAX)
+                         ] = projections.ACCOUNTS_PAGE_SIZE_MAX,
         me: Principal = reads,
     ):
         """An owner's accounts, a page at a time (follow `next_cursor` until it is null). The
@@ -609,7 +619,9 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     @router.get("/accounts/{account_id}/balance", dependencies=QUERY_AS_DECLARED, summary="An account's balance",
                 response_model=None,
                 responses=_answers(200, ledger_api.Balances | ledger_api.BalanceAt, _ACCOUNT_READ))
-    async def get_balance(account_id: UUID, at: BoundaryInstant | None = None, me: Principal = reads):
+    async def get_balance(account_id: UUID,
+                          at: Annotated[BoundaryInstant | None, _as_the_contract_says(ledger_api.BalanceQuery, "at")]
+                          = None, me: Principal = reads):
         """Posted, pending and available now; or, with `at`, the posted balance as it stood
         just before that instant (what a statement from `at` opens with). Needs the role
         `ledger:read` or `ledger:post`, or the owner's own token."""
@@ -627,14 +639,19 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                                                   " `invalid_amount_range`."})))
     async def get_history(
         account_id: UUID,
-        since: BoundaryInstant | None = None,
-        until: BoundaryInstant | None = None,
-        amount_min_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
-        amount_max_minor: Annotated[int | None, Query(ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
-        counterparty_account_id: UUID | None = None,
-        code: Annotated[str | None, Query(pattern=CODE_PATTERN)] = None,
-        cursor: Cursor = None,
-        limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
+        since: Annotated[BoundaryInstant | None, _as_the_contract_says(ledger_api.HistoryQuery, "since")] = None,
+        until: Annotated[BoundaryInstant | None, _as_the_contract_says(ledger_api.HistoryQuery, "until")] = None,
+        amount_min_minor: Annotated[int | None, _as_the_contract_says(
+            ledger_api.HistoryQuery, "amount_min_minor", ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
+        amount_max_minor: Annotated[int | None, _as_the_contract_says(
+            ledger_api.HistoryQuery, "amount_max_minor", ge=0, le=commands.AMOUNT_MINOR_MAX)] = None,
+        counterparty_account_id: Annotated[UUID | None, _as_the_contract_says(
+            ledger_api.HistoryQuery, "counterparty_account_id")] = None,
+        code: Annotated[str | None, _as_the_contract_says(ledger_api.HistoryQuery, "code", pattern=CODE_PATTERN)] = None,
+        cursor: Annotated[str | None, _as_the_contract_says(ledger_api.HistoryQuery, "cursor",
+                                                            pattern=_CURSOR_PATTERN)] = None,
+        limit: Annotated[int, _as_the_contract_says(ledger_api.HistoryQuery, "limit", ge=1,
+                                                    le=projections.PAGE_SIZE_MAX)] = 50,
         me: Principal = reads,
     ):
         """The account's lines, newest first (follow `next_cursor` until it is null), filtered
@@ -663,8 +680,10 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                 responses=_answers(200, ledger_api.PendingHoldsPage, _ACCOUNT_READ))
     async def get_pending_holds(
         account_id: UUID,
-        cursor: HoldsCursor = None,
-        limit: Annotated[int, Query(ge=1, le=projections.PAGE_SIZE_MAX)] = 50,
+        cursor: Annotated[str | None, _as_the_contract_says(ledger_api.PendingHoldsQuery, "cursor",
+                                                            pattern=_HOLDS_CURSOR_PATTERN)] = None,
+        limit: Annotated[int, _as_the_contract_says(ledger_api.PendingHoldsQuery, "limit", ge=1,
+                                                    le=projections.PAGE_SIZE_MAX)] = 50,
         me: Principal = reads,
     ):
         """The account's live holds, newest first (follow `next_cursor` until it is null): money
@@ -684,10 +703,13 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                     **_READER, **_NO_ACCOUNT, 422: f"{_INVALID}, `invalid_period` (`until` not after `since`)."})))
     async def get_statement(
         account_id: UUID,
-        since: BoundaryInstant,
-        until: BoundaryInstant,
-        cursor: StatementCursor = None,
-        limit: Annotated[int, Query(ge=1, le=projections.STATEMENT_PAGE_LINES_MAX)] = projections.STATEMENT_PAGE_LINES_MAX,
+        since: Annotated[BoundaryInstant, _as_the_contract_says(ledger_api.StatementQuery, "since")],
+        until: Annotated[BoundaryInstant, _as_the_contract_says(ledger_api.StatementQuery, "until")],
+        cursor: Annotated[str | None, _as_the_contract_says(ledger_api.StatementQuery, "cursor",
+                                                            pattern=_STATEMENT_CURSOR_PATTERN)] = None,
+        limit: Annotated[int, _as_the_contract_says(ledger_api.StatementQuery, "limit", ge=1,
+                                                    le=projections.STATEMENT_PAGE_LINES_MAX)
+                         ] = projections.STATEMENT_PAGE_LINES_MAX,
         me: Principal = reads,
     ):
         """The period [since, until): balances and totals for the whole period, lines a page
