@@ -149,7 +149,8 @@ def test_the_customer_api_documents_the_query_the_ledger_checks_for_it(documents
              "my_statement": "get_statement", "my_pending_holds": "get_pending_holds"}
 
     def query(operation: dict) -> dict[str, tuple]:  # what each parameter is, and what it means
-        return {p["name"]: (p["required"], p.get("description"), {k: v for k, v in p["schema"].items() if k not in ("title", "description")})
+        return {p["name"]: (p["required"], p.get("description"),
+                            {k: v for k, v in p["schema"].items() if k not in ("title", "description")})
                 for p in operation.get("parameters", ()) if p["in"] == "query" and p["name"] != "owner_id"}
 
     for mine, theirs in pairs.items():
