@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import httpx
 import pytest
 import uvicorn
 
-from gateway.service import backend_check
+from gateway.service import GatewaySettings, backend_check
+from gateway.service import build as build_gateway
+from kabinet_chassis import health
 from kabinet_chassis.devstack.ports import free_port
 from kabinet_chassis.service import Service
 from kabinet_chassis.settings import ServiceSettings
+from ledger.service import build as build_ledger
 
 pytestmark = pytest.mark.integration
 
@@ -75,3 +79,44 @@ async def test_a_gateway_stays_ready_while_a_services_broker_hangs_unanswering()
 
 async def _answering_database() -> str:
     return "PostgreSQL"
+
+
+async def test_concurrent_readiness_calls_share_one_run_of_the_checks_and_open_a_database_connection_or_two(
+        stack, unique_name, tmp_path, monkeypatch):
+    """Readiness is public at the gateway: however many ask at once, the gateway's checks run
+    once (one connection to PostgreSQL), and its one question to the ledger one of the ledger's
+    (one more), not a connection or two per caller that would take PostgreSQL to max_connections."""
+    ledger, _ = build_ledger(stack.service_settings(f"ledger_{unique_name}"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(ledger.http_app(), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    async with ledger.running():
+        serving = asyncio.create_task(server.serve())
+        try:
+            ledger_url = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(timeout=10) as client:
+                for _ in range(200):  # bounded: up, and its writer leading, well within 10 s
+                    if server.started and (await client.get(f"{ledger_url}/health/ready")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(health.READY_REUSED_FOR_S)  # the ledger's answer above is no longer reused
+            gateway = build_gateway(GatewaySettings(database_url=stack.database_url, data_dir=tmp_path,
+                                                    kafka_bootstrap_servers=stack.bootstrap_servers,
+                                                    ledger_url=ledger_url))
+            connections = []
+            connect = asyncpg.connect
+
+            async def counted_connect(*args, **kwargs):
+                connections.append(args[0] if args else kwargs.get("dsn"))
+                return await connect(*args, **kwargs)
+
+            monkeypatch.setattr(asyncpg, "connect", counted_connect)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.http_app()),
+                                         base_url="http://gw") as client:
+                answers = await asyncio.gather(*(client.get("/health/ready") for _ in range(20)))
+            monkeypatch.undo()
+        finally:
+            server.should_exit = True
+            await serving
+    assert [answer.status_code for answer in answers] == [200] * 20, answers[0].text
+    assert len(connections) <= 2, f"{len(connections)} database connections for 20 readiness calls"

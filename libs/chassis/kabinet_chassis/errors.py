@@ -120,6 +120,15 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
     )
 
 
+_HTTP_PROBLEM_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                       413: "request_too_large"}
+
+
+def http_problem_code(status: int) -> str:
+    """The `code` of a problem answered for an HTTP error that names no code of its own."""
+    return _HTTP_PROBLEM_CODES.get(status, f"http_{status}")
+
+
 def _field_name(location: tuple[Any, ...]) -> str:
     # ("body", "legs", 0, "amount_minor") -> "legs[0].amount_minor". Only the first part says
     # where: a metadata key or a query parameter may be called "path" or "body" too.
@@ -150,9 +159,7 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
         return problem_response(problem, request)
 
     async def on_http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(
-            error.status_code, f"http_{error.status_code}"
-        )
+        code = http_problem_code(error.status_code)
         detail = str(error.detail)
         if error.status_code == 400 and detail == _BODY_NOT_PARSED:
             # Valid JSON that Python will not read: an integer of more than 4,300 digits, which

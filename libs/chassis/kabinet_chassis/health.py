@@ -6,11 +6,19 @@ requests needs (the database; for the gateway, the services behind it). What onl
 background work needs (the broker, the outbox relay) is watched: shown in the same answer,
 making it "degraded", but still 200. Events wait safely in the outbox meanwhile; were a
 broker outage or a stuck relay to fail readiness, it would take the ledger's API (and the
-gateway's, which asks the ledger) out of service and stop payments for it."""
+gateway's, which asks the ledger) out of service and stop payments for it.
+
+Anyone who reaches a service may ask for its readiness (the gateway's is public), as often as
+they like, so a run of the checks is shared by all who ask meanwhile and its answer reused for
+READY_REUSED_FOR_S; and a service that faces the public (`shows_detail=False`) answers each
+check's status only, its detail (server versions, addresses, a failed check's error) going to
+the log instead, once when the check goes down."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter
@@ -25,17 +33,29 @@ CHECK_TIMEOUT_S = 2.0
 GATING_CHECK_BUDGET_S = 2 * CHECK_TIMEOUT_S
 WATCHED_CHECK_BUDGET_S = CHECK_TIMEOUT_S / 2
 
+# How long one run of the checks answers every caller. Each run opens a database connection
+# and a broker client (the gateway's asks every service's readiness, which opens more): asked
+# for it on every call, 20 anonymous calls to the gateway opened 21 PostgreSQL connections,
+# and anyone could push the server to max_connections. A load balancer asks every few seconds
+# and acts on several answers in a row, so an answer a second old tells it the same.
+READY_REUSED_FOR_S = 1.0
+
 # A readiness check returns a short description of the dependency's state or raises.
 Check = Callable[[], Awaitable[str]]
+Results = dict[str, dict[str, str]]
+
+log = logging.getLogger(__name__)
 
 
 def health_router(checks: dict[str, Check], watched: dict[str, Check],
-                  dead_loops: Callable[[], list[str]] = list) -> APIRouter:
+                  dead_loops: Callable[[], list[str]] = list, *, shows_detail: bool = True) -> APIRouter:
     """`checks` gate readiness; `watched` are reported beside them (see the module's
     docstring). `dead_loops` names the background loops that have ended: a writer, relay
     or consumer loop that died leaves a process that answers but no longer works, which
-    only a restart mends, so liveness fails."""
+    only a restart mends, so liveness fails. Without `shows_detail`, readiness answers each
+    check's status only (a service that faces the public)."""
     router = APIRouter(tags=["health"])
+    readiness = _SharedReadiness(checks, watched)
 
     @router.get("/health/live")
     async def live() -> JSONResponse:
@@ -46,8 +66,9 @@ def health_router(checks: dict[str, Check], watched: dict[str, Check],
 
     @router.get("/health/ready")
     async def ready() -> JSONResponse:
-        required, seen = await asyncio.gather(_run_all(checks, GATING_CHECK_BUDGET_S),
-                                              _run_all(watched, WATCHED_CHECK_BUDGET_S))
+        required, seen = await readiness.results()
+        if not shows_detail:
+            required, seen = _statuses(required), _statuses(seen)
         is_ready = all(result["status"] == "up" for result in required.values())
         status = "not_ready" if not is_ready else (
             "degraded" if any(result["status"] != "up" for result in seen.values()) else "ready")
@@ -60,7 +81,51 @@ def health_router(checks: dict[str, Check], watched: dict[str, Check],
     return router
 
 
-async def _run_all(checks: dict[str, Check], budget_s: float) -> dict[str, dict[str, str]]:
+class _SharedReadiness:
+    """One run of the checks at a time, shared by every caller that asks meanwhile, and its
+    results reused for READY_REUSED_FOR_S. A check that goes down is logged with its detail
+    once, and once more when it is up again (not on every call)."""
+
+    def __init__(self, checks: dict[str, Check], watched: dict[str, Check]) -> None:
+        self.checks, self.watched = checks, watched
+        self._results: tuple[Results, Results] | None = None
+        self._results_at = 0.0
+        self._running: asyncio.Task[tuple[Results, Results]] | None = None
+        self._down: set[str] = set()
+
+    async def results(self) -> tuple[Results, Results]:
+        if self._results is not None and time.monotonic() - self._results_at < READY_REUSED_FOR_S:
+            return self._results
+        if self._running is None:
+            self._running = asyncio.create_task(self._run())
+        # Shielded: a caller that goes away does not cancel the run the others wait for.
+        return await asyncio.shield(self._running)
+
+    async def _run(self) -> tuple[Results, Results]:
+        try:
+            results = await asyncio.gather(_run_all(self.checks, GATING_CHECK_BUDGET_S),
+                                           _run_all(self.watched, WATCHED_CHECK_BUDGET_S))
+            self._log_changes({**results[1], **results[0]})
+            self._results, self._results_at = results, time.monotonic()
+            return results
+        finally:
+            self._running = None
+
+    def _log_changes(self, results: Results) -> None:
+        for name, result in results.items():
+            if result["status"] == "down" and name not in self._down:
+                self._down.add(name)
+                log.warning("readiness check %s is down: %s", name, result["detail"])
+            elif result["status"] == "up" and name in self._down:
+                self._down.discard(name)
+                log.info("readiness check %s is up again", name)
+
+
+def _statuses(results: Results) -> Results:
+    return {name: {"status": result["status"]} for name, result in results.items()}
+
+
+async def _run_all(checks: dict[str, Check], budget_s: float) -> Results:
     """Every check at once, each within `budget_s`: up with its detail, or down saying why."""
 
     async def run(check: Check) -> dict[str, str]:

@@ -28,6 +28,7 @@ from kabinet_chassis.history_seals import Sealer
 from kabinet_chassis.kafka import ensure_topics
 from kabinet_chassis.outbox import OutboxRelay
 from kabinet_chassis.projection import LocalProjection
+from kabinet_chassis.request_limits import RequestBodyLimit
 from kabinet_chassis.runtime import tune_garbage_collector
 from kabinet_chassis.settings import ServiceSettings
 from kabinet_chassis.telemetry import install_json_logging, install_tracing
@@ -42,10 +43,14 @@ StopHook = Callable[["Service"], Awaitable[None]]
 
 
 class Service:
-    def __init__(self, settings: ServiceSettings, *, title: str, uses_database: bool = True) -> None:
+    def __init__(self, settings: ServiceSettings, *, title: str, uses_database: bool = True,
+                 shows_health_detail: bool = True) -> None:
         self.settings = settings
         self.title = title
         self.uses_database = uses_database
+        # False for a service that faces the public (the gateway): its /health/ready shows each
+        # check's status, never server versions, addresses or errors (health.py logs those).
+        self.shows_health_detail = shows_health_detail
         self.threads = WorkerThreads(settings.worker_threads)
         # No KafkaTelemetryMiddleware: the chassis consumers open one CONSUMER span per
         # event in the producer's trace themselves (consumers.py), and the middleware's
@@ -187,7 +192,10 @@ class Service:
                       generate_unique_id_function=lambda route: route.name)
         app.openapi = functools.partial(_openapi_document, app, app.openapi)
         install_problem_handlers(app, self.domain_errors)
-        app.include_router(health_router(self.checks, self.watched, self.dead_loops))
+        # Before FastAPI reads a body, which it does before any route's token check.
+        app.add_middleware(RequestBodyLimit)
+        app.include_router(health_router(self.checks, self.watched, self.dead_loops,
+                                         shows_detail=self.shows_health_detail))
         for router in self.routers:
             app.include_router(router)
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor

@@ -36,7 +36,8 @@ def backend_check(name: str, base_url: str) -> Check:
 
 
 def build(settings: GatewaySettings, ledger_transport: httpx.AsyncBaseTransport | None = None) -> Service:
-    service = Service(settings, title="Kabinet API gateway", uses_database=False)
+    # The one public entry: its readiness names no server, address or error to whoever asks.
+    service = Service(settings, title="Kabinet API gateway", uses_database=False, shows_health_detail=False)
     # The gateway owns no database; readiness still reports (watches) the PostgreSQL server
     # the bank runs on. The services behind it gate its readiness: without them it serves nothing.
     service.watched["database"] = database_check(settings.database_url)
