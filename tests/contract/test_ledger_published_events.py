@@ -199,7 +199,8 @@ async def test_a_credit_limit_change_is_published_so_subscribers_know_what_the_c
     records = await published(stack.bootstrap_servers, {card},
                               lambda envelopes: any(e["type"] != "ledger.account_opened" for e in envelopes), timeout_s=10)
     [limit_set] = of_type(records, "ledger.account_credit_limit_set")
-    assert limit_set["payload"] == {"account_id": card, "credit_limit_minor": 5_000}
+    assert limit_set["payload"] == {"account_id": card, "credit_limit_minor": 5_000, "currency": "RUB"}
+    assert limit_set["schema_version"] == 2
     assert limit_set["aggregate_id"] == card and limit_set["aggregate_version"] == 2
     assert [message_errors(r) for r in records] == [[], []]
 

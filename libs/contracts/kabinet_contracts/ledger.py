@@ -66,11 +66,14 @@ class AccountOpened(_Payload):
     credit_limit_minor: int
 
 
-@register("ledger.account_credit_limit_set", 1, LEDGER_TOPIC,
+@register("ledger.account_credit_limit_set", 2, LEDGER_TOPIC,
           "A customer account's credit limit (how far below zero it may go, in the account's currency) was set.")
 class AccountCreditLimitSet(_Payload):
     account_id: str
     credit_limit_minor: int
+    # So that a message can say "your limit is now 5 000 RUB" from the event alone, as every
+    # other amount published says its currency. None: set before the ledger recorded it.
+    currency: str | None
 
 
 # A freeze's reason as published: a FreezeReason, or not_recorded for one made before freezes
@@ -120,6 +123,13 @@ class AccountUnfrozenV1(_Payload):
 @register("ledger.account_closed", 1, LEDGER_TOPIC, "An account with zero balance and no holds was closed.")
 class AccountClosedV1(_Payload):
     account_id: str
+
+
+@register("ledger.account_credit_limit_set", 1, LEDGER_TOPIC,
+          "A customer account's credit limit (how far below zero it may go, in the account's currency) was set.")
+class AccountCreditLimitSetV1(_Payload):
+    account_id: str
+    credit_limit_minor: int
 
 
 class Leg(_Payload):

@@ -24,7 +24,7 @@ SOURCE = "ledger"
 
 # Each published domain event: its public type and the schema version published now.
 PUBLISHED_AS: dict[str, tuple[str, int]] = {
-    "Account.Opened": ("ledger.account_opened", 1), "Account.CreditLimitSet": ("ledger.account_credit_limit_set", 1),
+    "Account.Opened": ("ledger.account_opened", 1), "Account.CreditLimitSet": ("ledger.account_credit_limit_set", 2),
     "Account.Frozen": ("ledger.account_frozen", 2), "Account.Unfrozen": ("ledger.account_unfrozen", 2),
     "Account.Closed": ("ledger.account_closed", 2),
     "Transfer.Posted": ("ledger.transfer_posted", 3), "Hold.Placed": ("ledger.hold_placed", 2),
@@ -87,7 +87,8 @@ def to_integration(event: Any, position: int) -> IntegrationEvent | None:
         occurred_at = event.posted_at
     elif kind == "Account.CreditLimitSet":
         payload = public.AccountCreditLimitSet(account_id=str(event.originator_id),
-                                               credit_limit_minor=event.credit_limit_minor)
+                                               credit_limit_minor=event.credit_limit_minor,
+                                               currency=stored_later(event, "currency"))
         customer_id = _customer(stored_later(event, "customer_id"))
     elif kind in ("Account.Frozen", "Account.Unfrozen"):
         frozen = kind == "Account.Frozen"

@@ -154,7 +154,7 @@ class Account(Aggregate):
                          requested_by: str | None) -> None:
         self.check_credit_limit(credit_limit_minor, posted_minor, held_minor)
         self._set_credit_limit(credit_limit_minor=credit_limit_minor, customer_id=self.customer_id, timestamp=at,
-                               requested_by=requested_by)
+                               requested_by=requested_by, currency=self.currency)
 
     # The rules, given balances: the Batch asks them with its own view (this batch's
     # postings included) before it changes anything.
@@ -232,5 +232,5 @@ class Account(Aggregate):
 
     @event("CreditLimitSet")
     def _set_credit_limit(self, credit_limit_minor: int, timestamp: datetime, customer_id: str | None = None,
-                          requested_by: str | None = None) -> None:
+                          requested_by: str | None = None, currency: str | None = None) -> None:
         self.credit_limit_minor = credit_limit_minor
