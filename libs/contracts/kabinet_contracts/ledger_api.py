@@ -208,7 +208,8 @@ class PendingHold(_Body):
 
 
 class PendingHoldsPage(_Body):
-    """An account's live holds, newest first: those reserving its money add up to its `pending` balance."""
+    """An account's live holds, newest first: the amounts of those reserving its money (negative)
+    add up to its `pending` balance, negated."""
 
     account_id: UUID
     currency: str = Currency

@@ -218,7 +218,7 @@ def build_router(ledger: LedgerClient, principal) -> APIRouter:
         "My account's pending holds, a page at a time", ledger_api.PendingHoldsPage, ledger_api.PendingHoldsQuery))
     async def my_pending_holds(account_id: UUID, request: Request, me: Principal = me_dependency):
         """Money reserved and not moved yet (card purchases awaiting their clearing), newest first
-        (follow `next_cursor` until it is null); those reserving my money add up to `pending`."""
+        (follow `next_cursor` until it is null); those reserving my money (negative) add up to `pending`, negated."""
         await own_account(me, account_id, request)
         return await ledger.get(f"/accounts/{account_id}/holds", *passed_on(request))
 

@@ -688,7 +688,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
     ):
         """The account's live holds, newest first (follow `next_cursor` until it is null): money
         reserved and not moved yet, such as card purchases awaiting their clearing; those that
-        reserve its money (negative) add up to its `pending` balance. Needs the role
+        reserve its money (negative) add up to its `pending` balance, negated. Needs the role
         `ledger:read` or `ledger:post`, or the owner's own token."""
         found = await visible_account(account_id, me)
         await ledger.read_your_writes(READ_MODEL_WAIT_S)
