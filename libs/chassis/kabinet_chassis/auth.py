@@ -8,6 +8,7 @@ rotates its key, the old and the new PEM one after the other).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from kabinet_chassis.dev_keys import dev_key_file
 from kabinet_chassis.ed25519_keys import load_private_key, load_public_keys, new_private_pem, public_pem
 from kabinet_chassis.errors import Problem
 from kabinet_chassis.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
 
 ISSUER = "kabinet-identity"
 AUDIENCE = "kabinet"
@@ -75,7 +78,12 @@ def issue_access_token(key: Ed25519PrivateKey, customer_id: str, roles: tuple[st
 
 def verifier_for(settings: ServiceSettings) -> TokenVerifier:
     """The verifier of a service: identity's public key(s) from its settings, or the development key."""
-    return TokenVerifier(settings.jwt_public_key or public_pem(dev_signing_key(settings.data_dir)))
+    if settings.jwt_public_key:
+        return TokenVerifier(settings.jwt_public_key)
+    # Said where operators look: a deployment that forgot the setting trusts a key generated on its own disk.
+    log.warning("%s trusts access tokens signed with the DEVELOPMENT key under %s; in production, set"
+                " KABINET_JWT_PUBLIC_KEY to identity's public key", settings.service_name, settings.data_dir / "keys")
+    return TokenVerifier(public_pem(dev_signing_key(settings.data_dir)))
 
 
 class TokenVerifier:

@@ -71,6 +71,9 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
         svc.run_in_background(parts.projection.run)
         svc.run_in_background(parts.relay.run)
         svc.run_in_background(functools.partial(expire_holds_forever, parts))
+        if not settings.history_seal_key:  # said where operators look, as for the access-token key
+            log.warning("the ledger seals its history with the DEVELOPMENT seal key under %s; in production, set"
+                        " KABINET_HISTORY_SEAL_KEY and give auditors its public key", settings.data_dir / "keys")
         parts.sealer = history_seals.Sealer(svc.pool, events_table(app.recorder), history_seals.seal_key_for(settings))
         svc.run_in_background(parts.sealer.run)
 

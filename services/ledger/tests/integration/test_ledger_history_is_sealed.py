@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 
 import asyncpg
 import pytest
@@ -85,6 +86,20 @@ async def test_a_ledger_stopped_cleanly_leaves_its_whole_history_sealed(stack, u
         assert await connection.fetchval(f"SELECT max(last_position) FROM {history_seals.SEALS_TABLE}") == head
     finally:
         await connection.close()
+
+
+@pytest.mark.parametrize("seal_key", ["development", "given"])
+async def test_a_ledger_sealing_with_the_development_key_says_so_in_its_log(stack, unique_name, caplog, seal_key):
+    # A deployment that forgot KABINET_HISTORY_SEAL_KEY seals with a key generated on its own
+    # disk, which an auditor's public keys do not check.
+    overrides = {"history_seal_key": new_private_pem().decode()} if seal_key == "given" else {}
+    service, _ = build(stack.service_settings(f"ledger_{unique_name}", **overrides))
+    with caplog.at_level(logging.WARNING, logger="ledger.service"):
+        async with service.running():
+            pass
+    said = [record.getMessage() for record in caplog.records if "DEVELOPMENT seal key" in record.getMessage()]
+    assert len(said) == (1 if seal_key == "development" else 0), said
+    assert all("KABINET_HISTORY_SEAL_KEY" in line for line in said)
 
 
 async def test_a_sealer_that_cannot_seal_is_down_in_readiness_until_it_seals_again(ledger):
