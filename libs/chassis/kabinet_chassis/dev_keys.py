@@ -4,6 +4,7 @@ file names say so), so that `make run` and the tests need no secret from anyone.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +16,9 @@ def dev_key_file(data_dir: Path, file_name: str, generate: Callable[[], bytes]) 
     path = data_dir / "keys" / file_name
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        written = path.with_name(f"{file_name}.{os.getpid()}")
+        # Its own name: two containers sharing the data dir may both run as pid 1.
+        written = path.with_name(f"{file_name}.{os.getpid()}.{secrets.token_hex(8)}")
         # Created owner-only, never chmod'ed after: another user could open it in between and keep reading.
-        written.unlink(missing_ok=True)  # left by a process of the same pid that died writing it
         with os.fdopen(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as key_file:
             key_file.write(generate())
         try:
