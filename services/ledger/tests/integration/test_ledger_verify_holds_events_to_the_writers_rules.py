@@ -512,7 +512,9 @@ async def test_verify_pointed_at_a_database_that_is_no_ledger_says_so_and_leaves
         finally:
             await empty.close()
     finally:
-        await ledger.parts.pool.execute(f'DROP DATABASE "{database_name_for(name)}"')
+        # Dropping a database waits for a checkpoint, which on a busy server takes longer than
+        # the pool's 10 s query limit.
+        await ledger.parts.pool.execute(f'DROP DATABASE "{database_name_for(name)}"', timeout=120)
 
 
 async def test_a_wrong_balance_says_by_how_much_and_in_what_currency(ledger):
