@@ -114,6 +114,17 @@ async def test_a_second_writer_that_missed_a_freeze_cannot_debit_the_frozen_acco
     assert balance == 1_000
 
 
+async def test_a_second_writer_that_missed_a_lowered_credit_limit_cannot_spend_past_it(ledger):
+    first = ledger.parts.writer
+    settlement, card = await funded_card(first, 1_000)
+    await first.submit(c.SetCreditLimit(card, 5_000))  # `first` holds the card with 6,000 available
+    async with uncached_writer(ledger.settings) as second:
+        await second.submit(c.SetCreditLimit(card, 0))  # the bank cuts the limit
+        with pytest.raises(InsufficientFunds):
+            await first.submit(spend(card, settlement, 3_000))
+    assert await saved_balance(ledger.parts.pool, card) == (1_000, 0)
+
+
 async def test_a_second_writer_that_missed_a_closing_cannot_place_a_hold_for_the_closed_account(ledger):
     first = ledger.parts.writer
     settlement, card = await funded_card(first, 1_000)
