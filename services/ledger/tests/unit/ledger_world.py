@@ -79,3 +79,11 @@ class World:
 
 def transfer(transfer_id: str, *legs: tuple[UUID, int], code: str = "p2p", currency: str = "RUB") -> c.PostTransfer:
     return c.PostTransfer(transfer_id, tuple(c.Leg(a, amount, currency) for a, amount in legs), code)
+
+
+def funded(world: World, amount_minor: int = 1_000, **opening: Any) -> tuple[UUID, UUID]:
+    """A settlement account and a card (opened with `opening`) holding `amount_minor` from it."""
+    settlement = world.open("settlement")
+    card = world.open(**opening)
+    world.one(transfer(f"fund-{card}", (settlement, -amount_minor), (card, amount_minor), code="top_up"))
+    return settlement, card

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
 from ledger.domain import commands as c
 from ledger.domain.balance import Balance
 from ledger.domain.batch import BALANCE_MINOR_MAX
 from ledger.domain.errors import InvalidHold, InvalidTransfer
-from services.ledger.tests.unit.ledger_world import T0, World, transfer
+from services.ledger.tests.unit.ledger_world import T0, transfer
 
 LARGEST = c.AMOUNT_MINOR_MAX
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
 
 
 def test_a_hold_is_placed_only_if_its_whole_capture_will_fit_both_balances(world):

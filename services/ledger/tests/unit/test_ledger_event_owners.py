@@ -7,7 +7,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from eventsourcing.persistence import StoredEvent
 
 from kabinet_contracts.envelope import IntegrationEvent
@@ -19,11 +18,6 @@ from ledger.integration import to_integration
 from services.ledger.tests.unit.ledger_world import T0, World, transfer
 
 DAY = timedelta(days=1)
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
 
 
 def hold(hold_id: str, debit, credit, amount_minor: int, expires_at=T0 + DAY) -> c.PlaceHold:

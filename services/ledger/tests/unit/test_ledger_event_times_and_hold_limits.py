@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
 from kabinet_contracts.envelope import IntegrationEvent
 from ledger.domain import commands as c
 from ledger.domain.balance import Balance
@@ -14,11 +12,6 @@ from ledger.domain.batch import BALANCE_MINOR_MAX
 from ledger.domain.errors import InvalidHold
 from ledger.integration import to_integration
 from services.ledger.tests.unit.ledger_world import T0, World, transfer
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
 
 
 def published(world: World, kind: str) -> list[IntegrationEvent]:

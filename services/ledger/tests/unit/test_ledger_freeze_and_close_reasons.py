@@ -10,18 +10,7 @@ import pytest
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountFrozen, InvalidAccount
 from ledger.integration import to_integration
-from services.ledger.tests.unit.ledger_world import World, transfer
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
-
-
-def funded(world: World, amount_minor: int = 1_000):
-    settlement, card = world.open("settlement"), world.open()
-    world.one(transfer(f"fund-{card}", (settlement, -amount_minor), (card, amount_minor), code="top_up"))
-    return settlement, card
+from services.ledger.tests.unit.ledger_world import World, funded, transfer
 
 
 def test_a_card_frozen_by_a_court_stays_frozen_when_the_customer_lifts_her_own_freeze(world):

@@ -30,21 +30,9 @@ from ledger.domain.errors import (
 )
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
-from services.ledger.tests.unit.ledger_world import T0, World, transfer
+from services.ledger.tests.unit.ledger_world import T0, funded, transfer
 
 DAY = timedelta(days=1)
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
-
-
-def funded(world: World, amount: int = 1_000, **kwargs):
-    settlement = world.open("settlement")
-    card = world.open(**kwargs)
-    world.one(transfer(f"fund-{card}", (settlement, -amount), (card, amount), code="top_up"))
-    return settlement, card
 
 
 def hold(hold_id: str, debit, credit, amount: int, expires_at=T0 + DAY, code: str = "card_purchase") -> c.PlaceHold:

@@ -21,11 +21,6 @@ from services.ledger.tests.unit.ledger_world import T0, World, transfer
 DAY_S = 86_400
 
 
-@pytest.fixture
-def world() -> World:
-    return World()
-
-
 def paid_by_mistake(world: World) -> tuple:
     """Alice (1,000 on her card) paid Bob 300 with a 5 fee; returns the accounts."""
     settlement, fees = world.open("settlement"), world.open("fee_income")

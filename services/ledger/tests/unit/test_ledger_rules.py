@@ -23,19 +23,7 @@ from ledger.domain.errors import (
     UnbalancedTransfer,
 )
 from ledger.domain.refusal import Refusal
-from services.ledger.tests.unit.ledger_world import T0, World, transfer
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
-
-
-def funded(world: World, amount: int = 10_000, **kwargs):
-    settlement = world.open("settlement")
-    card = world.open(**kwargs)
-    world.one(transfer(f"fund-{card}", (settlement, -amount), (card, amount), code="top_up"))
-    return settlement, card
+from services.ledger.tests.unit.ledger_world import T0, funded, transfer
 
 
 def test_customer_account_cannot_go_below_zero(world):
@@ -173,7 +161,7 @@ def test_multi_currency_transfer_balances_per_currency(world):
 
 
 def test_a_transfer_needs_two_distinct_accounts_and_nonzero_legs(world):
-    settlement, card = funded(world)
+    settlement, card = funded(world, 10_000)
     with pytest.raises(InvalidTransfer):
         world.one(transfer("one-leg", (card, 0), (settlement, 0)))
     with pytest.raises(InvalidTransfer):
@@ -291,7 +279,7 @@ def test_a_capture_naming_a_hold_id_no_hold_can_have_is_malformed_and_not_kept(w
 
 
 def test_what_a_hold_will_pay_in_follows_its_partial_captures_and_expiry_across_batches(world):
-    settlement, card = funded(world)
+    settlement, card = funded(world, 10_000)
     shop = world.open(owner="shop")
     world.one(c.PlaceHold("h", card, shop, 1_000, "RUB", T0 + timedelta(hours=1), "purchase"))
     assert world.balance(shop).incoming_held_minor == 1_000

@@ -14,22 +14,10 @@ from ledger.domain import commands as c
 from ledger.domain.balance import Balance
 from ledger.domain.batch import BALANCE_MINOR_MAX
 from ledger.domain.errors import AccountClosed, HoldNotActive, IdempotencyConflict, InvalidHold
-from services.ledger.tests.unit.ledger_world import T0, World, transfer
+from services.ledger.tests.unit.ledger_world import T0, funded, transfer
 
 DAY = timedelta(days=1)
 LARGEST = c.AMOUNT_MINOR_MAX
-
-
-@pytest.fixture
-def world() -> World:
-    return World()
-
-
-def funded(world: World, amount: int = 1_000, **kwargs):
-    settlement = world.open("settlement")
-    card = world.open(**kwargs)
-    world.one(transfer(f"fund-{card}", (settlement, -amount), (card, amount), code="top_up"))
-    return settlement, card
 
 
 def test_a_hold_is_over_at_its_deadline_to_the_second(world):
