@@ -126,34 +126,22 @@ async def published_after(writer, pool, position: int) -> list:
     return [to_integration(writer.app.mapper.to_domain_event(n), n.id) for n in notifications]
 
 
-async def test_a_payment_between_an_unfreeze_and_a_fraud_freeze_in_one_batch_is_logged_between_them(ledger):
-    # Logged aggregate after aggregate, it read as a payment from a card frozen for fraud.
+@pytest.mark.parametrize(("amount_minor", "then", "logged_last"), [
+    (300, c.FreezeAccount, "ledger.account_frozen"),  # else: a payment from a card frozen for fraud
+    (1_000, c.CloseAccount, "ledger.account_closed"),  # else: a payout from a closed card
+], ids=["unfreeze-pay-freeze", "unfreeze-empty-close"])
+async def test_a_batchs_events_are_logged_in_the_order_its_commands_made_them(ledger, amount_minor, then, logged_last):
     settlement, card = await funded_card(ledger.parts.writer, 1_000)
     await ledger.parts.writer.submit(c.FreezeAccount(card, "customer_request"))
     before = ledger.parts.writer.last_position
     unfreeze = c.UnfreezeAccount(card, "customer_request")
-    pay = c.PostTransfer("coffee-1", (c.Leg(card, -300, "RUB"), c.Leg(settlement, 300, "RUB")), "card_purchase")
-    freeze = c.FreezeAccount(card, "fraud_suspected")
+    pay = c.PostTransfer("pay-1", (c.Leg(card, -amount_minor, "RUB"), c.Leg(settlement, amount_minor, "RUB")),
+                         "card_purchase")
+    last = then(card, "fraud_suspected" if then is c.FreezeAccount else "customer_request")
     async with uncached_writer(ledger.settings, running=False) as writer:
-        results = await one_batch(writer, unfreeze, pay, freeze)
+        results = await one_batch(writer, unfreeze, pay, last)
         assert not [result for result in results if isinstance(result, Exception)], results
         logged = await published_after(writer, ledger.parts.pool, before)
-    assert [event.type for event in logged] == [
-        "ledger.account_unfrozen", "ledger.transfer_posted", "ledger.account_frozen"]
+    assert [event.type for event in logged] == ["ledger.account_unfrozen", "ledger.transfer_posted", logged_last]
     await ledger.parts.projection.wait_for(logged[-1].position)
     assert await failed_checks(ledger) == {}, "verify holds the log to the accounts' states as they stood"
-
-
-async def test_the_transfer_that_empties_an_account_is_logged_before_the_closing_in_its_batch(ledger):
-    settlement, card = await funded_card(ledger.parts.writer, 1_000)
-    await ledger.parts.writer.submit(c.FreezeAccount(card, "customer_request"))
-    before = ledger.parts.writer.last_position
-    unfreeze = c.UnfreezeAccount(card, "customer_request")
-    sweep = c.PostTransfer("sweep-1", (c.Leg(card, -1_000, "RUB"), c.Leg(settlement, 1_000, "RUB")), "payout")
-    close = c.CloseAccount(card, "customer_request")
-    async with uncached_writer(ledger.settings, running=False) as writer:
-        results = await one_batch(writer, unfreeze, sweep, close)
-        assert not [result for result in results if isinstance(result, Exception)], results
-        logged = await published_after(writer, ledger.parts.pool, before)
-    assert [event.type for event in logged] == [
-        "ledger.account_unfrozen", "ledger.transfer_posted", "ledger.account_closed"]
