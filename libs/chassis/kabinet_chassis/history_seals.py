@@ -61,6 +61,9 @@ SEAL_INTERVAL_S = 2.0
 SEAL_STALL_MAX_S = 60.0  # without a finished pass, the sealer's health check is down
 LAST_PASS_WAIT_S = 10.0  # the most a clean stop waits for its last sealing pass
 SEAL_EVENTS_MAX = 10_000  # events in one seal: one round's memory and transaction
+# And bytes: an event may carry ~70 KB (a transfer's metadata, 64 legs), so 10,000 of them
+# after a backlog would be ~700 MB read at once into the ledger's process, the bank's only writer.
+SEAL_BYTES_MAX = 32 * 2**20
 SEAL_ROUNDS_MAX = 20  # seals one pass makes at most, catching up after the sealer was away
 CHECK_PAGE_SIZE = 5_000  # events (and seals) an auditor's check reads at a time
 CHECK_PAGES_MAX = 1_000_000  # 5 billion events: a limit, not an expectation
@@ -167,7 +170,7 @@ class LastSeal:
 async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: Ed25519PrivateKey,
                           last_seal: LastSeal | None = None) -> int:
     """Seal the events committed since the last seal, up to SEAL_ROUNDS_MAX seals of
-    SEAL_EVENTS_MAX; the number sealed. Another process sealing the same table at the
+    SEAL_EVENTS_MAX or SEAL_BYTES_MAX; the number sealed. Another process sealing the same table at the
     moment makes this one wait, then seal what is left. Events become visible in log
     order (the recorder locks its table to insert), so a seal never passes over one that
     commits later. The hashing runs in a worker thread: the loop keeps serving meanwhile.
@@ -195,13 +198,18 @@ async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: Ed25519Pri
                 0, 0, GENESIS_LINK)
             if last_seal is not None:
                 last_seal.seal_no, last_seal.chain_link = seal_no, link
-            events = await connection.fetch(
-                f"SELECT {_EVENT_COLUMNS} FROM {events_table} WHERE notification_id > $1"
-                " ORDER BY notification_id LIMIT $2", after, SEAL_EVENTS_MAX)
-            if not events:
+            # The events after it, while those before each are within SEAL_BYTES_MAX (one at least).
+            rows = await connection.fetch(
+                f"SELECT {_EVENT_COLUMNS}, bytes_through FROM (SELECT {_EVENT_COLUMNS},"
+                "  sum(octet_length(state)) OVER (ORDER BY notification_id) AS bytes_through"
+                f"  FROM {events_table} WHERE notification_id > $1 ORDER BY notification_id LIMIT $2) e"
+                " WHERE bytes_through - octet_length(state) < $3 ORDER BY notification_id",
+                after, SEAL_EVENTS_MAX, SEAL_BYTES_MAX)
+            if not rows:
                 return sealed
+            events = [tuple(row)[:-1] for row in rows]  # as _EVENT_COLUMNS
             # PostgreSQL keeps microseconds, as Python does: the time read back is the time signed.
-            seal = (events_table, seal_no + 1, events[0]["notification_id"], events[-1]["notification_id"],
+            seal = (events_table, seal_no + 1, rows[0]["notification_id"], rows[-1]["notification_id"],
                     len(events), await asyncio.to_thread(extend_chain, link, events), datetime.now(UTC))
             await connection.execute(
                 f"INSERT INTO {SEALS_TABLE} (events_table, seal_no, first_position, last_position, events_count,"
@@ -210,7 +218,7 @@ async def seal_new_events(pool: asyncpg.Pool, events_table: str, key: Ed25519Pri
         if last_seal is not None:  # committed
             last_seal.seal_no, last_seal.chain_link = seal[1], seal[5]
         sealed += len(events)
-        if len(events) < SEAL_EVENTS_MAX:
+        if len(events) < SEAL_EVENTS_MAX and rows[-1]["bytes_through"] < SEAL_BYTES_MAX:  # none left
             return sealed
     return sealed
 

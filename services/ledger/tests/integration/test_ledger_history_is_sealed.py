@@ -75,6 +75,20 @@ async def test_every_event_is_sealed_within_seconds_and_verify_names_the_last_se
     assert "0 newer events not sealed yet" in detail
 
 
+async def test_a_seal_takes_no_more_bytes_of_events_than_its_limit_and_the_next_seal_goes_on(ledger, monkeypatch):
+    # After a backlog, 10,000 events of a transfer's most metadata would be ~700 MB read at
+    # once into the writer's process: a seal also ends at SEAL_BYTES_MAX (one event at least).
+    monkeypatch.setattr(history_seals, "SEAL_BYTES_MAX", 1)  # every event passes it: one a seal
+    await card_spending_twice(ledger)
+    table = events_table(ledger.parts.app.recorder)
+    await history_seals.seal_new_events(ledger.parts.pool, table, history_seals.seal_key_for(ledger.settings))
+    sealed = await seals(ledger)
+    count, head = await ledger.parts.pool.fetchrow(f"SELECT count(*), max(notification_id) FROM {table}")
+    assert [seal["events_count"] for seal in sealed] == [1] * count, sealed
+    assert sealed[-1]["last_position"] == head
+    assert await failed_checks(ledger) == {}
+
+
 async def test_a_ledger_stopped_cleanly_leaves_its_whole_history_sealed(stack, unique_name):
     settings = stack.service_settings(f"ledger_{unique_name}")
     service, parts = build(settings)
