@@ -9,6 +9,7 @@ application.py), and read from there.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -580,30 +581,25 @@ _LINE_FIXED_BYTES = 512  # its ids, amounts and times
 
 
 def _page(rows: Sequence[asyncpg.Record], limit: int) -> tuple[list[dict], tuple[int, int] | None]:
-    """The lines of a page, from rows fetched one past `limit`: up to `limit` of them, fewer
-    once they pass PAGE_LINES_BYTES_MAX; and the next page's cursor, the last line shown,
-    when a row follows it."""
-    lines: list[dict] = []
-    size_bytes = 0
-    for row in rows[:limit]:
-        if size_bytes >= PAGE_LINES_BYTES_MAX:
-            break
-        lines.append(_line(row))
-        # Counted as stored: a line shows no more of its transfer than its legs and metadata.
-        size_bytes += _LINE_FIXED_BYTES + len((row["legs"] or "").encode()) + len((row["metadata"] or "").encode())
+    """The lines of a page, from the rows of `_page_rows` (fetched one past `limit`): up to
+    `limit` of them, fewer once they pass PAGE_LINES_BYTES_MAX; and the next page's cursor,
+    the last line shown, when a row follows it."""
+    lines = [_line(row) for row in itertools.takewhile(
+        lambda row: row["bytes_before"] < PAGE_LINES_BYTES_MAX, rows[:limit])]
     last = rows[len(lines) - 1] if len(rows) > len(lines) else None
     return lines, (last["position"], last["seq"]) if last is not None else None
 
 
-# A line's bytes as _page counts them, in SQL: its legs and metadata as they come to the
-# ledger (jsonb's text, UTF-8, which is what asyncpg hands over) and the fixed part.
+# A line's bytes: counted as stored, for a line shows no more of its transfer than its legs
+# and metadata (jsonb's text, UTF-8, which is what asyncpg hands over), and the fixed part.
 _LINE_BYTES = (f"{_LINE_FIXED_BYTES} + coalesce(octet_length(t.legs::text), 0)"
                " + coalesce(octet_length(t.metadata::text), 0)")
 
 
 def _page_rows(entries: str, where: str, order: str, limit: int | str) -> str:
     """The query of a page's rows for _page: the lines of `entries` (as `e`) where `where`,
-    in `order`, up to `limit` of them, and of those only what _page reads.
+    in `order`, up to `limit` of them, and of those only what _page reads, each with the
+    bytes of the lines before it (`bytes_before`).
 
     A page ends once its lines pass PAGE_LINES_BYTES_MAX, and a line may carry 100 KB: a
     statement page of 5,000 such would be 500 MB in the ledger's memory (the bank's only
@@ -611,8 +607,11 @@ def _page_rows(entries: str, where: str, order: str, limit: int | str) -> str:
     order, and sends a row only while the one before it is still within the budget: the
     lines _page shows, and the one row after them that tells it another page follows."""
     return (
-        f"SELECT * FROM (SELECT {_LINE_COLUMNS}, coalesce(sum({_LINE_BYTES}) OVER (ORDER BY {order}"
-        "  ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0) AS bytes_before_previous"
+        f"SELECT * FROM (SELECT {_LINE_COLUMNS},"
+        f"  coalesce(sum({_LINE_BYTES}) OVER (ORDER BY {order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)"
+        "   AS bytes_before,"
+        f"  coalesce(sum({_LINE_BYTES}) OVER (ORDER BY {order} ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0)"
+        "   AS bytes_before_previous"
         f"  FROM {entries} e {_LINE_TRANSFER} WHERE {where or 'true'} ORDER BY {order} LIMIT {limit}) e"
         f" WHERE bytes_before_previous < {PAGE_LINES_BYTES_MAX} ORDER BY {order}"
     )
