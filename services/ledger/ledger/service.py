@@ -22,7 +22,7 @@ from ledger.clock import Clock, system_clock
 from ledger.domain import commands
 from ledger.domain.errors import LedgerError
 from ledger.integration import SOURCE, to_integration
-from ledger.writer import BatchedWriter
+from ledger.writer import BatchedWriter, LedgerBusy, LedgerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +89,36 @@ def build(settings: ServiceSettings, clock: Clock = system_clock) -> tuple[Servi
 
 
 async def expire_holds_forever(parts: LedgerParts) -> None:
+    deferred = False  # said once when the writer cannot take the sweep, not every second it cannot
     while True:
         await asyncio.sleep(EXPIRY_SWEEP_INTERVAL_S)
         if not parts.writer.is_active:
             continue  # a standby: the active writer's process sweeps
         try:
-            due = await parts.pool.fetch(
-                "SELECT hold_id FROM ledger_holds WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
-                # The ledger's time, not the clock: a clock behind the last batch (stepped back,
-                # or another node's ahead) would leave holds no longer capturable still holding money.
-                parts.writer.ledger_time(), EXPIRY_SWEEP_BATCH_MAX,
-            )
-            await asyncio.gather(*(parts.writer.submit(commands.ExpireHold(
-                row["hold_id"], requested_by=commands.REQUESTED_BY_LEDGER)) for row in due))
+            await expire_due_holds(parts)
+        except (LedgerBusy, LedgerUnavailable) as error:
+            # The holds stay due and the next sweep takes them; the writer's own trouble is logged where it happens.
+            if not deferred:
+                log.warning("hold expiry waits for the writer: %s", error)
+            deferred = True
+            continue
         except Exception:
             log.exception("hold expiry sweep failed; will try again")
+            continue
+        if deferred:
+            log.info("hold expiry goes on: the writer takes commands again")
+        deferred = False
+
+
+async def expire_due_holds(parts: LedgerParts) -> None:
+    due = await parts.pool.fetch(
+        "SELECT hold_id FROM ledger_holds WHERE state = 'active' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+        # The ledger's time, not the clock: a clock behind the last batch (stepped back,
+        # or another node's ahead) would leave holds no longer capturable still holding money.
+        parts.writer.ledger_time(), EXPIRY_SWEEP_BATCH_MAX,
+    )
+    await asyncio.gather(*(parts.writer.submit(commands.ExpireHold(
+        row["hold_id"], requested_by=commands.REQUESTED_BY_LEDGER)) for row in due))
 
 
 class LedgerSettings(ServiceSettings):
