@@ -11,7 +11,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from kabinet_chassis.auth import AUDIENCE, CLOCK_SKEW_S, ISSUER, SUBJECT_LENGTH_MAX, TokenVerifier, public_pem, verifier_for
+from kabinet_chassis.auth import (
+    ACCESS_TOKEN_LIFETIME_MAX_S,
+    AUDIENCE,
+    CLOCK_SKEW_S,
+    ISSUER,
+    SUBJECT_LENGTH_MAX,
+    TokenVerifier,
+    public_pem,
+    verifier_for,
+)
 from kabinet_chassis.cli import app
 from kabinet_chassis.errors import Problem
 from kabinet_chassis.settings import ServiceSettings
@@ -40,6 +49,14 @@ def test_a_token_issued_further_in_the_future_than_the_allowance_is_refused():
     with pytest.raises(Problem) as refused:
         VERIFIER.verify(token_issued_at(int(time.time()) + CLOCK_SKEW_S + 60))
     assert refused.value.status == 401 and refused.value.code == "invalid_token"
+
+
+def test_a_token_issued_to_live_longer_than_a_day_is_refused_however_well_signed():
+    with pytest.raises(Problem) as refused:
+        VERIFIER.verify(token_issued_at(int(time.time()), ttl_s=ACCESS_TOKEN_LIFETIME_MAX_S + 1))
+    assert refused.value.status == 401 and refused.value.code == "invalid_token"
+    assert "longer than 24 h" in refused.value.detail
+    assert VERIFIER.verify(token_issued_at(int(time.time()), ttl_s=ACCESS_TOKEN_LIFETIME_MAX_S)).customer_id == "alice"
 
 
 def token_for(subject) -> str:

@@ -34,6 +34,10 @@ ACCESS_TOKEN_TTL_S = 300
 # (PyJWT refuses an `iat` ahead of now): the customer's first call after login got 401.
 # Small against the token's lifetime; applies to exp, nbf and iat alike.
 CLOCK_SKEW_S = 5
+# The longest life a token may be issued with (exp − iat), whoever signed it: a token minted
+# for a year by a misconfigured issuer or a leaked key's holder is refused, not honoured until
+# it expires. A day: a service's own token or a developer's (`kabinet dev-token`) at most.
+ACCESS_TOKEN_LIFETIME_MAX_S = 24 * 3600
 _DEV_KEY_FILE = "dev-ed25519-DO-NOT-USE-IN-PRODUCTION.pem"
 # The longest customer id an account can have (the ledger's owner_id, the events' customer_id).
 SUBJECT_LENGTH_MAX = 128
@@ -116,6 +120,10 @@ class TokenVerifier:
         except jwt.InvalidTokenError as error:
             raise Problem(401, "invalid_token", f"the access token is not valid: {error}",
                           headers={"WWW-Authenticate": "Bearer"}) from None
+        if claims["exp"] - claims["iat"] > ACCESS_TOKEN_LIFETIME_MAX_S:
+            raise Problem(401, "invalid_token", f"the access token was issued to live longer than"
+                          f" {ACCESS_TOKEN_LIFETIME_MAX_S // 3600} h (exp − iat); ask identity for a new one",
+                          headers={"WWW-Authenticate": "Bearer"})
         subject = claims["sub"]
         # A well-signed token can still name a subject no customer can be: checked here, it is
         # a bad token (401), not a 422 about a field the caller never sent, from a service deeper in.

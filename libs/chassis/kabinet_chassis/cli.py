@@ -19,6 +19,7 @@ import httpx
 import typer
 from rich.console import Console
 
+from kabinet_chassis.auth import ACCESS_TOKEN_LIFETIME_MAX_S
 from kabinet_chassis.devstack.errors import StackError
 from kabinet_chassis.devstack.ports import LOOPBACK, port_is_free
 from kabinet_chassis.devstack.stack import DevStack
@@ -176,14 +177,11 @@ def docs_asyncapi(output: Path = typer.Option(None, help="write to this file ins
         print(text)
 
 
-DEV_TOKEN_TTL_S_MAX = 24 * 3600
-
-
 @app.command("dev-token")
 def dev_token(
     subject: str = typer.Argument(help="a customer id, or the name of the service the token stands for"),
     role: list[str] = typer.Option([], "--role", help="a role to grant, e.g. ledger:post (repeat for more)"),
-    ttl_s: int = typer.Option(3600, min=1, max=DEV_TOKEN_TTL_S_MAX, help="seconds the token is valid"),
+    ttl_s: int = typer.Option(3600, min=1, max=ACCESS_TOKEN_LIFETIME_MAX_S, help="seconds the token is valid"),
 ) -> None:
     """An access token signed with the DEVELOPMENT key of the data dir (what `make run` trusts),
     to call a service's API by hand: `curl -H "Authorization: Bearer $(kabinet dev-token payments --role
