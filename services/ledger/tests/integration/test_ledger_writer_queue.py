@@ -1,14 +1,11 @@
 """The writer's queue: full, a caller is told at once to come back later (503 with
 Retry-After), never left waiting; a caller that gives up does not lose its command nor
-have it posted twice; holds falling due meanwhile expire once it drains, with one
-warning, not a traceback a second."""
+have it posted twice."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from datetime import timedelta
 
 import pytest
 
@@ -56,29 +53,3 @@ async def test_a_caller_that_gives_up_has_its_command_posted_once_and_its_retry_
     assert answered.transfer_id == "given-up" and answered.replayed  # the first was posted, the retry told so
     assert await saved_balance(ledger.parts.pool, card) == (700, 0)
 
-
-async def test_holds_due_while_the_queue_is_full_wait_quietly_and_expire_once_it_drains(ledger, caplog):
-    settlement, card = await funded_card(ledger.parts.writer, 1_000)
-    writer = ledger.parts.writer
-    due_s = 1.0
-    await writer.submit(c.PlaceHold("due-while-busy", card, settlement, 300, "RUB",
-                                    writer.ledger_time() + timedelta(seconds=due_s), "card_purchase"))
-    taken = writer.queue
-    full = asyncio.Queue(maxsize=1)
-    full.put_nowait(_Request(c.FreezeAccount(card, "customer_request"), asyncio.get_running_loop().create_future()))
-    with caplog.at_level(logging.INFO, logger="ledger.service"):
-        writer.queue = full  # the running writer still waits on `taken`: nothing drains this one
-        try:
-            await asyncio.sleep(due_s + 3.5)  # three sweeps or more find the hold due and the queue full
-        finally:
-            writer.queue = taken
-        for _ in range(50):  # bounded: the next sweep expires it
-            if await saved_balance(ledger.parts.pool, card) == (1_000, 0):
-                break
-            await asyncio.sleep(0.1)
-    assert await saved_balance(ledger.parts.pool, card) == (1_000, 0)  # the money held is free again
-    said = [record for record in caplog.records if record.name == "ledger.service"]
-    waits = [record for record in said if "waits for the writer" in record.getMessage()]
-    assert len(waits) == 1 and waits[0].levelno == logging.WARNING and waits[0].exc_info is None, said
-    assert not [record for record in said if record.levelno >= logging.ERROR], said
-    assert any("goes on" in record.getMessage() for record in said), said
