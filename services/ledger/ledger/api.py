@@ -521,7 +521,9 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                  responses=_answers(200, ledger_api.Hold, problem_responses({
                      **_POSTER, 404: "`hold_not_found`.", 409: "`hold_not_active`.", 422: _INVALID})))
     async def void_hold(hold_id: HoldId, me: Principal = post):
-        """Releases what the hold still reserves. Needs the role `ledger:post`."""
+        """Releases what the hold still reserves: the hold answers `voided`, or `expired` if its
+        deadline came first (it holds nothing either way; a repeat gets the same state with
+        `replayed`). Refused for a hold fully captured. Needs the role `ledger:post`."""
         return _result(await ledger.submit(commands.VoidHold(hold_id=hold_id, requested_by=me.customer_id)))
 
     @router.get("/transfers", dependencies=QUERY_AS_DECLARED, summary="The transfers posted with a reference",

@@ -20,7 +20,8 @@ Decisions the writer and callers rely on:
   the debit account, which cannot close while holding).
 - `ExpireHold` uses the batch's `now`; before `expires_at` it changes nothing and
   answers `replayed=True`. A capture at or after `expires_at` is refused even before
-  the expiry sweep ran.
+  the expiry sweep ran; a void then expires the hold (the ledger's doing) and answers
+  with it expired, as it does for a hold the sweep expired.
 - replays answer `replayed=True` with their first result: a transfer's, or a hold as it
   stood just placed or just after that capture. A repeat of a refused transfer, hold or
   capture is refused again with its first refusal (code and message); a malformed one is
@@ -529,8 +530,15 @@ class Batch:
 
     def _void_hold(self, command: c.VoidHold) -> HoldResult:
         hold = self.hold(command.hold_id)
-        if hold.state == HoldState.VOIDED:
-            return _hold_result(hold, replayed=True)
+        if hold.state == HoldState.ACTIVE and self.now >= hold.expires_at:
+            # Past its deadline a hold holds nothing, swept or not: the void finds it expired, and
+            # so does every void after it. Before, a void in the seconds before the sweep was
+            # recorded voided and answered 200, one after it refused 409: the answer and the
+            # analysts' count of voids and expiries hung on the sweep's timing.
+            self._release(hold, expire=True, requested_by=c.REQUESTED_BY_LEDGER)
+            return _hold_result(hold)
+        if hold.state in (HoldState.VOIDED, HoldState.EXPIRED):
+            return _hold_result(hold, replayed=True)  # nothing is held any more: a repeat learns how it ended
         if hold.state != HoldState.ACTIVE:
             raise HoldNotActive(f"hold {command.hold_id} is {hold.state}")
         self._release(hold, expire=False, requested_by=command.requested_by)

@@ -240,7 +240,7 @@ def forbidden(world: World, command: Any) -> set[str]:
         hold = world.store.get(Hold.id_for(command.hold_id))
         if not isinstance(hold, Hold):
             return {"hold_not_found"}
-        if isinstance(command, c.VoidHold) and hold.state not in (HoldState.ACTIVE, HoldState.VOIDED):
+        if isinstance(command, c.VoidHold) and hold.state not in (HoldState.ACTIVE, HoldState.VOIDED, HoldState.EXPIRED):
             reasons.add("hold_not_active")
     else:
         account = accounts[command.account_id]

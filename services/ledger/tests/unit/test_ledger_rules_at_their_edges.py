@@ -34,6 +34,40 @@ def test_a_hold_is_over_at_its_deadline_to_the_second(world):
     assert (world.balance(shop).posted_minor, world.balance(shop).incoming_held_minor) == (0, 0)
 
 
+@pytest.mark.parametrize("swept_first", [False, True], ids=["before-the-sweep", "after-the-sweep"])
+def test_a_void_after_the_deadline_finds_the_hold_expired_whether_or_not_the_sweep_came_first(world, swept_first):
+    # The merchant's void and the sweep race at the deadline: the log and the answer must not
+    # depend on which came first. Past its deadline the hold had lapsed; the ledger expired it.
+    _, card = funded(world, 1_000)
+    shop = world.open(owner="shop")
+    world.one(c.PlaceHold("auth", card, shop, 600, "RUB", T0 + DAY, "card_purchase"))
+    world.later(days=1, seconds=5)
+    if swept_first:
+        world.one(c.ExpireHold("auth", requested_by=c.REQUESTED_BY_LEDGER))
+    since = len(world.saved_events)
+    voided = world.one(c.VoidHold("auth", requested_by="payments"))
+    again = world.one(c.VoidHold("auth", requested_by="payments"))
+    assert voided.state == again.state == "expired" and again.replayed and voided.remaining_minor == 0
+    logged = [e for e in world.saved_events if type(e).__qualname__.startswith("Hold.")]
+    assert [type(e).__qualname__ for e in logged][1:] == ["Hold.Expired"]  # after the placing: one expiry, no void
+    assert logged[-1].requested_by == c.REQUESTED_BY_LEDGER and len(world.saved_events) - since == (0 if swept_first else 1)
+    assert (world.balance(card).posted_minor, world.balance(card).held_minor) == (1_000, 0)
+    assert world.balance(shop).incoming_held_minor == 0
+
+
+def test_a_void_before_the_deadline_voids_and_a_fully_captured_hold_cannot_be_voided(world):
+    _, card = funded(world, 1_000)
+    shop = world.open(owner="shop")
+    world.one(c.PlaceHold("auth", card, shop, 600, "RUB", T0 + DAY, "card_purchase"))
+    world.one(c.PlaceHold("paid", card, shop, 100, "RUB", T0 + DAY, "card_purchase"))
+    world.one(c.CaptureHold("paid", "all", 100))
+    world.later(days=1, seconds=-1)
+    assert world.one(c.VoidHold("auth")).state == "voided"
+    with pytest.raises(HoldNotActive, match="captured"):
+        world.one(c.VoidHold("paid"))
+    assert world.balance(card).held_minor == 0 and world.balance(card).posted_minor == 900
+
+
 def test_a_capture_into_a_payee_account_closed_under_its_hold_is_refused(world):
     # A database made before balances counted what live holds will pay in let a payee close
     # under a live hold: its capture must not pay into the closed account.
