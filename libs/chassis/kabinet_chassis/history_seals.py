@@ -109,11 +109,15 @@ def verification_keys_for(settings: ServiceSettings) -> dict[str, Ed25519PublicK
     """Every key a seal of the service may have been signed with, by key id: those of
     KABINET_HISTORY_SEAL_PUBLIC_KEYS (an auditor's, or the keys a rotation replaced: seals
     signed before it are still checked), and the public key of the seal key, if there is one
-    (the development key when no key is given at all). An auditor given public keys alone
-    checks with those: no private key is read, nor a development one made for them."""
+    (the development key of the data dir when no key is given at all and it has one). An
+    auditor given public keys alone checks with those: no private key is read. A check is
+    never the one to make a key: it would be a private key on an auditor's disk, and would
+    check no seal anyway."""
     public_keys = list(load_public_keys(settings.history_seal_public_keys, SEAL_PUBLIC_KEYS_WHAT, PUBLIC_KEYS_MAX)
                        if settings.history_seal_public_keys else ())
-    if settings.history_seal_key or not public_keys:
+    if settings.history_seal_key:
+        public_keys.append(seal_key_for(settings).public_key())
+    elif not public_keys and (settings.data_dir / "keys" / _DEV_KEY_FILE).exists():
         public_keys.append(seal_key_for(settings).public_key())
     return {key_id(key): key for key in public_keys}
 
@@ -394,7 +398,7 @@ def _signature_problem(events_table: str, seal: Seal, keys: dict[str, Ed25519Pub
         return f"seal {seal.seal_no} is not signed (made before seals were): its link may have been recomputed by anyone"
     if key is None:
         return (f"seal {seal.seal_no} was signed with key {seal.key_id}, which this check does not hold (it holds"
-                f" {', '.join(keys)}): its signature is not checked")
+                f" {', '.join(keys) or 'none: set KABINET_HISTORY_SEAL_PUBLIC_KEYS'}): its signature is not checked")
     try:
         key.verify(seal.signature, signed_part(events_table, seal.seal_no, seal.first_position, seal.last_position,
                                                seal.events_count, seal.chain_link, seal.sealed_at))

@@ -910,6 +910,12 @@ def _log_head_problems(newest: tuple[int, datetime] | None, posting_clock: datet
     return problems
 
 
+def _public_keys_named(seal_keys: dict) -> str:
+    if not seal_keys:
+        return "no public key (none given: set KABINET_HISTORY_SEAL_PUBLIC_KEYS)"
+    return f"public key{'s' if len(seal_keys) > 1 else ''} {', '.join(seal_keys)}"
+
+
 async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: tuple[int, str] | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None) -> Report:
     """The ledger of `settings` (its database, and the seal key its history was sealed with);
@@ -1023,7 +1029,7 @@ async def verify(app: LedgerApplication, settings: ServiceSettings, noted_seal: 
                  f" (note it down: `--seal {seals.last_seal.receipt}` finds it again)" if seals.last_seal else "")
     report.add("history matches its seals", Problems.counted(seals.problems, seals.problems_count),
                f"{seals.events_sealed} events under {seals.seals} seals, each range hashed again and each signature"
-               f" checked with public key{'s' if len(seal_keys) > 1 else ''} {', '.join(seal_keys)}{last_seal};"
+               f" checked with {_public_keys_named(seal_keys)}{last_seal};"
                f" {seals.events_unsealed} newer events not sealed yet")
 
     report.add("trial balance", [f"{cur} off by {total}" for cur, total in totals.items() if total],

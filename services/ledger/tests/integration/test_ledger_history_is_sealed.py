@@ -254,6 +254,17 @@ async def test_an_auditor_checks_the_seals_with_the_public_key_the_bank_gave_alo
     assert not (tmp_path / "auditor").exists(), "a check writes nothing: no development key made for the auditor"
 
 
+async def test_an_auditor_given_no_key_at_all_gets_no_key_made_and_no_seal_passed_unchecked(ledger, tmp_path):
+    await card_spending_twice(ledger)
+    await history_seals.seal_new_events(ledger.parts.pool, events_table(ledger.parts.app.recorder),
+                                        history_seals.seal_key_for(ledger.settings))
+    auditors = ledger.settings.model_copy(update={"history_seal_key": None, "history_seal_public_keys": None,
+                                                  "data_dir": tmp_path / "auditor"})
+    failed = await failed_checks(ledger, auditors)
+    assert "which this check does not hold (it holds none: set KABINET_HISTORY_SEAL_PUBLIC_KEYS)" in failed[SEALED]
+    assert not (tmp_path / "auditor").exists(), "a check writes nothing: no private key made on the auditor's disk"
+
+
 async def test_a_forger_who_recomputes_the_chain_after_his_change_is_caught_by_the_signatures(ledger):
     # The chain is plain SHA-256: anyone can recompute it over forged events and write the
     # new links into the seals. Only the seal key could sign them.
