@@ -152,20 +152,28 @@ async def test_an_export_whose_reader_stops_early_ends_quietly_without_blaming_t
     assert printed.exit_code == 1 and not isinstance(printed.exception, BrokenPipeError), printed.output
 
 
+@pytest.mark.parametrize(("column", "forged"), [
+    ("state", b"{not json"), ("state", b"[]"), ("state", b'{"legs": []}'),
+    ("topic", "ledger.domain.transfer:Transfer.Renamed"),
+], ids=["not-json", "not-an-object", "fields-missing", "unknown-type"])
 async def test_an_event_stored_in_a_form_the_ledger_cannot_read_is_exported_as_stored_and_the_export_goes_on(
-        ledger, monkeypatch):
+        ledger, monkeypatch, column, forged):
     # Changed by hand, say: the auditor must see it as it is and the events after it, not a
     # traceback with no position to page on from.
     settlement = await open_account(ledger, "settlement")
     card = await open_account(ledger)
     for transfer_id in ("salary-1", "salary-2"):
         await ledger.post("/transfers", json=transfer_body(transfer_id, (settlement, -700), (card, 700), code="top_up"))
-    await forge_history(ledger, "UPDATE {table} SET state = $2 WHERE originator_id = $1",
-                        Transfer.id_for("salary-1"), b"{not json")
+    await forge_history(ledger, f"UPDATE {{table}} SET {column} = $2 WHERE originator_id = $1",
+                        Transfer.id_for("salary-1"), forged)
     printed = await run_cli(ledger, monkeypatch, "events")
     assert printed.exit_code == 0, (printed.output, printed.exception)
     lines = [json.loads(line) for line in printed.stdout.splitlines()]
     unreadable = next(line for line in lines if line["stream_id"] == str(Transfer.id_for("salary-1")))
-    assert unreadable["type"] == "ledger.domain.transfer:Transfer.Posted" and "unreadable" in unreadable
-    assert base64.b64decode(unreadable["stored_state_base64"]) == b"{not json"
+    assert "unreadable" in unreadable, unreadable
+    if column == "topic":
+        assert unreadable["type"] == forged
+    else:
+        assert unreadable["type"] == "ledger.domain.transfer:Transfer.Posted"
+        assert base64.b64decode(unreadable["stored_state_base64"]) == forged
     assert lines[-1]["data"]["client_transfer_id"] == "salary-2", "the export went on past it"
