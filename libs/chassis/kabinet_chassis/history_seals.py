@@ -115,9 +115,8 @@ def verification_keys_for(settings: ServiceSettings) -> dict[str, Ed25519PublicK
     check no seal anyway."""
     public_keys = list(load_public_keys(settings.history_seal_public_keys, SEAL_PUBLIC_KEYS_WHAT, PUBLIC_KEYS_MAX)
                        if settings.history_seal_public_keys else ())
-    if settings.history_seal_key:
-        public_keys.append(seal_key_for(settings).public_key())
-    elif not public_keys and (settings.data_dir / "keys" / _DEV_KEY_FILE).exists():
+    has_dev_key = (settings.data_dir / "keys" / _DEV_KEY_FILE).exists()
+    if settings.history_seal_key or (not public_keys and has_dev_key):
         public_keys.append(seal_key_for(settings).public_key())
     return {key_id(key): key for key in public_keys}
 
