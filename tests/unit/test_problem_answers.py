@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncpg
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from eventsourcing.persistence import OperationalError as EventStoreOperationalError
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
+from kabinet_chassis.auth import Principal, TokenVerifier, issue_access_token, public_pem
 from kabinet_chassis.errors import install_problem_handlers
 
 DATABASE_DOWN = {
@@ -89,4 +91,41 @@ async def test_a_number_too_long_to_read_is_a_named_problem_that_changes_nothing
                                      headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and response.headers["content-type"].startswith("application/problem+json")
     assert response.json()["code"] == "malformed_body" and "4300 digits" in response.json()["detail"]
+    assert received == []
+
+
+SIGNING_KEY = Ed25519PrivateKey.generate()
+
+
+def app_behind_a_token_check(received: list) -> FastAPI:
+    app = FastAPI()
+    install_problem_handlers(app)
+    bearer = TokenVerifier(public_pem(SIGNING_KEY)).dependency()
+
+    def poster(me: Principal = Depends(bearer)) -> Principal:  # as a route's role check wraps the token's
+        return me
+
+    @app.post("/orders")
+    async def order(order: Order, me: Principal = Depends(poster)):
+        received.append(order)
+        return {}
+
+    return app
+
+
+@pytest.mark.parametrize("body", ["{not json", '{"metadata": {"limit": ' + "9" * 5_000 + "}}", '{"metadata": 1}'],
+                         ids=["not-json", "number-too-long", "wrong-shape"])
+async def test_an_anonymous_caller_is_asked_for_a_token_whatever_the_body_and_told_nothing_of_it(body):
+    received: list = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app_behind_a_token_check(received)),
+                                 base_url="http://svc") as client:
+        anonymous = await client.post("/orders", content=body, headers={"Content-Type": "application/json"})
+        forged = await client.post("/orders", content=body, headers={"Content-Type": "application/json",
+                                                                     "Authorization": "Bearer a.b.c"})
+        signed = await client.post("/orders", content=body, headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {issue_access_token(SIGNING_KEY, 'alice')}"})
+    assert anonymous.status_code == 401 and anonymous.json()["code"] == "unauthorized", anonymous.text
+    assert anonymous.headers["www-authenticate"] == "Bearer" and "metadata" not in anonymous.text
+    assert forged.status_code == 401 and forged.json()["code"] == "invalid_token", forged.text
+    assert signed.status_code in (400, 422) and signed.json()["code"] in ("validation_error", "malformed_body")
     assert received == []

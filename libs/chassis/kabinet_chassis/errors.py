@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +22,8 @@ PROBLEM_JSON = "application/problem+json"
 DEPENDENCY_RETRY_AFTER_S = 5
 # What FastAPI says of a body it could not parse for a reason other than bad JSON syntax.
 _BODY_NOT_PARSED = "There was an error parsing the body"
+# The most dependencies a route's tree is searched through for its token check.
+_DEPENDENCIES_SEARCHED_MAX = 64
 
 
 class Problem(Exception):
@@ -144,6 +148,29 @@ def domain_problem(error: Exception) -> Problem:
     return Problem(getattr(error, "status", 409), getattr(error, "code", "refused"), str(error))
 
 
+async def _caller_refused(request: Request) -> Problem | StarletteHTTPException | None:
+    """The route's token check, if it has one, when the request is refused before it ran:
+    FastAPI parses a body before running a route's dependencies, so a body that is not JSON
+    was refused to anyone, an anonymous caller told about it instead of asked for a token."""
+    pending = [getattr(request.scope.get("route"), "dependant", None)]
+    for _ in range(_DEPENDENCIES_SEARCHED_MAX):
+        if not pending:
+            return None
+        dependant = pending.pop()
+        if dependant is None:
+            continue
+        if isinstance(dependant.call, HTTPBearer):
+            try:
+                checked = dependant.call(request)
+                if inspect.isawaitable(checked):
+                    await checked
+            except (Problem, StarletteHTTPException) as refused:
+                return refused
+            return None
+        pending.extend(dependant.dependencies)
+    return None
+
+
 def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception], ...] = ()) -> None:
     """Domain errors must carry `code` and `status` class attributes."""
 
@@ -151,6 +178,9 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
         return problem_response(error, request)
 
     async def on_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        refused = await _caller_refused(request)
+        if refused is not None:
+            return await (on_problem if isinstance(refused, Problem) else on_http)(request, refused)
         errors = [
             {"field": _field_name(tuple(e["loc"])), "message": e["msg"], "type": e["type"]} for e in error.errors()
         ]
@@ -162,6 +192,9 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
         code = http_problem_code(error.status_code)
         detail = str(error.detail)
         if error.status_code == 400 and detail == _BODY_NOT_PARSED:
+            refused = await _caller_refused(request)
+            if refused is not None:
+                return await (on_problem if isinstance(refused, Problem) else on_http)(request, refused)
             # Valid JSON that Python will not read: an integer of more than 4,300 digits, which
             # would take quadratic time to convert. Named, as any refused input is.
             code, detail = "malformed_body", ("the body could not be read: it is not JSON, or holds a number of more"

@@ -45,6 +45,9 @@ async def test_every_ledger_call_without_an_access_token_is_refused_401(ledger):
         assert response.json()["code"] == "unauthorized" and response.headers["www-authenticate"] == "Bearer"
     forged = await ledger.get(f"/accounts/{card}", headers={"Authorization": "Bearer not.a.token"})
     assert forged.status_code == 401 and forged.json()["code"] == "invalid_token"
+    for path in ("/transfers", "/accounts", "/holds/h-1/captures"):  # a body that is not JSON is read after the token
+        unread = await ledger.post(path, content="{not json", headers={"Content-Type": "application/json"})
+        assert unread.status_code == 401 and unread.json()["code"] == "unauthorized", (path, unread.text)
 
 
 @pytest.mark.parametrize("roles", [(), (LEDGER_READ,)], ids=["customer", "reader"])
