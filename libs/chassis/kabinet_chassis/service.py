@@ -141,7 +141,10 @@ class Service:
                 await ensure_topics(self.settings.kafka_bootstrap_servers,
                                     [*self.topics_consumed, *map(dead_letter_topic, self.topics_consumed)],
                                     replication_factor=self.settings.kafka_replication_factor)
-            await self.broker.start()
+                # Only a service that consumes starts the broker's client (its subscribers, and the
+                # dead letters they publish): the rest must start while the broker is down, their
+                # events waiting in the outbox, or a restart during a broker outage stops payments.
+                await self.broker.start()
             runners = [*self._background, *([functools.partial(idempotency.purge_expired_forever, self.pool),
                                              self.claimant.hold_forever] if self.pool else [])]
             self._tasks = [asyncio.create_task(runner(), name=_loop_name(runner)) for runner in runners]
@@ -150,7 +153,8 @@ class Service:
             yield self
         finally:
             await self._stop_loops()
-            await self.broker.stop()
+            if self.topics_consumed:
+                await self.broker.stop()
             for hook in reversed(self._on_stop):
                 await hook(self)
             if self.claimant is not None:

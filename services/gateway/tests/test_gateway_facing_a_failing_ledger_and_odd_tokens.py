@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway import routes
 from gateway.service import GatewaySettings, build
 from kabinet_chassis.auth import AUDIENCE, ISSUER, TokenVerifier, dev_signing_key, issue_access_token, public_pem
+from kabinet_chassis.devstack.ports import free_port
 from kabinet_chassis.errors import Problem
 
 pytestmark = pytest.mark.integration
@@ -203,3 +204,11 @@ async def test_a_ledger_that_is_down_or_failing_is_a_503_with_retry_after_that_t
     answer = await ask_gateway(gateway_settings(stack, tmp_path, f"http://{host}:{port}"), "/v1/me/accounts")
     assert answer.status_code == 503 and answer.json()["code"] == "dependency_unavailable", answer.text
     assert int(answer.headers["Retry-After"]) > 0
+
+
+async def test_the_gateway_starts_while_the_broker_is_down(stack, tmp_path):
+    # It consumes nothing and publishes nothing: Kafka's outage must not keep customers out.
+    settings = GatewaySettings(database_url=stack.database_url, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+                               data_dir=tmp_path, ledger_url="http://ledger")
+    async with build(settings).running() as gateway:
+        assert gateway.dead_loops() == []

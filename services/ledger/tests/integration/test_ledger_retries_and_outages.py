@@ -9,14 +9,18 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import httpx
 import pytest
 
+from kabinet_chassis.devstack.ports import free_port
 from ledger import writer as writer_module
 from ledger.domain import commands as c
 from ledger.domain.errors import HoldNotActive, InsufficientFunds
+from ledger.service import build
 from ledger.verify import verify
 from ledger.writer import LedgerUnavailable
 from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
+from tests.support.tokens import ledger_poster
 
 pytestmark = pytest.mark.integration
 
@@ -243,3 +247,21 @@ async def test_an_account_action_retried_after_its_commits_answer_was_lost_answe
     assert retry.status_code in (200, 201) and retry.json()["state"] == state, retry.text
     kept = await ledger.post(path, json=body, headers=key)
     assert kept.json() == retry.json(), "the key keeps the true answer"
+
+
+async def test_a_ledger_started_while_the_broker_is_down_posts_and_its_events_wait_in_the_outbox(stack, unique_name):
+    # Restarted during a Kafka outage (a crash, a deploy), the ledger must still take payments:
+    # its events wait in the outbox for the relay, as they do when the broker goes down later.
+    nothing_listens = f"127.0.0.1:{free_port()}"
+    settings = stack.service_settings(f"ledger_{unique_name}", kafka_bootstrap_servers=nothing_listens)
+    service, parts = build(settings)
+    async with service.running():
+        app = service.http_app()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ledger",
+                                     headers=ledger_poster(settings.data_dir)) as client:
+            opened = await client.post("/ledger/v1/accounts", json={"owner_id": "alice", "kind": "card", "currency": "RUB"},
+                                       headers={"Idempotency-Key": str(uuid.uuid4())})
+            ready = await client.get("/health/ready")
+    assert opened.status_code == 201, opened.text
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+    assert ready.json()["watched"]["broker"]["status"] != "up"
