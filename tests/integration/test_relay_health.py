@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
+from kabinet_chassis.outbox import PRODUCER_STOP_WAIT_S
 from ledger.integration import SOURCE as LEDGER_SOURCE
 from ledger.service import build
 from tests.integration.test_outbox_to_consumer import eventually
@@ -147,6 +148,29 @@ async def test_a_ledger_whose_broker_is_down_still_takes_payments_and_shows_degr
     assert opened.status_code == 201, opened.text
     assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
     assert ready.json()["watched"]["broker"]["status"] == "down" and ready.json()["checks"]["database"]["status"] == "up"
+
+
+async def test_a_ledger_whose_broker_died_while_it_published_stops_within_seconds(unique_name, monkeypatch):
+    # `kabinet up` (and an orchestrator) kill a service that takes too long to stop; the ledger's
+    # last sealing pass comes after its relay's producer has stopped, so that must not wait out
+    # a request timeout to a broker that is gone.
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)  # a broker of our own, to kill
+    with EphemeralStack(prefix="kabinet-broker-dies-") as own:
+        service, parts = build(own.service_settings(f"ledger_{unique_name}"))
+        app = service.http_app()
+        async with service.running(), client_of(app, ledger_poster(own.root)) as client:
+            for owner in ("c1", "c2"):
+                await client.post("/ledger/v1/accounts", json={"owner_id": owner, "kind": "card", "currency": "RUB"},
+                                  headers={"Idempotency-Key": str(uuid.uuid4())})
+            await until(lambda: _true(parts.relay.position >= parts.writer.last_position), "the relay to publish")
+            own.broker.stop(kill=True)
+            for owner in ("c3", "c4", "c5"):  # events the relay now tries to publish
+                await client.post("/ledger/v1/accounts", json={"owner_id": owner, "kind": "card", "currency": "RUB"},
+                                  headers={"Idempotency-Key": str(uuid.uuid4())})
+            await asyncio.sleep(1.0)
+            stopping_at = asyncio.get_running_loop().time()
+        stopped_in_s = asyncio.get_running_loop().time() - stopping_at
+    assert stopped_in_s < PRODUCER_STOP_WAIT_S + 4, f"the ledger took {stopped_in_s:.1f} s to stop"
 
 
 async def test_a_ledger_whose_history_read_model_is_stuck_shows_degraded_naming_it_yet_ready_and_live(

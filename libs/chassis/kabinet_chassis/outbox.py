@@ -62,6 +62,10 @@ BACKOFF_FIRST_S = 0.1
 FAILURE_LOG_FIRST = 2
 FAILURE_LOG_INTERVAL_S = 60.0
 _CONNECT_TIMEOUT_S = 10
+# The most a stopping relay waits for its producer to hand over what it holds: with the broker
+# gone it would wait out a request timeout, and the ledger's last sealing pass after it. Nothing
+# is lost: the position moves only past what the broker acknowledged; the rest goes at the next start.
+PRODUCER_STOP_WAIT_S = 2.0
 ERROR_TEXT_MAX_CHARS = 200
 
 # Maps one stored domain event to its public form; None keeps an event private.
@@ -192,7 +196,12 @@ class OutboxRelay:
                 await producer.start()
                 await self._relay_loop(lock_connection, read_connection, producer)
             finally:
-                await producer.stop()
+                try:
+                    async with asyncio.timeout(PRODUCER_STOP_WAIT_S):
+                        await producer.stop()
+                except TimeoutError:
+                    log.warning("the relay's producer did not stop within %g s (the broker does not answer); left"
+                                " behind, its unacknowledged events go again at the next start", PRODUCER_STOP_WAIT_S)
                 await self._close(read_connection)
         finally:
             self.is_leader = False
