@@ -37,11 +37,14 @@ def up_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
-def start_up(env: dict[str, str]) -> tuple[subprocess.Popen, str | None, list[str]]:
+def start_up(env: dict[str, str], *, own_terminal: bool = False) -> tuple[subprocess.Popen, str | None, list[str]]:
     """Start `kabinet up`; read its output until it announces the gateway (or ends): the
-    process, the gateway URL it announced, and the lines read."""
+    process, the gateway URL it announced, and the lines read. With `own_terminal`, in a
+    session of its own, as a terminal runs it: a signal to its group is what a terminal's
+    Ctrl-C (or its closing) sends."""
     kabinet = Path(sys.executable).with_name("kabinet")
-    process = subprocess.Popen([str(kabinet), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([str(kabinet), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=own_terminal)
     output: list[str] = []
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -233,3 +236,61 @@ def test_ledger_verify_with_no_database_to_read_says_so_in_one_line_and_no_verdi
     assert result.returncode == 2, message  # 1 would say a check failed: nothing was checked
     assert "cannot reach the ledger's database" in message and "Traceback" not in message, message
     assert "\n" not in message, message
+
+
+def _everything_started_by(process: subprocess.Popen, data_dir: Path) -> list[psutil.Process]:
+    """`kabinet up`'s children (the broker, the services) and the embedded PostgreSQL it started."""
+    started = psutil.Process(process.pid).children(recursive=True)
+    return [*started, psutil.Process(int((data_dir / "pg" / "postmaster.pid").read_text().split()[0]))]
+
+
+def _stop_leftovers(process: subprocess.Popen, started: list[psutil.Process]) -> None:
+    """A test that failed midway stops what it started, so no later test finds the ports taken."""
+    if process.poll() is None:
+        process.kill()
+    for leftover in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftover.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal-closed"])
+def test_a_terminals_ctrl_c_or_closing_stops_every_service_cleanly_and_the_database_too(tmp_path: Path, signum):
+    # The terminal signals its whole foreground group. A service hit twice (by the terminal and
+    # by `kabinet up`) quit at once without its clean stop, and a closed terminal (SIGHUP) left
+    # the embedded PostgreSQL running, holding its port.
+    data = tmp_path / "data"
+    process, gateway_url, output = start_up(up_env(data), own_terminal=True)
+    started: list[psutil.Process] = []
+    try:
+        assert gateway_url, "".join(output)
+        started = _everything_started_by(process, data)
+        os.killpg(process.pid, signum)
+        rest = process.communicate(timeout=90)[0]
+    except BaseException:
+        _stop_leftovers(process, started)
+        raise
+    gone, alive = psutil.wait_procs(started, timeout=15)
+    _stop_leftovers(process, alive)
+    assert alive == [], f"left behind: {alive}"
+    assert process.returncode == 0 and "stopped" in rest and "killed" not in rest, rest
+    ledger_log = (data / "logs" / "ledger.log").read_text()
+    assert "Application shutdown complete" in ledger_log, ledger_log[-2_000:]
+
+
+def test_kabinet_up_stops_everything_and_fails_when_its_broker_dies(tmp_path: Path):
+    data = tmp_path / "data"
+    process, gateway_url, output = start_up(up_env(data))
+    started: list[psutil.Process] = []
+    try:
+        assert gateway_url, "".join(output)
+        started = _everything_started_by(process, data)
+        [broker] = [child for child in started if "tansu" in child.name()]
+        broker.kill()
+        rest = process.communicate(timeout=90)[0]
+    except BaseException:
+        _stop_leftovers(process, started)
+        raise
+    gone, alive = psutil.wait_procs(started, timeout=15)
+    _stop_leftovers(process, alive)
+    assert process.returncode != 0 and "the broker exited; stopped everything" in rest, rest
+    assert alive == [], f"left behind: {alive}"

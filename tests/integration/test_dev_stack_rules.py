@@ -53,7 +53,7 @@ def test_stack_up_starts_its_broker_when_the_saved_pid_is_another_process_and_do
 ):
     settings = _stale_state(tmp_path, bystander.pid)
     stack = DevStack(settings)
-    endpoints, started = stack.up(detach_broker=True)
+    endpoints, started = stack.up()
     try:
         assert started is not None, "stack up took an unrelated pid from stack.json for a running broker"
         assert not port_is_free(settings.broker_port), f"nothing listens on {endpoints.bootstrap_servers}"
@@ -94,7 +94,7 @@ def test_our_broker_stays_ours_when_its_binary_now_resolves_elsewhere(tmp_path: 
     old_install = tmp_path / "tansu-previous-version"
     old_install.symlink_to(broker_binary())  # the path broker_binary() gave when `stack up` ran
     monkeypatch.setenv("CALF_TANSU_BIN", str(old_install))
-    _, started = DevStack(settings).up(detach_broker=True)
+    _, started = DevStack(settings).up()
     assert started is not None
     try:
         monkeypatch.delenv("CALF_TANSU_BIN")  # later: the binary resolves elsewhere

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from kabinet_chassis.auth import ACCESS_TOKEN_LIFETIME_MAX_S
+from kabinet_chassis.devstack.broker import EmbeddedBroker
 from kabinet_chassis.devstack.errors import StackError
 from kabinet_chassis.devstack.ports import LOOPBACK, port_is_free
 from kabinet_chassis.devstack.stack import DevStack
@@ -35,7 +36,11 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(docs_app, name="docs")
 
 READY_TIMEOUT_S = 90
-STOP_TIMEOUT_S = 10
+# Longer than a service's clean stop, which ends its loops, the relay's producer (2 s at most
+# with the broker gone) and the ledger's last sealing pass (10 s at most): killed sooner, the
+# ledger would leave its last events unsealed.
+STOP_TIMEOUT_S = 30
+STACK_CHECKED_EVERY_S = 5.0  # how often `kabinet up` looks whether its database server and broker still run
 
 
 def _fail(message: str) -> None:
@@ -48,7 +53,7 @@ def _fail(message: str) -> None:
 def stack_up() -> None:
     """Start embedded PostgreSQL and the embedded broker (they keep running)."""
     try:
-        endpoints, _ = DevStack().up(detach_broker=True)
+        endpoints, _ = DevStack().up()
     except StackError as error:
         _fail(str(error))
     console.print(f"database: {endpoints.database_url}\nbroker:   {endpoints.bootstrap_servers}")
@@ -84,20 +89,35 @@ def _spawn(name: str, port: int, env: dict[str, str], log_dir: Path) -> subproce
         [sys.executable, "-m", "uvicorn", "--factory", f"{name}.service:create_app",
          "--host", LOOPBACK, "--port", str(port), "--no-access-log"],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        # A terminal's Ctrl-C (or its closing) reaches its whole foreground group. In a session of
+        # its own, a service hears only the one SIGTERM this CLI sends: a second signal makes
+        # uvicorn quit at once, without the service's clean stop.
+        start_new_session=True,
     )
 
 
-def _stop_children(children: list[subprocess.Popen]) -> None:
-    for child in children:
+def _stop_children(children: dict[str, subprocess.Popen]) -> None:
+    for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    for child in children:
+    for name, child in children.items():
         try:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+            err_console.print(f"{name} did not stop within {STOP_TIMEOUT_S} s of being asked; killed it", highlight=False)
+
+
+def _stack_part_gone(stack: DevStack, database_is_ours: bool, broker: EmbeddedBroker | None) -> str | None:
+    """The database server or broker `kabinet up` started, if it no longer runs: the bank
+    would go on half alive (events piling up in the outbox, every read failing), saying nothing."""
+    if broker is not None and not broker.is_running():
+        return "the broker"
+    if database_is_ours and not stack.postgres.is_running():
+        return "PostgreSQL"
+    return None
 
 
 @app.command("up")
@@ -107,31 +127,35 @@ def up() -> None:
     for name, port in ports.items():
         if not port_is_free(port):
             _fail(f"port {port} for {name} is taken: stop what listens there (`ss -ltnp 'sport = :{port}'`)")
-    stack = DevStack()
-    try:
-        endpoints, started_broker = stack.up(detach_broker=False)
-    except StackError as error:
-        _fail(str(error))
-    log_dir = stack.data_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    children: list[subprocess.Popen] = []
     stopping = {"now": False}
 
     def request_stop(signum, frame) -> None:
         stopping["now"] = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    # Before anything starts: a Ctrl-C while the stack starts stops it all once it has (and a
+    # closed terminal, SIGHUP, is a Ctrl-C too, not a death that leaves PostgreSQL running).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, request_stop)
+    stack = DevStack()
+    try:
+        endpoints, started_broker = stack.up()
+    except StackError as error:
+        _fail(str(error))
+    log_dir = stack.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children: dict[str, subprocess.Popen] = {}
     try:
         for name, port in ports.items():
-            children.append(_spawn(name, port, _service_env(name, port, endpoints.database_url, endpoints.bootstrap_servers), log_dir))
+            if stopping["now"]:
+                return
+            children[name] = _spawn(name, port, _service_env(name, port, endpoints.database_url,
+                                                              endpoints.bootstrap_servers), log_dir)
         gateway_url = f"http://{LOOPBACK}:{GATEWAY_PORT}"
         with console.status("starting services…"):
             deadline = time.monotonic() + READY_TIMEOUT_S
             while time.monotonic() < deadline and not stopping["now"]:
-                crashed = [c for c in children if c.poll() is not None]
+                crashed = [c for c in children.values() if c.poll() is not None]
                 if crashed:
-                    _stop_children(children)
                     _fail(f"a service exited during start; see the logs in {log_dir}")
                 try:
                     # Longer than the gateway's slowest readiness answer (health.GATING_CHECK_BUDGET_S).
@@ -147,10 +171,16 @@ def up() -> None:
             return
         console.print(f"Kabinet is up. Gateway: {gateway_url}  (OpenAPI: {gateway_url}/docs; logs: {log_dir})")
         console.print("Press Ctrl-C to stop.")
+        stack_checked_at = time.monotonic()
         while not stopping["now"]:
-            exited = [name for name, child in zip(ports, children, strict=True) if child.poll() is not None]
+            exited = [name for name, child in children.items() if child.poll() is not None]
             if exited:  # a failure, whatever its exit code: the bank is no longer whole
                 _fail(f"{', '.join(exited)} exited; stopped everything. See the logs in {log_dir}")
+            if time.monotonic() - stack_checked_at >= STACK_CHECKED_EVERY_S:
+                gone = _stack_part_gone(stack, endpoints.database_is_embedded, started_broker)
+                if gone:
+                    _fail(f"{gone} exited; stopped everything. See the logs in {stack.data_dir}")
+                stack_checked_at = time.monotonic()
             time.sleep(0.5)
     finally:
         console.print("stopping…")

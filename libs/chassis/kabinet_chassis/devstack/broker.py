@@ -144,15 +144,16 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"{LOOPBACK}:{self.port}"
 
-    def start(self, detach: bool = False) -> int:
+    def start(self) -> int:
         require_free_port(self.port, "the Kafka-protocol broker", "KABINET_BROKER_PORT")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 _broker_command(broker_binary(), self.port),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                # A detached broker survives the CLI that started it (`kabinet stack up`).
-                start_new_session=detach,
+                # A session of its own: it outlives `kabinet stack up`, and a terminal's Ctrl-C of
+                # `kabinet up` does not stop it before the services that publish to it have stopped.
+                start_new_session=True,
             )
         self.pid = self._process.pid
         if not wait_until_listening(self.port, timeout_s=_START_TIMEOUT_S):

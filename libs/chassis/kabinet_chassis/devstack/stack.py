@@ -70,7 +70,7 @@ class DevStack:
         broker.stop()
         self._forget_broker(pid)
 
-    def up(self, *, detach_broker: bool = True) -> tuple[StackEndpoints, EmbeddedBroker | None]:
+    def up(self) -> tuple[StackEndpoints, EmbeddedBroker | None]:
         """Start what is embedded and not running; returns endpoints and a broker we started.
 
         A broker started here is stopped with stop_broker(), which forgets it too."""
@@ -92,7 +92,7 @@ class DevStack:
                 )
             if not broker.is_running():
                 broker = EmbeddedBroker(self.settings.broker_port, self.data_dir / "broker.log")
-                broker.start(detach=detach_broker)
+                broker.start()
                 self._save_broker(broker)
                 started = broker
             bootstrap = broker.bootstrap_servers
