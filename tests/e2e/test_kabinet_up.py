@@ -294,3 +294,20 @@ def test_kabinet_up_stops_everything_and_fails_when_its_broker_dies(tmp_path: Pa
     _stop_leftovers(process, alive)
     assert process.returncode != 0 and "the broker exited; stopped everything" in rest, rest
     assert alive == [], f"left behind: {alive}"
+
+
+def test_kabinet_up_on_a_stack_started_by_stack_up_leaves_that_stack_running(tmp_path: Path):
+    # `kabinet stack up` says its servers keep running: a `kabinet up` beside them stops only
+    # what it started itself.
+    data = tmp_path / "data"
+    env = up_env(data)
+    kabinet = Path(sys.executable).with_name("kabinet")
+    stack_up = subprocess.run([str(kabinet), "stack", "up"], env=env, capture_output=True, text=True, timeout=120)
+    assert stack_up.returncode == 0, stack_up.stdout + stack_up.stderr
+    try:
+        ready, output = _up_until_ready_then_ctrl_c(env)
+        assert ready == 200, output
+        status = subprocess.run([str(kabinet), "stack", "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert "database  running" in status.stdout and "broker    running" in status.stdout, status.stdout
+    finally:
+        subprocess.run([str(kabinet), "stack", "down"], env=env, capture_output=True, text=True, timeout=120)

@@ -137,6 +137,8 @@ def up() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, request_stop)
     stack = DevStack()
+    # What `kabinet stack up` started keeps running, as it says: only what starts here stops here.
+    database_was_running = stack.settings.database_url is None and stack.postgres.is_running()
     try:
         endpoints, started_broker = stack.up()
     except StackError as error:
@@ -187,7 +189,7 @@ def up() -> None:
         _stop_children(children)
         if started_broker is not None:
             stack.stop_broker(started_broker)
-        if endpoints.database_is_embedded:
+        if endpoints.database_is_embedded and not database_was_running:
             stack.postgres.stop()
         console.print("stopped")
 
