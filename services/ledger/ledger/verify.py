@@ -24,7 +24,8 @@ Everything is recomputed from the event store and compared with what the ledger 
 8. the events keep the order the writer writes them in: each stream's versions one by one
    along the log, posting times never going back, transfers and holds under the ids their
    client ids make (a copied or reordered event shows);
-9. holds add up: no capture takes more than is left, a void or expiry releases exactly what
+9. holds add up: a hold reserves and a capture takes a positive amount, no capture takes
+   more than is left, a void or expiry releases exactly what
    is left, nothing follows a finished hold, each capture's transfer moves what its hold says
    and carries its references; and each reversal moves back exactly the legs of the transfer
    it names, once, after it in the log, for a reason the bank has;
@@ -582,6 +583,9 @@ class _Replay:
                 self.broken.append(f"position {position}: {what} holds {event.currency} on a {debit.currency} account")
             self._check_state(position, what, debit, -event.amount_minor, settles_a_hold=False)
             self._check_state(position, what, credit, 0, settles_a_hold=False)
+            if event.amount_minor <= 0:
+                self.holds_off.append(f"hold {event.client_hold_id} placed at position {position} reserves"
+                                      f" {event.amount_minor} {event.currency}: a hold reserves a positive amount")
             debit.held_minor += event.amount_minor
             credit.incoming_held_minor += event.amount_minor
             self.holds[event.client_hold_id] = _Hold(debit, credit, event.amount_minor, intern(event.currency),
@@ -628,6 +632,9 @@ class _Replay:
         what = f"capture {event.capture_id}" if capture else {"Hold.Voided": "voided", "Hold.Expired": "expired"}[kind]
         if hold.state != "active":
             self.holds_off.append(f"hold {hold_id}: {what} at position {position} after the hold was {hold.state}")
+        elif capture and minor <= 0:  # turned round with its transfer, it would pay the payee's money back
+            self.holds_off.append(f"hold {hold_id}: {what} at position {position} takes {minor} {currency}:"
+                                  " a capture takes a positive amount")
         elif capture and minor > hold.left_minor:
             self.holds_off.append(f"hold {hold_id}: {what} at position {position} takes {minor} {currency}"
                                   f" where {hold.left_minor} {currency} was left")

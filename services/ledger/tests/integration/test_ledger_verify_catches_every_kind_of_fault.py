@@ -272,6 +272,33 @@ async def test_verify_fails_when_a_capture_transfer_moves_money_no_hold_records_
     assert "transfer auth:capture:c1 says it captures hold auth (capture c1), which no Hold.Captured records" in failed["holds add up"]
 
 
+async def test_verify_fails_when_a_capture_takes_a_negative_amount_paying_the_card_back(ledger):
+    # The capture and its transfer both turned round: the shop pays 100 back to the card and the
+    # hold's reserve grows by 100. Each leg still sums to zero and the two still agree.
+    settlement, card = await captured_hold(ledger)
+
+    def turned_round(state: dict) -> None:
+        for leg in state["legs"]:
+            leg["amount_minor"] = -leg["amount_minor"]
+
+    await rewrite_event(ledger, Hold.id_for("auth"), 2, lambda state: state.update(amount_minor=-100))
+    await rewrite_event(ledger, Transfer.id_for("auth:capture:c1"), 1, turned_round)
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert "hold auth: capture c1 at position" in failed.get("holds add up", ""), failed
+    assert "takes -100 RUB: a capture takes a positive amount" in failed["holds add up"]
+
+
+async def test_verify_fails_when_a_hold_reserves_a_negative_amount(ledger):
+    # A hold of -300 would raise what the card may spend by 300.
+    await captured_hold(ledger)
+    await rewrite_event(ledger, Hold.id_for("auth"), 1, lambda state: state.update(amount_minor=-300))
+    await cover_up(ledger)
+    failed = await failed_checks(ledger)
+    assert "hold auth placed at position" in failed.get("holds add up", ""), failed
+    assert "reserves -300 RUB: a hold reserves a positive amount" in failed["holds add up"]
+
+
 async def test_verify_fails_when_a_hold_captured_in_full_is_voided_after(ledger):
     # A void releasing nothing appended to a hold captured in full: the customer is shown the
     # purchase as cancelled, while the money was taken.
