@@ -160,3 +160,17 @@ async def failed_checks(ledger, settings: ServiceSettings | None = None) -> dict
     settings, or others: another seal key, say)."""
     report = await verify(ledger.parts.app, settings or ledger.settings)
     return {check.name: check.detail for check in report.checks if not check.ok}
+
+
+def read_model_held_back(ledger, monkeypatch) -> asyncio.Event:
+    """The history read model stops applying what the writer commits until the event returned
+    is set: a read model behind, as under load."""
+    projection = ledger.parts.projection
+    apply_page, caught_up = projection.apply_page, asyncio.Event()
+
+    async def slow_apply_page(connection, page):
+        await caught_up.wait()  # the read model falls behind here
+        await apply_page(connection, page)
+
+    monkeypatch.setattr(projection, "apply_page", slow_apply_page)
+    return caught_up

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import open_account, transfer_body
+from services.ledger.tests.integration.ledger_support import open_account, read_model_held_back, transfer_body
 
 pytestmark = pytest.mark.integration
 
@@ -163,14 +163,7 @@ async def test_a_payment_the_ledger_confirmed_is_in_every_read_asked_after_the_c
     card = await open_account(ledger)
     start = datetime.now(UTC) - timedelta(seconds=1)
     await settled(ledger)
-    projection = ledger.parts.projection
-    apply_page, caught_up = projection.apply_page, asyncio.Event()
-
-    async def slow_apply_page(connection, page):
-        await caught_up.wait()  # the read model falls behind here
-        await apply_page(connection, page)
-
-    monkeypatch.setattr(projection, "apply_page", slow_apply_page)
+    caught_up = read_model_held_back(ledger, monkeypatch)
     assert (await ledger.post("/transfers", json=transfer_body("paid", (settlement, -100), (card, 100)))).status_code == 201
     confirmed = datetime.now(UTC)
     asyncio.get_running_loop().call_later(0.3, caught_up.set)

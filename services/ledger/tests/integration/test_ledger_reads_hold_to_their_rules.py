@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.ledger.tests.integration.ledger_support import open_account, transfer_body
+from services.ledger.tests.integration.ledger_support import open_account, read_model_held_back, transfer_body
 
 pytestmark = pytest.mark.integration
 
@@ -131,14 +131,7 @@ async def test_a_hold_or_transfer_the_ledger_confirmed_is_found_by_every_read_as
     )
     assert (await ledger.post("/transfers", json=transfer_body("fund", (settlement, -1_000), (card, 1_000)))).status_code == 201
     await settled(ledger)
-    projection = ledger.parts.projection
-    apply_page, caught_up = projection.apply_page, asyncio.Event()
-
-    async def slow_apply_page(connection, page):
-        await caught_up.wait()  # the read model falls behind here
-        await apply_page(connection, page)
-
-    monkeypatch.setattr(projection, "apply_page", slow_apply_page)
+    caught_up = read_model_held_back(ledger, monkeypatch)
     rrn = f"rrn-{uuid.uuid4().hex[:12]}"
     placed = await ledger.post(
         "/holds",
