@@ -177,10 +177,15 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
     async def on_problem(request: Request, error: Problem) -> JSONResponse:
         return problem_response(error, request)
 
-    async def on_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+    async def as_refused_caller(request: Request) -> JSONResponse | None:
         refused = await _caller_refused(request)
-        if refused is not None:
-            return await (on_problem if isinstance(refused, Problem) else on_http)(request, refused)
+        if refused is None:
+            return None
+        return await (on_problem if isinstance(refused, Problem) else on_http)(request, refused)
+
+    async def on_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        if (unauthenticated := await as_refused_caller(request)) is not None:
+            return unauthenticated
         errors = [
             {"field": _field_name(tuple(e["loc"])), "message": e["msg"], "type": e["type"]} for e in error.errors()
         ]
@@ -192,9 +197,8 @@ def install_problem_handlers(app: FastAPI, domain_errors: tuple[type[Exception],
         code = http_problem_code(error.status_code)
         detail = str(error.detail)
         if error.status_code == 400 and detail == _BODY_NOT_PARSED:
-            refused = await _caller_refused(request)
-            if refused is not None:
-                return await (on_problem if isinstance(refused, Problem) else on_http)(request, refused)
+            if (unauthenticated := await as_refused_caller(request)) is not None:
+                return unauthenticated
             # Valid JSON that Python will not read: an integer of more than 4,300 digits, which
             # would take quadratic time to convert. Named, as any refused input is.
             code, detail = "malformed_body", ("the body could not be read: it is not JSON, or holds a number of more"
