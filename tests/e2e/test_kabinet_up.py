@@ -253,24 +253,32 @@ def _stop_leftovers(process: subprocess.Popen, started: list[psutil.Process]) ->
             leftover.kill()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal-closed"])
-def test_a_terminals_ctrl_c_or_closing_stops_every_service_cleanly_and_the_database_too(tmp_path: Path, signum):
-    # The terminal signals its whole foreground group. A service hit twice (by the terminal and
-    # by `kabinet up`) quit at once without its clean stop, and a closed terminal (SIGHUP) left
-    # the embedded PostgreSQL running, holding its port.
-    data = tmp_path / "data"
-    process, gateway_url, output = start_up(up_env(data), own_terminal=True)
+def _up_until_it_ends(data: Path, end, *, own_terminal: bool = False) -> tuple[subprocess.Popen, str, list]:
+    """Run `kabinet up` until the gateway is announced, `end(process, started)` (a signal, a
+    death), and the end of `kabinet up`: the process, what it printed after, and what it had
+    started that is still alive (stopped by now, so that no later test finds the ports taken)."""
+    process, gateway_url, output = start_up(up_env(data), own_terminal=own_terminal)
     started: list[psutil.Process] = []
     try:
         assert gateway_url, "".join(output)
         started = _everything_started_by(process, data)
-        os.killpg(process.pid, signum)
+        end(process, started)
         rest = process.communicate(timeout=90)[0]
     except BaseException:
         _stop_leftovers(process, started)
         raise
     gone, alive = psutil.wait_procs(started, timeout=15)
     _stop_leftovers(process, alive)
+    return process, rest, alive
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal-closed"])
+def test_a_terminals_ctrl_c_or_closing_stops_every_service_cleanly_and_the_database_too(tmp_path: Path, signum):
+    # The terminal signals its whole foreground group. A service hit twice (by the terminal and
+    # by `kabinet up`) quit at once without its clean stop, and a closed terminal (SIGHUP) left
+    # the embedded PostgreSQL running, holding its port.
+    data = tmp_path / "data"
+    process, rest, alive = _up_until_it_ends(data, lambda up, started: os.killpg(up.pid, signum), own_terminal=True)
     assert alive == [], f"left behind: {alive}"
     assert process.returncode == 0 and "stopped" in rest and "killed" not in rest, rest
     ledger_log = (data / "logs" / "ledger.log").read_text()
@@ -278,20 +286,11 @@ def test_a_terminals_ctrl_c_or_closing_stops_every_service_cleanly_and_the_datab
 
 
 def test_kabinet_up_stops_everything_and_fails_when_its_broker_dies(tmp_path: Path):
-    data = tmp_path / "data"
-    process, gateway_url, output = start_up(up_env(data))
-    started: list[psutil.Process] = []
-    try:
-        assert gateway_url, "".join(output)
-        started = _everything_started_by(process, data)
+    def kill_the_broker(up, started):
         [broker] = [child for child in started if "tansu" in child.name()]
         broker.kill()
-        rest = process.communicate(timeout=90)[0]
-    except BaseException:
-        _stop_leftovers(process, started)
-        raise
-    gone, alive = psutil.wait_procs(started, timeout=15)
-    _stop_leftovers(process, alive)
+
+    process, rest, alive = _up_until_it_ends(tmp_path / "data", kill_the_broker)
     assert process.returncode != 0 and "the broker exited; stopped everything" in rest, rest
     assert alive == [], f"left behind: {alive}"
 
