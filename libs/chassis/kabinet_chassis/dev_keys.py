@@ -9,11 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def dev_key_path(data_dir: Path, file_name: str) -> Path:
+    """Where the development key `file_name` of a data dir is, whether or not it was made."""
+    return data_dir / "keys" / file_name
+
+
 def dev_key_file(data_dir: Path, file_name: str, generate: Callable[[], bytes]) -> bytes:
     """The bytes of data_dir/keys/file_name, written once by `generate`, readable by its
     owner only. Two processes starting at once (the services of `make run`) each write their
     own file and link it into place: the first link wins, and both read that key, whole."""
-    path = data_dir / "keys" / file_name
+    path = dev_key_path(data_dir, file_name)
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Its own name: two containers sharing the data dir may both run as pid 1.

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from kabinet_chassis import append_only
 from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
-from kabinet_chassis.dev_keys import dev_key_file
+from kabinet_chassis.dev_keys import dev_key_file, dev_key_path
 from kabinet_chassis.ed25519_keys import load_private_key, load_public_keys, new_private_pem
 from kabinet_chassis.settings import ServiceSettings
 
@@ -115,7 +115,7 @@ def verification_keys_for(settings: ServiceSettings) -> dict[str, Ed25519PublicK
     check no seal anyway."""
     public_keys = list(load_public_keys(settings.history_seal_public_keys, SEAL_PUBLIC_KEYS_WHAT, PUBLIC_KEYS_MAX)
                        if settings.history_seal_public_keys else ())
-    has_dev_key = (settings.data_dir / "keys" / _DEV_KEY_FILE).exists()
+    has_dev_key = dev_key_path(settings.data_dir, _DEV_KEY_FILE).exists()
     if settings.history_seal_key or (not public_keys and has_dev_key):
         public_keys.append(seal_key_for(settings).public_key())
     return {key_id(key): key for key in public_keys}
