@@ -181,6 +181,25 @@ def test_a_taken_port_gives_one_line_saying_what_to_do(tmp_path: Path):
     assert not (tmp_path / "data" / "pg").exists() or not any((tmp_path / "data" / "pg").glob("postmaster.pid"))
 
 
+@pytest.mark.parametrize("command", [["up"], ["stack", "up"]], ids=["up", "stack up"])
+def test_a_start_whose_broker_cannot_start_leaves_no_database_running(tmp_path: Path, command: list[str]):
+    # PostgreSQL starts first: a broker that cannot start must not leave it behind, holding
+    # its port and data dir, for a start that said it failed.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        env = {**up_env(tmp_path / "data"), "KABINET_BROKER_PORT": str(squatter.getsockname()[1])}
+        kabinet = Path(sys.executable).with_name("kabinet")
+        result = subprocess.run([str(kabinet), *command], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert result.returncode != 0
+        assert "KABINET_BROKER_PORT" in result.stdout + result.stderr, result.stdout + result.stderr
+        status = subprocess.run([str(kabinet), "stack", "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert "database  stopped" in status.stdout, status.stdout
+    finally:
+        subprocess.run([str(kabinet), "stack", "down"], env=env, capture_output=True, text=True, timeout=120)
+
+
 def _up_until_ready_then_ctrl_c(env: dict[str, str]) -> tuple[int | None, str]:
     """Run `kabinet up`, ask /health/ready once the gateway is announced, then Ctrl-C it."""
     process, gateway_url, output = start_up(env)

@@ -73,14 +73,30 @@ class DevStack:
     def up(self) -> tuple[StackEndpoints, EmbeddedBroker | None]:
         """Start what is embedded and not running; returns endpoints and a broker we started.
 
-        A broker started here is stopped with stop_broker(), which forgets it too."""
+        A broker started here is stopped with stop_broker(), which forgets it too. When the
+        broker cannot start, a PostgreSQL started here is stopped: a failed start leaves nothing."""
         if os.environ.get("KABINET_USE_TESTCONTAINERS") == "1":
             return self._testcontainers(), None
         self.data_dir.mkdir(parents=True, exist_ok=True)
         database_url = self.settings.database_url
+        database_started = database_url is None and not self.postgres.is_running()
         if database_url is None:
             self.postgres.start()
             database_url = self.postgres.url
+        try:
+            bootstrap, started = self._broker_up()
+        except StackError:
+            if database_started:
+                self.postgres.stop()
+            raise
+        endpoints = StackEndpoints(
+            database_url, bootstrap, self.settings.database_url is None, self.settings.kafka_bootstrap_servers is None
+        )
+        return endpoints, started
+
+    def _broker_up(self) -> tuple[str, EmbeddedBroker | None]:
+        """The broker's bootstrap servers, starting the embedded one if it is not running; and
+        the broker started here, if one was."""
         bootstrap = self.settings.kafka_bootstrap_servers
         started: EmbeddedBroker | None = None
         if bootstrap is None:
@@ -96,10 +112,7 @@ class DevStack:
                 self._save_broker(broker)
                 started = broker
             bootstrap = broker.bootstrap_servers
-        endpoints = StackEndpoints(
-            database_url, bootstrap, self.settings.database_url is None, self.settings.kafka_bootstrap_servers is None
-        )
-        return endpoints, started
+        return bootstrap, started
 
     def down(self) -> None:
         broker = self._load_broker()
