@@ -120,6 +120,10 @@ class TokenVerifier:
         except jwt.InvalidTokenError as error:
             raise Problem(401, "invalid_token", f"the access token is not valid: {error}",
                           headers={"WWW-Authenticate": "Bearer"}) from None
+        # NumericDate is a JSON number (RFC 7519); PyJWT takes a string of digits as well.
+        if not all(isinstance(claims[name], int | float) and not isinstance(claims[name], bool) for name in ("exp", "iat")):
+            raise Problem(401, "invalid_token", "the access token's exp and iat are not numbers of seconds",
+                          headers={"WWW-Authenticate": "Bearer"})
         if claims["exp"] - claims["iat"] > ACCESS_TOKEN_LIFETIME_MAX_S:
             raise Problem(401, "invalid_token", f"the access token was issued to live longer than"
                           f" {ACCESS_TOKEN_LIFETIME_MAX_S // 3600} h (exp − iat); ask identity for a new one",
