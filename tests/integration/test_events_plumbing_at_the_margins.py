@@ -273,6 +273,29 @@ async def test_a_page_of_one_aggregate_larger_than_a_record_batch_is_published_w
         assert await published_positions(stack, topic, EDITS + 1) == list(range(1, EDITS + 2))
 
 
+async def test_the_relay_keeps_the_offset_of_the_last_record_it_published_where_the_broker_holds_it(stack, unique_name):
+    """What the relay reads back to learn whether the broker lost its data: the offset of its
+    last record on each partition. Taken from a batch's first record instead, a broker holding
+    everything would show another event there, and the relay would republish the whole history."""
+    topic = topic_for(unique_name)
+    notes_service, notes_parts = build_notes_service(stack.service_settings(unique_name), topic)
+    async with notes_service.running():
+        relay = notes_parts["relay"]
+        note = Note(text="v0")
+        for version in range(1, 4):
+            note.edit(f"v{version}")
+        notes_parts["app"].save(note)  # one commit: one page, one record batch on one partition
+
+        async def relayed_all() -> bool:
+            return relay.position == 4
+
+        await eventually(relayed_all, what="the relay to record the page")
+        records = await _read_all(stack.bootstrap_servers, topic, expected=4, timeout_s=5)
+        [(partition, (offset, position))] = relay.last_published.items()
+        at_offset = [r for r in records if (r.partition, r.offset) == (partition, offset)]
+        assert position == 4 and [json.loads(r.value)["position"] for r in at_offset] == [4], relay.last_published
+
+
 async def test_a_relay_started_again_chains_its_next_record_to_the_last_one_it_published_on_that_partition(stack, unique_name):
     """Each record names the position published before it on its partition, so that a consumer
     can tell when it missed events. A relay that restarted (a deploy, a failover) knows it from
