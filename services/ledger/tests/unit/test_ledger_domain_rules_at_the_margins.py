@@ -15,7 +15,15 @@ from ledger.domain import commands as c
 from ledger.domain.account import CREDIT_LIMIT_MINOR_MAX
 from ledger.domain.balance import Balance
 from ledger.domain.batch import BALANCE_MINOR_MAX, capture_transfer_id, reversal_transfer_id
-from ledger.domain.errors import InsufficientFunds, InvalidAccount, InvalidHold, InvalidTransfer
+from ledger.domain.errors import (
+    AccountClosed,
+    AccountNotEmpty,
+    InsufficientFunds,
+    InvalidAccount,
+    InvalidHold,
+    InvalidTransfer,
+    LegCurrencyMismatch,
+)
 from services.ledger.tests.unit.ledger_world import T0, funded
 
 DAY = timedelta(days=1)
@@ -184,3 +192,24 @@ def test_a_hold_expires_before_the_last_instant_the_ledger_knows_never_at_it(wor
     )
     assert isinstance(refused, InvalidHold) and "expires_at" in str(refused)
     assert placed.state == "active" and world.balance(card).held_minor == 100
+
+
+def test_a_card_that_owes_the_bank_does_not_close(world):
+    # Spent 300 of its credit: closing it would write the debt off with nobody deciding to.
+    settlement, card = funded(world, 100, limit=500)
+    world.one(c.PostTransfer("groceries", (c.Leg(card, -400, "RUB"), c.Leg(settlement, 400, "RUB")), "card_purchase"))
+    with pytest.raises(AccountNotEmpty):
+        world.one(c.CloseAccount(card, "customer_request"))
+    assert world.account(card).state == "open" and world.balance(card).posted_minor == -300
+
+
+@pytest.mark.parametrize("payee_is", ["closed", "in another currency"])
+def test_a_hold_pays_only_into_an_open_account_in_its_currency(world, payee_is):
+    # Its capture could never pay in: the customer's money would be reserved for nothing.
+    _, card = funded(world, 1_000)
+    shop = world.open(owner="shop", currency="RUB" if payee_is == "closed" else "USD")
+    if payee_is == "closed":
+        world.one(c.CloseAccount(shop, "customer_request"))
+    with pytest.raises(AccountClosed if payee_is == "closed" else LegCurrencyMismatch):
+        world.one(c.PlaceHold("auth", card, shop, 600, "RUB", T0 + DAY, "card_purchase"))
+    assert (world.balance(card).held_minor, world.available(card)) == (0, 1_000)
