@@ -5,6 +5,8 @@ on), so a replay cannot go through the ordinary path: that would skip it as seen
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from kabinet_chassis.consumers import replay_dead_letters
@@ -23,37 +25,15 @@ async def apply_to_board_fixed(connection, events) -> None:
         await connection.execute(
             "INSERT INTO note_board (note_id, text, applied_count) VALUES ($1, $2, 1)"
             " ON CONFLICT (note_id) DO UPDATE SET text = EXCLUDED.text, applied_count = note_board.applied_count + 1",
-            note_event.aggregate_id, note_event.payload.get("text", ""),
+            note_event.aggregate_id,
+            note_event.payload.get("text", ""),
         )
 
 
-async def test_a_read_model_applies_its_dead_letter_once_when_replayed_after_a_fix(stack, unique_name):
-    topic = topic_for(unique_name)
-    await ensure_topics(stack.bootstrap_servers, [topic])
-    await produce(stack.bootstrap_servers, topic, chain_with_poison_at_position_2())
-    board_service, parts = build_board_service(stack.service_settings(f"{unique_name}_b"), topic)
-    async with board_service.running():
-        consumer = parts["consumer"]
-
-        async def the_rest_applied() -> bool:
-            return len(await board(board_service)) >= 3
-
-        assert await settled(the_rest_applied), f"board {await board(board_service)}"
-        assert consumer.dead_letters.sent_total == 1
-
-        consumer.apply = apply_to_board_fixed  # the fix is deployed
-        replay = await replay_dead_letters(consumer, stack.bootstrap_servers, topic)
-        assert (replay.applied, replay.already_replayed, replay.failed) == (1, 0, [])
-        assert (await board(board_service))["note-2"] == ("", 1)
-
-        again = await replay_dead_letters(consumer, stack.bootstrap_servers, topic)  # an operator runs it twice
-        assert (again.applied, again.already_replayed, again.failed) == (0, 1, [])
-        assert await board(board_service) == {
-            "note-1": ("one", 1), "note-2": ("", 1), "note-3": ("three", 1), "note-4": ("four", 1),
-        }
-
-
-async def test_a_dead_letter_that_still_fails_stays_for_the_next_replay(stack, unique_name):
+@contextlib.asynccontextmanager
+async def a_board_that_dead_lettered_position_2(stack, unique_name):
+    """A running board read model that applied the notes around position 2 and dead-lettered
+    it (a note without text): its service, its consumer and the topic."""
     topic = topic_for(unique_name)
     await ensure_topics(stack.bootstrap_servers, [topic])
     await produce(stack.bootstrap_servers, topic, chain_with_poison_at_position_2())
@@ -65,6 +45,28 @@ async def test_a_dead_letter_that_still_fails_stays_for_the_next_replay(stack, u
             return consumer.dead_letters.sent_total == 1 and len(await board(board_service)) >= 3
 
         assert await settled(dead_lettered), f"board {await board(board_service)}"
+        yield board_service, consumer, topic
+
+
+async def test_a_read_model_applies_its_dead_letter_once_when_replayed_after_a_fix(stack, unique_name):
+    async with a_board_that_dead_lettered_position_2(stack, unique_name) as (board_service, consumer, topic):
+        consumer.apply = apply_to_board_fixed  # the fix is deployed
+        replay = await replay_dead_letters(consumer, stack.bootstrap_servers, topic)
+        assert (replay.applied, replay.already_replayed, replay.failed) == (1, 0, [])
+        assert (await board(board_service))["note-2"] == ("", 1)
+
+        again = await replay_dead_letters(consumer, stack.bootstrap_servers, topic)  # an operator runs it twice
+        assert (again.applied, again.already_replayed, again.failed) == (0, 1, [])
+        assert await board(board_service) == {
+            "note-1": ("one", 1),
+            "note-2": ("", 1),
+            "note-3": ("three", 1),
+            "note-4": ("four", 1),
+        }
+
+
+async def test_a_dead_letter_that_still_fails_stays_for_the_next_replay(stack, unique_name):
+    async with a_board_that_dead_lettered_position_2(stack, unique_name) as (board_service, consumer, topic):
         not_fixed = await replay_dead_letters(consumer, stack.bootstrap_servers, topic)
         assert (not_fixed.applied, not_fixed.already_replayed) == (0, 0)
         assert [position for position, _ in not_fixed.failed] == [2]
@@ -95,6 +97,5 @@ async def test_a_reaction_applies_its_dead_letter_once_when_replayed_after_a_fix
         again = await replay_dead_letters(consumer, stack.bootstrap_servers, topic)
         assert (again.applied, again.already_replayed, again.failed) == (0, 1, [])
         app = parts["app"]
-        noticed = [item for item in app.recorder.select_notifications(start=1, limit=100)
-                   if item.topic.endswith("Mention.Noticed")]
+        noticed = [item for item in app.recorder.select_notifications(start=1, limit=100) if item.topic.endswith("Mention.Noticed")]
         assert len(noticed) == 4  # one per note, the replayed one once

@@ -26,16 +26,17 @@ from kabinet_chassis.consumers import (
 )
 from kabinet_chassis.databases import create_pool, ensure_database
 from kabinet_chassis.eventstore import event_store_env
-from kabinet_chassis.kafka import ensure_topics
 from kabinet_chassis.projection import LocalProjection, ProjectionStuck
 from kabinet_chassis.service import Service
 from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, IntegrationEvent
-from tests.integration.test_dead_letters_and_gaps import chain_with_poison_at_position_2, settled
-from tests.integration.test_events_dead_letters_are_replayed_after_a_fix import apply_to_board_fixed
+from tests.integration.test_events_dead_letters_are_replayed_after_a_fix import (
+    a_board_that_dead_lettered_position_2,
+    apply_to_board_fixed,
+)
 from tests.integration.test_local_projection import SEEN_SCHEMA, apply_seen, recorded_pairs
-from tests.integration.test_outbox_to_consumer import _read_all, board, eventually, produce, topic_for, tracked_position
+from tests.integration.test_outbox_to_consumer import _read_all, board, eventually, topic_for, tracked_position
 from tests.support import notes
-from tests.support.notes import BOARD_SCHEMA, Note, Notes, apply_to_board, build_board_service, build_notes_service
+from tests.support.notes import BOARD_SCHEMA, Note, Notes, apply_to_board, build_notes_service
 from tests.unit.test_reaction_conflicts import Counter, Counters, DeadLettersSeen, InlineThreads
 
 pytestmark = pytest.mark.integration
@@ -148,17 +149,7 @@ async def test_a_replay_applies_only_the_consumers_own_dead_letters_and_stops_at
     one, which applied position 2 when it came, must not apply it a second time. A replay that
     meets a database that is down stops there, rather than report the dead letter as failing
     for good and go on."""
-    topic = topic_for(unique_name)
-    await ensure_topics(stack.bootstrap_servers, [topic])
-    await produce(stack.bootstrap_servers, topic, chain_with_poison_at_position_2())
-    board_service, parts = build_board_service(stack.service_settings(f"{unique_name}_b"), topic)
-    async with board_service.running():
-        consumer = parts["consumer"]
-
-        async def dead_lettered() -> bool:
-            return consumer.dead_letters.sent_total == 1 and len(await board(board_service)) >= 3
-
-        assert await settled(dead_lettered), f"board {await board(board_service)}"
+    async with a_board_that_dead_lettered_position_2(stack, unique_name) as (board_service, consumer, topic):
         # Another read model of the same events (its own name), which applies a note without text.
         other = ReadModelConsumer(f"{consumer.name}_other", board_service.pool, apply_to_board_fixed, consumer.dead_letters)
         replay = await replay_dead_letters(other, stack.bootstrap_servers, topic)
