@@ -26,6 +26,17 @@ from ledger.verify import verify
 from ledger.writer import BatchedWriter
 
 
+async def queued(writer: BatchedWriter, commands: list) -> list[asyncio.Task]:
+    """Submit the commands to a writer that is not running yet: they wait in its queue, in order."""
+    submitted = [asyncio.create_task(writer.submit(command)) for command in commands]
+    for _ in range(100):  # bounded: the tasks only have to reach the queue
+        if writer.queue.qsize() == len(commands):
+            break
+        await asyncio.sleep(0.01)
+    assert writer.queue.qsize() == len(commands)
+    return submitted
+
+
 async def open_account(client, kind="card", owner="alice", currency="RUB", limit=0, account_id=None) -> str:
     response = await client.post("/accounts", json={"owner_id": "bank" if kind in ("settlement", "fee_income") else owner,
                                                     "kind": kind, "currency": currency, "credit_limit_minor": limit,

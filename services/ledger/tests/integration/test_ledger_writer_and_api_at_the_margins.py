@@ -26,6 +26,7 @@ from services.ledger.tests.integration.ledger_support import (
     failed_checks,
     funded_card,
     open_account,
+    queued,
     saved_balance,
     transfer_body,
     uncached_writer,
@@ -37,17 +38,6 @@ pytestmark = pytest.mark.integration
 
 def spend(card, settlement, amount_minor: int, transfer_id: str) -> c.PostTransfer:
     return c.PostTransfer(transfer_id, (c.Leg(card, -amount_minor, "RUB"), c.Leg(settlement, amount_minor, "RUB")), "card_purchase")
-
-
-async def queued(writer, commands: list) -> list[asyncio.Task]:
-    """Submit the commands to a writer that is not running yet: they wait in its queue, in order."""
-    submitted = [asyncio.create_task(writer.submit(command)) for command in commands]
-    for _ in range(100):  # bounded: the tasks only have to reach the queue
-        if writer.queue.qsize() == len(commands):
-            break
-        await asyncio.sleep(0.01)
-    assert writer.queue.qsize() == len(commands)
-    return submitted
 
 
 async def test_a_batch_takes_no_more_commands_than_its_limit_and_the_rest_go_in_the_next(ledger, monkeypatch):

@@ -18,6 +18,7 @@ from ledger.writer import LedgerUnavailable
 from services.ledger.tests.integration.ledger_support import (
     failed_checks,
     funded_card,
+    queued,
     saved_balance,
     uncached_writer,
 )
@@ -28,12 +29,7 @@ pytestmark = pytest.mark.integration
 async def one_batch(writer, *commands_in_order):
     """Submit the commands to a writer that is not running yet, so they wait in its queue
     and are taken as one batch; each one's result or refusal, in order."""
-    submitted = [asyncio.create_task(writer.submit(command)) for command in commands_in_order]
-    for _ in range(100):  # bounded: the tasks only have to reach the queue
-        if writer.queue.qsize() == len(commands_in_order):
-            break
-        await asyncio.sleep(0.01)
-    assert writer.queue.qsize() == len(commands_in_order)
+    submitted = await queued(writer, list(commands_in_order))
     writer.tasks.append(asyncio.create_task(writer.run()))
     return await asyncio.gather(*submitted, return_exceptions=True)
 
