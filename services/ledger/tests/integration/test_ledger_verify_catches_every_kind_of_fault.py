@@ -11,6 +11,7 @@ with the forged events, so that only the rule under test is left to catch him.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -417,9 +418,20 @@ async def test_verify_fails_when_a_transfer_says_it_was_posted_at_another_time_t
 # ---- the log's head ----------------------------------------------------------------------------
 
 
+async def relayed(ledger, position: int) -> None:
+    """Wait until the outbox relay has recorded `position` as published, so that it writes its
+    position no more: a forged position is then not overwritten by a page still in flight."""
+    for _ in range(1_000):
+        if ledger.parts.relay.position >= position:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the relay did not publish up to {position} in 10 s (it is at {ledger.parts.relay.position})")
+
+
 async def test_verify_fails_when_the_outbox_relay_has_passed_the_newest_event(ledger):
     await card_paying_a_shop(ledger)
     head = await ledger.parts.pool.fetchval(f"SELECT max(notification_id) FROM {events_table(ledger.parts.app.recorder)}")
+    await relayed(ledger, head)
     await ledger.parts.pool.execute("UPDATE outbox_relay_position SET position = $2 WHERE source = $1", SOURCE, head + 3)
     failed = await failed_checks(ledger)
     assert list(failed) == ["log head"], failed
