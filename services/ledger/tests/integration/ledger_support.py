@@ -88,11 +88,23 @@ async def saved_balance(pool, account_id) -> tuple[int, int]:
     return row["posted_minor"], row["held_minor"]
 
 
+async def relayed(ledger, position: int) -> None:
+    """Wait until the outbox relay has recorded `position` as published. It then writes its
+    position no more until new events come, so a page still in flight cannot overwrite a
+    forged position, nor record one past a forger's deletion."""
+    for _ in range(1_000):
+        if ledger.parts.relay.position >= position:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the relay did not publish up to {position} in 10 s (it is at {ledger.parts.relay.position})")
+
+
 async def forge_history(ledger, statement: str, *args) -> None:
     """Change the event history as only the events table's owner can: switch its append-only
     guard off, change it, and switch the guard back on, covering the tracks. What verify must
     find then is in the events themselves. `statement` names the table `{table}`."""
     table = events_table(ledger.parts.app.recorder)
+    await relayed(ledger, ledger.parts.writer.last_position)  # the forger waits for a quiet moment
     # The history so far sealed first, as the sealer does every few seconds: the forgery
     # then changes sealed events, as it would on any ledger that has run a while.
     await history_seals.seal_new_events(ledger.parts.pool, table, history_seals.seal_key_for(ledger.settings))

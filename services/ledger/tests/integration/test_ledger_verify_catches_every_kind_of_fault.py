@@ -11,7 +11,6 @@ with the forged events, so that only the rule under test is left to catch him.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,7 @@ from ledger.domain.transfer import Transfer
 from ledger.integration import SOURCE
 from ledger.projections import READ_MODEL_PROJECTION
 from ledger.verify import verify
-from services.ledger.tests.integration.ledger_support import cover_up, failed_checks, forge_history, funded_card
+from services.ledger.tests.integration.ledger_support import cover_up, failed_checks, forge_history, funded_card, relayed
 
 pytestmark = pytest.mark.integration
 
@@ -416,16 +415,6 @@ async def test_verify_fails_when_a_transfer_says_it_was_posted_at_another_time_t
 
 
 # ---- the log's head ----------------------------------------------------------------------------
-
-
-async def relayed(ledger, position: int) -> None:
-    """Wait until the outbox relay has recorded `position` as published, so that it writes its
-    position no more: a forged position is then not overwritten by a page still in flight."""
-    for _ in range(1_000):
-        if ledger.parts.relay.position >= position:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"the relay did not publish up to {position} in 10 s (it is at {ledger.parts.relay.position})")
 
 
 async def test_verify_fails_when_the_outbox_relay_has_passed_the_newest_event(ledger):
