@@ -21,13 +21,17 @@ from ledger.service import build as build_ledger
 pytestmark = pytest.mark.integration
 
 
-async def test_a_service_whose_background_loop_died_is_not_live_and_says_which(stack, unique_name):
+@pytest.mark.parametrize("ends_by", ["raising", "returning"])
+async def test_a_service_whose_background_loop_died_is_not_live_and_says_which(stack, unique_name, ends_by):
+    # A loop meant to run for ever that returns (a `while` whose condition went false, a
+    # `break`) leaves a process that answers and no longer does that loop's work, as one that raised.
     service = Service(stack.service_settings(unique_name), title="health", uses_database=False)
     crash = asyncio.Event()
 
     async def relay_loop() -> None:
         await crash.wait()
-        raise RuntimeError("the loop hit a bug")
+        if ends_by == "raising":
+            raise RuntimeError("the loop hit a bug")
 
     async def writer_loop() -> None:
         await asyncio.Event().wait()  # runs for ever, as it should

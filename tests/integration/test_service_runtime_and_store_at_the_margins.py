@@ -84,30 +84,6 @@ async def test_a_watched_dependency_that_never_answers_leaves_readiness_ready_an
     assert answered_in_s < health.CHECK_TIMEOUT_S * 0.75, f"readiness took {answered_in_s:.1f} s"
 
 
-async def test_a_background_loop_that_ends_without_an_error_is_not_live_either(stack, unique_name):
-    # A loop meant to run for ever that returns (a `while` whose condition went false, a
-    # `break`) leaves a process that answers and no longer does that loop's work.
-    service = Service(stack.service_settings(unique_name), title="health", uses_database=False)
-    ended = asyncio.Event()
-
-    async def writer_loop() -> None:
-        await ended.wait()
-
-    service.run_in_background(writer_loop)
-    async with service.running():
-        app = service.http_app()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://svc") as client:
-            assert (await client.get("/health/live")).status_code == 200
-            ended.set()
-            for _ in range(100):  # bounded: the loop ends at its next turn
-                await asyncio.sleep(0.01)
-                if service.dead_loops():
-                    break
-            response = await client.get("/health/live")
-    assert response.status_code == 503, response.text
-    assert response.json() == {"status": "dead", "dead_loops": [writer_loop.__qualname__]}
-
-
 async def test_a_background_loop_that_dies_is_logged_with_its_name_and_its_error_at_once(stack, unique_name, caplog):
     # /health/live makes the orchestrator restart the process; why it died is read in the log.
     service = Service(stack.service_settings(unique_name), title="health", uses_database=False)
