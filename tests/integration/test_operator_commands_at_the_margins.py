@@ -8,6 +8,7 @@ Most of these need no server: the few that read a ledger's database use the test
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -28,13 +30,14 @@ from typer.testing import CliRunner
 from kabinet_chassis import cli as kabinet_cli
 from kabinet_chassis import history_seals
 from kabinet_chassis.auth import ACCESS_TOKEN_LIFETIME_MAX_S, verifier_for
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_DOWN_ERRORS, create_pool, ensure_database
 from kabinet_chassis.dev_keys import dev_key_file, dev_key_path
 from kabinet_chassis.devstack.errors import StackError
 from kabinet_chassis.devstack.ports import free_port
 from kabinet_chassis.devstack.stack import StackEndpoints
 from kabinet_chassis.ed25519_keys import load_private_key, new_private_pem, public_pem
 from kabinet_chassis.outbox import PRODUCER_STOP_WAIT_S
-from kabinet_chassis.settings import ServiceSettings, StackSettings
+from kabinet_chassis.settings import ServiceSettings, StackSettings, database_name_for
 from ledger import cli as ledger_cli
 from ledger.service import build
 from services.ledger.tests.integration.ledger_support import funded_card
@@ -238,6 +241,91 @@ def test_the_services_read_the_standard_otel_endpoint_variable(operators_shell):
     operators_shell.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     settings = ServiceSettings(service_name="ledger", database_url="postgresql://u@h/db", kafka_bootstrap_servers="k:9092")
     assert settings.otel_exporter_otlp_endpoint == "http://collector:4318"
+
+
+# ---- the database a service starts on ------------------------------------------------------------
+
+
+def as_role(server_url: str, role: str, password: str) -> str:
+    server = urlsplit(server_url)
+    return urlunsplit(server._replace(netloc=f"{role}:{password}@{server.hostname}:{server.port}"))
+
+
+async def test_a_service_whose_role_may_not_create_databases_starts_on_the_database_made_for_it(stack, unique_name):
+    # In production the operator creates the service's database and gives it a role that may
+    # create none: starting must not ask for what the role may not do.
+    admin = await asyncpg.connect(stack.database_url)
+    role, database = f"role_{unique_name}", database_name_for(unique_name)
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' NOCREATEDB")
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}" OWNER {role}')
+        try:
+            assert await ensure_database(as_role(stack.database_url, role, "pw"), unique_name) == database
+        finally:
+            await admin.execute(f'DROP DATABASE "{database}"', timeout=120)
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+async def test_the_processes_of_a_service_starting_at_once_on_a_fresh_server_all_start(stack, unique_name):
+    # Replicas of a service deployed for the first time: each makes sure the database is there.
+    try:
+        made = await asyncio.gather(*(ensure_database(stack.database_url, unique_name) for _ in range(4)),
+                                    return_exceptions=True)
+        assert made == [database_name_for(unique_name)] * 4, made
+    finally:
+        admin = await asyncpg.connect(stack.database_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database_name_for(unique_name)}"', timeout=120)
+        finally:
+            await admin.close()
+
+
+async def test_a_database_server_that_never_answers_is_down_within_seconds_not_minutes():
+    # A network black hole: the server's port takes the connection and says nothing. A service
+    # starting on it fails (and is restarted) in seconds; it is "down" (503, exit 2), not a crash.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as black_hole:
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen()
+        server = f"postgresql://bank:pw@127.0.0.1:{black_hole.getsockname()[1]}/postgres"
+        started = time.monotonic()
+        tries = [asyncio.ensure_future(create_pool(server, max_size=1)), asyncio.ensure_future(ensure_database(server, "x"))]
+        done, pending = await asyncio.wait(tries, timeout=25)
+        for task in pending:
+            task.cancel()
+    assert not pending, f"still connecting after {time.monotonic() - started:.0f} s"
+    for task in done:
+        assert isinstance(task.exception(), DATABASE_DOWN_ERRORS), repr(task.exception())
+
+
+async def test_a_pool_lends_no_more_than_its_size_and_a_borrower_it_cannot_serve_gives_up_in_bounded_time(stack):
+    # Its size is the service's worker threads (what the server's max_connections is planned
+    # with); a request that cannot have a connection answers 503, it does not wait for ever.
+    pool = await create_pool(stack.database_url, max_size=1)
+    try:
+        async with pool.acquire():
+            borrowing = asyncio.ensure_future(pool.acquire())
+            done, _ = await asyncio.wait({borrowing}, timeout=DATABASE_COMMAND_TIMEOUT_S + 10)
+            if not done:
+                borrowing.cancel()
+            assert done, "a borrower waited for ever for a connection"
+            assert isinstance(borrowing.exception(), TimeoutError), "a second connection was lent from a pool of one"
+    finally:
+        await pool.close()
+
+
+async def test_a_server_that_has_no_connection_left_for_the_service_is_down_not_a_crash(stack, unique_name):
+    # max_connections reached (or the role's limit): wait and try again, a 503 for a request.
+    admin = await asyncpg.connect(stack.database_url)
+    role = f"role_{unique_name}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 0")
+    try:
+        with pytest.raises(DATABASE_DOWN_ERRORS):
+            await asyncpg.connect(as_role(stack.database_url, role, "pw"))
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
 
 
 # ---- development keys ----------------------------------------------------------------------------

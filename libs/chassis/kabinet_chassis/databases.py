@@ -49,8 +49,12 @@ async def ensure_database(server_url: str, service_name: str) -> str:
         if not exists:
             try:
                 await connection.execute(f'CREATE DATABASE "{name}"')
-            except asyncpg.DuplicateDatabaseError:
-                pass  # created concurrently by another process: fine
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                # Created concurrently by another process (replicas starting at once on a
+                # fresh server): fine. PostgreSQL reports that race as 42P04 only when the
+                # other CREATE had committed before this one looked; while both are in
+                # flight, the loser fails on pg_database's unique index instead (23505).
+                pass
     finally:
         await connection.close()
     return name
