@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import asyncpg
 from eventsourcing.persistence import InterfaceError as EventStoreInterfaceError
@@ -58,6 +60,23 @@ async def ensure_database(server_url: str, service_name: str) -> str:
     finally:
         await connection.close()
     return name
+
+
+@contextlib.asynccontextmanager
+async def one_process_starting_at_a_time(database_url: str) -> AsyncIterator[None]:
+    """Hold the service database's start lock while this process makes its schema: the
+    processes of a service starting at once (replicas deployed together) take turns.
+    PostgreSQL's CREATE … IF NOT EXISTS and CREATE OR REPLACE are not safe against the same
+    statement in another transaction: all but one fail on a catalog's unique index
+    (pg_type_typname_nsp_index). A process killed meanwhile frees the lock with its connection."""
+    connection = await asyncpg.connect(database_url, timeout=_CONNECT_TIMEOUT_S)
+    try:
+        # Past the query limit: the process before may be upgrading a big table (a backfill).
+        await connection.execute("SELECT pg_advisory_lock(hashtext('kabinet_service_start'))",
+                                 timeout=SCHEMA_CHANGE_TIMEOUT_S)
+        yield
+    finally:
+        await connection.close(timeout=DATABASE_COMMAND_TIMEOUT_S)  # the lock goes with it
 
 
 class BoundedPool(asyncpg.Pool):

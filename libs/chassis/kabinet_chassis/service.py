@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI
 from faststream.kafka import KafkaBroker
 
 from kabinet_chassis import consumers, idempotency
-from kabinet_chassis.databases import create_pool, ensure_database
+from kabinet_chassis.databases import create_pool, ensure_database, one_process_starting_at_a_time
 from kabinet_chassis.errors import install_problem_handlers, problem_schemas
 from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_chassis.health import Check, broker_check, database_check, health_router
@@ -125,14 +125,17 @@ class Service:
         if self.uses_database:
             await ensure_database(self.settings.database_url, self.settings.service_name)
             self.pool = await create_pool(self.settings.service_database_url, max_size=self.settings.worker_threads)
-            await consumers.ensure_tracking_table(self.pool)
-            await idempotency.ensure_schema(self.pool)
         try:
-            if self.pool is not None:
-                self.claimant = idempotency.Claimant(self.settings.service_database_url)
-                await self.claimant.start()
-            for hook in self._on_start:
-                await hook(self)
+            # The start hooks make the service's own schema too (an event store, read models).
+            async with (one_process_starting_at_a_time(self.settings.service_database_url) if self.pool is not None
+                        else contextlib.nullcontext()):
+                if self.pool is not None:
+                    await consumers.ensure_tracking_table(self.pool)
+                    await idempotency.ensure_schema(self.pool)
+                    self.claimant = idempotency.Claimant(self.settings.service_database_url)
+                    await self.claimant.start()
+                for hook in self._on_start:
+                    await hook(self)
             if self.topics_consumed:
                 # Create them with our partition count before a subscriber's metadata
                 # request lets the broker auto-create them with its own; and their dead-letter

@@ -155,10 +155,9 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
     recorder = app.recorder
     function = APPEND_BATCH_FUNCTION.format(events=events_table(recorder), channel=_literal(recorder.channel_name),
                                             clock_ahead_max_s=CLOCK_AHEAD_MAX_S, clock_ahead_sqlstate=CLOCK_AHEAD_SQLSTATE)
+    # Run at the service's start, one process at a time (databases.one_process_starting_at_a_time).
     async with pool.acquire() as connection, connection.transaction():
-        # CREATE OR REPLACE FUNCTION is not safe against itself in another starting process.
-        wait_s = SCHEMA_CHANGE_TIMEOUT_S  # another process may hold the lock while it upgrades a big ledger
-        await connection.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))", timeout=wait_s)
+        wait_s = SCHEMA_CHANGE_TIMEOUT_S  # an upgrade of a big ledger takes long
         balances_exist = await connection.fetchval("SELECT to_regclass('ledger_balances') IS NOT NULL")
         upgrading = balances_exist and not await connection.fetchval(HAS_INCOMING_HELD)
         await connection.execute(BALANCES_TABLE, timeout=wait_s)

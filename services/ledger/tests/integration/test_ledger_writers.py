@@ -5,6 +5,7 @@ balance that disagrees with the journal."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -13,10 +14,10 @@ import anyio
 import asyncpg
 import pytest
 
-from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, create_pool, ensure_database
-from kabinet_chassis.eventstore import event_store_env, events_table
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, ensure_database
+from kabinet_chassis.eventstore import events_table
 from ledger import writer as writer_module
-from ledger.application import LedgerApplication, ensure_store_schema
+from ledger.application import ensure_store_schema
 from ledger.domain import commands as c
 from ledger.domain.errors import AccountClosed, AccountFrozen, AccountNotEmpty, IdempotencyConflict, InsufficientFunds
 from ledger.service import build
@@ -363,30 +364,45 @@ async def test_after_an_upgrade_the_payee_of_an_earlier_hold_closes_once_the_hol
     assert (await writer.submit(c.CloseAccount(shop, "customer_request"))).state == "closed"
 
 
+async def test_processes_of_the_ledger_deployed_together_on_a_fresh_database_all_start(stack, unique_name):
+    # Replicas deployed at once: each makes the event store, the read models and their guards.
+    settings = stack.service_settings(f"ledger_{unique_name}")
+    replicas = [build(settings) for _ in range(3)]
+    async with contextlib.AsyncExitStack() as running:
+        started = await asyncio.gather(*(running.enter_async_context(service.running()) for service, _ in replicas),
+                                       return_exceptions=True)
+        assert [outcome for outcome in started if isinstance(outcome, BaseException)] == []
+        writers = [parts.writer for _, parts in replicas]
+        async with asyncio.timeout(10):
+            while not any(writer.is_active for writer in writers):  # bounded by the timeout
+                await asyncio.sleep(0.05)
+        active = next(writer for writer in writers if writer.is_active)
+        settlement, card = await funded_card(active, 1_000)
+        assert await saved_balance(replicas[0][1].pool, card) == (1_000, 0)
+
+
 async def test_a_ledger_starting_while_another_upgrades_the_store_waits_for_it_past_the_query_limit(stack, unique_name):
-    # As in a rolling deploy: the other process holds the store's schema lock through its upgrade.
+    # As in a rolling deploy: the other process holds the service's start lock through its upgrade.
     settings = stack.service_settings(f"ledger_{unique_name}")
     await ensure_database(stack.database_url, settings.service_name)
-    holder = await asyncpg.connect(settings.service_database_url)
-    app = LedgerApplication(env=event_store_env(settings))
-    pool = await create_pool(settings.service_database_url, max_size=2)
+    service, parts = build(settings)
+    upgrading = await asyncpg.connect(settings.service_database_url)
     try:
-        # The other process: inside its schema transaction for a while (its upgrade scan).
-        transaction = holder.transaction()
-        await transaction.start()
-        await holder.execute("SELECT pg_advisory_xact_lock(hashtext('ledger_store_schema'))")
+        await upgrading.execute("SELECT pg_advisory_lock(hashtext('kabinet_service_start'))")
+        upgraded = False
 
         async def finish_upgrade_later():
+            nonlocal upgraded
             await asyncio.sleep(DATABASE_COMMAND_TIMEOUT_S + 2)
-            await transaction.commit()
+            upgraded = True
+            await upgrading.execute("SELECT pg_advisory_unlock(hashtext('kabinet_service_start'))")
 
         other = asyncio.create_task(finish_upgrade_later())
-        await ensure_store_schema(pool, app)  # this process starts once the other is done
+        async with service.running():  # this process starts once the other is done
+            assert upgraded and parts.app is not None
         await other
     finally:
-        await pool.close()
-        await holder.close()
-        app.close()
+        await upgrading.close()
 
 
 async def test_a_process_regaining_the_lead_waits_for_its_batch_in_flight_before_it_drops_its_cache(
