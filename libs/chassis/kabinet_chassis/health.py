@@ -53,7 +53,7 @@ def health_router(checks: dict[str, Check], watched: dict[str, Check],
     docstring). `dead_loops` names the background loops that have ended: a writer, relay
     or consumer loop that died leaves a process that answers but no longer works, which
     only a restart mends, so liveness fails. Without `shows_detail`, readiness answers each
-    check's status only (a service that faces the public)."""
+    check's status only, and liveness names no loop (a service that faces the public)."""
     router = APIRouter(tags=["health"])
     readiness = _SharedReadiness(checks, watched)
 
@@ -61,7 +61,8 @@ def health_router(checks: dict[str, Check], watched: dict[str, Check],
     async def live() -> JSONResponse:
         dead = dead_loops()
         if dead:
-            return JSONResponse({"status": "dead", "dead_loops": dead}, status_code=503)
+            # One that faces the public names none of its parts (the log names the loop, as it died).
+            return JSONResponse({"status": "dead", **({"dead_loops": dead} if shows_detail else {})}, status_code=503)
         return JSONResponse({"status": "live"})
 
     @router.get("/health/ready")
