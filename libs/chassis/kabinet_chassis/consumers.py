@@ -54,7 +54,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
-from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
+from kabinet_chassis.databases import DATABASE_DOWN_ERRORS, apply_schema
 from kabinet_chassis.eventstore import WorkerThreads
 from kabinet_contracts.envelope import PREVIOUS_POSITION_HEADER, SOURCE_CHARS_MAX, SOURCE_PATTERN, IntegrationEvent
 from kabinet_contracts.registry import dead_letter_topic
@@ -474,8 +474,7 @@ class ReadModelConsumer:
 
 
 async def ensure_tracking_table(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as connection:
-        await connection.execute(TRACKING_SCHEMA)
+    await apply_schema(pool, "consumer_tracking", TRACKING_SCHEMA)
 
 
 # An event-sourced reaction: given an upstream event, the aggregates it changed.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -77,6 +78,51 @@ async def one_process_starting_at_a_time(database_url: str) -> AsyncIterator[Non
         yield
     finally:
         await connection.close(timeout=DATABASE_COMMAND_TIMEOUT_S)  # the lock goes with it
+
+
+# Which schema script each part of a service last ran here (its SHA-256): a process starting
+# on a database that already ran the very same script runs nothing. ALTER TABLE … ADD COLUMN
+# IF NOT EXISTS takes an ACCESS EXCLUSIVE lock even when it has nothing to add: a process
+# restarting while an auditor's verify read the ledger in a long snapshot waited for the
+# whole read, and every write (a payment's balances, an Idempotency-Key) queued behind it.
+# A new version's script differs, and runs once. A script is made of statements that are
+# safe to repeat (IF NOT EXISTS, OR REPLACE), as a half-recorded upgrade runs it again.
+SCHEMA_SCRIPTS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_scripts_applied (
+    name text PRIMARY KEY,
+    script_sha256 text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+def _sha256(script: str) -> str:
+    return hashlib.sha256(script.encode()).hexdigest()
+
+
+async def schema_is_current(connection: asyncpg.Connection, name: str, script: str) -> bool:
+    """Whether this database has run `script` for `name` (see SCHEMA_SCRIPTS_TABLE)."""
+    await connection.execute(SCHEMA_SCRIPTS_TABLE)  # takes no lock on a table that exists
+    applied = await connection.fetchval("SELECT script_sha256 FROM schema_scripts_applied WHERE name = $1", name)
+    return applied == _sha256(script)
+
+
+async def record_schema(connection: asyncpg.Connection, name: str, script: str) -> None:
+    """Note that `script` ran for `name`: in the transaction that ran it."""
+    await connection.execute(
+        "INSERT INTO schema_scripts_applied (name, script_sha256) VALUES ($1, $2)"
+        " ON CONFLICT (name) DO UPDATE SET script_sha256 = excluded.script_sha256, applied_at = now()",
+        name, _sha256(script))
+
+
+async def apply_schema(pool: asyncpg.Pool, name: str, script: str) -> None:
+    """Run `script` (its statements) for `name`, unless this database ran that very script;
+    at a service's start, one process at a time (one_process_starting_at_a_time)."""
+    async with pool.acquire() as connection:
+        if await schema_is_current(connection, name, script):
+            return
+        async with connection.transaction():
+            await connection.execute(script, timeout=SCHEMA_CHANGE_TIMEOUT_S)  # a new index on a big table takes long
+            await record_schema(connection, name, script)
 
 
 class BoundedPool(asyncpg.Pool):

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from kabinet_chassis import append_only
-from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+from kabinet_chassis.databases import apply_schema
 from kabinet_chassis.dev_keys import dev_key_file, dev_key_path
 from kabinet_chassis.ed25519_keys import load_private_key, load_public_keys, new_private_pem
 from kabinet_chassis.settings import ServiceSettings
@@ -90,9 +90,10 @@ CREATE TABLE IF NOT EXISTS {SEALS_TABLE} (
     sealed_at timestamptz NOT NULL,
     signature bytea NOT NULL,
     PRIMARY KEY (events_table, seal_no)
-)"""
-# A seals table made before seals were signed: its seals are reported as unsigned.
-SIGNATURE_COLUMN = f"ALTER TABLE {SEALS_TABLE} ADD COLUMN IF NOT EXISTS signature bytea"
+);
+-- A seals table made before seals were signed: its seals are reported as unsigned.
+ALTER TABLE {SEALS_TABLE} ADD COLUMN IF NOT EXISTS signature bytea
+"""
 
 _EVENT_COLUMNS = "notification_id, originator_id, originator_version, topic, state"
 
@@ -149,9 +150,7 @@ def signed_part(events_table: str, seal_no: int, first_position: int, last_posit
 
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as connection:
-        await connection.execute(SCHEMA, timeout=SCHEMA_CHANGE_TIMEOUT_S)
-        await connection.execute(SIGNATURE_COLUMN, timeout=SCHEMA_CHANGE_TIMEOUT_S)
+    await apply_schema(pool, SEALS_TABLE, SCHEMA)
     await append_only.guard(pool, SEALS_TABLE)
 
 

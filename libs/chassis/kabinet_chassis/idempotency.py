@@ -30,7 +30,7 @@ import asyncpg
 from fastapi import Header
 from fastapi.responses import JSONResponse
 
-from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_DOWN_ERRORS, SCHEMA_CHANGE_TIMEOUT_S
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_DOWN_ERRORS, apply_schema
 from kabinet_chassis.errors import PROBLEM_JSON, Problem, domain_problem
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,11 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     response jsonb,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (scope, key)
-)
+);
+-- Added after the first release: claims taken before it name no claimant and wait out their lease.
+ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS claimant integer;
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at)
 """
-# Added after the first release: claims taken before it name no claimant and wait out their lease.
-CLAIMANT_COLUMN = "ALTER TABLE idempotency_keys ADD COLUMN IF NOT EXISTS claimant integer"
 
 
 class Claimant:
@@ -166,11 +167,7 @@ def idempotency_key(idempotency_key: str | None = Header(default=None, alias="Id
 
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as connection:
-        await connection.execute(SCHEMA, timeout=SCHEMA_CHANGE_TIMEOUT_S)
-        await connection.execute(CLAIMANT_COLUMN, timeout=SCHEMA_CHANGE_TIMEOUT_S)
-        await connection.execute("CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at)",
-                                 timeout=SCHEMA_CHANGE_TIMEOUT_S)
+    await apply_schema(pool, "idempotency_keys", SCHEMA)
 
 
 async def purge_expired(pool: asyncpg.Pool, retention_s: float = KEY_RETENTION_S) -> int:

@@ -14,7 +14,7 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg.sql import SQL, Identifier
 
-from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S, record_schema, schema_is_current
 from kabinet_chassis.eventstore import events_table
 from ledger.domain.balance import Balance
 
@@ -155,19 +155,31 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
     recorder = app.recorder
     function = APPEND_BATCH_FUNCTION.format(events=events_table(recorder), channel=_literal(recorder.channel_name),
                                             clock_ahead_max_s=CLOCK_AHEAD_MAX_S, clock_ahead_sqlstate=CLOCK_AHEAD_SQLSTATE)
-    # Run at the service's start, one process at a time (databases.one_process_starting_at_a_time).
-    async with pool.acquire() as connection, connection.transaction():
-        wait_s = SCHEMA_CHANGE_TIMEOUT_S  # an upgrade of a big ledger takes long
-        balances_exist = await connection.fetchval("SELECT to_regclass('ledger_balances') IS NOT NULL")
-        upgrading = balances_exist and not await connection.fetchval(HAS_INCOMING_HELD)
-        await connection.execute(BALANCES_TABLE, timeout=wait_s)
-        await connection.execute(STORE_BEFORE_NOW, timeout=wait_s)
-        if upgrading:
-            incoming = await anyio.to_thread.run_sync(incoming_held_by_account, app)
-            await connection.executemany("UPDATE ledger_balances SET incoming_held_minor = $2 WHERE account_id = $1",
-                                         list(incoming.items()), timeout=wait_s)
-        await connection.execute(POSTING_CLOCK_TABLE, timeout=wait_s)
-        await connection.execute(function, timeout=wait_s)
+    # Run at the service's start, one process at a time (databases.one_process_starting_at_a_time),
+    # and only when the script is new to this database (databases.SCHEMA_SCRIPTS_TABLE says why).
+    script = ";\n".join((BALANCES_TABLE, STORE_BEFORE_NOW, POSTING_CLOCK_TABLE, function))
+    async with pool.acquire() as connection:
+        if await schema_is_current(connection, "ledger_store", script):
+            return
+        async with connection.transaction():
+            await _make_store_schema(connection, app, function)
+            await record_schema(connection, "ledger_store", script)
+
+
+async def _make_store_schema(connection: asyncpg.Connection, app: LedgerApplication, function: str) -> None:
+    """The store's tables and the batch append function, and a database made before balances tracked what holds
+    will pay in: the column, filled in from the live holds' events."""
+    wait_s = SCHEMA_CHANGE_TIMEOUT_S  # an upgrade of a big ledger takes long
+    balances_exist = await connection.fetchval("SELECT to_regclass('ledger_balances') IS NOT NULL")
+    upgrading = balances_exist and not await connection.fetchval(HAS_INCOMING_HELD)
+    await connection.execute(BALANCES_TABLE, timeout=wait_s)
+    await connection.execute(STORE_BEFORE_NOW, timeout=wait_s)
+    if upgrading:
+        incoming = await anyio.to_thread.run_sync(incoming_held_by_account, app)
+        await connection.executemany("UPDATE ledger_balances SET incoming_held_minor = $2 WHERE account_id = $1",
+                                     list(incoming.items()), timeout=wait_s)
+    await connection.execute(POSTING_CLOCK_TABLE, timeout=wait_s)
+    await connection.execute(function, timeout=wait_s)
 
 
 HOLD_TOPICS = tuple(f"ledger.domain.hold:Hold.{kind}" for kind in ("Placed", "Captured", "Voided", "Expired"))

@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S
+from kabinet_chassis.databases import apply_schema
 from ledger.domain.account import freezes_after
 from ledger.domain.commands import REVERSAL_SUFFIX
 from ledger.domain.stored import stored_later
@@ -180,8 +180,7 @@ class UnknownCursor(ValueError):
 
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
-    async with pool.acquire() as connection:
-        await connection.execute(SCHEMA, timeout=SCHEMA_CHANGE_TIMEOUT_S)  # a new index on a big table takes long
+    await apply_schema(pool, READ_MODEL_PROJECTION, SCHEMA)
 
 
 def _kind(event: Any) -> str:

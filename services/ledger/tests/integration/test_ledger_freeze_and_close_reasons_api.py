@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from ledger import projections
-from services.ledger.tests.integration.ledger_support import failed_checks, open_account, transfer_body
+from services.ledger.tests.integration.ledger_support import as_an_older_ledger_left_it, failed_checks, open_account, transfer_body
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ async def test_a_read_model_from_before_reasons_shows_its_frozen_accounts_frozen
     # As the events of such a freeze replay (the domain's rule, tested on its own): any unfreeze lifts it.
     frozen, open_ = await open_account(ledger), await open_account(ledger)
     await act(ledger, frozen, "freeze", {"reason": "fraud_suspected"})
-    await ledger.parts.pool.execute("UPDATE ledger_accounts SET freeze_reasons = '{}'")  # as the ledger left it then
+    await as_an_older_ledger_left_it(ledger.parts.pool, "UPDATE ledger_accounts SET freeze_reasons = '{}'")
     await projections.ensure_schema(ledger.parts.pool)  # at the next start
     assert (await ledger.get(f"/accounts/{frozen}")).json()["freeze_reasons"] == ["not_recorded"]
     assert (await ledger.get(f"/accounts/{open_}")).json()["freeze_reasons"] == []

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from ledger import projections
-from services.ledger.tests.integration.ledger_support import failed_checks, open_account, transfer_body
+from services.ledger.tests.integration.ledger_support import as_an_older_ledger_left_it, failed_checks, open_account, transfer_body
 from tests.support.tokens import bearer
 
 pytestmark = pytest.mark.integration
@@ -140,8 +140,8 @@ async def test_a_read_model_from_before_placement_positions_is_replayed_from_the
     tag = uuid.uuid4().hex[:8]
     await place(ledger, f"auth-{tag}-old", card, shop, 10)
     await settled(ledger)
-    await ledger.parts.pool.execute("DROP INDEX ledger_holds_debit_active, ledger_holds_credit_active;"
-                                    " ALTER TABLE ledger_holds DROP COLUMN placed_position, DROP COLUMN placed_at")
+    await as_an_older_ledger_left_it(ledger.parts.pool, "DROP INDEX ledger_holds_debit_active, ledger_holds_credit_active;"
+                                     " ALTER TABLE ledger_holds DROP COLUMN placed_position, DROP COLUMN placed_at")
     await projections.ensure_schema(ledger.parts.pool)  # at the next start: the read model is emptied
     assert await ledger.parts.pool.fetchval("SELECT count(*) FROM ledger_holds") == 0
     await place(ledger, f"auth-{tag}-new", card, shop, 20)  # the running projection finds its position reset

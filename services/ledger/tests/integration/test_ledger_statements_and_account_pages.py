@@ -10,7 +10,13 @@ import asyncpg
 import pytest
 
 from ledger import projections
-from services.ledger.tests.integration.ledger_support import failed_checks, open_account, pages_after, transfer_body
+from services.ledger.tests.integration.ledger_support import (
+    as_an_older_ledger_left_it,
+    failed_checks,
+    open_account,
+    pages_after,
+    transfer_body,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +133,7 @@ async def test_a_read_model_from_before_running_credits_gets_them_at_the_next_st
     period = (before + timedelta(seconds=5), before + timedelta(seconds=15))
     expected = await statement_pages(ledger, card, *period, limit=1)
 
-    await ledger.parts.pool.execute("ALTER TABLE ledger_entries DROP COLUMN credits_after_minor")  # as the ledger left it then
+    await as_an_older_ledger_left_it(ledger.parts.pool, "ALTER TABLE ledger_entries DROP COLUMN credits_after_minor")
     await projections.ensure_schema(ledger.parts.pool)  # at the next start
     assert await statement_pages(ledger, card, *period, limit=1) == expected
     assert (expected[0]["credits_minor"], expected[0]["debits_minor"]) == (300, 50)
@@ -180,7 +186,8 @@ async def test_a_read_model_from_before_opening_positions_is_replayed_from_the_l
     owner = f"business-{uuid.uuid4().hex[:8]}"
     opened = [await open_account(ledger, owner=owner) for _ in range(3)]
     await settled(ledger)
-    await ledger.parts.pool.execute(  # as the ledger left it then
+    await as_an_older_ledger_left_it(
+        ledger.parts.pool,
         "ALTER TABLE ledger_accounts DROP COLUMN opened_position; ALTER TABLE ledger_transfers DROP COLUMN posted_position;"
         " CREATE INDEX ledger_accounts_owner_order ON ledger_accounts (owner_id, opened_at, account_id)")
     await projections.ensure_schema(ledger.parts.pool)  # at the next start: the read model is emptied

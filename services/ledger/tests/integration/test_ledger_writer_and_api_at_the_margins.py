@@ -23,6 +23,7 @@ from ledger.domain import commands as c
 from ledger.domain.errors import AccountFrozen
 from ledger.service import build
 from services.ledger.tests.integration.ledger_support import (
+    as_an_older_ledger_left_it,
     failed_checks,
     funded_card,
     open_account,
@@ -112,7 +113,7 @@ async def test_an_upgrade_fills_in_what_live_holds_will_pay_in_net_of_captures_a
         await writer.submit(c.PlaceHold(hold_id, card, shop, amount_minor, "RUB", expires_at, "card_purchase"))
     await writer.submit(c.CaptureHold("partly-captured", "c1", 100))
     await writer.submit(c.VoidHold("voided"))
-    await ledger.parts.pool.execute("ALTER TABLE ledger_balances DROP COLUMN incoming_held_minor")
+    await as_an_older_ledger_left_it(ledger.parts.pool, "ALTER TABLE ledger_balances DROP COLUMN incoming_held_minor")
     await ensure_store_schema(ledger.parts.pool, ledger.parts.app)
     await writer.start()  # the process restarts: nothing cached
 

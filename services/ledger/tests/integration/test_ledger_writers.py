@@ -5,7 +5,6 @@ balance that disagrees with the journal."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -14,7 +13,6 @@ import anyio
 import asyncpg
 import pytest
 
-from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, ensure_database
 from kabinet_chassis.eventstore import events_table
 from ledger import writer as writer_module
 from ledger.application import ensure_store_schema
@@ -23,7 +21,7 @@ from ledger.domain.errors import AccountClosed, AccountFrozen, AccountNotEmpty, 
 from ledger.service import build
 from ledger.verify import verify
 from ledger.writer import LedgerUnavailable
-from services.ledger.tests.integration.ledger_support import funded_card, saved_balance, uncached_writer
+from services.ledger.tests.integration.ledger_support import as_an_older_ledger_left_it, funded_card, saved_balance, uncached_writer
 
 pytestmark = pytest.mark.integration
 
@@ -353,7 +351,7 @@ async def test_after_an_upgrade_the_payee_of_an_earlier_hold_closes_once_the_hol
     await writer.submit(c.PlaceHold("old-hold", card, shop, 400, "RUB", datetime.now(UTC) + timedelta(days=1),
                                     "purchase"))
     # The upgrade: the old table had no column; ensure_store_schema adds it, as on any start.
-    await ledger.parts.pool.execute("ALTER TABLE ledger_balances DROP COLUMN incoming_held_minor")
+    await as_an_older_ledger_left_it(ledger.parts.pool, "ALTER TABLE ledger_balances DROP COLUMN incoming_held_minor")
     await ensure_store_schema(ledger.parts.pool, ledger.parts.app)
     await writer.start()  # the process restarts: nothing cached
     await writer.submit(c.CaptureHold("old-hold", "c1", 400))
@@ -362,47 +360,6 @@ async def test_after_an_upgrade_the_payee_of_an_earlier_hold_closes_once_the_hol
         "SELECT incoming_held_minor FROM ledger_balances WHERE account_id = $1", shop)
     assert incoming == 0
     assert (await writer.submit(c.CloseAccount(shop, "customer_request"))).state == "closed"
-
-
-async def test_processes_of_the_ledger_deployed_together_on_a_fresh_database_all_start(stack, unique_name):
-    # Replicas deployed at once: each makes the event store, the read models and their guards.
-    settings = stack.service_settings(f"ledger_{unique_name}")
-    replicas = [build(settings) for _ in range(3)]
-    async with contextlib.AsyncExitStack() as running:
-        started = await asyncio.gather(*(running.enter_async_context(service.running()) for service, _ in replicas),
-                                       return_exceptions=True)
-        assert [outcome for outcome in started if isinstance(outcome, BaseException)] == []
-        writers = [parts.writer for _, parts in replicas]
-        async with asyncio.timeout(10):
-            while not any(writer.is_active for writer in writers):  # bounded by the timeout
-                await asyncio.sleep(0.05)
-        active = next(writer for writer in writers if writer.is_active)
-        settlement, card = await funded_card(active, 1_000)
-        assert await saved_balance(replicas[0][1].pool, card) == (1_000, 0)
-
-
-async def test_a_ledger_starting_while_another_upgrades_the_store_waits_for_it_past_the_query_limit(stack, unique_name):
-    # As in a rolling deploy: the other process holds the service's start lock through its upgrade.
-    settings = stack.service_settings(f"ledger_{unique_name}")
-    await ensure_database(stack.database_url, settings.service_name)
-    service, parts = build(settings)
-    upgrading = await asyncpg.connect(settings.service_database_url)
-    try:
-        await upgrading.execute("SELECT pg_advisory_lock(hashtext('kabinet_service_start'))")
-        upgraded = False
-
-        async def finish_upgrade_later():
-            nonlocal upgraded
-            await asyncio.sleep(DATABASE_COMMAND_TIMEOUT_S + 2)
-            upgraded = True
-            await upgrading.execute("SELECT pg_advisory_unlock(hashtext('kabinet_service_start'))")
-
-        other = asyncio.create_task(finish_upgrade_later())
-        async with service.running():  # this process starts once the other is done
-            assert upgraded and parts.app is not None
-        await other
-    finally:
-        await upgrading.close()
 
 
 async def test_a_process_regaining_the_lead_waits_for_its_batch_in_flight_before_it_drops_its_cache(
