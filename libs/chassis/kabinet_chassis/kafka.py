@@ -6,7 +6,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import OffsetOutOfRangeError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from aiokafka.errors import OffsetOutOfRangeError, TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 from murmurhash2 import murmurhash2
 
 # Partition counts never change after creation (ARCHITECTURE.md §3): keys keep
@@ -62,12 +62,28 @@ async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: i
         missing = [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor, topic_configs=configs)
                    for name in topics if name not in existing]
         if missing:
-            try:
-                await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
+            refused = refused_topics((await admin.create_topics(missing)).topic_errors)
+            if refused:
+                raise TopicsRefused(f"the broker at {bootstrap_servers} refused to create {'; '.join(refused)}")
     finally:
         await admin.close()
+
+
+class TopicsRefused(Exception):
+    """The broker would not create a topic a service needs: more replicas than it has brokers,
+    a creation policy, no right to create. Nothing could be published to it or read from it."""
+
+
+def refused_topics(topic_errors: list[tuple]) -> list[str]:
+    """The topics a CreateTopics answer refused, each with why. aiokafka raises none of them:
+    they come back in the answer, one per topic (topic, error code[, message]). One created
+    meanwhile (a replica of the service starting too) is as good as created."""
+    refused = []
+    for topic, error_code, *message in topic_errors:
+        if error_code not in (0, TopicAlreadyExistsError.errno):
+            why = for_code(error_code).__name__ + (f" ({message[0]})" if message and message[0] else "")
+            refused.append(f"{topic}: {why}")
+    return refused
 
 
 class BrokerDidNotAnswer(Exception):

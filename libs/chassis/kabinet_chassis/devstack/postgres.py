@@ -92,11 +92,14 @@ class EmbeddedPostgres:
         run_as = self._run_as()
         if not self.is_initialised():
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            subprocess.run(
+            made = subprocess.run(
                 [str(pg_binary("initdb")), "-D", str(self.data_dir), "-U", SUPERUSER,
                  "--auth=trust", "--encoding=UTF8", "--no-instructions"],
-                check=True, capture_output=True, text=True, **run_as,
+                capture_output=True, text=True, **run_as,
             )
+            if made.returncode != 0:  # its reason, in one line: a data dir in use for something else, a full disk
+                reason = "; ".join(line.strip() for line in (made.stderr or made.stdout).strip().splitlines())
+                raise StackError(f"initdb could not make a database in {self.data_dir}: {reason}")
         if self.is_running():
             return
         require_free_port(self.port, "PostgreSQL", "KABINET_PG_PORT")
