@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 from eventsourcing.persistence import InterfaceError as EventStoreInterfaceError
 from eventsourcing.persistence import OperationalError as EventStoreOperationalError
 
 from kabinet_chassis.settings import database_name_for
+
+log = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT_S = 10
 # The longest any one query through a service's pool may take. A database that hangs (a
@@ -87,6 +91,11 @@ async def one_process_starting_at_a_time(database_url: str) -> AsyncIterator[Non
 # whole read, and every write (a payment's balances, an Idempotency-Key) queued behind it.
 # A new version's script differs, and runs once. A script is made of statements that are
 # safe to repeat (IF NOT EXISTS, OR REPLACE), as a half-recorded upgrade runs it again.
+# How long a schema change may hold up the queries queued behind its wait for a table's lock,
+# and how it tries again (about as long in all as SCHEMA_CHANGE_TIMEOUT_S).
+SCHEMA_LOCK_WAIT_S = 2
+SCHEMA_LOCK_PAUSE_S = 2
+SCHEMA_LOCK_ATTEMPTS_MAX = 900
 SCHEMA_SCRIPTS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_scripts_applied (
     name text PRIMARY KEY,
@@ -106,23 +115,39 @@ async def schema_is_current(connection: asyncpg.Connection, name: str, script: s
     return applied == _sha256(script)
 
 
-async def record_schema(connection: asyncpg.Connection, name: str, script: str) -> None:
-    """Note that `script` ran for `name`: in the transaction that ran it."""
-    await connection.execute(
-        "INSERT INTO schema_scripts_applied (name, script_sha256) VALUES ($1, $2)"
-        " ON CONFLICT (name) DO UPDATE SET script_sha256 = excluded.script_sha256, applied_at = now()",
-        name, _sha256(script))
+async def change_schema(connection: asyncpg.Connection, name: str, script: str,
+                        make: Callable[[], Awaitable[None]]) -> None:
+    """Run `make` (what `script` says) and note that `script` ran for `name`, in one
+    transaction. A table's lock is waited for SCHEMA_LOCK_WAIT_S at most, then all is undone
+    and tried again after a pause: the service's own queries queue behind a waiting ALTER
+    TABLE, so an upgrade that waited out an auditor's long read would stop payments for as long."""
+    for attempt in range(1, SCHEMA_LOCK_ATTEMPTS_MAX + 1):
+        try:
+            async with connection.transaction():
+                await connection.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'")
+                await make()
+                await connection.execute(
+                    "INSERT INTO schema_scripts_applied (name, script_sha256) VALUES ($1, $2)"
+                    " ON CONFLICT (name) DO UPDATE SET script_sha256 = excluded.script_sha256, applied_at = now()",
+                    name, _sha256(script))
+            return
+        except asyncpg.LockNotAvailableError:
+            if attempt == SCHEMA_LOCK_ATTEMPTS_MAX:
+                raise
+            if attempt == 1:  # said once, not every pause
+                log.warning("the schema change of %s waits for long reads of its tables (a report, an audit) to end;"
+                            " trying again every %g s", name, SCHEMA_LOCK_PAUSE_S)
+            await asyncio.sleep(SCHEMA_LOCK_PAUSE_S)
 
 
 async def apply_schema(pool: asyncpg.Pool, name: str, script: str) -> None:
     """Run `script` (its statements) for `name`, unless this database ran that very script;
     at a service's start, one process at a time (one_process_starting_at_a_time)."""
     async with pool.acquire() as connection:
-        if await schema_is_current(connection, name, script):
-            return
-        async with connection.transaction():
-            await connection.execute(script, timeout=SCHEMA_CHANGE_TIMEOUT_S)  # a new index on a big table takes long
-            await record_schema(connection, name, script)
+        if not await schema_is_current(connection, name, script):
+            # A new index on a big table takes long.
+            await change_schema(connection, name, script,
+                                functools.partial(connection.execute, script, timeout=SCHEMA_CHANGE_TIMEOUT_S))
 
 
 class BoundedPool(asyncpg.Pool):

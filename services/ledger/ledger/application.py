@@ -3,6 +3,7 @@ and the one statement that commits a writer batch, events and balances together.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from uuid import UUID
@@ -14,7 +15,7 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg.sql import SQL, Identifier
 
-from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S, record_schema, schema_is_current
+from kabinet_chassis.databases import SCHEMA_CHANGE_TIMEOUT_S, change_schema, schema_is_current
 from kabinet_chassis.eventstore import events_table
 from ledger.domain.balance import Balance
 
@@ -161,9 +162,8 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
     async with pool.acquire() as connection:
         if await schema_is_current(connection, "ledger_store", script):
             return
-        async with connection.transaction():
-            await _make_store_schema(connection, app, function)
-            await record_schema(connection, "ledger_store", script)
+        await change_schema(connection, "ledger_store", script,
+                            functools.partial(_make_store_schema, connection, app, function))
 
 
 async def _make_store_schema(connection: asyncpg.Connection, app: LedgerApplication, function: str) -> None:
