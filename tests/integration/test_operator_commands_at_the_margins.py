@@ -126,19 +126,26 @@ def test_verify_reads_the_database_the_ledger_that_kabinet_up_runs_writes(operat
 # ---- exit codes: no verdict is exit 2, on stderr alone ------------------------------------------
 
 
+@pytest.mark.parametrize("refused", ["database", "role"])
 @pytest.mark.parametrize("command", ["verify", "events", "rebuild-read-model"])
-async def test_a_wrong_password_gives_no_verdict_exit_2_in_one_line_on_stderr_without_the_password(
-        stack, unique_name, monkeypatch, command):
+async def test_a_login_the_server_refuses_gives_no_verdict_exit_2_with_its_reason_in_one_line_on_stderr(
+        stack, unique_name, monkeypatch, command, refused):
     # Exit 1 would say a check failed (verify) or a rebuild changed nothing (rebuild-read-model):
-    # nothing was read. Stdout stays empty: an auditor's tool parses it as the answer.
+    # nothing was read. Stdout stays empty: an auditor's tool parses it as the answer. The
+    # server's reason, at once: not "cannot reach" after the connect timeout, which sends the
+    # operator to the network instead of the URL. (The test server trusts loopback, so a wrong
+    # password is let in: a role or a database it does not have are refused.)
     server = urlsplit(stack.database_url)
-    wrong = urlunsplit(server._replace(netloc=f"{server.username}:Wr0ngPassw0rd@{server.hostname}:{server.port}"))
+    role = server.username if refused == "database" else f"nobody_{unique_name}"
+    wrong = urlunsplit(server._replace(netloc=f"{role}:Wr0ngPassw0rd@{server.hostname}:{server.port}"))
     settings = stack.service_settings(f"ledger_{unique_name}", database_url=wrong)
     result = await kabinet_ledger_on(settings, monkeypatch, command)
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.stdout == "", result.stdout
     message = one_line(result.stderr)
     assert message.startswith("error:") and "\n" not in message, message
+    refused_name = database_name_for(settings.service_name) if refused == "database" else role
+    assert f'{refused} "{refused_name}" does not exist' in message, message
     assert "Wr0ngPassw0rd" not in result.output and "Traceback" not in result.output
 
 

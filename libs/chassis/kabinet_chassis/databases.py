@@ -17,7 +17,8 @@ from kabinet_chassis.settings import database_name_for
 
 log = logging.getLogger(__name__)
 
-_CONNECT_TIMEOUT_S = 10
+# The longest a new connection may take to be made (a server not answering: a black hole).
+DATABASE_CONNECT_TIMEOUT_S = 10
 # The longest any one query through a service's pool may take. A database that hangs (a
 # stopped server, a network black hole) answers nothing: past this, the query raises
 # TimeoutError (an OSError, so a 503 below) instead of holding the request for ever.
@@ -50,7 +51,7 @@ DATABASE_DOWN_ERRORS: tuple[type[BaseException], ...] = (
 async def ensure_database(server_url: str, service_name: str) -> str:
     """Create the service's database if it does not exist; return its name."""
     name = database_name_for(service_name)
-    connection = await asyncpg.connect(server_url, timeout=_CONNECT_TIMEOUT_S)
+    connection = await asyncpg.connect(server_url, timeout=DATABASE_CONNECT_TIMEOUT_S)
     try:
         exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
@@ -74,7 +75,7 @@ async def one_process_starting_at_a_time(database_url: str) -> AsyncIterator[Non
     PostgreSQL's CREATE … IF NOT EXISTS and CREATE OR REPLACE are not safe against the same
     statement in another transaction: all but one fail on a catalog's unique index
     (pg_type_typname_nsp_index). A process killed meanwhile frees the lock with its connection."""
-    connection = await asyncpg.connect(database_url, timeout=_CONNECT_TIMEOUT_S)
+    connection = await asyncpg.connect(database_url, timeout=DATABASE_CONNECT_TIMEOUT_S)
     try:
         # Past the query limit: the process before may be upgrading a big table (a backfill).
         await connection.execute("SELECT pg_advisory_lock(hashtext('kabinet_service_start'))",
@@ -170,7 +171,7 @@ async def create_pool(database_url: str, max_size: int) -> asyncpg.Pool:
     # As asyncpg.create_pool builds its Pool (it takes no pool class), with asyncpg's defaults.
     pool = BoundedPool(database_url, min_size=1, max_size=max_size, max_queries=50_000,
                        max_inactive_connection_lifetime=300.0, loop=None, connection_class=asyncpg.Connection,
-                       record_class=asyncpg.Record, timeout=_CONNECT_TIMEOUT_S,
+                       record_class=asyncpg.Record, timeout=DATABASE_CONNECT_TIMEOUT_S,
                        command_timeout=DATABASE_COMMAND_TIMEOUT_S)
     return await pool
 

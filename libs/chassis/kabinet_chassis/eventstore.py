@@ -20,7 +20,7 @@ from opentelemetry import propagate
 from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Identifier
 
-from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_CONNECT_TIMEOUT_S
 from kabinet_chassis.settings import ServiceSettings
 
 T = TypeVar("T")
@@ -189,7 +189,7 @@ def event_store_env(settings: ServiceSettings, *, encrypted: bool = False, creat
         "POSTGRES_PASSWORD": unquote(url.password or ""),
         "POSTGRES_POOL_SIZE": str(settings.worker_threads),
         "POSTGRES_MAX_OVERFLOW": "0",
-        "POSTGRES_CONNECT_TIMEOUT": "10",
+        "POSTGRES_CONNECT_TIMEOUT": str(DATABASE_CONNECT_TIMEOUT_S),
         POSTGRES_STATEMENT_TIMEOUT: str(DATABASE_COMMAND_TIMEOUT_S),
         POSTGRES_URL_QUERY: url.query,
         "CREATE_TABLE": "y" if creates_tables else "n",

@@ -36,7 +36,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, wait_for_lead
+from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_CONNECT_TIMEOUT_S, wait_for_lead
 from kabinet_chassis.eventstore import TracingMapper, events_table, notifications_after
 from kabinet_chassis.kafka import (
     DEFAULT_PARTITIONS,
@@ -61,7 +61,6 @@ BACKOFF_FIRST_S = 0.1
 # failures, then one line per interval: a traceback per round buried the service's log.
 FAILURE_LOG_FIRST = 2
 FAILURE_LOG_INTERVAL_S = 60.0
-_CONNECT_TIMEOUT_S = 10
 # The most a stopping relay waits for its producer to hand over what it holds: with the broker
 # gone it would wait out a request timeout, and the ledger's last sealing pass after it. Nothing
 # is lost: the position moves only past what the broker acknowledged; the rest goes at the next start.
@@ -209,7 +208,7 @@ class OutboxRelay:
             await self._close(lock_connection)
 
     async def _connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.database_url, timeout=_CONNECT_TIMEOUT_S,
+        return await asyncpg.connect(self.database_url, timeout=DATABASE_CONNECT_TIMEOUT_S,
                                      command_timeout=self.config.database_command_timeout_s)
 
     async def _close(self, connection: asyncpg.Connection) -> None:

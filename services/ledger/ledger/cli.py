@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from kabinet_chassis import history_seals
-from kabinet_chassis.databases import DATABASE_DOWN_ERRORS
+from kabinet_chassis.databases import DATABASE_CONNECT_TIMEOUT_S, DATABASE_DOWN_ERRORS
 from kabinet_chassis.devstack.stack import DevStack
 from kabinet_chassis.ed25519_keys import public_pem
 from kabinet_chassis.eventstore import event_store_env
@@ -68,6 +68,15 @@ def _progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=ERRORS, transient=True)
 
 
+async def _log_in(settings: ServiceSettings) -> None:
+    """Log in once before eventsourcing's pool does: its pool takes a login the server refused
+    (a wrong password, no such database) for a server not up yet, tries again for its whole
+    connect timeout, then says only OperationalError. The server's own reason, at once, is
+    what an operator needs."""
+    connection = await asyncpg.connect(settings.service_database_url, timeout=DATABASE_CONNECT_TIMEOUT_S)
+    await connection.close()
+
+
 @contextlib.contextmanager
 def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
     """The ledger's settings and event store, for a command that reads them. A database
@@ -77,6 +86,7 @@ def ledger_application() -> Iterator[tuple[ServiceSettings, Any]]:
 
     settings = settings_or_exit()
     try:
+        asyncio.run(_log_in(settings))
         # Created nothing: an auditor's role may only read, and verify run on a database
         # that is not (yet) a ledger's must leave it as it is.
         ledger_app = LedgerApplication(env=event_store_env(settings, creates_tables=False))
