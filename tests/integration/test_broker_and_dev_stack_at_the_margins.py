@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -226,34 +227,36 @@ def test_a_broker_that_does_not_listen_in_time_is_stopped_and_the_error_names_it
         kill_processes_naming(f"tcp://{LOOPBACK}:{broker.port}")
 
 
-def test_our_broker_runs_in_its_own_session_and_one_that_stops_answering_signals_is_killed(tmp_path, monkeypatch):
+@pytest.fixture
+def impatient_broker(tmp_path, monkeypatch) -> Iterator[EmbeddedBroker]:
+    """A running embedded broker that is given half a second to stop before it is killed."""
     monkeypatch.setattr(broker_module, "_STOP_TIMEOUT_S", 0.5)
     broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
-    pid = broker.start()
+    broker.start()
     try:
-        # A terminal's Ctrl-C of `kabinet up` reaches its group: the broker must not be in it,
-        # or it would stop before the services publishing to it.
-        assert os.getsid(pid) == pid != os.getsid(0)
-        assert is_our_broker(pid, broker.port)
-        assert not is_our_broker(pid, free_port()), "a broker on another port taken for the one stack.json names"
-        os.kill(pid, signal.SIGSTOP)  # a SIGTERM now waits, unanswered
-        broker.stop()
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        yield broker
     finally:
         kill_processes_naming(f"tcp://{LOOPBACK}:{broker.port}")
 
 
-def test_stack_down_kills_a_broker_that_does_not_answer_its_stop_and_it_is_then_seen_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(broker_module, "_STOP_TIMEOUT_S", 0.5)
-    broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
-    pid = broker.start()
-    try:
-        os.kill(pid, signal.SIGSTOP)
-        assert stop_saved_broker(pid, broker.port), "our frozen broker was not taken for ours"
-        assert broker._process.wait(timeout=5) == -signal.SIGKILL
-        assert not broker.is_running()
-    finally:
-        kill_processes_naming(f"tcp://{LOOPBACK}:{broker.port}")
+def test_our_broker_runs_in_its_own_session_and_one_that_stops_answering_signals_is_killed(impatient_broker):
+    pid = impatient_broker.pid
+    # A terminal's Ctrl-C of `kabinet up` reaches its group: the broker must not be in it,
+    # or it would stop before the services publishing to it.
+    assert os.getsid(pid) == pid != os.getsid(0)
+    assert is_our_broker(pid, impatient_broker.port)
+    assert not is_our_broker(pid, free_port()), "a broker on another port taken for the one stack.json names"
+    os.kill(pid, signal.SIGSTOP)  # a SIGTERM now waits, unanswered
+    impatient_broker.stop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_stack_down_kills_a_broker_that_does_not_answer_its_stop_and_it_is_then_seen_stopped(impatient_broker):
+    pid = impatient_broker.pid
+    os.kill(pid, signal.SIGSTOP)
+    assert stop_saved_broker(pid, impatient_broker.port), "our frozen broker was not taken for ours"
+    assert impatient_broker._process.wait(timeout=5) == -signal.SIGKILL
+    assert not impatient_broker.is_running()
 
 
 def test_stack_up_uses_the_running_broker_refuses_one_on_another_port_and_down_stops_it_promptly(tmp_path):
