@@ -85,6 +85,11 @@ async def one_process_starting_at_a_time(database_url: str) -> AsyncIterator[Non
         await connection.close(timeout=DATABASE_COMMAND_TIMEOUT_S)  # the lock goes with it
 
 
+# How long a schema change may hold up the queries queued behind its wait for a table's lock,
+# and how it tries again (about as long in all as SCHEMA_CHANGE_TIMEOUT_S).
+SCHEMA_LOCK_WAIT_S = 2
+SCHEMA_LOCK_PAUSE_S = 2
+SCHEMA_LOCK_ATTEMPTS_MAX = 900
 # Which schema script each part of a service last ran here (its SHA-256): a process starting
 # on a database that already ran the very same script runs nothing. ALTER TABLE … ADD COLUMN
 # IF NOT EXISTS takes an ACCESS EXCLUSIVE lock even when it has nothing to add: a process
@@ -92,11 +97,6 @@ async def one_process_starting_at_a_time(database_url: str) -> AsyncIterator[Non
 # whole read, and every write (a payment's balances, an Idempotency-Key) queued behind it.
 # A new version's script differs, and runs once. A script is made of statements that are
 # safe to repeat (IF NOT EXISTS, OR REPLACE), as a half-recorded upgrade runs it again.
-# How long a schema change may hold up the queries queued behind its wait for a table's lock,
-# and how it tries again (about as long in all as SCHEMA_CHANGE_TIMEOUT_S).
-SCHEMA_LOCK_WAIT_S = 2
-SCHEMA_LOCK_PAUSE_S = 2
-SCHEMA_LOCK_ATTEMPTS_MAX = 900
 SCHEMA_SCRIPTS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_scripts_applied (
     name text PRIMARY KEY,
