@@ -158,28 +158,30 @@ async def ensure_store_schema(pool: asyncpg.Pool, app: LedgerApplication) -> Non
                                             clock_ahead_max_s=CLOCK_AHEAD_MAX_S, clock_ahead_sqlstate=CLOCK_AHEAD_SQLSTATE)
     # Run at the service's start, one process at a time (databases.one_process_starting_at_a_time),
     # and only when the script is new to this database (databases.SCHEMA_SCRIPTS_TABLE says why).
-    script = ";\n".join((BALANCES_TABLE, STORE_BEFORE_NOW, POSTING_CLOCK_TABLE, function))
+    # The statements hashed are the statements run: one list, so no statement is added to
+    # one and not the other (a database would never run it).
+    statements = (BALANCES_TABLE, STORE_BEFORE_NOW, POSTING_CLOCK_TABLE, function)
+    script = ";\n".join(statements)
     async with pool.acquire() as connection:
         if await schema_is_current(connection, "ledger_store", script):
             return
         await change_schema(connection, "ledger_store", script,
-                            functools.partial(_make_store_schema, connection, app, function))
+                            functools.partial(_make_store_schema, connection, app, statements))
 
 
-async def _make_store_schema(connection: asyncpg.Connection, app: LedgerApplication, function: str) -> None:
+async def _make_store_schema(connection: asyncpg.Connection, app: LedgerApplication, statements: Sequence[str]) -> None:
     """The store's tables and the batch append function, and a database made before balances tracked what holds
-    will pay in: the column, filled in from the live holds' events."""
+    will pay in: the column, filled in from the live holds' events (in the same transaction, so no batch
+    commits between the column and its filling)."""
     wait_s = SCHEMA_CHANGE_TIMEOUT_S  # an upgrade of a big ledger takes long
     balances_exist = await connection.fetchval("SELECT to_regclass('ledger_balances') IS NOT NULL")
     upgrading = balances_exist and not await connection.fetchval(HAS_INCOMING_HELD)
-    await connection.execute(BALANCES_TABLE, timeout=wait_s)
-    await connection.execute(STORE_BEFORE_NOW, timeout=wait_s)
+    for statement in statements:
+        await connection.execute(statement, timeout=wait_s)
     if upgrading:
         incoming = await anyio.to_thread.run_sync(incoming_held_by_account, app)
         await connection.executemany("UPDATE ledger_balances SET incoming_held_minor = $2 WHERE account_id = $1",
                                      list(incoming.items()), timeout=wait_s)
-    await connection.execute(POSTING_CLOCK_TABLE, timeout=wait_s)
-    await connection.execute(function, timeout=wait_s)
 
 
 HOLD_TOPICS = tuple(f"ledger.domain.hold:Hold.{kind}" for kind in ("Placed", "Captured", "Voided", "Expired"))
