@@ -14,7 +14,7 @@ import pytest
 
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 
-pytest_plugins = ["tests.support.hang_watchdog"]
+pytest_plugins = ["tests.support.hang_watchdog", "tests.support.metrics"]
 
 
 @pytest.fixture(scope="session")

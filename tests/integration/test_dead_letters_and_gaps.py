@@ -68,7 +68,7 @@ def chain_with_poison_at_position_2(poison: str = "fails_to_apply") -> list:
 
 @pytest.mark.parametrize("poison", POISONS)
 async def test_a_poison_event_is_dead_lettered_once_and_the_read_model_applies_the_rest_of_its_partition(
-    stack, unique_name, poison
+    stack, unique_name, poison, measured
 ):
     """The record after the poison names the poison's position as its previous one: that
     must not look like a gap (which would send the consumer back to the start, dead-letter
@@ -96,6 +96,8 @@ async def test_a_poison_event_is_dead_lettered_once_and_the_read_model_applies_t
         dead = await _read_all(stack.bootstrap_servers, dead_letter_topic(topic), expected=1)
         assert [record.key for record in dead] == [b"note-2"]
         assert consumer.dead_letters.sent_total == 1
+        # What operators alert on: a dead letter waits for a fix and a replay.
+        assert measured().value("kabinet.consumer.dead_lettered", consumer=consumer_name, topic=topic) == 1
 
 
 async def test_a_redelivered_poison_event_is_skipped_not_dead_lettered_again(stack, unique_name):

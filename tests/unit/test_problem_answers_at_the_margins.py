@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
@@ -269,5 +269,21 @@ def test_spans_are_sent_to_the_collector_the_settings_name_under_v1_traces(colle
             pass
         assert provider.force_flush(timeout_millis=10_000)
         assert paths == ["/v1/traces"]
+    finally:
+        provider.shutdown()
+
+
+def test_metrics_are_sent_to_the_collector_the_settings_name_under_v1_metrics_with_the_instance(collector, monkeypatch):
+    url, paths = collector
+    # A process of its own, as a service is: not the provider this test process already has.
+    monkeypatch.setattr(telemetry, "_meters_installed", None)
+    monkeypatch.setattr(metrics, "set_meter_provider", lambda provider: None)
+    provider = telemetry.install_metrics("ledger", otlp_endpoint=url)
+    try:
+        assert provider._sdk_config.resource.attributes["service.name"] == "ledger"
+        assert provider._sdk_config.resource.attributes["service.instance.id"]  # replicas' series kept apart
+        provider.get_meter(__name__).create_counter("kabinet.test.answers").add(1)
+        assert provider.force_flush(timeout_millis=10_000)
+        assert paths == ["/v1/metrics"]
     finally:
         provider.shutdown()

@@ -50,7 +50,7 @@ from eventsourcing.persistence import IntegrityError, Tracking
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
@@ -291,6 +291,12 @@ def trace_parent(record: ConsumerRecord) -> dict[str, str]:
 DEAD_LETTER_CONSUMER_HEADER = "dlq-consumer"
 
 
+DEAD_LETTERED = metrics.get_meter(__name__).create_counter(
+    "kabinet.consumer.dead_lettered", unit="{record}",
+    description="records a consumer could not apply, sent to <topic>.dlq, by consumer and topic: each waits for a fix"
+                " and replay_dead_letters")
+
+
 @dataclass
 class DeadLetters:
     """Publishes poison records to `<topic>.dlq` with the reason in a header."""
@@ -309,6 +315,7 @@ class DeadLetters:
             record.value, topic=dead_letter_topic(record.topic), key=record.key, headers=headers
         )
         self.sent_total += 1
+        DEAD_LETTERED.add(1, {"consumer": consumer, "topic": record.topic})
         log.error("dead-lettered %s[%s]@%s for %s: %s", record.topic, record.partition, record.offset, consumer, error)
 
 

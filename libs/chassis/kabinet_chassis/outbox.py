@@ -33,7 +33,7 @@ import asyncpg
 from eventsourcing.persistence import Notification
 from eventsourcing.postgres import PostgresApplicationRecorder
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind
 
 from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, DATABASE_CONNECT_TIMEOUT_S, wait_for_lead
@@ -66,6 +66,15 @@ FAILURE_LOG_INTERVAL_S = 60.0
 # is lost: the position moves only past what the broker acknowledged; the rest goes at the next start.
 PRODUCER_STOP_WAIT_S = 2.0
 ERROR_TEXT_MAX_CHARS = 200
+
+_meter = metrics.get_meter(__name__)
+RELAY_POSITION = _meter.create_gauge(
+    "kabinet.outbox.relay.position", unit="{event}",
+    description="the notification id of the last event the leading relay published, by source; the events"
+                " committed after it wait in the outbox")
+RELAY_PUBLISHED = _meter.create_counter(
+    "kabinet.outbox.relay.published", unit="{record}",
+    description="records the relay published and the broker acknowledged, by source (republished ones too)")
 
 # Maps one stored domain event to its public form; None keeps an event private.
 ToIntegration = Callable[[Any, int], IntegrationEvent | None]
@@ -240,6 +249,7 @@ class OutboxRelay:
             "SELECT position, last_published FROM outbox_relay_position WHERE source = $1", self.config.source
         )
         self.position = row["position"]
+        RELAY_POSITION.set(self.position, {"source": self.config.source})
         self.last_published = {int(k): tuple(v) for k, v in json.loads(row["last_published"]).items()}
         self._last_sent = {partition: position for partition, (_, position) in self.last_published.items()}
 
@@ -340,6 +350,7 @@ class OutboxRelay:
             if previous is None or last_offset > previous[0] or metadata.partition in reset_partitions:
                 self.last_published[metadata.partition] = (last_offset, positions[-1])
             self.published_total += len(positions)
+            RELAY_PUBLISHED.add(len(positions), {"source": self.config.source})
         if reset_partitions:
             log.warning("broker lost data of %s (partitions %s started again from lower offsets): republishing from the start",
                         self.config.topic, sorted(reset_partitions))
@@ -378,6 +389,7 @@ class OutboxRelay:
             self.config.source, position, json.dumps(self.last_published),
         )
         self.position = position
+        RELAY_POSITION.set(position, {"source": self.config.source})
 
     async def _republish_if_broker_lost_data(self, connection: asyncpg.Connection) -> None:
         if not self.last_published:

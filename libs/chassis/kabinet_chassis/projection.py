@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 from eventsourcing.persistence import ApplicationRecorder, Mapper
+from opentelemetry import metrics
 
 from kabinet_chassis.eventstore import WorkerThreads
 
@@ -56,6 +57,12 @@ PROJECTION_STALL_MAX_S = 60.0
 # server that crashed may have lost its last pages (committed without waiting for the flush).
 STORED_POSITION_CHECK_S = 1.0
 ERROR_TEXT_MAX_CHARS = 200
+
+_meter = metrics.get_meter(__name__)
+PROJECTION_POSITION = _meter.create_gauge(
+    "kabinet.projection.position", unit="{event}",
+    description="the notification id of the last event a local read model applied, by projection; reads of what"
+                " came after it wait (or answer 503 read_model_behind)")
 # One failing every round (a database down for hours) logs the traceback of its first
 # failures, then one line per interval: a traceback per round buried the service's log.
 FAILURE_LOG_FIRST = 2
@@ -117,6 +124,7 @@ class LocalProjection:
                 "INSERT INTO projection_position (projection, position) VALUES ($1, 0) ON CONFLICT DO NOTHING", self.name
             )
             self.position = await connection.fetchval("SELECT position FROM projection_position WHERE projection = $1", self.name)
+        PROJECTION_POSITION.set(self.position, {"projection": self.name})
 
     async def run(self) -> None:
         while True:
@@ -191,6 +199,7 @@ class LocalProjection:
                     "UPDATE projection_position SET position = $2 WHERE projection = $1", self.name, unapplied[-1][0]
                 )
         self.position = page[-1][0]
+        PROJECTION_POSITION.set(self.position, {"projection": self.name})
         self._advanced.set()
         return True
 
@@ -212,6 +221,7 @@ class LocalProjection:
         log.warning("projection %s: the database is back at %d, not %d; replaying from there", self.name, stored,
                     self.position)
         self.position = stored
+        PROJECTION_POSITION.set(self.position, {"projection": self.name})
         self._handed_over.clear()
 
     def _next_handed_over_page(self) -> list[tuple[int, Any]] | None:

@@ -31,7 +31,7 @@ from kabinet_chassis.projection import LocalProjection
 from kabinet_chassis.request_limits import RequestBodyLimit
 from kabinet_chassis.runtime import tune_garbage_collector
 from kabinet_chassis.settings import ServiceSettings
-from kabinet_chassis.telemetry import install_json_logging, install_tracing
+from kabinet_chassis.telemetry import install_json_logging, install_metrics, install_tracing
 from kabinet_contracts.registry import dead_letter_topic
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class Service:
     async def running(self) -> AsyncIterator[Service]:
         """Start everything; usable without HTTP (tests, CLI)."""
         install_tracing(self.settings.service_name, self.settings.otel_exporter_otlp_endpoint)
+        install_metrics(self.settings.service_name, self.settings.otel_exporter_otlp_endpoint)
         tune_garbage_collector(self.settings.gc_young_threshold)
         if self.uses_database:
             await ensure_database(self.settings.database_url, self.settings.service_name)

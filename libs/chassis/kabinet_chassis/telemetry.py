@@ -1,21 +1,30 @@
-"""OpenTelemetry tracing and JSON logs carrying trace ids.
+"""OpenTelemetry tracing and metrics, and JSON logs carrying trace ids.
 
 OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set; tests install an in-memory
-exporter through `install_tracing(exporter=...)`.
+exporter through `install_tracing(exporter=...)` and an in-memory metric reader
+through `install_metrics(reader=...)` (before any service installs the provider).
+
+Each module makes its own instruments (`metrics.get_meter(__name__)`, names under
+`kabinet.`) at import; they measure nothing until a provider is installed.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import uuid
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from pythonjsonlogger.json import JsonFormatter
 
 _installed: TracerProvider | None = None
+_meters_installed: MeterProvider | None = None
+METRICS_EXPORT_INTERVAL_S = 15  # a scrape-like cadence: gauges read between two sends are lost, counters never
 
 
 def install_tracing(service_name: str, otlp_endpoint: str | None = None, exporter: SpanExporter | None = None) -> TracerProvider:
@@ -31,6 +40,26 @@ def install_tracing(service_name: str, otlp_endpoint: str | None = None, exporte
 
         _installed.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{otlp_endpoint.rstrip('/')}/v1/traces")))
     return _installed
+
+
+def install_metrics(service_name: str, otlp_endpoint: str | None = None, reader: MetricReader | None = None
+                    ) -> MeterProvider:
+    """Install the process-wide meter provider once: OpenTelemetry fixes its readers when it is
+    made, so a later call changes nothing (a process is one service)."""
+    global _meters_installed
+    if _meters_installed is None:
+        readers = [reader] if reader is not None else []
+        if otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(
+                OTLPMetricExporter(endpoint=f"{otlp_endpoint.rstrip('/')}/v1/metrics"),
+                export_interval_millis=METRICS_EXPORT_INTERVAL_S * 1000))
+        # Replicas of a service send the same series: the instance id keeps them apart.
+        _meters_installed = MeterProvider(metric_readers=readers, resource=Resource.create(
+            {"service.name": service_name, "service.instance.id": str(uuid.uuid4())}))
+        metrics.set_meter_provider(_meters_installed)
+    return _meters_installed
 
 
 class TraceIdFilter(logging.Filter):

@@ -44,7 +44,7 @@ import asyncpg
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import StoredEvent
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from kabinet_chassis.databases import DATABASE_COMMAND_TIMEOUT_S, wait_for_lead
 from kabinet_chassis.eventstore import events_table
@@ -75,6 +75,28 @@ ANSWER_WAIT_MAX_S = 20.0
 SAVE_ATTEMPTS_MAX = 3
 # Commands whose ids the writer looks up even on a first attempt (see `_prefetch`).
 LOOKED_UP_FIRST = frozenset({OpenAccount, ReverseTransfer})
+
+# What operators watch (kabinet_chassis.telemetry): answers by outcome, batches, the queue, and
+# the position of the last commit, against which the relay's and the projection's show their lag.
+_meter = metrics.get_meter(__name__)
+COMMANDS_ANSWERED = _meter.create_counter(
+    "kabinet.ledger.commands", unit="{command}",
+    description="commands answered, by outcome: done; refused (with the refusal's code); queue_full and unavailable"
+                " (503s, retried by the caller); failed (an error of the store)")
+BATCH_COMMANDS = _meter.create_histogram(
+    "kabinet.ledger.batch.commands", unit="{command}", description="commands in a batch of the writer",
+    explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, BATCH_MAX_COMMANDS))
+BATCH_DURATION = _meter.create_histogram(
+    "kabinet.ledger.batch.duration", unit="s",
+    description="a batch from taken off the queue to answered: validation, the commit, and any retry of them",
+    explicit_bucket_boundaries_advisory=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20))
+COMMANDS_WAITING = _meter.create_gauge(
+    "kabinet.ledger.queue.commands", unit="{command}",
+    description=f"commands in the writer's queue as it takes a batch (at most {QUEUE_MAX}; then 503 queue_full)")
+POSITION = _meter.create_gauge(
+    "kabinet.ledger.position", unit="{event}",
+    description="the notification id of the last event the writer committed; kabinet.outbox.relay.position and"
+                " kabinet.projection.position are behind it by the events they have yet to publish or apply")
 
 
 class LedgerBusy(Exception):
@@ -206,7 +228,16 @@ class BatchedWriter:
                 await asyncio.sleep(LEADERSHIP_POLL_S)
 
     async def submit(self, command: Any) -> Any:
-        """Execute one command; returns its result or raises its LedgerError."""
+        """Execute one command; returns its result or raises its LedgerError. Every answer is counted."""
+        try:
+            result = await self._submit(command)
+        except Exception as error:
+            COMMANDS_ANSWERED.add(1, _outcome_of(error))
+            raise
+        COMMANDS_ANSWERED.add(1, {"outcome": "done"})
+        return result
+
+    async def _submit(self, command: Any) -> Any:
         if not self._active.is_set():
             try:
                 async with asyncio.timeout(STANDBY_WAIT_S):
@@ -232,7 +263,8 @@ class BatchedWriter:
             while True:
                 first = await self.queue.get()
                 batch = [first]
-                deadline = asyncio.get_running_loop().time() + BATCH_WAIT_MAX_S
+                taken_at = asyncio.get_running_loop().time()
+                deadline = taken_at + BATCH_WAIT_MAX_S
                 while len(batch) < BATCH_MAX_COMMANDS:
                     if self.queue.empty():
                         remaining = deadline - asyncio.get_running_loop().time()
@@ -245,6 +277,7 @@ class BatchedWriter:
                             break
                     else:
                         batch.append(self.queue.get_nowait())
+                COMMANDS_WAITING.set(len(batch) + self.queue.qsize())
                 try:
                     async with self._writing:
                         outcomes, committed = await self._write([r.command for r in batch], [r.trace for r in batch])
@@ -254,6 +287,7 @@ class BatchedWriter:
                 else:
                     if committed:
                         self.on_saved(committed)
+                        POSITION.set(self.last_position)
                 for request, outcome in zip(batch, outcomes, strict=True):
                     if request.future.done():
                         continue  # the caller went away
@@ -261,6 +295,8 @@ class BatchedWriter:
                         request.future.set_exception(outcome)
                     else:
                         request.future.set_result(outcome)
+                BATCH_COMMANDS.record(len(batch))
+                BATCH_DURATION.record(asyncio.get_running_loop().time() - taken_at)
         finally:
             self._refuse_waiting(batch)
 
@@ -447,6 +483,17 @@ class BatchedWriter:
         for aggregate_id in aggregate_ids:
             self._cache.pop(aggregate_id, None)
             self._balances.pop(aggregate_id, None)
+
+
+def _outcome_of(error: Exception) -> dict[str, str]:
+    """A refused or failed command's outcome, as COMMANDS_ANSWERED counts it."""
+    if isinstance(error, LedgerError):
+        return {"outcome": "refused", "code": error.code}
+    if isinstance(error, LedgerBusy):
+        return {"outcome": "queue_full"}
+    if isinstance(error, LedgerUnavailable):
+        return {"outcome": "unavailable"}
+    return {"outcome": "failed"}
 
 
 def _note_trace(trace_of_event: dict[tuple[UUID, int], otel_context.Context | None], batch: Batch, command: Any,
