@@ -20,6 +20,7 @@ import asyncpg
 
 from kabinet_chassis.databases import apply_schema
 from ledger.domain.account import freezes_after
+from ledger.domain.balance import available_minor
 from ledger.domain.commands import REVERSAL_SUFFIX
 from ledger.domain.stored import stored_later
 
@@ -464,7 +465,7 @@ def _account(row: asyncpg.Record) -> dict:
             "pending": {"amount_minor": held, "currency": row["currency"]},
             # What may be spent now: a frozen account may not be debited (until unfrozen), a
             # closed one ever again, so their money and credit limit are no money to spend.
-            "available": {"amount_minor": 0 if row["state"] in ("frozen", "closed") else posted - held + limit,
+            "available": {"amount_minor": 0 if row["state"] in ("frozen", "closed") else available_minor(posted, held, limit),
                           "currency": row["currency"]},
         },
         "opened_at": row["opened_at"].isoformat(),

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def available_minor(posted_minor: int, held_minor: int, credit_limit_minor: int) -> int:
+    """What an account may still spend: settled money less what holds reserve, plus its credit
+    limit (the rule the writer refuses a debit by, and the balance customers are shown)."""
+    return posted_minor - held_minor + credit_limit_minor
+
+
 @dataclass(frozen=True, slots=True)
 class Balance:
     """posted: settled money; held: reserved by live holds; incoming held: reserved by live
@@ -22,9 +28,6 @@ class Balance:
     version: int = 0  # 0: not saved yet (an account opened in this batch)
     # What live holds on other accounts will pay into this one: it cannot close under them.
     incoming_held_minor: int = 0
-
-    def available_minor(self, credit_limit_minor: int) -> int:
-        return self.posted_minor - self.held_minor + credit_limit_minor
 
     def changed(self, posted_delta_minor: int, held_delta_minor: int, incoming_held_delta_minor: int = 0) -> Balance:
         """The balance to save next: the deltas applied, one version on."""

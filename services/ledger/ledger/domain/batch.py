@@ -40,7 +40,7 @@ from uuid import UUID
 
 from ledger.domain import commands as c
 from ledger.domain.account import Account, AccountKind, AccountState
-from ledger.domain.balance import Balance
+from ledger.domain.balance import Balance, available_minor
 from ledger.domain.errors import (
     AccountClosed,
     AccountFrozen,
@@ -165,7 +165,7 @@ class Batch:
         return self._balance(account.id).incoming_held_minor + self._incoming_held_delta.get(account.id, 0)
 
     def available_minor(self, account: Account) -> int:
-        return self.posted_minor(account) - self.held_minor(account) + account.credit_limit_minor
+        return available_minor(self.posted_minor(account), self.held_minor(account), account.credit_limit_minor)
 
     # ---- dispatch ------------------------------------------------------------------------
 

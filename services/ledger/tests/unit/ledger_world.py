@@ -12,7 +12,7 @@ from eventsourcing.application import Application
 
 from ledger.domain import commands as c
 from ledger.domain.account import INTERNAL_KINDS, Account
-from ledger.domain.balance import Balance
+from ledger.domain.balance import Balance, available_minor
 from ledger.domain.batch import Batch
 from ledger.domain.errors import LedgerError
 
@@ -68,7 +68,8 @@ class World:
         return self.balances[account_id]
 
     def available(self, account_id: UUID) -> int:
-        return self.balance(account_id).available_minor(self.account(account_id).credit_limit_minor)
+        balance = self.balance(account_id)
+        return available_minor(balance.posted_minor, balance.held_minor, self.account(account_id).credit_limit_minor)
 
     def events_of(self, aggregate_id: UUID, since: int = 0) -> list[str]:
         return [type(e).__qualname__ for e in self.saved_events[since:] if e.originator_id == aggregate_id]
