@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -82,7 +82,8 @@ _meter = metrics.get_meter(__name__)
 COMMANDS_ANSWERED = _meter.create_counter(
     "kabinet.ledger.commands", unit="{command}",
     description="commands answered, by outcome: done; refused (with the refusal's code); queue_full and unavailable"
-                " (503s, retried by the caller); failed (an error of the store)")
+                " (503s, retried by the caller); failed (an error of the store). A command whose caller stopped waiting"
+                " (unavailable) counts again by its outcome when its batch ends")
 BATCH_COMMANDS = _meter.create_histogram(
     "kabinet.ledger.batch.commands", unit="{command}", description="commands in a batch of the writer",
     explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, BATCH_MAX_COMMANDS))
@@ -228,34 +229,27 @@ class BatchedWriter:
                 await asyncio.sleep(LEADERSHIP_POLL_S)
 
     async def submit(self, command: Any) -> Any:
-        """Execute one command; returns its result or raises its LedgerError. Every answer is counted."""
-        try:
-            result = await self._submit(command)
-        except Exception as error:
-            COMMANDS_ANSWERED.add(1, _outcome_of(error))
-            raise
-        COMMANDS_ANSWERED.add(1, {"outcome": "done"})
-        return result
-
-    async def _submit(self, command: Any) -> Any:
+        """Execute one command; returns its result or raises its LedgerError. A command turned
+        away here is counted here; the answers of a batch are counted in `run`."""
         if not self._active.is_set():
             try:
                 async with asyncio.timeout(STANDBY_WAIT_S):
                     await self._active.wait()
             except TimeoutError:
-                raise LedgerUnavailable("this ledger process is not the active writer (another is, or this one is"
-                                        " still taking the lead); retry shortly") from None
+                raise _counted(LedgerUnavailable("this ledger process is not the active writer (another is, or this"
+                                                 " one is still taking the lead); retry shortly")) from None
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(_Request(command, future, _current_trace()))
         except asyncio.QueueFull:
-            raise LedgerBusy(f"the ledger has {QUEUE_MAX} commands waiting; retry shortly") from None
+            raise _counted(LedgerBusy(f"the ledger has {QUEUE_MAX} commands waiting; retry shortly")) from None
         try:
             async with asyncio.timeout(ANSWER_WAIT_MAX_S):
                 return await future  # on time out the future is cancelled: the writer skips its answer
         except TimeoutError:
-            raise LedgerUnavailable(f"the ledger did not answer within {ANSWER_WAIT_MAX_S:.0f} s; retry with the same"
-                                    " id, which gets the first answer if it was posted meanwhile") from None
+            raise _counted(LedgerUnavailable(f"the ledger did not answer within {ANSWER_WAIT_MAX_S:.0f} s; retry with"
+                                             " the same id, which gets the first answer if it was posted meanwhile"
+                                             )) from None
 
     async def run(self) -> None:
         batch: list[_Request] = []
@@ -295,6 +289,9 @@ class BatchedWriter:
                         request.future.set_exception(outcome)
                     else:
                         request.future.set_result(outcome)
+                # Counted by the batch, not one by one: a few additions a batch, not one a command.
+                for outcome, count in Counter(_outcome_of(outcome) for outcome in outcomes).items():
+                    COMMANDS_ANSWERED.add(count, dict(outcome))
                 BATCH_COMMANDS.record(len(batch))
                 BATCH_DURATION.record(asyncio.get_running_loop().time() - taken_at)
         finally:
@@ -485,15 +482,22 @@ class BatchedWriter:
             self._balances.pop(aggregate_id, None)
 
 
-def _outcome_of(error: Exception) -> dict[str, str]:
-    """A refused or failed command's outcome, as COMMANDS_ANSWERED counts it."""
-    if isinstance(error, LedgerError):
-        return {"outcome": "refused", "code": error.code}
-    if isinstance(error, LedgerBusy):
-        return {"outcome": "queue_full"}
-    if isinstance(error, LedgerUnavailable):
-        return {"outcome": "unavailable"}
-    return {"outcome": "failed"}
+def _counted(turned_away: LedgerBusy | LedgerUnavailable) -> Exception:
+    COMMANDS_ANSWERED.add(1, dict(_outcome_of(turned_away)))
+    return turned_away
+
+
+def _outcome_of(answer: Any) -> tuple[tuple[str, str], ...]:
+    """A command's outcome as COMMANDS_ANSWERED counts it (its attributes, hashable)."""
+    if isinstance(answer, LedgerError):
+        return ("outcome", "refused"), ("code", answer.code)
+    if isinstance(answer, LedgerBusy):
+        return (("outcome", "queue_full"),)
+    if isinstance(answer, LedgerUnavailable):
+        return (("outcome", "unavailable"),)
+    if isinstance(answer, BaseException):
+        return (("outcome", "failed"),)
+    return (("outcome", "done"),)
 
 
 def _note_trace(trace_of_event: dict[tuple[UUID, int], otel_context.Context | None], batch: Batch, command: Any,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -70,8 +71,8 @@ async def test_commands_waiting_and_the_size_of_the_batch_they_make_are_measured
     assert batches_after.max >= 5
 
 
-async def test_a_full_queue_and_a_process_that_does_not_lead_are_counted_as_the_503s_they_answer(ledger, measured,
-                                                                                              monkeypatch):
+async def test_a_full_queue_a_process_that_does_not_lead_and_a_clock_far_ahead_count_once_each_as_the_503s_they_answer(
+        ledger, measured, monkeypatch):
     settlement = uuid.UUID(await open_account(ledger, kind="settlement"))
     card = uuid.UUID(await open_account(ledger))
 
@@ -87,11 +88,21 @@ async def test_a_full_queue_and_a_process_that_does_not_lead_are_counted_as_the_
             await writer.submit(pay("second"))
         waiting[0].cancel()
     not_leading = BatchedWriter(ledger.parts.writer.app, ledger.parts.pool, ledger.parts.writer.clock)
-    with pytest.raises(LedgerUnavailable):
+    with pytest.raises(LedgerUnavailable, match="not the active writer"):
         await not_leading.submit(pay("third"))
+    # Refused by the batch, not at the door: counted once, by the batch.
+    ahead = BatchedWriter(ledger.parts.writer.app, ledger.parts.pool, lambda: datetime.now(UTC) + timedelta(minutes=5))
+    await ahead.start()
+    running = asyncio.create_task(ahead.run())
+    try:
+        with pytest.raises(LedgerUnavailable, match="clock"):
+            await ahead.submit(pay("fourth"))
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
     after = measured()
     assert answered(before, after, outcome="queue_full") == 1
-    assert answered(before, after, outcome="unavailable") == 1
+    assert answered(before, after, outcome="unavailable") == 2
 
 
 async def test_the_relay_and_the_history_projection_show_the_position_of_the_last_commit_once_they_reach_it(
