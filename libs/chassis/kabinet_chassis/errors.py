@@ -95,6 +95,7 @@ PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"
 # The headers some problems come with: how to authenticate, when to try again.
 _PROBLEM_HEADERS = {
     401: {"WWW-Authenticate": {"description": "`Bearer`: send an access token", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}},
     503: {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}},
 }
 

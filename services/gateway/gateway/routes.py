@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from opentelemetry import propagate
 from pydantic import BaseModel
 
+from gateway.customer_rate_limits import CustomerRateLimits
 from kabinet_chassis.auth import Principal
 from kabinet_chassis.errors import DependencyUnavailable, Problem, problem_responses
 from kabinet_contracts import ledger_api
@@ -94,13 +95,15 @@ def _expected(body: dict, name: str, kind: type) -> Any:
     return value
 
 
-def _customer(principal):
+def _customer(principal, rate_limits: CustomerRateLimits):
     """The caller, who must be a customer: a token naming the bank itself (the owner of
-    every internal account) opens no cabinet, whoever signed it."""
+    every internal account) opens no cabinet, whoever signed it. Counted against the
+    customer's request limits."""
 
-    def customer(me: Principal = Depends(principal)) -> Principal:
+    async def customer(me: Principal = Depends(principal)) -> Principal:  # async: on the event loop, one at a time
         if me.customer_id == BANK_OWNER_ID:
             raise Problem(403, "not_a_customer", "the cabinet is for customers; this token names the bank")
+        rate_limits.admit(me.customer_id)
         return me
 
     return customer
@@ -138,6 +141,7 @@ _PROBLEMS = {
     403: "`not_a_customer`: the token names the bank.",
     404: "`account_not_found`: no such account, or not the caller's.",
     422: "`validation_error` (each field in `errors`), `invalid_cursor`, `invalid_period`, `invalid_amount_range`.",
+    429: "`too_many_requests`: more than the customer's requests a second or a minute; try again after `Retry-After`.",
     503: "`dependency_unavailable`: the ledger did not answer, or refused the customer's token; try again after"
          " `Retry-After`.",
 }
@@ -162,11 +166,11 @@ def _query_parameters(query: type[BaseModel]) -> list[dict]:
             for name, field in schema["properties"].items()]
 
 
-def build_router(ledger: LedgerClient, principal) -> APIRouter:
+def build_router(ledger: LedgerClient, principal, rate_limits: CustomerRateLimits) -> APIRouter:
     router = APIRouter(prefix="/v1/me", tags=["cabinet"], dependencies=[Depends(_not_stored)])
     # A default rather than an Annotated alias: a local alias does not resolve under
     # postponed annotations.
-    me_dependency = Depends(_customer(principal))
+    me_dependency = Depends(_customer(principal, rate_limits))
 
     async def own_account(me: Principal, account_id: UUID, request: Request) -> dict:
         try:

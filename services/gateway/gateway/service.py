@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from gateway.customer_rate_limits import CustomerRateLimits
 from gateway.routes import LedgerClient, build_router
 from kabinet_chassis.auth import verifier_for
 from kabinet_chassis.health import CHECK_TIMEOUT_S, Check, database_check
@@ -22,6 +23,9 @@ class GatewaySettings(ServiceSettings):
     service_name: str = "gateway"
     http_port: int = GATEWAY_PORT
     ledger_url: str = Field(default_factory=lambda: service_url("ledger"))
+    # Requests one customer may make through this gateway process (customer_rate_limits.py).
+    customer_requests_per_second: int = Field(default=20, gt=0)
+    customer_requests_per_minute: int = Field(default=300, gt=0)
 
 
 def backend_check(name: str, base_url: str) -> Check:
@@ -56,7 +60,8 @@ def build(settings: GatewaySettings, ledger_transport: httpx.AsyncBaseTransport 
     async def index() -> dict[str, str]:
         return {"service": "kabinet-gateway", "docs": "/docs", "health": "/health/ready"}
 
-    service.routers += [root, build_router(LedgerClient(ledger_http), verifier.dependency())]
+    rate_limits = CustomerRateLimits(settings.customer_requests_per_second, settings.customer_requests_per_minute)
+    service.routers += [root, build_router(LedgerClient(ledger_http), verifier.dependency(), rate_limits)]
     return service
 
 
