@@ -34,9 +34,13 @@ END $$"""
 
 
 async def guard(pool: asyncpg.Pool, table: str) -> None:
-    """Make `table` (schema-qualified and quoted) append-only; safe to repeat and to race
-    (CREATE OR REPLACE, under the transaction's lock on the table)."""
+    """Make `table` (schema-qualified and quoted) append-only; safe to repeat and to race: one
+    guard at a time in a database, since CREATE OR REPLACE fails against the same statement in
+    another transaction (a unique violation while the function is new, "tuple concurrently
+    updated" once it exists)."""
     async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext('kabinet_append_only_guard'))",
+                                 timeout=SCHEMA_CHANGE_TIMEOUT_S)
         await connection.execute(REFUSE_FUNCTION, timeout=SCHEMA_CHANGE_TIMEOUT_S)
         for name, fires in ((ROW_GUARD, "BEFORE UPDATE OR DELETE ON {table} FOR EACH ROW"),
                             (TRUNCATE_GUARD, "BEFORE TRUNCATE ON {table} FOR EACH STATEMENT")):
