@@ -257,14 +257,22 @@ def collector() -> Iterator[tuple[str, list[str]]]:
         thread.join(timeout=5)
 
 
-def test_spans_are_sent_to_the_collector_the_settings_name_under_v1_traces(collector, monkeypatch):
-    url, paths = collector
-    # A process of its own, as a service is: not the provider this test process already has.
+@pytest.fixture
+def a_process_of_its_own(monkeypatch):
+    """As a service is: providers not yet installed, and not the ones this test process has."""
     monkeypatch.setattr(telemetry, "_installed", None)
     monkeypatch.setattr(trace, "set_tracer_provider", lambda provider: None)
+    monkeypatch.setattr(telemetry, "_meters_installed", None)
+    monkeypatch.setattr(metrics, "set_meter_provider", lambda provider: None)
+
+
+def test_spans_are_sent_to_the_collector_the_settings_name_under_v1_traces(collector, a_process_of_its_own):
+    url, paths = collector
     provider = telemetry.install_tracing("ledger", otlp_endpoint=url)
     try:
         assert provider.resource.attributes["service.name"] == "ledger"
+        # The instance the process's metrics carry: a trace leads to the replica it went through.
+        assert provider.resource.attributes["service.instance.id"] == telemetry.INSTANCE_ID
         with provider.get_tracer(__name__).start_as_current_span("posting"):
             pass
         assert provider.force_flush(timeout_millis=10_000)
@@ -273,15 +281,13 @@ def test_spans_are_sent_to_the_collector_the_settings_name_under_v1_traces(colle
         provider.shutdown()
 
 
-def test_metrics_are_sent_to_the_collector_the_settings_name_under_v1_metrics_with_the_instance(collector, monkeypatch):
+def test_metrics_are_sent_to_the_collector_the_settings_name_under_v1_metrics_with_the_instance(
+        collector, a_process_of_its_own):
     url, paths = collector
-    # A process of its own, as a service is: not the provider this test process already has.
-    monkeypatch.setattr(telemetry, "_meters_installed", None)
-    monkeypatch.setattr(metrics, "set_meter_provider", lambda provider: None)
     provider = telemetry.install_metrics("ledger", otlp_endpoint=url)
     try:
         assert provider._sdk_config.resource.attributes["service.name"] == "ledger"
-        assert provider._sdk_config.resource.attributes["service.instance.id"]  # replicas' series kept apart
+        assert provider._sdk_config.resource.attributes["service.instance.id"] == telemetry.INSTANCE_ID
         provider.get_meter(__name__).create_counter("kabinet.test.answers").add(1)
         assert provider.force_flush(timeout_millis=10_000)
         assert paths == ["/v1/metrics"]

@@ -25,13 +25,20 @@ from pythonjsonlogger.json import JsonFormatter
 _installed: TracerProvider | None = None
 _meters_installed: MeterProvider | None = None
 METRICS_EXPORT_INTERVAL_S = 15  # a scrape-like cadence: gauges read between two sends are lost, counters never
+# Replicas of a service send the same series and spans: the instance id keeps them apart, and
+# finds the metrics of the process a trace went through.
+INSTANCE_ID = str(uuid.uuid4())
+
+
+def _resource(service_name: str) -> Resource:
+    return Resource.create({"service.name": service_name, "service.instance.id": INSTANCE_ID})
 
 
 def install_tracing(service_name: str, otlp_endpoint: str | None = None, exporter: SpanExporter | None = None) -> TracerProvider:
     """Install the process-wide tracer provider once; later calls only add exporters."""
     global _installed
     if _installed is None:
-        _installed = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        _installed = TracerProvider(resource=_resource(service_name))
         trace.set_tracer_provider(_installed)
     if exporter is not None:
         _installed.add_span_processor(SimpleSpanProcessor(exporter))
@@ -55,9 +62,7 @@ def install_metrics(service_name: str, otlp_endpoint: str | None = None, reader:
             readers.append(PeriodicExportingMetricReader(
                 OTLPMetricExporter(endpoint=f"{otlp_endpoint.rstrip('/')}/v1/metrics"),
                 export_interval_millis=METRICS_EXPORT_INTERVAL_S * 1000))
-        # Replicas of a service send the same series: the instance id keeps them apart.
-        _meters_installed = MeterProvider(metric_readers=readers, resource=Resource.create(
-            {"service.name": service_name, "service.instance.id": str(uuid.uuid4())}))
+        _meters_installed = MeterProvider(metric_readers=readers, resource=_resource(service_name))
         metrics.set_meter_provider(_meters_installed)
     return _meters_installed
 
