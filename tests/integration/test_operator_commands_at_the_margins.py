@@ -223,6 +223,7 @@ def test_a_postgres_scheme_url_is_a_database_url_too():
     ("kafka_replication_factor", (0, 8), 1),  # the embedded broker is one node: more replicas cannot be placed
     ("worker_threads", (0, 65), 8),  # the connection pool is as big: 0 would serve nothing
     ("gc_young_threshold", (699, 1_000_001), 10_000),
+    ("kafka_session_timeout_ms", (999, 300_001), 10_000),  # a heartbeat every 333 ms at the least
 ])
 def test_a_services_sizes_are_bounded_and_default_to_what_the_embedded_stack_runs(setting, refused, default):
     given = {"service_name": "ledger", "database_url": "postgresql://u@h/db", "kafka_bootstrap_servers": "k:9092"}

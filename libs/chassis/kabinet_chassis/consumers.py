@@ -772,6 +772,7 @@ def subscribe(
     consumer: ReadModelConsumer | ReactionConsumer,
     *,
     bootstrap_servers: str,
+    session_timeout_ms: int,
     max_records: int = MAX_BATCH_RECORDS,
 ) -> LostDataWatchdog:
     """Registers a FastStream batch subscriber with manual acknowledgement.
@@ -791,6 +792,9 @@ def subscribe(
         ack_policy=AckPolicy.MANUAL,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        session_timeout_ms=session_timeout_ms,
+        # A third of it, as Kafka advises: two heartbeats may be lost before the session is.
+        heartbeat_interval_ms=session_timeout_ms // 3,
         # We parse and validate envelopes ourselves (poison goes to the DLQ); FastStream's
         # own JSON decoding of every body would only be thrown away.
         parser=_parse_records_only,

@@ -90,7 +90,8 @@ class Service:
     def subscribe(self, topic: str, consumer: consumers.ReadModelConsumer | consumers.ReactionConsumer) -> None:
         """An idempotent batch subscriber, and its watchdog for a broker that lost its data."""
         watchdog = consumers.subscribe(
-            self.broker, topic, consumer, bootstrap_servers=self.settings.kafka_bootstrap_servers
+            self.broker, topic, consumer, bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            session_timeout_ms=self.settings.kafka_session_timeout_ms,
         )
         self.topics_consumed.append(topic)
         # Watched, not gating: a consumer waiting out its database must not take the API down.

@@ -44,6 +44,11 @@ class ServiceSettings(BaseSettings):
     # Replicas of each topic a service creates: the embedded broker is one node; a
     # production cluster wants 3 (a majority of them in sync before a record counts).
     kafka_replication_factor: int = Field(default=1, ge=1, le=7)
+    # How long the broker waits for a consumer that stopped heartbeating before it gives the
+    # consumer's partitions to another copy of it. A consumer joining its group waits too:
+    # the embedded broker holds a join for half of this, for the rest of the group to join.
+    # Apache Kafka refuses less than its group.min.session.timeout.ms (6 s unless changed).
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000, le=300_000)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=1, le=65535)
     # eventsourcing runs in worker threads; the limiter and the connection pool share this size.

@@ -15,6 +15,10 @@ from kabinet_chassis.devstack.ports import free_port
 from kabinet_chassis.devstack.postgres import EmbeddedPostgres
 from kabinet_chassis.settings import ServiceSettings
 
+# A consumer's join waits half its session timeout on the embedded broker (5 s at the
+# default), and many tests start one; 3 s still leaves a heartbeat every second.
+EMBEDDED_BROKER_SESSION_TIMEOUT_MS = 3_000
+
 
 class EphemeralStack:
     def __init__(self, prefix: str = "kabinet-") -> None:
@@ -58,6 +62,7 @@ class EphemeralStack:
             "database_url": self.database_url,
             "kafka_bootstrap_servers": self.bootstrap_servers,
             "data_dir": self.root,
+            **({} if self.external_bootstrap else {"kafka_session_timeout_ms": EMBEDDED_BROKER_SESSION_TIMEOUT_MS}),
             **overrides,
         })
 
