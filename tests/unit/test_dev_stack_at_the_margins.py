@@ -1,7 +1,7 @@
 """Rules of the dev stack that need no server: which ports count as free and what a taken one
 says, what a stack.json left by an earlier command is trusted for (a pid outlives its process
 in the file; the file may not even be ours), what a producer waits for before a record
-counts as written, and which topics a broker refused to create."""
+counts as written, which topics a broker refused to create, and how a throwaway stack's files go."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kabinet_chassis.devstack.broker import EmbeddedBroker, _broker_command, is_our_broker
+from kabinet_chassis.devstack.ephemeral import remove_without_waiting
 from kabinet_chassis.devstack.errors import StackError
 from kabinet_chassis.devstack.ports import LOOPBACK, free_port, port_is_free, require_free_port, wait_until_listening
 from kabinet_chassis.devstack.stack import DevStack
@@ -151,3 +152,17 @@ def test_a_topic_the_broker_refused_is_named_with_why_and_one_made_meanwhile_is_
     assert refused_topics(answer_v1) == ["ledger.events.v1: InvalidReplicationFactorError (Replication factor: 3"
                                          " larger than available brokers: 1.)"]
     assert refused_topics([("ledger.events.v1", 29, None)]) == ["ledger.events.v1: TopicAuthorizationFailedError"]
+
+
+def test_a_stopped_throwaway_stacks_files_are_out_of_the_way_at_once_and_gone_soon_after(tmp_path: Path):
+    root = tmp_path / "kabinet-test-stack"
+    (root / "pg" / "base").mkdir(parents=True)
+    for index in range(100):
+        (root / "pg" / "base" / str(index)).write_bytes(b"\0" * 8192)
+    remove_without_waiting(root)
+    assert not root.exists(), "a new stack may take its place at once"
+    deadline = time.monotonic() + 30
+    while any(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.iterdir()) == [], "the files were never removed"
+    remove_without_waiting(root)  # a stack stopped twice: nothing left to remove
