@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from ledger import projections
+from ledger.domain import commands
 from services.ledger.tests.integration.ledger_support import (
     as_an_older_ledger_left_it,
     failed_checks,
@@ -298,9 +299,11 @@ async def test_a_bank_accounts_statement_totals_more_than_a_bigint_of_turnover_w
     debits_count, credits_count = 320, 9_300  # 9.3e18 in: more than PostgreSQL's bigint (9.22e18)
 
     async def post(number: int, amount_minor: int) -> None:
-        response = await ledger.post("/transfers", json=transfer_body(
-            f"flow-{number}", (settlement, amount_minor), (fees, -amount_minor)))
-        assert response.status_code == 201, response.text
+        # Straight to the writer, not over HTTP: the statement is the rule here, and 9,620
+        # requests took half a minute.
+        await ledger.parts.writer.submit(commands.PostTransfer(f"flow-{number}", (
+            commands.Leg(uuid.UUID(settlement), amount_minor, "RUB"), commands.Leg(uuid.UUID(fees), -amount_minor, "RUB"),
+        ), "p2p"))
 
     amounts = [-big] * debits_count + [big] * credits_count  # out first, so the balance never passes 9e18
     for chunk in range(0, len(amounts), 500):
