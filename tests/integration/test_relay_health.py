@@ -16,6 +16,7 @@ import pytest
 
 from kabinet_chassis.devstack.ephemeral import EphemeralStack
 from kabinet_chassis.outbox import PRODUCER_STOP_WAIT_S
+from ledger import api as ledger_api
 from ledger.integration import SOURCE as LEDGER_SOURCE
 from ledger.service import build
 from tests.integration.test_outbox_to_consumer import eventually
@@ -174,7 +175,8 @@ async def test_a_ledger_whose_broker_died_while_it_published_stops_within_second
 
 
 async def test_a_ledger_whose_history_read_model_is_stuck_shows_degraded_naming_it_yet_ready_and_live(
-        stack, unique_name):
+        stack, unique_name, monkeypatch):
+    monkeypatch.setattr(ledger_api, "COMMAND_READ_MODEL_WAIT_S", 1.0)  # not 30 s: the 503 is the rule here
     service, parts = build(stack.service_settings(f"ledger_{unique_name}"))
     app = service.http_app()
     async with service.running(), client_of(app, ledger_poster(stack.root)) as client:

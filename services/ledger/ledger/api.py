@@ -249,6 +249,9 @@ class CaptureBody(_Body):
 # How long a read from the read model waits for it to show what was committed before the
 # read came (a moment, longer under load); within the 5 s the gateway gives the ledger.
 READ_MODEL_WAIT_S = 2.0
+# How long a command about an account waits for the read model before answering 503: its
+# answer is the account as the read model shows it, and a retry answers from its key.
+COMMAND_READ_MODEL_WAIT_S = 30.0
 
 
 class Ledger:
@@ -267,7 +270,7 @@ class Ledger:
         except LedgerUnavailable as unavailable:
             raise Problem(503, "ledger_unavailable", str(unavailable), headers={"Retry-After": "5"}) from None
 
-    async def read_your_writes(self, timeout_s: float = 30.0) -> None:
+    async def read_your_writes(self, timeout_s: float) -> None:
         """Wait until the read model shows everything committed before this call."""
         try:
             await self.projection.wait_for(await self._committed_position(), timeout_s)
@@ -410,7 +413,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
                 requested_by=me.customer_id,
             )
             await ledger.submit(command)
-            await ledger.read_your_writes()
+            await ledger.read_your_writes(COMMAND_READ_MODEL_WAIT_S)
             return 201, await projections.account(ledger.pool, command.account_id)
 
         return await _run_once(ledger.pool, ledger.claimant, scope=kept_scope, key=key, body=body.model_dump(mode="json"),
@@ -443,7 +446,7 @@ def build_router(ledger: Ledger, principal) -> APIRouter:
         async def operation():
             await ledger.submit(commands.SetCreditLimit(account_id=account_id, credit_limit_minor=body.credit_limit_minor,
                                                         requested_by=me.customer_id))
-            await ledger.read_your_writes()
+            await ledger.read_your_writes(COMMAND_READ_MODEL_WAIT_S)
             return 200, await projections.account(ledger.pool, account_id)
 
         scope = await callers_scope(ledger.pool, scope="ledger.set_credit_limit", caller=me.customer_id, key=key)
@@ -739,7 +742,7 @@ def _account_action(ledger: Ledger, command_type: type, body_type: type[_Body], 
                      me: Principal = post):
         async def operation():
             await ledger.submit(command_type(account_id=account_id, reason=body.reason.value, requested_by=me.customer_id))
-            await ledger.read_your_writes()
+            await ledger.read_your_writes(COMMAND_READ_MODEL_WAIT_S)
             return 200, await projections.account(ledger.pool, account_id)
 
         scope = await callers_scope(ledger.pool, scope=f"ledger.{command_type.__name__}", caller=me.customer_id, key=key)
