@@ -27,10 +27,10 @@ from tests.faults.ledger_processes import (
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-FLOWS = 1_600  # each: a top-up, a hold, then captures and/or a void (about 6,000 commands)
+FLOWS = 800  # each: a top-up, a hold, then captures and/or a void (about 3,000 commands)
 CARDS = 20
 WORKERS = 16
-KILL_AFTER_ANSWERS = 2_500
+KILL_AFTER_ANSWERS = 1_250
 FUNDING_MINOR = 10_000_000  # every hold fits, whatever order the commands land in
 FIRST_CAPTURE_MINOR = 300
 
