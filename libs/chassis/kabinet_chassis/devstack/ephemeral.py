@@ -24,7 +24,9 @@ def remove_without_waiting(root: Path) -> None:
     """Moves `root` out of the way at once and removes it in a process of its own. By the end
     of a test run a stack's database holds gigabytes (a database per test), and on a disk
     mounted with `discard` unlinking them kept the run waiting for half a minute."""
-    removing = root.with_name(f"{root.name}.removing")
+    # A name that does not start with root's: whatever looks for processes naming root (its
+    # servers, to kill them) must not find the removal.
+    removing = root.with_name(f".removing-{root.name}")
     try:
         root.rename(removing)
     except FileNotFoundError:
