@@ -31,6 +31,7 @@ from ledger.domain.errors import (
 from ledger.domain.hold import Hold
 from ledger.domain.transfer import Transfer
 from services.ledger.tests.unit.ledger_world import T0, funded, transfer
+from services.ledger.tests.unit.test_ledger_transfers_refusals_and_balances_at_the_margins import REFUSALS
 
 DAY = timedelta(days=1)
 
@@ -40,16 +41,7 @@ def hold(hold_id: str, debit, credit, amount: int, expires_at=T0 + DAY, code: st
 
 
 def test_every_refusal_has_a_stable_code_and_status():
-    expected = {
-        "AccountNotFound": ("account_not_found", 404), "InsufficientFunds": ("insufficient_funds", 409),
-        "AccountFrozen": ("account_frozen", 409), "AccountClosed": ("account_closed", 409),
-        "LegCurrencyMismatch": ("currency_mismatch", 422), "UnbalancedTransfer": ("unbalanced_transfer", 422),
-        "InvalidTransfer": ("invalid_transfer", 422), "IdempotencyConflict": ("idempotency_conflict", 409),
-        "HoldNotFound": ("hold_not_found", 404), "HoldNotActive": ("hold_not_active", 409),
-        "CaptureExceedsHold": ("capture_exceeds_hold", 409), "AccountNotEmpty": ("account_not_empty", 409),
-        "InvalidHold": ("invalid_hold", 422), "InvalidAccount": ("invalid_account", 422),
-    }
-    for name, (code, status) in expected.items():
+    for code, (name, status) in REFUSALS.items():
         error = getattr(errors, name)
         assert issubclass(error, errors.LedgerError) and (error.code, error.status) == (code, status)
 

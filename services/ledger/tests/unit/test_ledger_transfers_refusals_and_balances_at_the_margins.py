@@ -58,7 +58,8 @@ def test_a_reversal_carries_the_customer_references_of_its_transfer_as_given(wor
         ("p2p-1", given), ("p2p-1:reversal", given)]
 
 
-# Every refusal of the ledger, its code and HTTP status: the public contract (errors.py).
+# Every refusal of the ledger, its code and HTTP status: the public contract (errors.py; also
+# read by test_ledger_more_rules).
 REFUSALS = {
     "ledger_error": ("LedgerError", 409), "account_not_found": ("AccountNotFound", 404),
     "insufficient_funds": ("InsufficientFunds", 409), "account_frozen": ("AccountFrozen", 409),
