@@ -62,8 +62,10 @@ async def test_note_reaches_other_service_once_even_if_relay_dies_between_publis
         await eventually(lambda: _all_applied(board_service, ids), what="all notes on the board")
         await eventually(lambda: _relay_at(notes_parts["relay"], 6), what="relay position recorded")
         assert crashes["left"] == 0, "the crash point was never reached"
-        # The page was published twice (before and after the crash); each event applied once.
-        assert board_parts["consumer"].skipped_total >= 1
+        # The page was published twice (before and after the crash); each event applied once. The
+        # second copies may come after the board shows every note: a consumer that joined before
+        # the crash reads the first copies as they come.
+        await eventually(lambda: _skipped_some(board_parts["consumer"]), what="the second copies skipped")
         state = await board(board_service)
         assert state[str(ids[0])] == ("edited", 2)
         assert all(state[str(i)][1] == 1 for i in ids[1:])
@@ -76,6 +78,10 @@ async def _all_applied(service, ids) -> bool:
 
 async def _relay_at(relay, position: int) -> bool:
     return relay.position >= position
+
+
+async def _skipped_some(consumer) -> bool:
+    return consumer.skipped_total >= 1
 
 
 async def test_message_delivered_twice_is_applied_once(stack, unique_name):
